@@ -1,0 +1,69 @@
+"""Configuration types and label names shared by the site, the server and the simulation.
+
+Everything that crosses a boundary is a frozen dataclass, parsed once at the edge.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+#: The four hematoma-expansion markers (Boulouis et al. 2016), in model output order.
+MARKERS: tuple[str, ...] = ("hypodensity", "irregular_margin", "blend_sign", "fluid_level")
+#: Every study-level label column of labels.csv (DESIGN.md §4), markers first.
+LABELS: tuple[str, ...] = MARKERS + ("expansion",)
+#: Identifier columns of labels.csv.
+ID_COLUMNS: tuple[str, str] = ("patient_id", "study_id")
+
+#: Hounsfield value used for air, padding and everything outside the field of view.
+AIR_HU: float = -1000.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The paper's preprocessing (DESIGN.md §1), each step switchable for its ablation (§5.1.1).
+
+    Attributes
+    ----------
+    window: HU window [a, b] mapped linearly onto [0, 255]; a site's ``site.toml`` may override it.
+    denoise: apply the noise filter (``denoise_size`` is the filter's window in pixels).
+    strip_skull: remove bone and everything outside the brain.
+    centre: translate the brain's centroid to the image centre.
+    size: side of the square model input in pixels (slices are resized to size x size).
+    min_mask_pixels: a slice "holds hematoma" when its mask has more pixels than this
+        (at model size); its marker labels are then the study's labels, else all zero.
+    """
+
+    window: tuple[float, float] = (0.0, 80.0)
+    denoise: bool = True
+    denoise_size: int = 3
+    strip_skull: bool = True
+    centre: bool = True
+    size: int = 256
+    min_mask_pixels: int = 10
+
+    def __post_init__(self) -> None:
+        a, b = self.window
+        if not b > a:
+            raise ValueError(f"window must satisfy a < b, got {self.window}")
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16 pixels, got {self.size}")
+        object.__setattr__(self, "window", (float(a), float(b)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["window"] = list(self.window)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise KeyError(f"unknown preprocessing keys {sorted(unknown)}; valid: {sorted(known)}")
+        kw = dict(d)
+        if "window" in kw:
+            kw["window"] = tuple(kw["window"])
+        return cls(**kw)
+
+    def with_window(self, window: tuple[float, float] | None) -> "PreprocessConfig":
+        return self if window is None else replace(self, window=tuple(window))
