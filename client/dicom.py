@@ -138,6 +138,8 @@ def _read_header(path: Path) -> tuple[object | None, Problem | None]:
         return None, Problem(str(path), f"not a DICOM file ({exc})")
     except Exception as exc:  # truncated headers raise EOFError/OSError/ValueError/struct errors
         return None, Problem(str(path), f"unreadable DICOM file ({type(exc).__name__}: {exc})")
+    if len(ds) == 0:  # pydicom stops quietly at end of file: nothing after the file meta header
+        return None, Problem(str(path), "truncated DICOM file (no data elements after the file meta header)")
     return ds, None
 
 
@@ -150,7 +152,8 @@ def is_localizer(ds) -> bool:
 def _check_ct_slice(path: Path, ds) -> Problem | None:
     modality = str(ds.get("Modality", "")).upper()
     sop_class = str(ds.get("SOPClassUID", ""))
-    if modality != "CT" and sop_class not in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE):
+    is_ct = modality == "CT" if modality else sop_class in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
+    if not is_ct:
         return Problem(str(path), f"not a CT image (Modality={modality or 'missing'})")
     if "PixelData" not in ds:
         return Problem(str(path), "no pixel data (PixelData (7FE0,0010) missing)")

@@ -203,9 +203,7 @@ class JointModel(nn.Module):
             in_channels=cfg.in_channels,
             classes=1,
         )
-        for name in _UNUSED_ENCODER_MODULES:
-            if hasattr(self.unet.encoder, name):
-                delattr(self.unet.encoder, name)
+        _drop_unused_encoder_modules(self.unet.encoder)
         self.classifier = MarkerClassifier(cfg, self.unet.encoder.out_channels[-1])
         if cfg.norm == "group":
             _batchnorm_to_groupnorm(self)
@@ -243,6 +241,25 @@ class JointModel(nn.Module):
         if self._unet_frozen:
             self.unet.eval()
         return self
+
+
+def _drop_unused_encoder_modules(encoder: nn.Module) -> None:
+    """Remove smp EfficientNet modules that the encoder's forward never reaches.
+
+    Unused parameters would travel every round, and DP-SGD (Opacus) rejects them. With
+    ``encoder_depth < 5`` the blocks after the last returned stage are cut too; the
+    drop-connect rate is rescaled so that the kept blocks keep their original rates.
+    """
+    for name in _UNUSED_ENCODER_MODULES:
+        if hasattr(encoder, name):
+            delattr(encoder, name)
+    blocks, out_indexes = getattr(encoder, "_blocks", None), getattr(encoder, "_out_indexes", None)
+    depth = getattr(encoder, "_depth", 5)
+    if blocks is None or out_indexes is None or depth >= 5:
+        return
+    keep = out_indexes[depth - 2] + 1
+    encoder._drop_connect_rate *= keep / len(blocks)
+    encoder._blocks = blocks[:keep]
 
 
 def _batchnorm_to_groupnorm(model: nn.Module) -> None:
