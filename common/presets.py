@@ -129,7 +129,7 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(
         encoder_name="efficientnet-b0",
         encoder_depth=5,
-        decoder_channels=(128, 64, 32, 16, 8),
+        decoder_channels=(64, 32, 16, 8, 8),
         classifier_width=0.25,
         image_size=128,
         head_hidden=64,

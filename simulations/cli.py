@@ -35,6 +35,52 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from client.train import TrainConfig
+    from common.config import PreprocessConfig
+    from common.presets import get_preset
+    from common.runtime import resolve_device
+    from simulations.baselines import FitConfig, run_pooled
+    from simulations.sites import prepare_caches
+
+    model_cfg = get_preset(args.preset, **({"image_size": args.size} if args.size else {}))
+    pre = PreprocessConfig(size=model_cfg.image_size, denoise=not args.no_denoise,
+                           strip_skull=not args.no_skull_strip, centre=not args.no_centre)
+    caches, problems = prepare_caches(args.data, pre, args.cache_dir)
+    if problems:
+        print(f"{len(problems)} data problem(s) (run 'hemexp check SITE_DIR' for the list)", file=sys.stderr)
+    fit = FitConfig(epochs_stage1=args.epochs1 if args.epochs1 is not None else args.epochs,
+                    epochs_stage2=args.epochs2 if args.epochs2 is not None else args.epochs,
+                    train=TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=not args.no_augment),
+                    split_by=args.split)
+    metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device))
+    t = metrics["test"]
+    print(f"test: dice {t['dice']:.3f}, macro-AUC (study) {t['macro_auc_study']:.3f}, volume MAE {t['volume_mae_ml']:.2f} ml")
+    print(f"wrote {args.out}/checkpoint.pt, metrics.json, curves.png")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from client.dicom import StudyError
+    from client.predict import run_prediction
+    from common.runtime import resolve_device
+
+    try:
+        result = run_prediction(args.study_dir, args.model, args.out, str(resolve_device(args.device)),
+                                tuple(args.window) if args.window else None)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p.path}: {p.reason}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    markers = ", ".join(f"{k} {v:.2f}" for k, v in result["markers"].items())
+    print(f"{markers}; hematoma {result['volume_ml']:.1f} ml; wrote {args.out}/prediction.json and overlay.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hemexp", description="hemexp: hematoma-expansion markers on head CT")
     sub = parser.add_subparsers()
@@ -51,6 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("study_dir", type=Path)
     c.add_argument("out", type=Path)
     c.set_defaults(func=run_convert)
+    t = sub.add_parser("train", help="pooled (centralised) two-stage training over every site of DATA_ROOT")
+    t.add_argument("--data", type=Path, required=True, help="folder of site folders")
+    t.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, metrics.json, curves.png")
+    t.add_argument("--preset", default="small", help="model preset: paper, small, tiny")
+    t.add_argument("--size", type=int, default=None, help="override the preset's input size")
+    t.add_argument("--epochs", type=int, default=4, help="epochs of each stage")
+    t.add_argument("--epochs1", type=int, default=None, help="epochs of stage 1 (U-Net)")
+    t.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (classifier)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--split", choices=("patient", "slice"), default="patient", help="slice: random slice split (leaks)")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--no-denoise", action="store_true")
+    t.add_argument("--no-skull-strip", action="store_true")
+    t.add_argument("--no-centre", action="store_true")
+    t.add_argument("--cache-dir", type=Path, default=None, help="default DATA_ROOT/.cache")
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=run_train)
+    p = sub.add_parser("predict", help="score one DICOM study: markers, hematoma volume, overlay")
+    p.add_argument("study_dir", type=Path)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint.pt")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_predict)
     return parser
 
 
