@@ -88,8 +88,10 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     """Round a 0..255 image to uint8 (the model's 8-bit input, like the paper's images)."""
     if img.dtype == np.uint8:
         return img
-    out = np.clip(img, 0.0, 255.0)
-    return np.rint(out, out=out).astype(np.uint8)
+    out = np.rint(img).astype(np.float32, copy=False)
+    np.maximum(out, 0.0, out=out)
+    np.minimum(out, 255.0, out=out)
+    return out.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +254,10 @@ def _upsample(mask: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
     if f == 1:
         return mask
     k, rr, cc = mask.shape
-    big = np.broadcast_to(mask[:, :, None, :, None], (k, rr, f, cc, f)).reshape(k, rr * f, cc * f)
+    big = np.empty((k, rr * f, cc * f), dtype=mask.dtype)
+    for dy in range(f):
+        for dx in range(f):
+            big[:, dy::f, dx::f] = mask
     return big[:, :shape[0], :shape[1]]
 
 
@@ -435,14 +440,38 @@ def resize_slices(img: np.ndarray, size: int, order: int = 1) -> np.ndarray:
     if order == 0:
         idx = np.minimum(((np.arange(size) + 0.5) * (side / size)).astype(np.intp), side - 1)
         return img[..., idx[:, None], idx[None, :]]
+    if img.dtype == np.uint8 and side % size == 0:
+        return _shrink_uint8(img, side // size)
     i0, i1, wt = _linear_taps(side, size)
-    x = img.astype(np.float32, copy=False)
-    x = x[..., i0, :] * (1 - wt)[:, None] + x[..., i1, :] * wt[:, None]
+    # Gather the two source rows first, so that the float work runs on the smaller array.
+    x = img[..., i0, :].astype(np.float32) * (1 - wt)[:, None]
+    x += img[..., i1, :].astype(np.float32) * wt[:, None]
     x = x[..., i0] * (1 - wt) + x[..., i1] * wt
     if np.issubdtype(img.dtype, np.integer):
         info = np.iinfo(img.dtype)
         return np.clip(np.rint(x, out=x), info.min, info.max, out=x).astype(img.dtype)
     return x.astype(img.dtype, copy=False)
+
+
+def _shrink_uint8(img: np.ndarray, f: int) -> np.ndarray:
+    """Bilinear reduction by a whole factor in integers, bit-identical to the float path.
+
+    Pixel-centre sampling lands halfway between two pixels (weights 1/2) for an even factor, so an
+    output pixel is the mean of a 2 x 2 block, rounded half to even like ``np.rint``; it lands on a
+    source pixel (weight 0) for an odd factor.
+    """
+    if f % 2:
+        o = (f - 1) // 2
+        return img[..., o::f, o::f].copy()
+    o = f // 2 - 1
+    total = img[..., o::f, o::f].astype(np.uint16)
+    total += img[..., o + 1::f, o::f]
+    total += img[..., o::f, o + 1::f]
+    total += img[..., o + 1::f, o + 1::f]
+    q = total >> 2
+    rem = total & 3
+    q += (rem == 3) | ((rem == 2) & ((q & 1) == 1))
+    return q.astype(np.uint8)
 
 
 def _linear_taps(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -104,3 +104,29 @@ def phantom() -> np.ndarray:
 @pytest.fixture
 def write_dicom_series():
     return write_series
+
+
+def write_site(root: Path, n_studies: int = 4, shape=(6, 48, 48), labels: list[list[str]] | None = None,
+               window: tuple[float, float] | None = None, seed: int = 0) -> Path:
+    """A site folder in the data contract: studies P00i/S00i with phantom heads, masks, labels.csv."""
+    import nibabel as nib
+
+    from client.dicom import read_study
+
+    root.mkdir(parents=True, exist_ok=True)
+    if window is not None:
+        root.joinpath("site.toml").write_text(f'site_id = "{root.name}"\nname = "Test site"\nwindow = [{window[0]}, {window[1]}]\n')
+    rows = ["patient_id,study_id,hypodensity,irregular_margin,blend_sign,fluid_level,expansion,location"]
+    for i in range(n_studies):
+        pid, sid = f"P{i:03d}", f"S{i:03d}"
+        hu = head_phantom(shape, seed=seed + i)
+        study_dir = root / "dicom" / pid / sid
+        write_series(study_dir, hu, seed=seed + i, phi={**PHI, "PatientID": pid, "PatientName": f"DOE^PATIENT{i}"})
+        geometry = read_study(study_dir).geometry
+        mask = ((hu > 60) & (hu < 80)).astype(np.uint8)
+        (root / "masks" / pid).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(mask, geometry.affine_ras()), str(root / "masks" / pid / f"{sid}.nii.gz"))
+        values = labels[i] if labels else [str(i % 2), "0", "", "1" if i == 0 else "0", ""]
+        rows.append(",".join([pid, sid, *values, "putamen"]))
+    root.joinpath("labels.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -134,7 +134,7 @@ def sample_anatomy(rng: np.random.Generator) -> HeadAnatomy:
         hu_cortical_bone=float(rng.uniform(1100.0, 1500.0)),
         hu_diploe=float(rng.uniform(450.0, 750.0)),
         ventricle_scale=float(0.8 + 0.8 * atrophy + rng.uniform(-0.05, 0.1)),
-        sulcal_waves=_waves(rng, 6, (22.0, 32.0)),
+        sulcal_waves=_waves(rng, 8, (16.0, 24.0)),
         folia_waves=_waves(rng, 5, (8.0, 12.0)),
         pineal_calcified=bool(rng.random() < 0.5),
         plexus_calcified=bool(rng.random() < 0.4),
@@ -300,7 +300,7 @@ def _paint_cortex(hu, anat: HeadAnatomy, d, xh, yh, zh, h) -> None:
         ribbon = np.clip(1.0 - depth / (depth_max + 4.0), 0.0, 1.0) * 0.5 + 0.05
         an = np.abs(n)
         grey = np.clip((w + ribbon - an) / 0.15 + 0.5, 0, 1) * (depth < depth_max + 4.0)
-        grey = np.maximum(grey, np.clip((3.0 - depth) / 1.0, 0, 1) * (~in_cbl))
+        grey = np.maximum(grey, np.clip((3.5 - depth) / 1.0, 0, 1) * (~in_cbl))
         v = hu[idx]
         v += grey * (np.where(in_cbl, anat.hu_grey - 2.0, anat.hu_grey) - v)
         csf = np.clip((w - an) / 0.1 + 0.5, 0, 1) * (taper > 0)

@@ -39,11 +39,13 @@ class BaseModelTester:
     overrides: dict = {}
 
     @pytest.fixture(scope="class")
-    def cfg(self) -> ModelConfig:
-        return get_preset(self.preset, **self.overrides)
+    @classmethod
+    def cfg(cls) -> ModelConfig:
+        return get_preset(cls.preset, **cls.overrides)
 
     @pytest.fixture(scope="class")
-    def model(self, cfg: ModelConfig) -> JointModel:
+    @classmethod
+    def model(cls, cfg: ModelConfig) -> JointModel:
         return build_joint_model(cfg, seed=0).eval()
 
     def test_output_shapes(self, cfg: ModelConfig, model: JointModel) -> None:
