@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -158,7 +159,9 @@ class TestWaveletPool:
         assert y.shape == (2, 12, 8, 6)
 
     def test_lossless(self) -> None:
-        from pytorch_wavelets import DWTInverse
+        with warnings.catch_warnings():  # pytorch_wavelets imports pkg_resources (DESIGN.md §6)
+            warnings.simplefilter("ignore")
+            from pytorch_wavelets import DWTInverse
 
         x = torch.rand(2, 3, 32, 32, dtype=torch.float64).float()
         yl, yh = WaveletPool.split_bands(WaveletPool("haar")(x))
