@@ -3,6 +3,8 @@
 
     python benchmarks/bench_model.py                     # tiny, small, paper@256
     python benchmarks/bench_model.py --presets small --batch 16 --steps 5
+    python benchmarks/bench_model.py --presets paper --image-size 512 --batch 16 \
+        --device cuda --amp bf16 --channels-last
 
 Times are wall-clock medians over ``--steps`` timed steps after one warm-up step, with
 ``torch.set_num_threads(--threads)``. Device: CPU unless ``--device`` says otherwise.
@@ -10,6 +12,7 @@ Times are wall-clock medians over ``--steps`` timed steps after one warm-up step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -51,20 +54,37 @@ def _median_seconds(step: Callable[[], None], steps: int, sync: Callable[[], Non
     return statistics.median(times)
 
 
-def bench_preset(name: str, image_size: int, batch: int, steps: int, device: torch.device) -> BenchRow:
+def bench_preset(
+    name: str,
+    image_size: int,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    amp: str = "none",
+    channels_last: bool = False,
+) -> BenchRow:
     """Time the three kinds of step for one preset at one image size."""
     cfg = get_preset(name, image_size=image_size)
-    model = build_joint_model(cfg, seed=0).to(device)
-    x = torch.rand(batch, 1, image_size, image_size, device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_joint_model(cfg, seed=0).to(device, memory_format=fmt)
+    x = torch.rand(batch, 1, image_size, image_size, device=device).to(memory_format=fmt)
     mask = (torch.rand(batch, 1, image_size, image_size, device=device) > 0.9).float()
     labels = (torch.rand(batch, cfg.n_outputs, device=device) > 0.7).float()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
 
     opt1 = torch.optim.AdamW(model.unet.parameters(), lr=1e-4)
 
     def stage1() -> None:
         opt1.zero_grad(set_to_none=True)
-        segmentation_loss(model.segment(x), mask).backward()
+        with autocast():
+            loss = segmentation_loss(model.segment(x), mask)
+        assert torch.isfinite(loss), "non-finite stage-1 loss"
+        loss.backward()
         opt1.step()
 
     model.train()
@@ -75,15 +95,18 @@ def bench_preset(name: str, image_size: int, batch: int, steps: int, device: tor
 
     def stage2() -> None:
         opt2.zero_grad(set_to_none=True)
-        _, logits = model(x, mask)
-        weighted_bce(logits, labels).backward()
+        with autocast():
+            _, logits = model(x, mask)
+            loss = weighted_bce(logits, labels)
+        assert torch.isfinite(loss), "non-finite stage-2 loss"
+        loss.backward()
         opt2.step()
 
     model.train()
     t2 = _median_seconds(stage2, steps, sync)
 
     def infer() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             model(x)
 
     model.eval()
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -131,10 +156,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.presets:
         size, batch, steps = DEFAULT_RUNS.get(name, (get_preset(name).image_size, 4, 3))
         rows.append(
-            bench_preset(name, args.image_size or size, args.batch or batch, args.steps or steps, device)
+            bench_preset(
+                name,
+                args.image_size or size,
+                args.batch or batch,
+                args.steps or steps,
+                device,
+                amp=args.amp,
+                channels_last=args.channels_last,
+            )
         )
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    print(f"\n{device.type}, {args.threads} threads, torch {torch.__version__}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
+    print(f"\n{where}, amp={args.amp}, channels_last={args.channels_last}, torch {torch.__version__}")
     print(format_table(rows))
 
 

@@ -177,8 +177,9 @@ class MarkerClassifier(nn.Module):
         _init_vgg(self.head)
 
     def forward(self, image: Tensor, unet_feature_map: Tensor) -> Tensor:
-        pooled = unet_feature_map.mean(dim=(2, 3)).to(image.dtype)
-        return self.head(torch.cat([self.backbone(image), pooled], dim=1))
+        own = self.backbone(image)
+        pooled = unet_feature_map.mean(dim=(2, 3)).to(own.dtype)
+        return self.head(torch.cat([own, pooled], dim=1))
 
 
 class JointModel(nn.Module):
@@ -370,4 +371,6 @@ def count_parameters(model: nn.Module, halves: Sequence[str] | None = None) -> i
     """Number of parameters, of the whole model or of the named halves."""
     if halves is None:
         return sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for h in halves for p in getattr(model, _check_half(h)[:-1]).parameters())
+    for h in halves:
+        _check_half(h)
+    return sum(p.numel() for h in halves for p in getattr(model, h).parameters())

@@ -105,17 +105,20 @@ def sample_hematoma_spec(rng: np.random.Generator, location: str, markers: Mappi
     axes = r_eq * e / np.cbrt(e.prod())
     lobes: list[tuple[float, float, float, float]] = []
     if markers.get("irregular_margin"):
-        axes = axes * 0.8
+        axes = axes * 0.9          # lobules add the rest of the volume
         n = int(rng.integers(2, 5))
         start = rng.uniform(0, 2 * np.pi)
-        angles = start + np.sort(rng.uniform(0, 2 * np.pi, n)) * 0.5 + np.arange(n) * (2 * np.pi / n) * 0.5
+        angles = start + np.arange(n) * (2 * np.pi / n) + rng.uniform(-0.3, 0.3, n)
         for a in angles:
-            d = np.array([np.cos(a), np.sin(a), rng.normal(0, 0.25)])
+            d = np.array([np.cos(a), np.sin(a), rng.normal(0, 0.2)])
             d /= np.linalg.norm(d)
-            lobes.append((float(d[0]), float(d[1]), float(d[2]), float(rng.uniform(0.45, 0.6) * r_eq)))
+            lobes.append((float(d[0]), float(d[1]), float(d[2]), float(rng.uniform(0.43, 0.56) * r_eq)))
     texture = tuple((float(k[0]), float(k[1]), float(k[2]), float(rng.uniform(0, 2 * np.pi)))
                     for k in rng.normal(0, 2 * np.pi / 14.0, size=(3, 3)))
     blend_angle = rng.uniform(-55.0, 55.0) + (180.0 if rng.random() < 0.5 else 0.0)
+    # An island needs dense clot around it: leave room when other density markers are present.
+    crowded = bool(markers.get("hypodensity")) and (bool(markers.get("blend_sign"))
+                                                     or bool(markers.get("fluid_level")))
     return HematomaSpec(
         location=location, centre=centre, axes=tuple(float(a) for a in axes), yaw_deg=yaw,
         pitch_deg=float(rng.normal(0, 8)), target_ml=vol, lobes=tuple(lobes),
@@ -125,10 +128,10 @@ def sample_hematoma_spec(rng: np.random.Generator, location: str, markers: Mappi
         island_delta_hu=float(rng.uniform(30.0, 42.0)),
         second_island=bool(rng.random() < 0.35),
         blend_angle_deg=float(blend_angle),
-        blend_cap_frac=float(rng.uniform(0.25, 0.42)),
+        blend_cap_frac=float(rng.uniform(0.2, 0.28) if crowded else rng.uniform(0.25, 0.42)),
         blend_delta_hu=float(rng.uniform(22.0, 34.0)),
         blend_curvature=float(rng.uniform(-0.5, 0.5)),
-        fluid_dependent_frac=float(rng.uniform(0.35, 0.6)),
+        fluid_dependent_frac=float(rng.uniform(0.6, 0.72) if crowded else rng.uniform(0.35, 0.6)),
         fluid_serum_delta_hu=float(rng.uniform(28.0, 42.0)),
         fluid_cells_delta_hu=float(rng.uniform(4.0, 12.0)),
         oedema_mm=float(rng.uniform(2.0, 5.0)),
@@ -220,7 +223,7 @@ def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: Head
     for ux, uy, uz, rad in spec.lobes:
         u = np.array([ux, uy, uz])
         reach = 1.0 / np.sqrt((ux / a[0]) ** 2 + (uy / a[1]) ** 2 + (uz / a[2]) ** 2)
-        lc = u * (reach + 0.1 * rad)
+        lc = u * (reach + 0.3 * rad)
         sd = np.minimum(sd, np.sqrt((q[0] - lc[0]) ** 2 + (q[1] - lc[1]) ** 2
                                     + (q[2] - lc[2]) ** 2) - rad)
     sd = np.maximum(sd, head.d_ic[sl] + 1.0)                     # stays inside the skull
@@ -259,10 +262,12 @@ def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: Head
     island = np.zeros(m.shape, dtype=bool)
     if spec.markers.get("hypodensity"):
         island = _place_islands(spec, m, clot, grid, rng)
-        if island.any():
+        if island.sum(axis=(1, 2)).max(initial=0) >= 3:      # visible: >= 3 pixels on a slice
             dark = float(np.median(clot[m])) - spec.island_delta_hu
             clot = np.where(island, dark, clot)
             realised["hypodensity"] = True
+        else:                                                # no room: the study is negative
+            island[:] = False
 
     tissue = head.hu[sl]
     brainlike = ((tissue > 12.0) & (tissue < 55.0) & (head.d_brain[sl] < 0)).astype(np.float32)
@@ -293,7 +298,8 @@ def _place_islands(spec: HematomaSpec, m: np.ndarray, clot: np.ndarray, grid: Sc
     h, dz = grid.pixel_spacing, grid.slice_spacing
     dense = m & (clot >= spec.clot_hu - 10.0)
     core = np.zeros_like(dense)
-    for it in (2, 1):
+    # At least one pixel (two at fine matrices) of dense clot around the island in-plane.
+    for it in ((2, 1) if h < 2.5 else (1,)):
         core = _z_erode(_inplane_erode(dense, it))
         if core.any():
             break
@@ -302,7 +308,7 @@ def _place_islands(spec: HematomaSpec, m: np.ndarray, clot: np.ndarray, grid: Sc
     dist = ndimage.distance_transform_edt(core, sampling=(dz, h, h))
     top = np.flatnonzero(dist.ravel() >= 0.8 * dist.max())
     centre = np.unravel_index(int(top[rng.integers(top.size)]), core.shape)
-    r_i = max(spec.island_rel_radius * spec.radius_eq, 1.3 * h)
+    r_i = max(spec.island_rel_radius * spec.radius_eq, 1.5 * h)
     kk, rr, cc = np.ogrid[: core.shape[0], : core.shape[1], : core.shape[2]]
     ball = lambda c, r: (((rr - c[1]) * h) ** 2 + ((cc - c[2]) * h) ** 2) / r**2 \
         + ((kk - c[0]) * dz) ** 2 / max(r, 0.6 * dz) ** 2 <= 1.0

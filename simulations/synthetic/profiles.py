@@ -201,8 +201,11 @@ _ARCHETYPES: tuple[tuple, ...] = (
 
 
 def _site_matrix(matrix: int, factor: float) -> int:
-    """Scale the dataset matrix for one site, rounded to a multiple of 8 (at least 32)."""
-    return max(32, int(round(matrix * factor / 8.0)) * 8)
+    """Scale the dataset matrix for one site, rounded to a multiple of 8.
+
+    Never below 64 (or ``matrix`` if smaller): a coarser grid cannot show the markers.
+    """
+    return max(min(64, matrix), int(round(matrix * factor / 8.0)) * 8)
 
 
 def default_profiles(n_sites: int = 12, seed: int = 0, matrix: int = 128) -> list[SiteProfile]:

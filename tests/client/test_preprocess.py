@@ -154,7 +154,7 @@ def test_skull_removal_keeps_the_brain_and_the_hematoma_only(n):
 
     stripped = strip_skull(to_uint8(apply_window(hu, (0.0, 80.0))), got)
     assert stripped[~brain].max() == 0
-    assert stripped[blob].min() > 200  # 70 HU of 0..80 stays bright
+    assert stripped[blob].mean() > 200 and stripped[blob].min() > 128  # 70 HU of 0..80 stays bright
 
 
 def test_brain_mask_of_one_slice_is_2d():
@@ -353,3 +353,30 @@ def test_preprocess_volume_rejects_bad_masks(study):
         preprocess_volume(hu[0])
     out = preprocess_volume(hu, mask.astype(bool), PreprocessConfig(size=64))
     assert out.masks.dtype == np.uint8
+
+
+def test_skull_base_keeps_every_large_compartment_and_drops_small_enclosed_bits():
+    # One slice: the cranial ring split by a bony ridge into two compartments (as the petrous
+    # ridges split temporal lobes from the posterior fossa), plus a small soft region closed by a
+    # bony arch outside the ring (as the temporalis inside the zygomatic arch).
+    n = 256
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot((yy - 128) / 90.0, (xx - 128) / 75.0)
+    hu = np.where(r < 1, BRAIN_HU, np.where(r < 1.1, SKULL_HU, np.where(r < 1.18, SCALP_HU, AIR_HU)))
+    hu[(np.abs(yy - 150) < 4) & (r < 1.05)] = SKULL_HU  # ridge: the brain in two parts
+    arch = np.hypot(yy - 128, xx - 218) < 14  # soft region enclosed by the ring and an arch
+    hu[arch & (r >= 1.1)] = SCALP_HU
+    hu[(np.abs(np.hypot(yy - 128, xx - 218) - 14) < 3) & (r >= 1.05)] = SKULL_HU
+    hu = hu.astype(np.float32)
+    got = brain_mask(hu)
+    upper, lower = (r < 1) & (yy < 146), (r < 1) & (yy > 154)
+    assert got[upper].mean() > 0.99 and got[lower].mean() > 0.99
+    assert not (got & (r >= 1)).any()
+    assert (brain_mask(hu, min_component_fraction=0.0) & (r >= 1)).any()  # the arch does enclose it
+    assert not brain_mask(hu, min_component_fraction=1.0)[lower].any()  # largest only
+
+
+def test_pipeline_output_is_centred(study):
+    hu, mask = study
+    out = preprocess_volume(hu, mask, PreprocessConfig(size=256))  # model grid = input grid
+    np.testing.assert_allclose(centroid(out.slices > 0), [127.5, 127.5], atol=1.0)

@@ -144,12 +144,15 @@ def test_tiny_step_is_fast() -> None:
     cfg = PRESETS["tiny"]
     model = build_joint_model(cfg, seed=0).train()
     x = _batch(cfg, n=8)
-    best = float("inf")
-    for _ in range(3):
+
+    def step() -> float:
         t0 = time.perf_counter()
         mask_logits, marker_logits = model(x)
         (mask_logits.mean() + marker_logits.mean()).backward()
-        best = min(best, time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    step()  # the first call pays one-off kernel and allocator set-up
+    best = min(step() for _ in range(5))  # best of 5: robust to a busy CI machine
     assert best < 0.5, f"tiny forward+backward of 8 took {best:.3f} s"
 
 

@@ -1,0 +1,300 @@
+"""The site's Flower ClientApp: train one stage on local data, evaluate the global model, count labels.
+
+Deployment starts a fresh process for every message (DESIGN.md §6), so nothing is kept in memory
+between rounds: the preprocessed site cache is reused from disk (``client.cache``), and what must
+persist at the site between rounds (FedBN's normalisation layers, the frozen global U-Net of
+stage 2) lives under ``<cache dir>/federation/<site id>/<run name>/``.
+
+Only the half being trained, label counts and scalar metrics leave the site (``common.records``).
+Errors are reported to the server by type only; the traceback stays in the site's log, because
+an exception's text may hold a file path, and file paths hold patient ids.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import traceback
+from dataclasses import dataclass
+from logging import ERROR, WARNING
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from client.cache import build_site_cache
+from client.dataset import SliceDataset, make_loader, split_slices
+from client.evaluate import evaluate
+from client.site import read_site_config
+from client.train import TrainConfig, train_stage
+from common.config import LABELS, PreprocessConfig
+from common.losses import label_counts
+from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
+from common.presets import ModelConfig
+from common.records import (ARRAYS, CONFIG, FROZEN_UNET, LABEL_NEG, LABEL_POS, METRICS, NODE_CACHE_DIR,
+                            NODE_DATA_PATH, NODE_DEVICE, NODE_PARTITION_ID, NODE_SITE_ID, NUM_EXAMPLES, SITE,
+                            SITE_ID, STEPS, TRAIN_LOSS, TRAIN_SECONDS, EvaluateInstruction, TrainInstruction,
+                            arrays_digest, model_from_run_config, record_to_state, run_value, state_to_record)
+from common.runtime import resolve_device
+
+#: Where a SuperNode keeps its cache when ``--node-config`` names no ``cache-dir``.
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "hemexp"
+
+app = ClientApp()
+
+
+class SiteError(RuntimeError):
+    """A site failure whose message is safe to send to the server (no path, no identifier)."""
+
+
+# --- configuration, parsed once at the top of each handler --------------------------------
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Facts about this site: from ``node_config`` in deployment, ``partition-id`` in simulation."""
+
+    data_path: Path
+    site_id: str
+    cache_dir: Path
+    device: str = "auto"
+
+    @classmethod
+    def from_context(cls, context: Context) -> "SiteConfig":
+        node = context.node_config
+        if NODE_DATA_PATH in node:
+            data = Path(str(node[NODE_DATA_PATH])).expanduser()
+            site_id = str(node.get(NODE_SITE_ID) or read_site_config(data).site_id)
+            cache = Path(str(node.get(NODE_CACHE_DIR) or DEFAULT_CACHE_DIR)).expanduser()
+        elif NODE_PARTITION_ID in node:
+            root = Path(str(run_value(context.run_config, "data.root"))).expanduser()
+            data = partition_site(root, int(node[NODE_PARTITION_ID]))
+            site_id = read_site_config(data).site_id
+            cache_value = str(run_value(context.run_config, "data.cache-dir"))
+            cache = Path(cache_value).expanduser() if cache_value else root / ".cache"
+        else:
+            raise SiteError(f"node config needs {NODE_DATA_PATH!r} (deployment) or "
+                            f"{NODE_PARTITION_ID!r} (simulation)")
+        return cls(data, site_id, cache, str(node.get(NODE_DEVICE, "auto")))
+
+
+@dataclass(frozen=True)
+class SiteRunConfig:
+    """The run-config values a site needs (the per-round ones come in the ConfigRecord)."""
+
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    batch_size: int
+    eval_batch_size: int
+    weight_decay: float
+    optimizer: str
+    augment: bool
+    balanced: bool
+    split: tuple[float, float, float]
+    seed: int
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping) -> "SiteRunConfig":
+        model, pre = model_from_run_config(rc)
+        val, test = float(run_value(rc, "data.val-fraction")), float(run_value(rc, "data.test-fraction"))
+        if not (0 <= val and 0 < test and val + test < 1):
+            raise SiteError(f"data.val-fraction ({val}) and data.test-fraction ({test}) must leave a training split")
+        return cls(model, pre, int(run_value(rc, "train.batch-size")), int(run_value(rc, "train.eval-batch-size")),
+                   float(run_value(rc, "train.weight-decay")), str(run_value(rc, "train.optimizer")),
+                   bool(run_value(rc, "train.augment")), bool(run_value(rc, "train.balanced")),
+                   (1.0 - val - test, val, test), int(run_value(rc, "seed")))
+
+
+def partition_site(data_root: Path, partition_id: int) -> Path:
+    """The ``partition_id``-th site folder of ``data_root`` (sorted subfolders holding ``dicom/``).
+
+    Same rule as ``simulations.sites.discover_sites``; repeated here because the site side
+    never imports the research side.
+    """
+    if not data_root.is_dir():
+        raise SiteError(f"data.root does not exist on this machine")
+    sites = sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "dicom").is_dir())
+    if not 0 <= partition_id < len(sites):
+        raise SiteError(f"partition {partition_id} has no site: data.root holds {len(sites)} site folder(s)")
+    return sites[partition_id]
+
+
+# --- the site's data and the state it keeps between rounds --------------------------------
+
+@dataclass(frozen=True)
+class SiteData:
+    train: SliceDataset
+    test: SliceDataset
+
+
+def open_site(site: SiteConfig, run: SiteRunConfig) -> SiteData:
+    """The site's cache (built on first use, reused after) split patient-wise with the run's seed."""
+    cache, problems = build_site_cache(site.data_path, site.cache_dir, run.preprocess)
+    if problems:
+        log(WARNING, "%s: %d data problem(s) while building the cache (see 'flwr-client check')", site.site_id, len(problems))
+    idx = split_slices(cache, run.split, seed=run.seed, by="patient")
+    return SiteData(SliceDataset(cache, idx["train"]), SliceDataset(cache, idx["test"]))
+
+
+@dataclass(frozen=True)
+class SiteStore:
+    """Tensors a site keeps on its own disk between rounds of one run (never sent anywhere)."""
+
+    root: Path
+
+    @classmethod
+    def for_run(cls, site: SiteConfig, run_name: str) -> "SiteStore":
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", run_name) or "run"
+        return cls(site.cache_dir / "federation" / site.site_id / name)
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        path = self.root / f"{name}.pt"
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+    def save(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.pt.tmp"
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
+        tmp.replace(self.root / f"{name}.pt")
+
+
+def load_half(model: JointModel, half: str, received: Mapping[str, torch.Tensor], store: SiteStore,
+              local_keys: set[str]) -> None:
+    """Load the server's arrays for one half; with FedBN the norm layers come from the site's disk
+    (or stay at their initial values before the site's first round)."""
+    if not local_keys:
+        load_half_state_dict(model, half, received)
+        return
+    state = half_state_dict(model, half)
+    state.update(store.load(f"norm-{half}") or {})
+    state.update(received)
+    load_half_state_dict(model, half, state)
+
+
+def frozen_unet(msg: Message, order: TrainInstruction, store: SiteStore) -> dict[str, torch.Tensor]:
+    """Stage 2 trains on the global U-Net: sent once per site, then read back from the site's disk."""
+    name = f"unet-{order.unet_digest}"
+    if FROZEN_UNET in msg.content:
+        record = msg.content[FROZEN_UNET]
+        if arrays_digest(record) != order.unet_digest:
+            raise SiteError("the global U-Net received does not match its digest")
+        state = record_to_state(record)
+        store.save(name, state)
+        return state
+    state = store.load(name)
+    if state is None:
+        raise SiteError(f"the global U-Net {order.unet_digest[:12]} is not stored at this site; "
+                        "the server sends it again next round")
+    return state
+
+
+def site_label_counts(ds: SliceDataset, model_cfg: ModelConfig) -> tuple[list[int], list[int]]:
+    """Per-output (positives, negatives) of the training slices, annotated labels only."""
+    cols = [LABELS.index(name) for name in model_cfg.output_names]
+    pos, neg = label_counts(ds.labels()[:, cols]) if len(ds) else (np.zeros(len(cols), int), np.zeros(len(cols), int))
+    return [int(v) for v in pos], [int(v) for v in neg]
+
+
+def usable_examples(ds: SliceDataset, stage: int, model_cfg: ModelConfig) -> int:
+    """Training slices a stage can learn from: with a reference mask (1), with an annotated label (2)."""
+    if not len(ds):
+        return 0
+    if stage == 1:
+        return int(ds.cache.mask_known()[ds.indices].sum())
+    cols = [LABELS.index(name) for name in model_cfg.output_names]
+    return int((~np.isnan(ds.labels()[:, cols])).any(axis=1).sum())
+
+
+def _site_record(site: SiteConfig) -> ConfigRecord:
+    return ConfigRecord({SITE_ID: site.site_id})
+
+
+def site_errors(phase: str) -> Callable:
+    """Log a failure in full at the site; send the server only its type."""
+
+    def decorate(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+        @functools.wraps(fn)
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                return fn(msg, context)
+            except SiteError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported by type, logged in full here
+                log(ERROR, "%s failed at this site:\n%s", phase, traceback.format_exc())
+                raise SiteError(f"{phase} failed ({type(exc).__name__}); details in the site's log") from None
+        return handler
+
+    return decorate
+
+
+# --- handlers ------------------------------------------------------------------------------
+
+@app.train()
+@site_errors("train")
+def train(msg: Message, context: Context) -> Message:
+    """Train the half named by the round's stage; reply with that half, counts and the loss."""
+    site = SiteConfig.from_context(context)
+    run = SiteRunConfig.from_run_config(context.run_config)
+    order = TrainInstruction.from_record(msg.content[CONFIG])
+    data = open_site(site, run)
+    store = SiteStore.for_run(site, order.run_name)
+    model = build_joint_model(run.model, seed=run.seed)
+    local_keys = norm_state_keys(model) if order.local_norm else set()
+    if order.stage == 2:
+        load_half(model, "unet", frozen_unet(msg, order, store), store, local_keys)
+    load_half(model, order.half, record_to_state(msg.content[ARRAYS]), store, local_keys)
+
+    cfg = TrainConfig(epochs=order.local_epochs, max_steps=order.local_steps, batch_size=run.batch_size, lr=order.lr,
+                      weight_decay=run.weight_decay, optimizer=run.optimizer, schedule="constant", augment=run.augment,
+                      balanced=run.balanced, proximal_mu=order.proximal_mu, seed=run.seed + order.server_round)
+    loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced and order.stage == 2)
+    pos_weight = torch.tensor(order.pos_weight) if order.stage == 2 and order.pos_weight is not None else None
+    result = train_stage(model, loader, order.stage, cfg, resolve_device(site.device), pos_weight)
+
+    state = half_state_dict(model.cpu(), order.half)
+    if local_keys:
+        store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
+    pos, neg = site_label_counts(data.train, run.model)
+    metrics = MetricRecord({
+        NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
+        TRAIN_LOSS: float(result.loss), STEPS: int(result.steps), TRAIN_SECONDS: float(result.seconds),
+        LABEL_POS: pos, LABEL_NEG: neg,
+    })
+    content = RecordDict({ARRAYS: state_to_record(state, exclude=local_keys), METRICS: metrics, SITE: _site_record(site)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+@site_errors("evaluate")
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Score the global model on the site's own held-out patients; reply with scalars only."""
+    site = SiteConfig.from_context(context)
+    run = SiteRunConfig.from_run_config(context.run_config)
+    order = EvaluateInstruction.from_record(msg.content[CONFIG])
+    data = open_site(site, run)
+    store = SiteStore.for_run(site, order.run_name)
+    model = build_joint_model(run.model, seed=run.seed)
+    local_keys = norm_state_keys(model) if order.local_norm else set()
+    received = record_to_state(msg.content[ARRAYS])
+    for half in ("unet", "classifier"):
+        prefix = half + "."
+        load_half(model, half, {k: v for k, v in received.items() if k.startswith(prefix)}, store, local_keys)
+    scores = evaluate(model, data.test, resolve_device(site.device), run.eval_batch_size)
+    metrics = MetricRecord({k: (v if isinstance(v, int) else float(v)) for k, v in scores.items()
+                            if k != "arrays" and isinstance(v, (int, float, np.floating, np.integer))})
+    metrics[NUM_EXAMPLES] = len(data.test)
+    return Message(RecordDict({METRICS: metrics, SITE: _site_record(site)}), reply_to=msg)
+
+
+@app.query()
+@site_errors("count labels")
+def count_labels(msg: Message, context: Context) -> Message:
+    """The counts round: per-label positives and negatives of the training split, nothing else."""
+    site = SiteConfig.from_context(context)
+    run = SiteRunConfig.from_run_config(context.run_config)
+    data = open_site(site, run)
+    pos, neg = site_label_counts(data.train, run.model)
+    metrics = MetricRecord({NUM_EXAMPLES: len(data.train), LABEL_POS: pos, LABEL_NEG: neg})
+    return Message(RecordDict({METRICS: metrics, SITE: _site_record(site)}), reply_to=msg)

@@ -1,0 +1,183 @@
+"""What crosses the wire between a site and the server, and under which keys (DESIGN.md §5).
+
+Only three kinds of thing travel: model arrays (one half of the joint model per round), per-label
+positive/negative counts, and scalar metrics. Every key lives here so that the ClientApp, the
+ServerApp and the strategies spell them the same way.
+
+A train message holds ``{ARRAYS: ArrayRecord, CONFIG: ConfigRecord}`` (plus ``FROZEN_UNET`` the first
+time a site trains stage 2); a train reply ``{ARRAYS, METRICS, SITE}``; an evaluate reply
+``{METRICS, SITE}``. ``SITE`` carries the site's id (``site-01``), never a patient identifier.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from common.config import PreprocessConfig
+from common.presets import ModelConfig, get_preset
+
+# --- record names inside a message's RecordDict ---------------------------------------------
+#: The half being trained (Flower strategies' default ``arrayrecord_key``); the full model in evaluate.
+ARRAYS = "arrays"
+#: Stage 2: the global U-Net the classifier is trained on, sent once per site and kept on its disk.
+FROZEN_UNET = "frozen-unet"
+#: The per-round instruction (Flower strategies' default ``configrecord_key``).
+CONFIG = "config"
+#: Scalar metrics and label counts of a reply.
+METRICS = "metrics"
+#: Who replied: the site id only.
+SITE = "site"
+
+# --- MetricRecord keys (site -> server) -----------------------------------------------------
+#: Samples (slices) trained or evaluated on; never batches. Every strategy weights by it.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+STEPS = "steps"
+TRAIN_SECONDS = "train-seconds"
+#: Per-label positive / negative slice counts of the site's training split, annotated labels only,
+#: in the model's output order. Lists of ints.
+LABEL_POS = "label-pos"
+LABEL_NEG = "label-neg"
+#: Keys that are summed across sites, not averaged.
+SUMMED_METRICS: tuple[str, ...] = (NUM_EXAMPLES, STEPS, LABEL_POS, LABEL_NEG, "n_slices", "n_studies")
+
+# --- ConfigRecord keys (server -> site) -----------------------------------------------------
+SERVER_ROUND = "server-round"        # set by Flower's strategies
+STAGE = "stage"
+LR = "lr"
+LOCAL_EPOCHS = "local-epochs"
+LOCAL_STEPS = "local-steps"
+POS_WEIGHT = "pos-weight"
+PROXIMAL_MU = "proximal-mu"          # set by Flower's FedProx
+LOCAL_NORM = "local-norm"            # set by FedBN: normalisation layers stay at the site
+UNET_DIGEST = "unet-digest"
+RUN_NAME = "run-name"                # scopes what a site keeps on disk between rounds of one run
+SITE_ID = "site-id"
+
+# --- node_config keys (deployment: ``flower-supernode --node-config``) ------------------------
+NODE_DATA_PATH = "data-path"
+NODE_SITE_ID = "site-id"
+NODE_CACHE_DIR = "cache-dir"
+NODE_DEVICE = "device"
+#: Simulation: the virtual node's index; the i-th site folder of ``data.root``.
+NODE_PARTITION_ID = "partition-id"
+
+#: Which half of the joint model each stage trains and exchanges.
+HALF_OF_STAGE: dict[int, str] = {1: "unet", 2: "classifier"}
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What the server asks of a site for one train round (the ConfigRecord, typed)."""
+
+    server_round: int
+    stage: int
+    lr: float
+    local_epochs: int = 1
+    local_steps: int = 0
+    pos_weight: tuple[float, ...] | None = None
+    proximal_mu: float = 0.0
+    local_norm: bool = False
+    unet_digest: str = ""
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stage not in HALF_OF_STAGE:
+            raise ValueError(f"stage must be one of {sorted(HALF_OF_STAGE)}, got {self.stage}")
+
+    @property
+    def half(self) -> str:
+        return HALF_OF_STAGE[self.stage]
+
+    def to_record(self) -> ConfigRecord:
+        rec = ConfigRecord({SERVER_ROUND: self.server_round, STAGE: self.stage, LR: float(self.lr),
+                            LOCAL_EPOCHS: self.local_epochs, LOCAL_STEPS: self.local_steps,
+                            PROXIMAL_MU: float(self.proximal_mu), LOCAL_NORM: self.local_norm,
+                            RUN_NAME: self.run_name})
+        if self.pos_weight is not None:
+            rec[POS_WEIGHT] = [float(w) for w in self.pos_weight]
+        if self.unet_digest:
+            rec[UNET_DIGEST] = self.unet_digest
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> "TrainInstruction":
+        pos_weight = rec.get(POS_WEIGHT)
+        return cls(server_round=int(rec.get(SERVER_ROUND, 0)), stage=int(rec[STAGE]), lr=float(rec[LR]),
+                   local_epochs=int(rec.get(LOCAL_EPOCHS, 1)), local_steps=int(rec.get(LOCAL_STEPS, 0)),
+                   pos_weight=tuple(float(w) for w in pos_weight) if pos_weight is not None else None,
+                   proximal_mu=float(rec.get(PROXIMAL_MU, 0.0)), local_norm=bool(rec.get(LOCAL_NORM, False)),
+                   unet_digest=str(rec.get(UNET_DIGEST, "")), run_name=str(rec.get(RUN_NAME, "")))
+
+
+@dataclass(frozen=True)
+class EvaluateInstruction:
+    """What the server asks of a site for one evaluation (the ConfigRecord, typed)."""
+
+    server_round: int
+    local_norm: bool = False
+    run_name: str = ""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({SERVER_ROUND: self.server_round, LOCAL_NORM: self.local_norm, RUN_NAME: self.run_name})
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> "EvaluateInstruction":
+        return cls(server_round=int(rec.get(SERVER_ROUND, 0)), local_norm=bool(rec.get(LOCAL_NORM, False)),
+                   run_name=str(rec.get(RUN_NAME, "")))
+
+
+# --- arrays ---------------------------------------------------------------------------------
+
+def state_to_record(state: Mapping[str, torch.Tensor], exclude: Iterable[str] = ()) -> ArrayRecord:
+    """A (half) state dict as an ArrayRecord, leaving out ``exclude`` (FedBN's local keys)."""
+    skip = set(exclude)
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in state.items() if k not in skip})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload size of an ArrayRecord: the serialised array bytes (what dominates a message)."""
+    return sum(len(a.data) for a in record.values())
+
+
+def arrays_digest(record: ArrayRecord) -> str:
+    """Content hash of an ArrayRecord (keys, shapes, dtypes and values), for the site's U-Net cache."""
+    h = hashlib.sha256()
+    for key in sorted(record.keys()):
+        a = record[key]
+        h.update(f"{key}\0{a.dtype}\0{a.shape}\0".encode())
+        h.update(a.data)
+    return h.hexdigest()[:32]
+
+
+# --- run config (``[tool.flwr.app.config]``) read by both sides ------------------------------
+
+def run_value(run_config: Mapping[str, Any], key: str) -> Any:
+    """One run-config value; a missing key names itself (every key has a default in pyproject.toml)."""
+    try:
+        return run_config[key]
+    except KeyError:
+        raise KeyError(f"run config has no key {key!r}: every key needs a default in "
+                       "[tool.flwr.app.config] of pyproject.toml") from None
+
+
+def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, PreprocessConfig]:
+    """The architecture and the preprocessing every site and the server share.
+
+    ``model.image-size`` 0 keeps the preset's size; the preprocessing size always equals it.
+    """
+    size = int(run_value(run_config, "model.image-size"))
+    model = get_preset(str(run_value(run_config, "model.preset")), **({"image_size": size} if size else {}))
+    pre = PreprocessConfig(size=model.image_size, denoise=bool(run_value(run_config, "preprocess.denoise")),
+                           strip_skull=bool(run_value(run_config, "preprocess.strip-skull")),
+                           centre=bool(run_value(run_config, "preprocess.centre")))
+    return model, pre
