@@ -33,7 +33,8 @@ from client.preprocess import (
 from common.config import AIR_HU, PreprocessConfig
 
 
-def synthetic_head_volume(k: int = 30, n: int = 512, noise: float = 6.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_head_volume(k: int = 30, n: int = 512, noise: float = 6.0,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """HU volume ``[k, n, n]`` (float32) and its 0/1 hematoma mask (uint8), head slightly off-centre."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:n, :n].astype(np.float32)
@@ -86,13 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     stripped = strip_skull(img8, brain)
     centred, _, _ = centre_brain(stripped, brain)
 
+    no_denoise = PreprocessConfig(size=args.size, denoise=False)
+    window_only = PreprocessConfig(size=args.size, denoise=False, strip_skull=False, centre=False)
+    median = f"denoise (median {cfg.denoise_size}x{cfg.denoise_size}, whole slices)"
     steps: list[tuple[str, Callable[[], object]]] = [
         ("preprocess_volume (all steps, with mask)", lambda: preprocess_volume(hu, mask, cfg)),
-        ("preprocess_volume (no denoise)", lambda: preprocess_volume(hu, mask, PreprocessConfig(size=args.size, denoise=False))),
-        ("preprocess_volume (window + resize only)", lambda: preprocess_volume(
-            hu, mask, PreprocessConfig(size=args.size, denoise=False, strip_skull=False, centre=False))),
+        ("preprocess_volume (no denoise)", lambda: preprocess_volume(hu, mask, no_denoise)),
+        ("preprocess_volume (window + resize only)", lambda: preprocess_volume(hu, mask, window_only)),
         ("apply_window + to_uint8", lambda: to_uint8(apply_window(hu, cfg.window))),
-        (f"denoise (median {cfg.denoise_size}x{cfg.denoise_size}, whole slices)", lambda: denoise(img8, cfg.denoise_size)),
+        (median, lambda: denoise(img8, cfg.denoise_size)),
         ("brain_mask", lambda: brain_mask(hu)),
         ("strip_skull", lambda: strip_skull(img8, brain)),
         ("centre_brain (image + mask)", lambda: centre_brain(stripped, brain, mask)),

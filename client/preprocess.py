@@ -3,7 +3,8 @@
 Order (``preprocess_volume``), each step switchable through ``PreprocessConfig`` for the §5.1.1
 ablation:
 
-    HU [k, r, c] --apply_window--> 0..255 --denoise--> --strip_skull--> --centre_brain--> --resize_slices--> uint8 [k, S, S]
+    HU [k, r, c] --apply_window--> 0..255 --denoise--> --strip_skull--> --centre_brain-->
+        --resize_slices--> uint8 [k, S, S]
 
 The brain mask is computed once from the Hounsfield values (before windowing, where bone and soft
 tissue are still told apart by their HU) and drives skull stripping, centring and
@@ -13,7 +14,7 @@ shift, the padding to a square and the resize, nearest neighbour) and stays 0/1.
 Slices are processed in 2-D (denoising, brain topology): slice thickness differs between sites
 (0.6 to 5 mm), so nothing mixes neighbouring slices except the centring, which uses one in-plane
 shift per study so that its slices stay aligned, and the fallback of ``brain_mask`` for slices
-whose skull ring is open, which borrows the footprint of the nearest slice with a closed ring.
+whose skull ring is open, which borrows the brain's footprint from a neighbouring slice.
 """
 from __future__ import annotations
 
@@ -187,9 +188,10 @@ def brain_mask(hu: np.ndarray, *, bone_hu: float = BONE_HU,
     4. Open ring: where the brain is missing (less than ``open_ring_fraction`` of the convex hull
        of the slice's bone is enclosed: craniectomy, a bony gap, the skull base), the fallback takes
        soft tissue inside that hull, eroded to cut thin bridges to the scalp, keeps the components
-       lying mostly (>= 50 %) within the brain of the nearest slice with a closed ring (the 3-D
-       brain), and grows them back. Without any closed slice in the volume it keeps the largest.
-       Slices without bone (above the skull) hold no brain.
+       lying mostly (>= 50 %) within the brain of a neighbouring slice (the 3-D brain: open
+       slices are visited outwards from the closed ones, so a run of open slices chains on, while
+       a scalp disc above a brainless bone cap does not), and grows them back. Without any closed
+       slice in the volume it keeps the largest. Slices without bone hold no brain.
 
     The topology runs on ``block x block`` blocks (bone if any pixel of the block is bone, which
     also bridges one-pixel gaps in thin bone); the result is refined at full resolution: blocks at

@@ -51,7 +51,8 @@ def synthetic_head(k: int = 6, n: int = 256, centre: tuple[float, float] | None 
         t_skull, t_scalp = skull / ay, scalp / ay
         brain[i] = r < 1
         inside[i] = r < 1 + t_skull
-        sl = np.where(brain[i], BRAIN_HU, np.where(inside[i], SKULL_HU, np.where(r < 1 + t_skull + t_scalp, SCALP_HU, AIR_HU)))
+        scalp_ring = r < 1 + t_skull + t_scalp
+        sl = np.where(brain[i], BRAIN_HU, np.where(inside[i], SKULL_HU, np.where(scalp_ring, SCALP_HU, AIR_HU)))
         if gap and i in gap_slices:
             sl[(~brain[i]) & inside[i] & (np.abs(xx - cx) < gap / 2) & (yy < cy)] = SCALP_HU
         if blob is not None:
@@ -174,16 +175,35 @@ def test_slices_without_skull_hold_no_brain():
 
 
 def test_open_skull_ring_falls_back_without_taking_the_scalp():
-    # Slice 3's ring is open over 30 pixels: its brain touches the scalp through the gap.
-    hu, brain, inside, _ = synthetic_head(k=7, gap=30, gap_slices=(3,))
+    # Slices 2-4 have the ring open over 30 pixels (as after a craniectomy): their brain touches
+    # the scalp through the gap; slice 3 has no closed neighbour and borrows from slice 2 or 4.
+    hu, brain, inside, _ = synthetic_head(k=7, gap=30, gap_slices=(2, 3, 4))
     got = brain_mask(hu)
-    assert got[3][brain[3]].mean() > 0.99
-    assert (got[3] & ~inside[3]).sum() < 0.01 * brain[3].sum()  # at most a sliver of scalp
-    assert not (hu[3][got[3]] >= BONE_HU).any()
+    for i in (2, 3, 4):
+        assert got[i][brain[i]].mean() > 0.99
+        assert (got[i] & ~inside[i]).sum() < 0.01 * brain[i].sum()  # at most a sliver of scalp
+        assert not (hu[i][got[i]] >= BONE_HU).any()
     # The same slice alone (no closed neighbour to borrow from) still finds the brain.
     alone = brain_mask(hu[3])
     assert alone[brain[3]].mean() > 0.99
     assert (alone & ~inside[3]).sum() < 0.01 * brain[3].sum()
+
+
+def test_scalp_above_the_vertex_is_not_brain():
+    # Closed slices, then a bone cap, then a scalp disc with a few partial-volume bone pixels
+    # around it: the scalp lies within the brain's footprint but does not continue the brain.
+    hu, brain, _, _ = synthetic_head(k=4, noise=0.0)
+    n = hu.shape[1]
+    yy, xx = np.mgrid[:n, :n]
+    rho = np.hypot(yy - (n - 1) / 2, xx - (n - 1) / 2)
+    cap = np.where(rho < 40, SKULL_HU, np.where(rho < 48, SCALP_HU, AIR_HU))
+    disc = np.where(rho < 45, SCALP_HU, AIR_HU)
+    angles = np.deg2rad(np.arange(0, 360, 30))
+    disc[np.rint(127.5 + 38 * np.sin(angles)).astype(int), np.rint(127.5 + 38 * np.cos(angles)).astype(int)] = 400.0
+    vol = np.concatenate([hu, cap[None], disc[None]]).astype(np.float32)
+    got = brain_mask(vol)
+    assert not got[4:].any()
+    assert got[:4][brain].mean() > 0.995
 
 
 def test_strip_skull_zeroes_outside_and_checks_shapes():

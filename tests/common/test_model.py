@@ -1,7 +1,6 @@
 """The joint model: shapes per preset, lossless wavelet pooling, stage-2 freezing, halves."""
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -138,22 +137,6 @@ def test_paper_preset_size_and_small_forward() -> None:
     with torch.no_grad():
         mask_logits, marker_logits = model(torch.rand(1, 1, 64, 64))
     assert mask_logits.shape == (1, 1, 64, 64) and marker_logits.shape == (1, len(MARKERS))
-
-
-def test_tiny_step_is_fast() -> None:
-    cfg = PRESETS["tiny"]
-    model = build_joint_model(cfg, seed=0).train()
-    x = _batch(cfg, n=8)
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        mask_logits, marker_logits = model(x)
-        (mask_logits.mean() + marker_logits.mean()).backward()
-        return time.perf_counter() - t0
-
-    step()  # the first call pays one-off kernel and allocator set-up
-    best = min(step() for _ in range(5))  # best of 5: robust to a busy CI machine
-    assert best < 0.5, f"tiny forward+backward of 8 took {best:.3f} s"
 
 
 class TestWaveletPool:

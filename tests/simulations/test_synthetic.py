@@ -335,15 +335,25 @@ def test_hypodensity_is_an_enclosed_black_hole():
     for s in range(8):
         hu, m, info = _render_case(100 + s, LOCS[s % 4], {"hypodensity": True})
         dark = m & (hu <= np.median(hu[m]) - 28)
-        assert info["markers"]["hypodensity"] and dark.sum() >= 3
-        assert not (dark & ~_inplane_erode(m)).any()        # never on the border
+        assert info["markers"]["hypodensity"]
+        # A dark in-plane component of >= 3 pixels that stays off the border (border pixels
+        # may be dark from partial volume with CSF; that is not the marker).
+        inner = _inplane_erode(m)
+        enclosed = []
+        for k in range(len(m)):
+            lab, n = ndimage.label(dark[k])
+            enclosed += [(lab == i).sum() for i in range(1, n + 1)
+                         if not ((lab == i) & ~inner[k]).any()]
+        assert max(enclosed, default=0) >= 3
         hu0, m0, _ = _render_case(100 + s, LOCS[s % 4], {})
         assert not (m0 & _inplane_erode(m0) & (hu0 <= np.median(hu0[m0]) - 28)).any()
 
 
 def _solidity(m2: np.ndarray) -> float:
-    pts = np.argwhere(m2)
-    return len(pts) / ConvexHull(pts + np.random.default_rng(0).uniform(-0.01, 0.01, pts.shape)).volume
+    """Area over convex-hull area (pixel corners, so a filled ellipse scores about 0.95)."""
+    pts = np.argwhere(m2).astype(float)
+    corners = np.concatenate([pts + d for d in ([.5, .5], [.5, -.5], [-.5, .5], [-.5, -.5])])
+    return len(pts) / ConvexHull(corners).volume
 
 
 def test_irregular_margin_is_lobulated():
@@ -352,7 +362,7 @@ def test_irregular_margin_is_lobulated():
         for markers, acc in (({"irregular_margin": True}, pos), ({}, neg)):
             _, m, info = _render_case(200 + s, LOCS[s % 2], markers)
             acc.append(_solidity(m[info["slices"]["largest"]]))
-    assert max(neg) > 0.85 and np.mean(pos) < np.mean(neg) - 0.08
+    assert min(neg) > 0.88 and max(pos) < min(neg) and np.mean(pos) < np.mean(neg) - 0.06
 
 
 def test_blend_sign_has_a_darker_part_reaching_the_border():
