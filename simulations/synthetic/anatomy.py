@@ -309,8 +309,9 @@ def _paint_cortex(hu, anat: HeadAnatomy, d, xh, yh, zh, h) -> None:
     # Interhemispheric fissure above the corpus callosum and at the poles.
     half = 0.8 + 1.8 * anat.atrophy
     fis = _soft(np.abs(xh)[None] - half, h) * (d["cerebrum"] < 0) * (d["brain"] < 0)
-    zone = np.clip((zh[:, None, None] - 22.0) / 4.0, 0, 1) + np.clip((np.abs(yh)[None] - 42.0) / 4.0,
-                                                                      0, 1)
+    above_callosum = np.clip((zh[:, None, None] - 22.0) / 4.0, 0, 1)
+    poles = np.clip((np.abs(yh)[None] - 42.0) / 4.0, 0, 1)
+    zone = above_callosum + poles
     _paint(hu, fis * np.clip(zone, 0, 1), anat.hu_csf)
 
 

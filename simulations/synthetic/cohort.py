@@ -90,7 +90,8 @@ def plan_site(profile: SiteProfile, site_number: int, seed: int) -> SitePlan:
                       location=location, markers=markers, table_offset=table)
         studies.append(StudyPlan(
             **common, study_id=base_id, kind="baseline", acquired=when,
-            accession=make_accession(rng, site_number, when), referring_physician=make_physician(rng),
+            accession=make_accession(rng, site_number, when),
+            referring_physician=make_physician(rng),
             growth_ratio=1.0, has_scout=bool(rng.random() < profile.scout_rate),
             partner_study_id=fu_id, missing_labels=missing))
         if has_fu:

@@ -71,22 +71,27 @@ class HematomaSpec:
 def _centre_for(rng: np.random.Generator, location: str, anat: HeadAnatomy, r_eq: float):
     sx, sy, sz = anat.scale
     side = float(rng.choice([-1.0, 1.0]))
+    jitter = lambda sd: float(rng.normal(0, sd))
+    yaw = 90.0                                   # long axis antero-posterior
     if location == "putamen":
-        c, yaw = (side * 24.0 + rng.normal(0, 2), -2.0 + rng.normal(0, 3), 2.0 + rng.normal(0, 3)), 90
+        c = (side * 24.0 + jitter(2), -2.0 + jitter(3), 2.0 + jitter(3))
     elif location == "thalamus":
-        c, yaw = (side * 11.0 + rng.normal(0, 1.5), 13.0 + rng.normal(0, 2), 5.0 + rng.normal(0, 2)), 90
+        c = (side * 11.0 + jitter(1.5), 13.0 + jitter(2), 5.0 + jitter(2))
     elif location == "subcortical":
+        # Lobar: deep enough in a hemisphere that the clot fits under the cortex.
         phi = rng.uniform(-1.2, 1.2) + (0.0 if side > 0 else np.pi)
         zc = rng.uniform(5.0, 45.0)
         s = np.sqrt(max(0.2, 1.0 - ((zc - 8.0) / 70.0) ** 2))
         depth = r_eq + 6.0
         tx = max(0.3, 1.0 - depth / (64.0 * s))
         ty = max(0.3, 1.0 - depth / (80.0 * s))
-        c, yaw = (tx * 64.0 * s * np.cos(phi), 4.0 + ty * 80.0 * s * np.sin(phi), zc), rng.uniform(0, 180)
+        c = (tx * 64.0 * s * np.cos(phi), 4.0 + ty * 80.0 * s * np.sin(phi), zc)
+        yaw = rng.uniform(0, 180)
     elif location == "cerebellum":
-        c, yaw = (side * 20.0 + rng.normal(0, 3), 46.0 + rng.normal(0, 3), -34.0 + rng.normal(0, 2)), rng.uniform(0, 180)
+        c = (side * 20.0 + jitter(3), 46.0 + jitter(3), -34.0 + jitter(2))
+        yaw = rng.uniform(0, 180)
     elif location == "brainstem":
-        c, yaw = (rng.normal(0, 1.5), 16.0 + rng.normal(0, 2), -26.0 + rng.normal(0, 3)), 90
+        c = (jitter(1.5), 16.0 + jitter(2), -26.0 + jitter(3))
     else:
         raise KeyError(f"unknown location {location!r}; valid: {sorted(VOLUME_RANGE_ML)}")
     return (float(c[0] * sx), float(c[1] * sy), float(c[2] * sz)), float(yaw + rng.normal(0, 12))
@@ -112,7 +117,8 @@ def sample_hematoma_spec(rng: np.random.Generator, location: str, markers: Mappi
         for a in angles:
             d = np.array([np.cos(a), np.sin(a), rng.normal(0, 0.2)])
             d /= np.linalg.norm(d)
-            lobes.append((float(d[0]), float(d[1]), float(d[2]), float(rng.uniform(0.43, 0.56) * r_eq)))
+            rad = float(rng.uniform(0.43, 0.56) * r_eq)
+            lobes.append((float(d[0]), float(d[1]), float(d[2]), rad))
     texture = tuple((float(k[0]), float(k[1]), float(k[2]), float(rng.uniform(0, 2 * np.pi)))
                     for k in rng.normal(0, 2 * np.pi / 14.0, size=(3, 3)))
     blend_angle = rng.uniform(-55.0, 55.0) + (180.0 if rng.random() < 0.5 else 0.0)
@@ -308,7 +314,8 @@ def _place_islands(spec: HematomaSpec, m: np.ndarray, clot: np.ndarray, grid: Sc
     dist = ndimage.distance_transform_edt(core, sampling=(dz, h, h))
     top = np.flatnonzero(dist.ravel() >= 0.8 * dist.max())
     centre = np.unravel_index(int(top[rng.integers(top.size)]), core.shape)
-    r_i = max(spec.island_rel_radius * spec.radius_eq, 1.5 * h)
+    # Round, not shaped by the core: no wider than the room around its centre.
+    r_i = max(min(spec.island_rel_radius * spec.radius_eq, float(dist.max())), 1.5 * h)
     kk, rr, cc = np.ogrid[: core.shape[0], : core.shape[1], : core.shape[2]]
     ball = lambda c, r: (((rr - c[1]) * h) ** 2 + ((cc - c[2]) * h) ** 2) / r**2 \
         + ((kk - c[0]) * dz) ** 2 / max(r, 0.6 * dz) ** 2 <= 1.0

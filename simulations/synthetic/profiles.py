@@ -138,7 +138,8 @@ def parse_mask_layout(layout: str) -> tuple[tuple[int, ...], tuple[bool, ...]]:
     parts = [p.strip() for p in layout.split(",")]
     axes = tuple(names[p.lstrip("-")] for p in parts if p.lstrip("-") in names)
     if len(parts) != 3 or sorted(axes) != [0, 1, 2]:
-        raise ValueError(f"mask_layout must name k, r and c once each (e.g. 'c,-r,k'), got {layout!r}")
+        raise ValueError(
+            f"mask_layout must name k, r and c once each (e.g. 'c,-r,k'), got {layout!r}")
     return axes, tuple(p.startswith("-") for p in parts)
 
 

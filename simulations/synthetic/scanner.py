@@ -25,7 +25,8 @@ def apply_kernel(img: np.ndarray, kernel: str) -> np.ndarray:
         return ndimage.gaussian_filter(img, sigma=(0, 0.5, 0.5), truncate=3.0)
     if kernel == "sharp":
         base = ndimage.gaussian_filter(img, sigma=(0, 0.35, 0.35), truncate=3.0)
-        return base + 0.7 * (base - ndimage.gaussian_filter(base, sigma=(0, 1.0, 1.0), truncate=3.0))
+        blur = ndimage.gaussian_filter(base, sigma=(0, 1.0, 1.0), truncate=3.0)
+        return base + 0.4 * (base - blur)
     raise KeyError(f"unknown kernel {kernel!r}; valid: smooth, standard, sharp")
 
 

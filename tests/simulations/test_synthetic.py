@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from common.config import AIR_HU, LABELS, MARKERS
+from common.config import AIR_HU, LABELS
 from simulations.synthetic import default_profiles, generate_dataset
 from simulations.synthetic.anatomy import HeadPose, ScanGrid, make_head, sample_anatomy
 from simulations.synthetic.cohort import plan_site
@@ -94,7 +94,8 @@ def mask_on_dicom_grid(nii_path: Path, series) -> np.ndarray:
 
 def nifti_volume_ml(path: Path) -> float:
     img = nib.load(path)
-    return float((np.asarray(img.dataobj) > 0).sum()) * abs(np.linalg.det(img.affine[:3, :3])) / 1000
+    voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000
+    return float((np.asarray(img.dataobj) > 0).sum()) * voxel_ml
 
 
 # ---------------------------------------------------------------- layout and labels
@@ -242,7 +243,8 @@ def test_masks_use_the_site_axis_order(dataset, profiles):
     codes = set()
     for prof in profiles:
         row = read_labels(out / prof.site_id)[0]
-        img = nib.load(out / prof.site_id / "masks" / row["patient_id"] / f"{row['study_id']}.nii.gz")
+        site = out / prof.site_id
+        img = nib.load(site / "masks" / row["patient_id"] / f"{row['study_id']}.nii.gz")
         assert img.get_data_dtype() == np.uint8
         assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
         codes.add(nib.aff2axcodes(img.affine))
@@ -258,7 +260,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
             rel = str(f.relative_to(root))
             if "dicom" in f.parts:
                 ds = pydicom.dcmread(f)
-                snap[rel] = ds.PixelData + str(ds.SOPInstanceUID).encode() + str(ds.PatientName).encode()
+                snap[rel] = ds.PixelData + f"{ds.SOPInstanceUID}{ds.PatientName}".encode()
             else:
                 snap[rel] = f.read_bytes()
     return snap
@@ -275,7 +277,8 @@ def test_same_seed_same_bytes_other_seed_other_data(dataset, tmp_path):
     other = tmp_path / "other"
     generate_dataset(other, n_sites=1, seed=SEED + 1, matrix=MATRIX, studies_scale=0.1,
                      progress=False)
-    assert (other / "site-01" / "labels.csv").read_bytes() != (out / "site-01" / "labels.csv").read_bytes()
+    labels = [(d / "site-01" / "labels.csv").read_bytes() for d in (other, out)]
+    assert labels[0] != labels[1]
     with pytest.raises(FileExistsError):
         generate_dataset(other, n_sites=1, seed=SEED, matrix=MATRIX, studies_scale=0.1,
                          progress=False)
@@ -418,7 +421,8 @@ def test_written_markers_are_measurable_against_negatives(dataset, profiles):
             on = r.info["markers"]
             if not (on["fluid_level"] or on["hypodensity"] or not any(on.values())):
                 continue
-            axial, _ = read_study(out / prof.site_id / "dicom" / st.patient.patient_id / st.study_id)
+            sdir = out / prof.site_id / "dicom" / st.patient.patient_id / st.study_id
+            axial, _ = read_study(sdir)
             hu = ndimage.median_filter(to_hu(axial), size=(1, 3, 3))
             m = r.true_mask
             k = r.info["slices"]["largest"]
