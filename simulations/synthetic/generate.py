@@ -236,6 +236,7 @@ def describe(profiles: list[SiteProfile], summary: GenerationSummary) -> str:
               "beam-hardening cupping and posterior-fossa streak strength (HU); tilt = mean head",
               "rotation (deg); pix = PixelRepresentation and RescaleIntercept; pad =",
               "PixelPaddingValue; order = InstanceNumber order; ext = file extension;",
-              "mask = stored axis order of the NIfTI masks; bias = annotator dilation (+) / erosion (-) in pixels;",
-              "miss = share of label cells left empty; hyp..exp = positive labels written.", ""]
+              "mask = stored axis order of the NIfTI masks; bias = annotator dilation (+) /",
+              "erosion (-) in pixels; miss = share of label cells left empty; hyp..exp =",
+              "positive labels written.", ""]
     return "\n".join(lines)

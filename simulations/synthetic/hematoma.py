@@ -12,7 +12,7 @@ Sizes are proportional to the hematoma so they stay visible when a slice is shru
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -60,7 +60,6 @@ class HematomaSpec:
     fluid_cells_delta_hu: float = 8.0
     oedema_mm: float = 3.0
     oedema_strength: float = 0.4
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def radius_eq(self) -> float:
@@ -68,7 +67,9 @@ class HematomaSpec:
         return float(np.cbrt(3.0 * self.target_ml * 1000.0 / (4.0 * np.pi)))
 
 
-def _centre_for(rng: np.random.Generator, location: str, anat: HeadAnatomy, r_eq: float):
+def _centre_for(rng: np.random.Generator, location: str, anat: HeadAnatomy, r_eq: float
+                ) -> tuple[tuple[float, float, float], float]:
+    """Head-frame centre of a bleed at ``location`` (either side) and its long axis (deg)."""
     sx, sy, sz = anat.scale
     side = float(rng.choice([-1.0, 1.0]))
     jitter = lambda sd: float(rng.normal(0, sd))

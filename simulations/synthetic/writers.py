@@ -1,4 +1,4 @@
-"""Writing a site folder in the data contract (DESIGN.md §4): DICOM, NIfTI masks, labels, site.toml.
+"""Writing a site folder in the data contract (DESIGN.md §4): DICOM, masks, labels, site.toml.
 
 The only module of the generator that touches pydicom, nibabel or the file system layout.
 Everything written is a pure function of the rendered study, so the same seed gives the same
