@@ -59,6 +59,17 @@ class GenerationSummary:
         d["out"] = str(self.out)
         return d
 
+    def describe(self) -> str:
+        """A few lines for the command line: totals, then one line per site."""
+        lines = [f"wrote {len(self.sites)} sites to {self.out}: {self.studies} studies, "
+                 f"{self.files} files in {self.elapsed_s:.1f} s (seed {self.seed}, matrix "
+                 f"{self.matrix})"]
+        for s in self.sites:
+            pos = " ".join(f"{k}={v}" for k, v in s.positives.items())
+            lines.append(f"  {s.site_id}: {s.studies:3d} studies, {s.patients:3d} patients, "
+                         f"{s.followups:2d} follow-ups; positives {pos}")
+        return "\n".join(lines)
+
 
 def mask_volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
     """Mask volume from its voxel count and the voxel size its affine implies."""

@@ -238,6 +238,29 @@ def test_hu_and_mask_round_trip(dataset, profiles):
             assert np.median(hu[r.true_mask]) > 45
 
 
+def test_the_site_reader_reads_every_study_back(dataset, profiles):
+    """client.site (the code a hospital runs) finds no problem and gets our arrays back:
+    HU within rounding (it turns everything below air into air), masks voxel for voxel."""
+    from client.site import iter_studies
+
+    out, summary = dataset
+    for i, (prof, ssum) in enumerate(zip(profiles, summary.sites), start=1):
+        records = {}
+        for rec in iter_studies(out / prof.site_id):
+            if isinstance(rec, list):
+                assert rec == [], rec
+            else:
+                assert not rec.problems, rec.problems
+                records[rec.ref.study_id] = rec
+        assert len(records) == ssum.studies
+        for st in plan_site(prof, i, SEED).studies[:2]:
+            r = render_study(prof, st)
+            rec = records[st.study_id]
+            hu = np.asarray(rec.volume)
+            assert np.abs(hu - np.maximum(r.hu, AIR_HU)).max() <= prof.rescale_slope / 2 + 1e-3
+            assert np.array_equal(np.asarray(rec.mask) > 0, r.mask)
+
+
 def test_masks_use_the_site_axis_order(dataset, profiles):
     out, _ = dataset
     codes = set()
