@@ -173,20 +173,19 @@ def load_half(model: JointModel, half: str, received: Mapping[str, torch.Tensor]
     load_half_state_dict(model, half, state)
 
 
-def frozen_unet(msg: Message, order: TrainInstruction, store: SiteStore) -> dict[str, torch.Tensor]:
-    """Stage 2 trains on the global U-Net: sent once per site, then read back from the site's disk."""
-    name = f"unet-{order.unet_digest}"
+def frozen_unet(msg: Message, digest: str, store: SiteStore) -> dict[str, torch.Tensor]:
+    """Stage 2 runs on the global U-Net: sent once per site, then read back from the site's disk."""
+    name = f"unet-{digest}"
     if FROZEN_UNET in msg.content:
         record = msg.content[FROZEN_UNET]
-        if arrays_digest(record) != order.unet_digest:
+        if arrays_digest(record) != digest:
             raise SiteError("the global U-Net received does not match its digest")
         state = record_to_state(record)
         store.save(name, state)
         return state
     state = store.load(name)
     if state is None:
-        raise SiteError(f"the global U-Net {order.unet_digest[:12]} is not stored at this site; "
-                        "the server sends it again next round")
+        raise SiteError(f"the global U-Net {digest[:12]} is not stored at this site; the server sends it again next round")
     return state
 
 
@@ -243,7 +242,7 @@ def train(msg: Message, context: Context) -> Message:
     model = build_joint_model(run.model, seed=run.seed)
     local_keys = norm_state_keys(model) if order.local_norm else set()
     if order.stage == 2:
-        load_half(model, "unet", frozen_unet(msg, order, store), store, local_keys)
+        load_half(model, "unet", frozen_unet(msg, order.unet_digest, store), store, local_keys)
     load_half(model, order.half, record_to_state(msg.content[ARRAYS]), store, local_keys)
 
     cfg = TrainConfig(epochs=order.local_epochs, max_steps=order.local_steps, batch_size=run.batch_size, lr=order.lr,
@@ -269,7 +268,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @site_errors("evaluate")
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Score the global model on the site's own held-out patients; reply with scalars only."""
+    """Score the global model on the site's own held-out patients; reply with scalars only.
+
+    The message holds the half of the current stage; the other half is the site's own copy: the
+    frozen global U-Net (stage 2) or the untrained classifier built from the run's seed (stage 1).
+    """
     site = SiteConfig.from_context(context)
     run = SiteRunConfig.from_run_config(context.run_config)
     order = EvaluateInstruction.from_record(msg.content[CONFIG])
@@ -277,10 +280,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     store = SiteStore.for_run(site, order.run_name)
     model = build_joint_model(run.model, seed=run.seed)
     local_keys = norm_state_keys(model) if order.local_norm else set()
-    received = record_to_state(msg.content[ARRAYS])
-    for half in ("unet", "classifier"):
-        prefix = half + "."
-        load_half(model, half, {k: v for k, v in received.items() if k.startswith(prefix)}, store, local_keys)
+    if order.stage == 2:
+        load_half(model, "unet", frozen_unet(msg, order.unet_digest, store), store, local_keys)
+    load_half(model, order.half, record_to_state(msg.content[ARRAYS]), store, local_keys)
     scores = evaluate(model, data.test, resolve_device(site.device), run.eval_batch_size)
     metrics = MetricRecord({k: (v if isinstance(v, int) else float(v)) for k, v in scores.items()
                             if k != "arrays" and isinstance(v, (int, float, np.floating, np.integer))})

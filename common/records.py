@@ -4,9 +4,9 @@ Only three kinds of thing travel: model arrays (one half of the joint model per 
 positive/negative counts, and scalar metrics. Every key lives here so that the ClientApp, the
 ServerApp and the strategies spell them the same way.
 
-A train message holds ``{ARRAYS: ArrayRecord, CONFIG: ConfigRecord}`` (plus ``FROZEN_UNET`` the first
-time a site trains stage 2); a train reply ``{ARRAYS, METRICS, SITE}``; an evaluate reply
-``{METRICS, SITE}``. ``SITE`` carries the site's id (``site-01``), never a patient identifier.
+Train and evaluate messages hold ``{ARRAYS: ArrayRecord, CONFIG: ConfigRecord}``, ARRAYS being the
+half of the current stage only (plus ``FROZEN_UNET`` the first time a site meets stage 2); a train
+reply holds ``{ARRAYS, METRICS, SITE}``, an evaluate or counts reply ``{METRICS, SITE}``. ``SITE`` carries the site's id (``site-01``), never a patient identifier.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from common.config import PreprocessConfig
 from common.presets import ModelConfig, get_preset
 
 # --- record names inside a message's RecordDict ---------------------------------------------
-#: The half being trained (Flower strategies' default ``arrayrecord_key``); the full model in evaluate.
+#: The half of the current stage (Flower strategies' default ``arrayrecord_key``).
 ARRAYS = "arrays"
 #: Stage 2: the global U-Net the classifier is trained on, sent once per site and kept on its disk.
 FROZEN_UNET = "frozen-unet"
@@ -117,18 +117,34 @@ class TrainInstruction:
 
 @dataclass(frozen=True)
 class EvaluateInstruction:
-    """What the server asks of a site for one evaluation (the ConfigRecord, typed)."""
+    """What the server asks of a site for one evaluation (the ConfigRecord, typed).
+
+    The message carries only the half trained in ``stage``; the other half the site already has:
+    in stage 1 the untrained classifier (built from the run's seed, as on the server), in stage 2
+    the frozen global U-Net named by ``unet_digest``.
+    """
 
     server_round: int
+    stage: int = 2
     local_norm: bool = False
+    unet_digest: str = ""
     run_name: str = ""
 
+    @property
+    def half(self) -> str:
+        return HALF_OF_STAGE[self.stage]
+
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({SERVER_ROUND: self.server_round, LOCAL_NORM: self.local_norm, RUN_NAME: self.run_name})
+        rec = ConfigRecord({SERVER_ROUND: self.server_round, STAGE: self.stage, LOCAL_NORM: self.local_norm,
+                            RUN_NAME: self.run_name})
+        if self.unet_digest:
+            rec[UNET_DIGEST] = self.unet_digest
+        return rec
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> "EvaluateInstruction":
-        return cls(server_round=int(rec.get(SERVER_ROUND, 0)), local_norm=bool(rec.get(LOCAL_NORM, False)),
+        return cls(server_round=int(rec.get(SERVER_ROUND, 0)), stage=int(rec[STAGE]),
+                   local_norm=bool(rec.get(LOCAL_NORM, False)), unet_digest=str(rec.get(UNET_DIGEST, "")),
                    run_name=str(rec.get(RUN_NAME, "")))
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -205,7 +205,7 @@ class Federation:
 
     def train_round(self, rnd: int, stage: int, entry: dict) -> dict[str, Any]:
         cfg, half, strategy = self.cfg, HALF_OF_STAGE[stage], self.strategies[stage]
-        pos_weight, unet, digest = None, None, ""
+        pos_weight = None
         if stage == 2:
             if self.counts is None:
                 self.counts = self.count_labels(rnd, entry)
@@ -213,19 +213,13 @@ class Federation:
                 pos_weight = tuple(pos_weight_from_counts(*self.counts, max_weight=cfg.max_pos_weight).tolist())
                 entry["label-counts"] = {"pos": self.counts[0].tolist(), "neg": self.counts[1].tolist(),
                                          "pos-weight": list(pos_weight)}
-            unet = state_to_record(half_state_dict(self.model, "unet"), exclude=self.local_keys)
-            digest = arrays_digest(unet)
+        unet, digest = self._frozen_unet(stage)
         order = TrainInstruction(server_round=rnd, stage=stage, lr=cfg.lr if stage == 1 else cfg.lr_stage2,
                                  local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, pos_weight=pos_weight,
                                  unet_digest=digest, run_name=self.out_dir.name)
         arrays = state_to_record(half_state_dict(self.model, half))
-        messages = list(strategy.configure_train(rnd, arrays, order.to_record(), self.grid))
-        if unet is not None:
-            messages = [m if self.unet_sent.get(m.metadata.dst_node_id) == digest else _with_record(m, FROZEN_UNET, unet)
-                        for m in messages]
-        replies = self._exchange("train", messages, entry)
-        if unet is not None:
-            self.unet_sent.update({r.metadata.src_node_id: digest for r in replies})
+        messages = self._attach_unet(strategy.configure_train(rnd, arrays, order.to_record(), self.grid), unet, digest)
+        replies = self._exchange("train", messages, entry, digest)
         sites = {self._site(r): metrics_dict(r.content[METRICS]) for r in replies}
         usable = [r for r in replies if float(r.content[METRICS][NUM_EXAMPLES]) > 0]
         for r in replies:
@@ -246,8 +240,7 @@ class Federation:
         try:
             arrays, metrics = strategy.aggregate_train(rnd, replies)
         except (InconsistentMessageReplies, AggregationError) as exc:
-            log(WARNING, "round %d: aggregation failed (%s); the global %s stays as it was", rnd,
-                exc, half)
+            log(WARNING, "round %d: aggregation failed (%s); the global %s stays as it was", rnd, exc, half)
             entry["skipped"] = True
             return {}
         if arrays is not None:
@@ -257,13 +250,15 @@ class Federation:
         return metrics_dict(metrics) if metrics is not None else {}
 
     def evaluate_round(self, rnd: int, stage: int, entry: dict) -> dict[str, Any]:
+        """Every sampled site scores the global model; only the half of this stage is sent."""
         strategy = self.strategies[stage]
-        order = EvaluateInstruction(server_round=rnd, run_name=self.out_dir.name)
-        full = state_to_record(self.model.state_dict())
-        messages = list(strategy.configure_evaluate(rnd, full, order.to_record(), self.grid))
+        unet, digest = self._frozen_unet(stage)
+        order = EvaluateInstruction(server_round=rnd, stage=stage, unet_digest=digest, run_name=self.out_dir.name)
+        arrays = state_to_record(half_state_dict(self.model, HALF_OF_STAGE[stage]))
+        messages = self._attach_unet(strategy.configure_evaluate(rnd, arrays, order.to_record(), self.grid), unet, digest)
         if not messages:
             return {}
-        replies = self._exchange("evaluate", messages, entry)
+        replies = self._exchange("evaluate", messages, entry, digest)
         sites = {self._site(r): metrics_dict(r.content[METRICS]) for r in replies}
         aggregated = None
         if replies:
@@ -276,6 +271,21 @@ class Federation:
         log(INFO, "round %d: %d site(s) evaluated: dice %s, macro AUC (study) %s", rnd, len(replies),
             _fmt(agg.get("dice")), _fmt(agg.get("macro_auc_study")))
         return out
+
+    def _frozen_unet(self, stage: int) -> tuple[ArrayRecord | None, str]:
+        """Stage 2: the global U-Net the sites train and evaluate on (FedBN: without its norm layers)."""
+        if stage == 1:
+            return None, ""
+        unet = state_to_record(half_state_dict(self.model, "unet"), exclude=self.local_keys)
+        return unet, arrays_digest(unet)
+
+    def _attach_unet(self, messages: Iterable[Message], unet: ArrayRecord | None, digest: str) -> list[Message]:
+        """Add the frozen U-Net to the messages of sites not known to hold it already."""
+        messages = list(messages)
+        if unet is None:
+            return messages
+        return [m if self.unet_sent.get(m.metadata.dst_node_id) == digest else _with_record(m, FROZEN_UNET, unet)
+                for m in messages]
 
     def count_labels(self, rnd: int, entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
         """The counts round: every connected site's per-label positives and negatives, summed."""
@@ -293,8 +303,9 @@ class Federation:
 
     # --- messages and failures -----------------------------------------------------------
 
-    def _exchange(self, phase: str, messages: list[Message], entry: dict) -> list[Message]:
-        """Send, wait up to ``rounds.timeout``, return the good replies; log every failure."""
+    def _exchange(self, phase: str, messages: list[Message], entry: dict, digest: str = "") -> list[Message]:
+        """Send, wait up to ``rounds.timeout``, return the good replies; log every failure.
+        A site that replied to a stage-2 message holds the U-Net ``digest`` from then on."""
         if not messages:
             return []
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.timeout))
@@ -305,6 +316,8 @@ class Federation:
                 self._failure(phase, node, reply.error.reason or f"error code {reply.error.code}", entry)
             elif SITE in reply.content and METRICS in reply.content:
                 self.sites[node] = str(reply.content[SITE].get(SITE_ID, node))
+                if digest:
+                    self.unet_sent[node] = digest
                 good.append(reply)
             else:
                 self._failure(phase, node, "malformed reply (no metrics or site record)", entry)

@@ -15,8 +15,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from simulations.synthetic import generate_dataset
 
     summary = generate_dataset(args.out, n_sites=args.sites, seed=args.seed, matrix=args.matrix,
-                               studies_scale=args.scale, progress=True)
-    print(summary.describe() if hasattr(summary, "describe") else summary)
+                               studies_scale=args.scale, progress=True, overwrite=args.overwrite)
+    print(summary.describe())
     return 0
 
 
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--matrix", type=int, default=128, help="nominal in-plane matrix (sites vary around it)")
     g.add_argument("--scale", type=float, default=1.0, help="multiply every site's number of studies")
+    g.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     g.set_defaults(func=run_generate)
     add_check_command(sub)
     add_prepare_command(sub)

@@ -37,6 +37,13 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
             raise KeyError(f"unknown strategy {self.name!r}; valid strategies: {sorted(STRATEGIES)}")
+        if self.imbalance_head and self.name in ROBUST:
+            raise ValueError(f"strategy.imbalance-head averages every site's head rows, which would undo "
+                             f"{self.name}'s robustness to outlying sites; use it with {sorted(set(STRATEGIES) - ROBUST)}")
+
+
+#: Strategies that bound the influence of outlying sites (the positive-weighted head would not).
+ROBUST = frozenset({"fedmedian", "fedtrimmedavg", "krum"})
 
 
 #: name -> (Flower strategy class, the keyword arguments it takes beyond the common ones).
@@ -69,5 +76,5 @@ def build_strategy(cfg: StrategyConfig, *, local_keys: Iterable[str] = (), head_
     return cls(**kw)
 
 
-__all__ = ["STRATEGIES", "StrategyConfig", "build_strategy", "FedBN", "PositiveWeightedHead", "with_imbalance_head",
+__all__ = ["ROBUST", "STRATEGIES", "StrategyConfig", "build_strategy", "FedBN", "PositiveWeightedHead", "with_imbalance_head",
            "positive_weighted_rows", "aggregate_metrics"]
