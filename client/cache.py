@@ -11,7 +11,8 @@ Layout of ``CACHE_DIR/<site_id>-<key16>/`` (format version in ``index.json``):
 - ``masks.u8``   uint8 ``[N, S, S]`` hematoma masks (0 where a study has no mask; see ``mask_known``)
 - ``slice_labels.f4`` float32 ``[N, len(LABELS)]`` slice labels (NaN = not annotated / unknown)
 - ``index.json``: key, preprocessing config, labels, ``n_slices``, image size and per study:
-  pseudonyms, slice range, mask known, study labels, model-pixel size in mm, location.
+  pseudonyms, slice range, mask known, study labels, model-pixel size in mm, location, and per
+  slice the brain fraction and the number of hematoma pixels.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from client.preprocess import preprocess_volume
 from client.site import StudyRecord, iter_studies, label_vector_or_missing, read_site_config
 from common.config import LABELS, MARKERS, PreprocessConfig
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 SECRET_FILE = ".pseudonym-key"
 
 
@@ -180,6 +181,7 @@ def build_site_cache(site_dir: Path | str, cache_root: Path | str, cfg: Preproce
             fl.write(np.ascontiguousarray(per_slice, dtype=np.float32).tobytes())
             entry = _study_entry(record, secret, n, n + k, cfg.size)
             entry["brain_fraction"] = [round(float(v), 4) for v in out.brain_fraction]
+            entry["mask_pixels"] = [int(v) for v in masks.reshape(k, -1).sum(axis=1, dtype=np.int64)]
             studies.append(entry)
             n += k
     index = {"format": CACHE_FORMAT, "key": key, "site_id": site.site_id, "preprocess": cfg.to_dict(),

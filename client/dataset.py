@@ -96,6 +96,11 @@ class SliceDataset(Dataset):
         """Slice labels ``[N, len(LABELS)]`` of this dataset's slices (NaN = unknown)."""
         return np.asarray(self.cache.slice_labels[self.indices]) if len(self) else np.zeros((0, len(LABELS)), np.float32)
 
+    def hematoma_pixels(self) -> np.ndarray:
+        """Reference hematoma pixels per slice (0 where the study has no mask)."""
+        per_slice = np.concatenate([np.asarray(s["mask_pixels"]) for s in self.cache.studies]) if self.cache.studies else np.zeros(0)
+        return per_slice[self.indices] if len(self) else np.zeros(0, dtype=np.int64)
+
     def voxel_ml(self) -> np.ndarray:
         """Volume of one model-resolution voxel in ml, per slice (for hematoma volumes)."""
         per_study = np.asarray([s["pixel_mm"][0] * s["pixel_mm"][1] * s["slice_mm"] / 1000.0 for s in self.cache.studies])
@@ -131,23 +136,31 @@ def dataset_study_keys(ds: Dataset) -> np.ndarray:
     return np.concatenate([p.study_keys() for p in parts]) if parts else np.zeros(0, dtype=str)
 
 
-def balanced_weights(labels: np.ndarray) -> np.ndarray:
-    """Sampling weight per slice so that slices positive for some marker make up about half.
+def balanced_weights(positive: np.ndarray) -> np.ndarray:
+    """Sampling weight per slice so that the ``positive`` slices make up about half of the draws.
 
-    Rare markers otherwise appear in too few batches for the classifier to see them.
+    Rare events (a marker, or hematoma pixels at all) otherwise appear in too few batches.
     """
-    positive = np.nan_to_num(labels, nan=0.0).max(axis=1) > 0 if labels.size else np.zeros(0, bool)
+    positive = np.asarray(positive, dtype=bool)
     n_pos, n = int(positive.sum()), positive.size
     if n_pos in (0, n):
         return np.ones(n)
     return np.where(positive, 0.5 / n_pos, 0.5 / (n - n_pos)) * n
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, balanced: bool = False) -> DataLoader:
-    """A deterministic loader (seeded generator); ``balanced`` samples positives more often."""
+def stage_positives(ds: Dataset, stage: int) -> np.ndarray:
+    """What balanced sampling balances: hematoma slices in stage 1, marker-positive slices in stage 2."""
+    if stage == 1:
+        return np.concatenate([p.hematoma_pixels() for p in parts_of(ds)]) > 0
+    labels = dataset_labels(ds)
+    return np.nan_to_num(labels, nan=0.0).max(axis=1) > 0 if labels.size else np.zeros(0, bool)
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, balanced: bool = False, stage: int = 2) -> DataLoader:
+    """A deterministic loader (seeded generator); ``balanced`` samples the stage's positives more often."""
     g = torch.Generator().manual_seed(seed)
     if balanced and shuffle and len(ds):
-        w = balanced_weights(dataset_labels(ds))
+        w = balanced_weights(stage_positives(ds, stage))
         sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(ds), replacement=True, generator=g)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)

@@ -156,7 +156,16 @@ def train_stage(model: JointModel, loader: DataLoader, stage: int, cfg: TrainCon
     """Train one stage for ``cfg.epochs`` over ``loader`` (or ``cfg.max_steps`` steps).
 
     Stage 2 freezes the U-Net (bit-identical afterwards); stage 1 trains the U-Net only.
+    Deterministic by ``cfg.seed``: stochastic layers (dropout, EfficientNet's drop-connect)
+    draw from torch's global generator, which is forked and seeded here and restored after.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _train_stage(model, loader, stage, cfg, device, pos_weight, progress, on_step)
+
+
+def _train_stage(model: JointModel, loader: DataLoader, stage: int, cfg: TrainConfig, device: torch.device | str,
+                 pos_weight: Tensor | None, progress: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
     device = torch.device(device)
     model.to(device)
     if stage == 2:

@@ -182,6 +182,10 @@ class MarkerClassifier(nn.Module):
         return self.head(torch.cat([own, pooled], dim=1))
 
 
+#: Initial bias of the mask head: logit of a 2 % hematoma prior.
+SEGMENTATION_PRIOR_LOGIT: float = -4.0
+
+
 class JointModel(nn.Module):
     """U-Net (``self.unet``) + marker classifier (``self.classifier``) with one forward.
 
@@ -205,6 +209,9 @@ class JointModel(nn.Module):
             classes=1,
         )
         _drop_unused_encoder_modules(self.unet.encoder)
+        # Start the mask head at a small hematoma prior (about 2 % of pixels) instead of 50 %:
+        # the first steps then refine the hematoma instead of unlearning a half-white mask.
+        nn.init.constant_(self.unet.segmentation_head[0].bias, SEGMENTATION_PRIOR_LOGIT)
         self.classifier = MarkerClassifier(cfg, self.unet.encoder.out_channels[-1])
         if cfg.norm == "group":
             _batchnorm_to_groupnorm(self)

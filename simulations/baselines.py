@@ -78,7 +78,7 @@ def fit_two_stages(model: JointModel, train_ds: Dataset, val_ds: Dataset | None,
             cfg = replace(cfg, lr=fit.lr_stage2)
         for epoch in range(epochs):
             cfg_e = replace(cfg, seed=fit.train.seed + 1000 * stage + epoch)
-            loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced and stage == 2)
+            loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced, stage=stage)
             result = train_stage(model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress)
             row = {"stage": stage, "epoch": epoch + 1, "train_loss": result.loss, "images_per_second": result.images_per_second}
             if val_ds is not None and len(val_ds):

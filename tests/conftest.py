@@ -130,3 +130,13 @@ def write_site(root: Path, n_studies: int = 4, shape=(6, 48, 48), labels: list[l
         rows.append(",".join([pid, sid, *values, "putamen"]))
     root.joinpath("labels.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small generated multi-site dataset shared by the slow end-to-end tests (3 sites, 64 px)."""
+    from simulations.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(out, n_sites=3, seed=7, matrix=64, studies_scale=0.8, progress=False)
+    return out
