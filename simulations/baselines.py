@@ -6,6 +6,7 @@ federated run, a pooled run and a local run differ only in which data each model
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,11 +74,13 @@ def fit_two_stages(model: JointModel, train_ds: Dataset, val_ds: Dataset | None,
     history = []
     pos_weight = stage_pos_weight(model, train_ds)
     for stage, epochs in ((1, fit.epochs_stage1), (2, fit.epochs_stage2)):
-        cfg = replace(fit.train, epochs=1)
-        if stage == 2 and fit.lr_stage2 is not None:
-            cfg = replace(cfg, lr=fit.lr_stage2)
+        lr = fit.lr_stage2 if stage == 2 and fit.lr_stage2 is not None else fit.train.lr
+        cfg = replace(fit.train, epochs=1, schedule="constant")
         for epoch in range(epochs):
-            cfg_e = replace(cfg, seed=fit.train.seed + 1000 * stage + epoch)
+            # One cosine decay over the stage's epochs (each epoch is one train_stage call,
+            # so that the model is evaluated between epochs).
+            lr_e = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if fit.train.schedule == "cosine" else lr
+            cfg_e = replace(cfg, lr=lr_e, seed=fit.train.seed + 1000 * stage + epoch)
             loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced, stage=stage)
             result = train_stage(model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress)
             row = {"stage": stage, "epoch": epoch + 1, "train_loss": result.loss, "images_per_second": result.images_per_second}

@@ -52,7 +52,7 @@ def run_train(args: argparse.Namespace) -> int:
     fit = FitConfig(epochs_stage1=args.epochs1 if args.epochs1 is not None else args.epochs,
                     epochs_stage2=args.epochs2 if args.epochs2 is not None else args.epochs,
                     train=TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=not args.no_augment),
-                    split_by=args.split)
+                    lr_stage2=args.lr2, split_by=args.split)
     metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device))
     t = metrics["test"]
     print(f"test: dice {t['dice']:.3f}, macro-AUC (study) {t['macro_auc_study']:.3f}, volume MAE {t['volume_mae_ml']:.2f} ml")
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs1", type=int, default=None, help="epochs of stage 1 (U-Net)")
     t.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (classifier)")
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate of stage 1 (and of stage 2 unless --lr2)")
+    t.add_argument("--lr2", type=float, default=None, help="learning rate of stage 2")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--split", choices=("patient", "slice"), default="patient", help="slice: random slice split (leaks)")
     t.add_argument("--no-augment", action="store_true")
