@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client.cache import build_site_cache
+from client.cli import DEFAULT_CACHE  # where `flwr-client prepare` puts it
 from client.dataset import SliceDataset, make_loader, split_slices
 from client.evaluate import evaluate
 from client.site import read_site_config
@@ -34,14 +35,11 @@ from common.config import LABELS, PreprocessConfig
 from common.losses import label_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import ModelConfig
-from common.records import (ARRAYS, CONFIG, FROZEN_UNET, LABEL_NEG, LABEL_POS, METRICS, NODE_CACHE_DIR,
+from common.records import (ARRAYS, CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, METRICS, NODE_CACHE_DIR,
                             NODE_DATA_PATH, NODE_DEVICE, NODE_PARTITION_ID, NODE_SITE_ID, NUM_EXAMPLES, SITE,
                             SITE_ID, STEPS, TRAIN_LOSS, TRAIN_SECONDS, EvaluateInstruction, TrainInstruction,
                             arrays_digest, model_from_run_config, record_to_state, run_value, state_to_record)
 from common.runtime import resolve_device
-
-#: Where a SuperNode keeps its cache when ``--node-config`` names no ``cache-dir``.
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "hemexp"
 
 app = ClientApp()
 
@@ -67,7 +65,7 @@ class SiteConfig:
         if NODE_DATA_PATH in node:
             data = Path(str(node[NODE_DATA_PATH])).expanduser()
             site_id = str(node.get(NODE_SITE_ID) or read_site_config(data).site_id)
-            cache = Path(str(node.get(NODE_CACHE_DIR) or DEFAULT_CACHE_DIR)).expanduser()
+            cache = Path(str(node.get(NODE_CACHE_DIR) or DEFAULT_CACHE)).expanduser()
         elif NODE_PARTITION_ID in node:
             root = Path(str(run_value(context.run_config, "data.root"))).expanduser()
             data = partition_site(root, int(node[NODE_PARTITION_ID]))
@@ -105,6 +103,14 @@ class SiteRunConfig:
                    float(run_value(rc, "train.weight-decay")), str(run_value(rc, "train.optimizer")),
                    bool(run_value(rc, "train.augment")), bool(run_value(rc, "train.balanced")),
                    (1.0 - val - test, val, test), int(run_value(rc, "seed")))
+
+    def train_config(self, order: TrainInstruction) -> TrainConfig:
+        """The local training of one round: the server's per-round values, the run's others.
+        The learning rate is constant within a round (a cosine would restart every round)."""
+        return TrainConfig(epochs=order.local_epochs, max_steps=order.local_steps, batch_size=self.batch_size, lr=order.lr,
+                           weight_decay=self.weight_decay, optimizer=self.optimizer, schedule="constant",
+                           augment=self.augment, balanced=self.balanced, proximal_mu=order.proximal_mu,
+                           seed=self.seed + order.server_round)
 
 
 def partition_site(data_root: Path, partition_id: int) -> Path:
@@ -189,9 +195,25 @@ def frozen_unet(msg: Message, digest: str, store: SiteStore) -> dict[str, torch.
     return state
 
 
+def receive_model(msg: Message, run: SiteRunConfig, store: SiteStore, stage: int, local_norm: bool,
+                  unet_digest: str) -> tuple[JointModel, set[str]]:
+    """The global model as this site holds it: the stage's half from the message, the frozen U-Net
+    in stage 2, the site's own normalisation layers under FedBN (whose keys are returned)."""
+    model = build_joint_model(run.model, seed=run.seed)
+    local_keys = norm_state_keys(model) if local_norm else set()
+    if stage == 2:
+        load_half(model, "unet", frozen_unet(msg, unet_digest, store), store, local_keys)
+    load_half(model, HALF_OF_STAGE[stage], record_to_state(msg.content[ARRAYS]), store, local_keys)
+    return model, local_keys
+
+
+def _output_columns(model_cfg: ModelConfig) -> list[int]:
+    return [LABELS.index(name) for name in model_cfg.output_names]
+
+
 def site_label_counts(ds: SliceDataset, model_cfg: ModelConfig) -> tuple[list[int], list[int]]:
     """Per-output (positives, negatives) of the training slices, annotated labels only."""
-    cols = [LABELS.index(name) for name in model_cfg.output_names]
+    cols = _output_columns(model_cfg)
     pos, neg = label_counts(ds.labels()[:, cols]) if len(ds) else (np.zeros(len(cols), int), np.zeros(len(cols), int))
     return [int(v) for v in pos], [int(v) for v in neg]
 
@@ -202,7 +224,7 @@ def usable_examples(ds: SliceDataset, stage: int, model_cfg: ModelConfig) -> int
         return 0
     if stage == 1:
         return int(ds.cache.mask_known()[ds.indices].sum())
-    cols = [LABELS.index(name) for name in model_cfg.output_names]
+    cols = _output_columns(model_cfg)
     return int((~np.isnan(ds.labels()[:, cols])).any(axis=1).sum())
 
 
@@ -239,15 +261,8 @@ def train(msg: Message, context: Context) -> Message:
     order = TrainInstruction.from_record(msg.content[CONFIG])
     data = open_site(site, run)
     store = SiteStore.for_run(site, order.run_name)
-    model = build_joint_model(run.model, seed=run.seed)
-    local_keys = norm_state_keys(model) if order.local_norm else set()
-    if order.stage == 2:
-        load_half(model, "unet", frozen_unet(msg, order.unet_digest, store), store, local_keys)
-    load_half(model, order.half, record_to_state(msg.content[ARRAYS]), store, local_keys)
-
-    cfg = TrainConfig(epochs=order.local_epochs, max_steps=order.local_steps, batch_size=run.batch_size, lr=order.lr,
-                      weight_decay=run.weight_decay, optimizer=run.optimizer, schedule="constant", augment=run.augment,
-                      balanced=run.balanced, proximal_mu=order.proximal_mu, seed=run.seed + order.server_round)
+    model, local_keys = receive_model(msg, run, store, order.stage, order.local_norm, order.unet_digest)
+    cfg = run.train_config(order)
     loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced and order.stage == 2)
     pos_weight = torch.tensor(order.pos_weight) if order.stage == 2 and order.pos_weight is not None else None
     result = train_stage(model, loader, order.stage, cfg, resolve_device(site.device), pos_weight)
@@ -277,12 +292,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_run_config(context.run_config)
     order = EvaluateInstruction.from_record(msg.content[CONFIG])
     data = open_site(site, run)
-    store = SiteStore.for_run(site, order.run_name)
-    model = build_joint_model(run.model, seed=run.seed)
-    local_keys = norm_state_keys(model) if order.local_norm else set()
-    if order.stage == 2:
-        load_half(model, "unet", frozen_unet(msg, order.unet_digest, store), store, local_keys)
-    load_half(model, order.half, record_to_state(msg.content[ARRAYS]), store, local_keys)
+    model, _ = receive_model(msg, run, SiteStore.for_run(site, order.run_name), order.stage, order.local_norm,
+                             order.unet_digest)
     scores = evaluate(model, data.test, resolve_device(site.device), run.eval_batch_size)
     metrics = MetricRecord({k: (v if isinstance(v, int) else float(v)) for k, v in scores.items()
                             if k != "arrays" and isinstance(v, (int, float, np.floating, np.integer))})

@@ -6,7 +6,8 @@ ServerApp and the strategies spell them the same way.
 
 Train and evaluate messages hold ``{ARRAYS: ArrayRecord, CONFIG: ConfigRecord}``, ARRAYS being the
 half of the current stage only (plus ``FROZEN_UNET`` the first time a site meets stage 2); a train
-reply holds ``{ARRAYS, METRICS, SITE}``, an evaluate or counts reply ``{METRICS, SITE}``. ``SITE`` carries the site's id (``site-01``), never a patient identifier.
+reply holds ``{ARRAYS, METRICS, SITE}``, an evaluate or counts reply ``{METRICS, SITE}``. ``SITE``
+carries the site's id (``site-01``), never a patient identifier.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ METRICS = "metrics"
 SITE = "site"
 
 # --- MetricRecord keys (site -> server) -----------------------------------------------------
-#: Samples (slices) trained or evaluated on; never batches. Every strategy weights by it.
+#: Samples, never batches: a train reply's training slices the stage can learn from (with a mask in
+#: stage 1, with an annotated label in stage 2; 0 if none), an evaluate reply's test slices.
+#: Every strategy weights by it.
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 STEPS = "steps"
@@ -57,7 +60,7 @@ PROXIMAL_MU = "proximal-mu"          # set by Flower's FedProx
 LOCAL_NORM = "local-norm"            # set by FedBN: normalisation layers stay at the site
 UNET_DIGEST = "unet-digest"
 RUN_NAME = "run-name"                # scopes what a site keeps on disk between rounds of one run
-SITE_ID = "site-id"
+SITE_ID = "site-id"                  # in the SITE record of a reply
 
 # --- node_config keys (deployment: ``flower-supernode --node-config``) ------------------------
 NODE_DATA_PATH = "data-path"
@@ -129,10 +132,6 @@ class EvaluateInstruction:
     local_norm: bool = False
     unet_digest: str = ""
     run_name: str = ""
-
-    @property
-    def half(self) -> str:
-        return HALF_OF_STAGE[self.stage]
 
     def to_record(self) -> ConfigRecord:
         rec = ConfigRecord({SERVER_ROUND: self.server_round, STAGE: self.stage, LOCAL_NORM: self.local_norm,

@@ -1,0 +1,5 @@
+"""The coordinator's side: from the sites' replies to a global model (DESIGN.md §3).
+
+``server_app`` runs the stage-aware schedule, ``strategies`` aggregate, ``checkpoints`` and
+``history`` keep what each round produced.
+"""

@@ -1,7 +1,9 @@
 """Per-round metrics of a federated run: per site and aggregated, as JSON and as a long CSV table.
 
 ``history.json``: ``{"run": {...}, "rounds": [{"round", "stage", "seconds", "train": {"aggregated": {...},
-"sites": {site: {...}}}, "evaluate": {...}, "failures": [{"phase", "site", "node", "reason"}]}]}``.
+"sites": {site: {...}}}, "evaluate": {...}, "failures": [{"phase", "site", "node", "reason"}]}]}``;
+stage-2 rounds add ``"label-counts": {"pos", "neg", "pos-weight"}`` (the global sums and weights), and a
+round whose aggregation was skipped (too few good replies) has ``"skipped": true``.
 ``metrics.csv``: one row per (round, stage, phase, site, metric, value); ``site`` is ``all`` for the
 aggregate. Both are rewritten atomically after every round, so a crash leaves the last good round.
 """

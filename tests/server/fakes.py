@@ -1,8 +1,9 @@
 """A small in-process Flower ``Grid`` that hands messages straight to ClientApp handlers.
 
-``FakeGrid`` delivers each message to the ``ClientApp`` of its destination node with that node's
-``Context`` (as a SuperNode would), turns an exception into an error reply (as the SuperNode does),
-can drop a node's replies (a site that times out or vanished), and records every message both ways.
+``FakeGrid`` delivers each pushed message to the ``ClientApp`` of its destination node with that
+node's ``Context`` (as a SuperNode would), turns an exception into an error reply (as the SuperNode
+does), can keep a node silent (a site that times out or vanished: the server waits out
+``rounds.timeout``), and records every message both ways.
 Also: ``set_task_identity`` (a ``Message`` built outside a Flower process needs it, DESIGN.md §6),
 ``make_context`` and ``make_message``.
 """
@@ -67,6 +68,7 @@ class FakeGrid(Grid):
 
     def __post_init__(self) -> None:
         self._run = None
+        self._replies: dict[str, Message] = {}
 
     # Grid's abstract interface; only send_and_receive does real work here.
     def set_run(self, run) -> None:
@@ -84,15 +86,12 @@ class FakeGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("FakeGrid delivers in send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("FakeGrid delivers in send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        """Deliver each message at once; its reply waits for ``pull_messages`` (none if the node is silent)."""
+        ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"m{next(_message_ids)}"  # the SuperLink assigns ids
+            msg_id = f"m{next(_message_ids)}"
+            msg.metadata.__dict__["_message_id"] = msg_id  # the SuperLink assigns ids
+            ids.append(msg_id)
             if self.before_delivery is not None:
                 self.before_delivery(msg)
             node = msg.metadata.dst_node_id
@@ -106,5 +105,11 @@ class FakeGrid(Grid):
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>"),
                                 reply_to=msg)
             self.log.append(Sent(msg, reply))
-            replies.append(reply)
-        return replies
+            self._replies[msg_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

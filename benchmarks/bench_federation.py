@@ -1,0 +1,221 @@
+"""Federation benchmark: Flower's overhead over plain local training, and bytes on the wire.
+
+1. Overhead = wall time of an N-round ``flwr run`` simulation (12 sites by default, the app's
+   default run config unless overridden) / wall time of the same work done in one process without
+   Flower: every site trains the same local steps (same configs, same seeds) and evaluates the
+   global model every round, and the halves are averaged in numpy. Site caches are built first,
+   outside both timings. The simulation runs against a SuperLink this script starts on a free
+   loopback port (its own FLWR_HOME) and stops at the end; its start-up is timed separately.
+   Both sides get the same compute: ``--threads`` torch threads, and Ray is given that many CPUs
+   with one virtual node running at a time (1 by default: on a shared machine a second thread
+   waiting on a busy core makes small convolutions many times slower, for both sides alike).
+2. Bytes sent per site per round in each stage (train down, train up, evaluate down), against the
+   full fp32 model, for each preset; from the same functions the ServerApp and ClientApp use.
+
+    python benchmarks/bench_federation.py --data data/synthetic
+    python benchmarks/bench_federation.py --data data/synthetic -c "rounds.stage1=1 rounds.stage2=1" --skip-bytes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.common.config import get_fused_config_from_dir, parse_config_args  # noqa: E402
+
+from client.client_app import (SiteConfig, SiteRunConfig, open_site, partition_site, site_label_counts,  # noqa: E402
+                               usable_examples)
+from client.dataset import make_loader  # noqa: E402
+from client.evaluate import evaluate  # noqa: E402
+from client.train import train_stage  # noqa: E402
+from common.losses import pos_weight_from_counts  # noqa: E402
+from common.model import build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys  # noqa: E402
+from common.presets import PRESETS, get_preset  # noqa: E402
+from common.records import HALF_OF_STAGE, TrainInstruction, record_bytes, state_to_record  # noqa: E402
+from server.server_app import ServerRunConfig  # noqa: E402
+from simulations.sites import discover_sites, prepare_caches  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+# --- 1. overhead ------------------------------------------------------------------------------
+
+def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
+    """The federated run's local work, in one process, without Flower. Returns seconds."""
+    server, site_run = ServerRunConfig.from_run_config(rc), SiteRunConfig.from_run_config(rc)
+    root = Path(str(rc["data.root"]))
+    sites = [open_site(SiteConfig(partition_site(root, i), f"p{i}", root / ".cache"), site_run) for i in range(n_sites)]
+    glob = build_joint_model(server.model, seed=server.seed)
+    models = [build_joint_model(server.model, seed=server.seed) for _ in sites]
+    counts = [site_label_counts(s.train, server.model) for s in sites]
+    pos_weight = pos_weight_from_counts(np.sum([c[0] for c in counts], 0), np.sum([c[1] for c in counts], 0),
+                                        max_weight=server.max_pos_weight)
+    train_s = eval_s = 0.0
+    round_s = []
+    for rnd in range(1, server.total_rounds + 1):
+        stage = server.stage_of(rnd)
+        half = HALF_OF_STAGE[stage]
+        t0 = time.perf_counter()
+        states, weights = [], []
+        for model, data in zip(models, sites):
+            model.load_state_dict(glob.state_dict())
+            cfg = site_run.train_config(TrainInstruction(server_round=rnd, stage=stage, local_epochs=server.local_epochs,
+                                                         local_steps=server.local_steps,
+                                                         lr=server.lr if stage == 1 else server.lr_stage2))
+            loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced and stage == 2)
+            result = train_stage(model, loader, stage, cfg, "cpu", pos_weight if stage == 2 else None)
+            n = usable_examples(data.train, stage, server.model) if result.num_examples else 0
+            if n:
+                states.append(half_state_dict(model, half))
+                weights.append(n)
+        if states:
+            avg = {k: sum(w * s[k].double() for w, s in zip(weights, states)) / sum(weights) for k in states[0]}
+            load_half_state_dict(glob, half, avg)
+        train_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for data in sites:
+            evaluate(glob, data.test, "cpu", site_run.eval_batch_size)
+        eval_s += time.perf_counter() - t1
+        round_s.append(round(time.perf_counter() - t0, 2))
+    return {"train_s": train_s, "evaluate_s": eval_s, "total_s": train_s + eval_s, "local_round_s": round_s}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def flwr_simulation(overrides: dict, n_sites: int, work: Path, threads: int) -> dict[str, float]:
+    """``flwr run`` of this app against a fresh simulation SuperLink; wall seconds."""
+    home, port = work / "flwr-home", free_port()
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+                             "--database", str(work / "state.db")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not port_open(port):
+            if link.poll() is not None or time.perf_counter() - t0 > 60:
+                raise RuntimeError("flower-superlink did not start")
+            time.sleep(0.2)
+        startup = time.perf_counter() - t0
+        values = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+        t0 = time.perf_counter()
+        federation = (f"num-supernodes={n_sites} client-resources-num-cpus={threads} "
+                      f"init-args-num-cpus={threads}")
+        done = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "bench", "--stream", "--federation-config", federation,
+                               "-c", values], env=env, cwd=work, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(link.pid, sig)
+                link.wait(timeout=15)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+    if done.returncode != 0 or "run finished" not in done.stdout + done.stderr:
+        raise RuntimeError(f"flwr run failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    history = json.loads(next(Path(overrides["output.dir"]).glob("*/history.json")).read_text())
+    return {"superlink_startup_s": startup, "flwr_run_s": seconds,
+            "round_s": [round(r["seconds"], 2) for r in history["rounds"]]}
+
+
+# --- 2. bytes -----------------------------------------------------------------------------------
+
+def bytes_per_round(preset: str, image_size: int | None = None) -> dict[str, int]:
+    """ArrayRecord bytes one site sends and receives per round, as the ServerApp schedules them."""
+    model = build_joint_model(get_preset(preset, **({"image_size": image_size} if image_size else {})), seed=0)
+    size = lambda state, exclude=(): record_bytes(state_to_record(state, exclude))  # noqa: E731
+    unet, clf = half_state_dict(model, "unet"), half_state_dict(model, "classifier")
+    norms = norm_state_keys(model)
+    return {
+        "full_model": size(model.state_dict()),
+        "stage1_train_down": size(unet), "stage1_train_up": size(unet), "stage1_evaluate_down": size(unet),
+        "stage2_first_train_down": size(clf) + size(unet), "stage2_train_down": size(clf), "stage2_train_up": size(clf),
+        "stage2_evaluate_down": size(clf),
+        "fedbn_stage1_up": size(unet, norms), "fedbn_stage2_up": size(clf, norms),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=REPO / "data" / "synthetic", help="folder of site folders")
+    p.add_argument("-c", "--run-config", default="", help="run-config overrides, as flwr run -c takes them")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, and Ray CPUs, for both timings")
+    p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--skip-bytes", action="store_true")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args(argv)
+    figures: dict = {}
+    if not args.skip_overhead:
+        overrides = {**(parse_config_args([args.run_config]) if args.run_config else {}), "data.root": str(args.data.resolve())}
+        with tempfile.TemporaryDirectory() as tmp:
+            overrides["output.dir"] = str(Path(tmp) / "runs")
+            rc = dict(get_fused_config_from_dir(REPO, overrides))
+            n_sites = len(discover_sites(args.data))
+            t0 = time.perf_counter()
+            prepare_caches(args.data, SiteRunConfig.from_run_config(rc).preprocess, progress=False)
+            print(f"site caches ready ({time.perf_counter() - t0:.1f} s, not timed below)")
+            torch.set_num_threads(args.threads)
+            local = local_equivalent(rc, n_sites)
+            fed = flwr_simulation(overrides, n_sites, Path(tmp), args.threads)
+        server = ServerRunConfig.from_run_config(rc)
+        figures["overhead"] = {
+            "sites": n_sites, "rounds": [server.rounds_stage1, server.rounds_stage2], "preset": rc["model.preset"],
+            "image_size": server.model.image_size, "local_steps": server.local_steps, "batch_size": rc["train.batch-size"],
+            "torch_threads": torch.get_num_threads(), **local, **fed,
+            "overhead": fed["flwr_run_s"] / local["total_s"], "overhead_vs_training_only": fed["flwr_run_s"] / local["train_s"]}
+        o = figures["overhead"]
+        print(f"\n{n_sites} sites, {o['rounds'][0]}+{o['rounds'][1]} rounds, {o['preset']} {o['image_size']}px, "
+              f"{o['local_steps']} local steps x batch {o['batch_size']}, {o['torch_threads']} torch thread(s)")
+        print(f"  without Flower: train {o['train_s']:.1f} s + evaluate {o['evaluate_s']:.1f} s = {o['total_s']:.1f} s")
+        print(f"  flwr run:       {o['flwr_run_s']:.1f} s (SuperLink start-up {o['superlink_startup_s']:.1f} s, not included)")
+        rounds = o["round_s"]
+        print(f"  flwr rounds:    {' '.join(f'{r:.1f}' for r in rounds)} s (the first one starts Ray and the site process); "
+              f"outside the rounds {o['flwr_run_s'] - sum(rounds):.1f} s")
+        o["overhead_rounds_2_to_n"] = sum(rounds[1:]) / sum(o["local_round_s"][1:]) if len(rounds) > 1 else float("nan")
+        print(f"  overhead:       {o['overhead']:.2f}x (vs training alone {o['overhead_vs_training_only']:.2f}x); "
+              f"rounds 2..N alone: {o['overhead_rounds_2_to_n']:.2f}x")
+    if not args.skip_bytes:
+        figures["bytes"] = {name: bytes_per_round(name) for name in PRESETS}
+        print("\nbytes per site per round (ArrayRecord payload, MB):")
+        keys = list(next(iter(figures["bytes"].values())))
+        print(f"  {'':26s}" + "".join(f"{name:>10s}" for name in figures["bytes"]))
+        for key in keys:
+            print(f"  {key:26s}" + "".join(f"{b[key] / 1e6:10.2f}" for b in figures["bytes"].values()))
+        for name, b in figures["bytes"].items():
+            print(f"  {name}: stage-1 round = {b['stage1_train_down'] / b['full_model']:.0%} of the full model each way, "
+                  f"stage-2 round = {b['stage2_train_down'] / b['full_model']:.0%}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
