@@ -280,3 +280,12 @@ class TestPresets:
             get_preset("tiny", image_size=100)
         with pytest.raises(KeyError, match="unknown"):
             ModelConfig.from_dict({"width": 1})
+
+
+def test_every_batchnorm_tracks_its_statistics_at_momentum_0_1() -> None:
+    from common.model import BATCHNORM_MOMENTUM, build_joint_model as build
+    from common.presets import get_preset as preset
+
+    model = build(preset("tiny"), seed=0)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and {m.momentum for m in bns} == {BATCHNORM_MOMENTUM} == {0.1}

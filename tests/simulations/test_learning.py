@@ -27,7 +27,7 @@ from simulations.synthetic import default_profiles, generate_site
 
 pytestmark = pytest.mark.slow
 
-EPOCHS_STAGE1, EPOCHS_STAGE2 = 12, 8
+EPOCHS_STAGE1, EPOCHS_STAGE2 = 5, 8
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_losses_fall_in_both_stages(trained) -> None:
 
 def test_segmentation_and_markers_beat_chance_on_held_out_patients(trained) -> None:
     test = trained["test"]
-    assert test["dice"] > 0.5, test["dice"]
+    assert test["dice"] > 0.6, test["dice"]
     aucs = [test[f"auc_slice/{m}"] for m in MARKERS]
     assert np.nanmean(aucs) > 0.75, aucs
     assert all(a > 0.55 for a in aucs if not np.isnan(a)), aucs
