@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from common.config import LABELS
+from common.config import LABELS, check_known_keys
 from common.losses import segmentation_loss, weighted_bce
 from common.model import JointModel, freeze_unet, to_input, unfreeze_unet
 
@@ -57,11 +57,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise KeyError(f"unknown training keys {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**d)
+        return cls(**check_known_keys(cls, d, "training"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,19 @@ LABELS: tuple[str, ...] = MARKERS + ("expansion",)
 #: Identifier columns of labels.csv.
 ID_COLUMNS: tuple[str, str] = ("patient_id", "study_id")
 
+def check_known_keys(cls: type, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Copy of ``d`` after checking every key is a field of dataclass ``cls``.
+
+    Unknown keys are an error naming the valid ones, never silently dropped: a typo in a config
+    file must not fall back to a default unnoticed.
+    """
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise KeyError(f"unknown {what} keys {sorted(unknown)}; valid: {sorted(known)}")
+    return dict(d)
+
+
 #: Hounsfield value used for air, padding and everything outside the field of view.
 AIR_HU: float = -1000.0
 
@@ -56,11 +69,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise KeyError(f"unknown preprocessing keys {sorted(unknown)}; valid: {sorted(known)}")
-        kw = dict(d)
+        kw = check_known_keys(cls, d, "preprocessing")
         if "window" in kw:
             kw["window"] = tuple(kw["window"])
         return cls(**kw)

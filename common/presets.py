@@ -7,10 +7,10 @@ what travels (``to_dict``/``from_dict``), never a pickled module.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
-from common.config import LABELS, MARKERS
+from common.config import LABELS, MARKERS, check_known_keys
 
 #: Classifier backbones: the paper's Wavelet VGG16 and the plain VGG16 of its ablation (§5.2.1).
 CLASSIFIERS: tuple[str, ...] = ("wavelet", "vgg")
@@ -110,11 +110,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise KeyError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**dict(d))
+        return cls(**check_known_keys(cls, d, "model config"))
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -152,9 +148,4 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
         base = PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}") from None
-    unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
-    if unknown:
-        raise KeyError(
-            f"unknown model config keys {sorted(unknown)}; valid: {[f.name for f in fields(ModelConfig)]}"
-        )
-    return replace(base, **overrides) if overrides else base
+    return replace(base, **check_known_keys(ModelConfig, overrides, "model config")) if overrides else base
