@@ -58,6 +58,36 @@ def add_prepare_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_prepare)
 
 
+def run_start(args: argparse.Namespace) -> int:
+    from client.supernode import StartOptions, start
+
+    opts = StartOptions(superlink=args.superlink, data=args.data, cache_dir=args.cache_dir, site_id=args.site_id,
+                        root_certificates=args.root_certificates, auth_key=args.auth_key, insecure=args.insecure,
+                        device=args.device, max_retries=args.max_retries, max_wait_time=args.max_wait_time,
+                        clientappio_port=args.clientappio_port)
+    return start(opts, prepare=not args.no_prepare, prepare_size=args.prepare_size)
+
+
+def add_start_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("start", help="join the federation: run flower-supernode for this site (docs/deploy.md)")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
+    p.add_argument("--data", required=True, type=Path, metavar="SITE_DIR", help="the site folder")
+    p.add_argument("--site-id", help="site id sent with every reply (default: site.toml's, else the folder name)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"cache root (default {DEFAULT_CACHE})")
+    p.add_argument("--root-certificates", type=Path, metavar="CA", help="the federation's CA certificate (TLS)")
+    p.add_argument("--auth-key", type=Path, metavar="KEY",
+                   help="this site's ECDSA private key (OpenSSH); the coordinator registers its .pub")
+    p.add_argument("--insecure", action="store_true", help="no TLS: only for a SuperLink on loopback (demos, tests)")
+    p.add_argument("--device", help="torch device for the ClientApp (default: auto)")
+    p.add_argument("--no-prepare", action="store_true", help="do not build the site cache before starting")
+    p.add_argument("--prepare-size", type=int, default=None,
+                   help="input size of the cache built before starting (default: the preprocessing default)")
+    p.add_argument("--max-retries", type=int, help="flower-supernode: reconnection attempts (default: unlimited)")
+    p.add_argument("--max-wait-time", type=float, help="flower-supernode: seconds to keep reconnecting")
+    p.add_argument("--clientappio-port", type=int, help="local port of the SuperNode's Runtime API (default 9094)")
+    p.set_defaults(func=run_start)
+
+
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -71,6 +101,7 @@ def flwr_client_main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers()
     add_check_command(sub)
     add_prepare_command(sub)
+    add_start_command(sub)
     return dispatch(parser, argv)
 
 

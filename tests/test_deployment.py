@@ -1,0 +1,284 @@
+"""Deployment (DESIGN.md §5, docs/deploy.md): ``flwr-client start`` rules, and one real TLS federation.
+
+The unit tests cover the pure validation and command building of ``client.supernode``. The
+integration test runs the coordinator's and sites' steps of docs/deploy.md on loopback: certificates
+from ``server.certs``, a real ``flower-superlink`` with TLS and SuperNode authentication, two site
+keys registered with ``flwr supernode register``, two SuperNodes started through ``flwr-client start``,
+a third with an unregistered key refused, and ``flwr run .`` finishing with a checkpoint. Every
+process is started in its own session and stopped (with its children) in ``finally``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from client.cli import flwr_client_main
+from client.supernode import (StartError, StartOptions, build_command, check_reachable, is_loopback, node_config,
+                              parse_address, validate)
+from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_SITE_ID
+from server.certs import make_ca, make_server_cert, make_site_keys
+from tests.conftest import write_site
+from tests.server.fakes import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def site_folder(tmp_path: Path) -> Path:
+    site = tmp_path / "site-x"
+    (site / "dicom").mkdir(parents=True)
+    return site
+
+
+# --- unit: validation and the command line -----------------------------------------------------
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "localhost", "LOCALHOST", "::1"])
+def test_loopback_hosts(host):
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5", "192.168.1.2", "superlink.example.org", "0.0.0.0", "::", "localhost.evil.org"])
+def test_non_loopback_hosts(host):
+    assert not is_loopback(host)
+
+
+def test_parse_address():
+    assert parse_address("127.0.0.1:9092") == ("127.0.0.1", 9092)
+    assert parse_address("[::1]:9092") == ("::1", 9092)
+    assert parse_address("superlink.example.org:443") == ("superlink.example.org", 443)
+    for bad in ("127.0.0.1", "https://host:1", "host:x", "host:0", "::1:9092", ":9092"):
+        with pytest.raises(StartError):
+            parse_address(bad)
+
+
+def test_insecure_refused_off_loopback(tmp_path):
+    opts = StartOptions(superlink="10.1.2.3:9092", data=site_folder(tmp_path), cache_dir=tmp_path / "c", insecure=True)
+    with pytest.raises(StartError, match=r"--insecure refused: the SuperLink 10\.1\.2\.3:9092 is not on this machine's loopback"):
+        validate(opts)
+
+
+def test_insecure_refused_off_loopback_cli(tmp_path, capsys):
+    rc = flwr_client_main(["start", "--superlink", "superlink.example.org:9092", "--data", str(site_folder(tmp_path)),
+                           "--insecure", "--no-prepare"])
+    assert rc == 2
+    assert "--insecure refused" in capsys.readouterr().err
+
+
+def test_tls_needs_root_certificates(tmp_path):
+    site = site_folder(tmp_path)
+    with pytest.raises(StartError, match="--root-certificates CA.crt is required"):
+        validate(StartOptions(superlink="10.1.2.3:9092", data=site, cache_dir=tmp_path / "c"))
+    with pytest.raises(StartError, match="no such file"):
+        validate(StartOptions(superlink="10.1.2.3:9092", data=site, cache_dir=tmp_path / "c",
+                              root_certificates=tmp_path / "missing.crt"))
+
+
+def test_site_folder_checked(tmp_path):
+    with pytest.raises(StartError, match="no such folder"):
+        validate(StartOptions(superlink="127.0.0.1:9092", data=tmp_path / "nope", cache_dir=tmp_path, insecure=True))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StartError, match="not a site folder"):
+        validate(StartOptions(superlink="127.0.0.1:9092", data=tmp_path / "empty", cache_dir=tmp_path, insecure=True))
+
+
+def test_auth_key_needs_tls(tmp_path):
+    key = tmp_path / "k"
+    key.write_text("x")
+    with pytest.raises(StartError, match="--auth-key needs TLS"):
+        validate(StartOptions(superlink="127.0.0.1:9092", data=site_folder(tmp_path), cache_dir=tmp_path,
+                              insecure=True, auth_key=key))
+
+
+def test_command_line_tls(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    ca, key = tmp_path / "ca.crt", tmp_path / "site key"
+    ca.write_text("x")
+    key.write_text("x")
+    site = site_folder(tmp_path / "with space")
+    opts = StartOptions(superlink="superlink.example.org:9092", data=site, cache_dir=tmp_path / "cache",
+                        root_certificates=ca, auth_key=key)
+    assert validate(opts) == ("superlink.example.org", 9092)
+    cmd = build_command(opts, "site-x")
+    assert cmd[:3] == ["flower-supernode", "--superlink", "superlink.example.org:9092"]
+    assert "--insecure" not in cmd
+    assert cmd[cmd.index("--root-certificates") + 1] == str(ca.resolve())
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(key.resolve())
+    # what flower-supernode will hand the ClientApp, parsed by Flower's own parser
+    parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert parsed == {NODE_DATA_PATH: str(site.resolve()), NODE_SITE_ID: "site-x",
+                      NODE_CACHE_DIR: str((tmp_path / "cache").resolve())}
+
+
+def test_command_line_insecure_loopback(tmp_path):
+    opts = StartOptions(superlink="127.0.0.1:9092", data=site_folder(tmp_path), cache_dir=tmp_path, insecure=True,
+                        device="cpu", clientappio_port=9999)
+    validate(opts)
+    cmd = build_command(opts, "s")
+    assert "--insecure" in cmd and "--root-certificates" not in cmd
+    assert cmd[cmd.index("--port") + 1] == "9999"
+    assert "device='cpu'" in node_config(opts, "s")
+
+
+def test_node_config_refuses_quotes(tmp_path):
+    opts = StartOptions(superlink="127.0.0.1:1", data=tmp_path / "it's", cache_dir=tmp_path, insecure=True)
+    with pytest.raises(StartError, match="quotes"):
+        node_config(opts, "s")
+
+
+def test_unreachable_superlink_message(tmp_path, capsys):
+    port = free_port()  # nothing listens there
+    with pytest.raises(StartError, match=rf"cannot reach the SuperLink at 127\.0\.0\.1:{port}"):
+        check_reachable("127.0.0.1", port, timeout=2)
+    rc = flwr_client_main(["start", "--superlink", f"127.0.0.1:{port}", "--data", str(site_folder(tmp_path)),
+                           "--insecure", "--no-prepare"])
+    assert rc == 3
+    assert f"cannot reach the SuperLink at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_certificates(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    make_ca(tmp_path)
+    crt, _ = make_server_cert(tmp_path, ["superlink.example.org"])
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"superlink.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    private, public = make_site_keys(tmp_path, "site-01")
+    serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert oct(private.stat().st_mode & 0o777) == "0o600"
+
+
+# --- integration: a TLS federation with SuperNode authentication on loopback --------------------
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session`` and everything in its session."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            time.sleep(0.5)
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"flower-superlink did not open {port}")
+
+
+def _wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_tls_federation_on_loopback(tmp_path):
+    certs, home, data = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "data"
+    home.mkdir()
+    make_ca(certs)
+    make_server_cert(certs)
+    sites = ["site-a", "site-b", "rogue"]
+    for i, name in enumerate(sites):
+        make_site_keys(certs, name)
+        write_site(data / name, n_studies=4, shape=(3, 40, 40), seed=10 * i)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n')
+    env = _env(home)
+
+    with ExitStack() as stack:
+        def launch(cmd: list[str], name: str) -> tuple[subprocess.Popen, Path]:
+            log = tmp_path / f"{name}.log"
+            fh = stack.enter_context(log.open("w"))
+            proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            stack.callback(_stop, proc)
+            return proc, log
+
+        superlink, sl_log = launch(
+            [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+             "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
+             "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")], "superlink")
+        _wait_port(port, superlink, sl_log)
+
+        for name in sites[:2]:  # the rogue's key is never registered
+            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / name / f"{name}.pub"), "test"],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
+
+        nodes = {}
+        for name in sites:
+            nodes[name] = launch(
+                [str(BIN / "flwr-client"), "start", "--superlink", f"127.0.0.1:{port}", "--data", str(data / name),
+                 "--cache-dir", str(tmp_path / "cache"), "--root-certificates", str(certs / "ca.crt"),
+                 "--auth-key", str(certs / name / name), "--prepare-size", "32", "--device", "cpu",
+                 "--clientappio-port", str(free_port())], name)
+
+        # the unregistered SuperNode is refused by the SuperLink and gives up
+        rogue, rogue_log = nodes["rogue"]
+        _wait_for(lambda: "Failed to activate SuperNode" in rogue_log.read_text(), 60, "rogue node not refused")
+        for name in sites[:2]:
+            _wait_for(lambda: "SuperNode ID:" in nodes[name][1].read_text(), 60, f"{name} did not connect")
+            assert "cache built" in nodes[name][1].read_text()  # prepared before joining
+
+        overrides = (f"rounds.stage1=1 rounds.stage2=0 train.local-steps=1 train.batch-size=4 model.image-size=32 "
+                     f"strategy.fraction-evaluate=0.0 rounds.timeout=120.0 "
+                     f"output.dir='{tmp_path / 'runs'}' output.name='deploy'")
+        done = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "test", "--stream", "-c", overrides],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-4000:]
+        assert "run finished" in output, output[-4000:]
+        assert "Received 2 results and 0 failures" in output, output[-4000:]
+        for name in sites[:2]:
+            assert nodes[name][0].poll() is None, nodes[name][1].read_text()[-3000:]
+
+    out = tmp_path / "runs" / "deploy"
+    assert (out / "global.pt").is_file()
+    assert (out / "checkpoints" / "round-001.pt").is_file()
