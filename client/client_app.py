@@ -27,18 +27,19 @@ from flwr.common.logger import log
 
 from client.cache import build_site_cache
 from client.cli import DEFAULT_CACHE  # where `flwr-client prepare` puts it
-from client.dataset import SliceDataset, make_loader, split_slices
+from client.dataset import SliceDataset, dataset_labels, make_loader, split_slices
 from client.evaluate import evaluate
 from client.site import read_site_config
-from client.train import TrainConfig, train_stage
+from client.train import TrainConfig, output_columns, train_stage
 from common.config import LABELS, PreprocessConfig
-from common.losses import label_counts
+from common.losses import label_counts, pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import ModelConfig
 from common.records import (ARRAYS, CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, METRICS, NODE_CACHE_DIR,
                             NODE_DATA_PATH, NODE_DEVICE, NODE_PARTITION_ID, NODE_SITE_ID, NUM_EXAMPLES, SITE,
                             SITE_ID, STEPS, TRAIN_LOSS, TRAIN_SECONDS, EvaluateInstruction, TrainInstruction,
-                            arrays_digest, model_from_run_config, record_to_state, run_value, state_to_record)
+                            arrays_digest, model_from_run_config, pos_weight_mode, record_to_state, run_value,
+                            state_to_record)
 from common.runtime import resolve_device
 
 app = ClientApp()
@@ -92,6 +93,7 @@ class SiteRunConfig:
     balanced: bool
     split: tuple[float, float, float]
     seed: int
+    pos_weight: str  # "global" (the server's, from every site's counts) | "local" (this site's) | "none"
 
     @classmethod
     def from_run_config(cls, rc: Mapping) -> "SiteRunConfig":
@@ -102,7 +104,7 @@ class SiteRunConfig:
         return cls(model, pre, int(run_value(rc, "train.batch-size")), int(run_value(rc, "train.eval-batch-size")),
                    float(run_value(rc, "train.weight-decay")), str(run_value(rc, "train.optimizer")),
                    bool(run_value(rc, "train.augment")), bool(run_value(rc, "train.balanced")),
-                   (1.0 - val - test, val, test), int(run_value(rc, "seed")))
+                   (1.0 - val - test, val, test), int(run_value(rc, "seed")), pos_weight_mode(rc))
 
     def train_config(self, order: TrainInstruction) -> TrainConfig:
         """The local training of one round: the server's per-round values, the run's others.
@@ -111,6 +113,17 @@ class SiteRunConfig:
                            weight_decay=self.weight_decay, optimizer=self.optimizer, schedule="constant",
                            augment=self.augment, balanced=self.balanced, proximal_mu=order.proximal_mu,
                            seed=self.seed + order.server_round)
+
+
+def stage2_pos_weight(mode: str, order: TrainInstruction, model, train_ds) -> torch.Tensor | None:
+    """The marker weights of this round's loss: the server's global ones (paper formula 2 on the
+    summed counts), this site's own (the baseline the global ones replace), or none."""
+    if mode == "global":
+        return torch.tensor(order.pos_weight) if order.pos_weight is not None else None
+    if mode == "local":
+        pos, neg = label_counts(dataset_labels(train_ds)[:, output_columns(model)])
+        return pos_weight_from_counts(pos, neg)
+    return None
 
 
 def partition_site(data_root: Path, partition_id: int) -> Path:
@@ -263,8 +276,8 @@ def train(msg: Message, context: Context) -> Message:
     store = SiteStore.for_run(site, order.run_name)
     model, local_keys = receive_model(msg, run, store, order.stage, order.local_norm, order.unet_digest)
     cfg = run.train_config(order)
-    loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced and order.stage == 2)
-    pos_weight = torch.tensor(order.pos_weight) if order.stage == 2 and order.pos_weight is not None else None
+    loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=order.stage)
+    pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = train_stage(model, loader, order.stage, cfg, resolve_device(site.device), pos_weight)
 
     state = half_state_dict(model.cpu(), order.half)

@@ -196,3 +196,16 @@ def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, P
                            strip_skull=bool(run_value(run_config, "preprocess.strip-skull")),
                            centre=bool(run_value(run_config, "preprocess.centre")))
     return model, pre
+
+
+#: Where stage 2's marker weights come from (``train.pos-weight``).
+POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
+
+
+def pos_weight_mode(run_config: Mapping[str, Any]) -> str:
+    """``global``: the server's neg/pos of every site's summed counts (the imbalance-aware default);
+    ``local``: each site's own neg/pos (what global replaces); ``none``: unweighted BCE."""
+    mode = str(run_value(run_config, "train.pos-weight"))
+    if mode not in POS_WEIGHT_MODES:
+        raise ValueError(f"train.pos-weight must be one of {list(POS_WEIGHT_MODES)}, got {mode!r}")
+    return mode

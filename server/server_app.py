@@ -36,7 +36,8 @@ from common.model import JointModel, build_joint_model, half_state_dict, load_ha
 from common.presets import ModelConfig
 from common.records import (CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, METRICS, NUM_EXAMPLES,
                             SERVER_ROUND, SITE, SITE_ID, EvaluateInstruction, TrainInstruction, arrays_digest,
-                            model_from_run_config, record_to_state, run_value, state_to_record)
+                            model_from_run_config, pos_weight_mode, record_to_state, run_value,
+                            state_to_record)
 from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
 from server.history import History, finite_or_none
 from server.strategies import StrategyConfig, build_strategy
@@ -63,6 +64,7 @@ class ServerRunConfig:
     local_epochs: int
     local_steps: int
     max_pos_weight: float | None
+    pos_weight: str
     strategy: StrategyConfig
     output_dir: Path
     run_name: str
@@ -90,7 +92,7 @@ class ServerRunConfig:
         return cls(model=model, preprocess=pre, seed=int(v("seed")), rounds_stage1=rounds[0], rounds_stage2=rounds[1],
                    timeout=timeout if timeout > 0 else None, lr=lr, lr_stage2=float(v("train.lr-stage2")) or lr,
                    local_epochs=int(v("train.local-epochs")), local_steps=int(v("train.local-steps")),
-                   max_pos_weight=max_w if max_w > 0 else None, strategy=strategy,
+                   max_pos_weight=max_w if max_w > 0 else None, pos_weight=pos_weight_mode(rc), strategy=strategy,
                    output_dir=Path(str(v("output.dir"))).expanduser().resolve(), run_name=str(v("output.name")),
                    keep_checkpoints=int(v("output.keep-checkpoints")), resume=bool(v("resume")))
 
@@ -105,7 +107,7 @@ class ServerRunConfig:
         return {"model": self.model.to_dict(), "preprocess": self.preprocess.to_dict(), "seed": self.seed,
                 "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2}, "lr": self.lr,
                 "lr_stage2": self.lr_stage2, "local_epochs": self.local_epochs, "local_steps": self.local_steps,
-                "max_pos_weight": self.max_pos_weight, "strategy": asdict(self.strategy)}
+                "max_pos_weight": self.max_pos_weight, "pos_weight": self.pos_weight, "strategy": asdict(self.strategy)}
 
 
 def resolve_run_dir(cfg: ServerRunConfig) -> Path:
@@ -213,9 +215,10 @@ class Federation:
             if self.counts is None:
                 self.counts = self.count_labels(rnd, entry)
             if self.counts is not None:
-                pos_weight = tuple(pos_weight_from_counts(*self.counts, max_weight=cfg.max_pos_weight).tolist())
+                weights = tuple(pos_weight_from_counts(*self.counts, max_weight=cfg.max_pos_weight).tolist())
                 entry["label-counts"] = {"pos": self.counts[0].tolist(), "neg": self.counts[1].tolist(),
-                                         "pos-weight": list(pos_weight)}
+                                         "pos-weight": list(weights), "pos-weight-mode": cfg.pos_weight}
+                pos_weight = weights if cfg.pos_weight == "global" else None
         unet, digest = self._frozen_unet(stage)
         order = TrainInstruction(server_round=rnd, stage=stage, lr=cfg.lr if stage == 1 else cfg.lr_stage2,
                                  local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, pos_weight=pos_weight,
