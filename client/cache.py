@@ -22,7 +22,7 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

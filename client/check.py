@@ -6,7 +6,7 @@ One implementation behind ``hemexp check`` and ``flwr-client check``. The report
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -133,7 +133,7 @@ def partition_site(data_root: Path, partition_id: int) -> Path:
     never imports the research side.
     """
     if not data_root.is_dir():
-        raise SiteError(f"data.root does not exist on this machine")
+        raise SiteError("data.root does not exist on this machine")
     sites = sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "dicom").is_dir())
     if not 0 <= partition_id < len(sites):
         raise SiteError(f"partition {partition_id} has no site: data.root holds {len(sites)} site folder(s)")

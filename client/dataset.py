@@ -6,7 +6,6 @@ default (the paper's §5.1.1: a random slice split leaks one patient into train 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

@@ -5,7 +5,7 @@ Empty means "not annotated" and becomes NaN, never 0. Every problem names the fi
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

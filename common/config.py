@@ -4,7 +4,7 @@ Everything that crosses a boundary is a frozen dataclass, parsed once at the edg
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 #: The four hematoma-expansion markers (Boulouis et al. 2016), in model output order.

@@ -29,7 +29,6 @@ def write_series(folder: Path, hu: np.ndarray, *, spacing=(5.0, 0.8, 0.8), origi
     Stored values are ``(hu - intercept) / slope``; slices are written in reverse position order
     when ``reverse``, with random file names and scrambled InstanceNumbers when ``shuffle_names``.
     """
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 
 from client.cache import build_site_cache, open_cache
 from client.check import check_site, format_table
 from client.cli import flwr_client_main
-from common.config import LABELS, PreprocessConfig
+from common.config import PreprocessConfig
 from tests.conftest import PHI, head_phantom, write_series, write_site
 
 CFG = PreprocessConfig(size=32)

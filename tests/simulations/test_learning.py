@@ -9,7 +9,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
