@@ -139,3 +139,15 @@ def synthetic_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     generate_dataset(out, n_sites=3, seed=7, matrix=64, studies_scale=0.8, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and a second thread waiting on a busy core
+    (a shared CI machine) makes small convolutions many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,11 +9,7 @@ process is started in its own session and stopped (with its children) in ``final
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,16 +22,8 @@ from client.supernode import (StartError, StartOptions, build_command, check_rea
 from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_SITE_ID
 from server.certs import make_ca, make_server_cert, make_site_keys
 from tests.conftest import write_site
+from tests.processes import BIN, flwr_env, free_port, stop_process_group, wait_for_port
 from tests.server.fakes import REPO
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def site_folder(tmp_path: Path) -> Path:
     site = tmp_path / "site-x"
@@ -169,42 +157,6 @@ def test_certificates(tmp_path):
 
 # --- integration: a TLS federation with SuperNode authentication on loopback --------------------
 
-def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process started with ``start_new_session`` and everything in its session."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            time.sleep(0.5)
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"flower-superlink did not open {port}")
-
-
 def _wait_for(predicate, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -229,7 +181,7 @@ def test_tls_federation_on_loopback(tmp_path):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n')
-    env = _env(home)
+    env = flwr_env(home)
 
     with ExitStack() as stack:
         def launch(cmd: list[str], name: str) -> tuple[subprocess.Popen, Path]:
@@ -237,7 +189,7 @@ def test_tls_federation_on_loopback(tmp_path):
             fh = stack.enter_context(log.open("w"))
             proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-            stack.callback(_stop, proc)
+            stack.callback(stop_process_group, proc)
             return proc, log
 
         superlink, sl_log = launch(
@@ -245,7 +197,7 @@ def test_tls_federation_on_loopback(tmp_path):
              "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
              "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")], "superlink")
-        _wait_port(port, superlink, sl_log)
+        wait_for_port(port, superlink, sl_log)
 
         for name in sites[:2]:  # the rogue's key is never registered
             reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / name / f"{name}.pub"), "test"],

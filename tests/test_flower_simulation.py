@@ -8,11 +8,7 @@ everything it started) at the end. Tiny preset, 32x32 images, one round per stag
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,34 +19,10 @@ from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.records import model_from_run_config
 from simulations.sites import prepare_caches
 from tests.conftest import write_site
+from tests.processes import BIN, flwr_env, free_port, stop_process_group, wait_for_port
 from tests.server.fakes import REPO, run_config
 
 N_SITES = 12
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"flower-superlink did not open port {port} within {seconds} s")
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 @contextmanager
@@ -66,31 +38,13 @@ def simulation_superlink(tmp: Path):
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
          "--database", str(tmp / "state.db")],
-        env=flwr_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=flwr_env(home, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, proc)
         yield home
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
         log.close()
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the SuperLink and what it started (its session: executor, simulation, Ray)."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            time.sleep(1)  # let its children see the signal too
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still alive
-    except ProcessLookupError:
-        pass
 
 
 @pytest.mark.slow
@@ -110,7 +64,7 @@ def test_flwr_run_twelve_sites(tmp_path):
         done = subprocess.run(
             [str(BIN / "flwr"), "run", str(REPO), "test", "--stream", "--federation-config",
              f"num-supernodes={N_SITES} client-resources-num-cpus=1", "-c", toml_values],
-            env=flwr_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=200)
+            env=flwr_env(home, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0"), cwd=tmp_path, capture_output=True, text=True, timeout=200)
         seconds = time.monotonic() - t0
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]

@@ -20,14 +20,7 @@ from simulations.sites import discover_sites
 from tests.conftest import write_site
 from tests.server.fakes import make_context, make_message, run_config
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and a second thread waiting on a busy core
-    (a shared CI machine) makes small convolutions many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 RUN = run_config(**{"model.image-size": 32, "train.local-steps": 2, "train.batch-size": 4})
