@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from client.dicom import Problem
-from client.preprocess import preprocess_volume
+from client.preprocess import model_pixel_mm, preprocess_volume
 from client.site import StudyRecord, iter_studies, label_vector_or_missing, read_site_config
 from common.config import LABELS, MARKERS, PreprocessConfig
 
@@ -127,7 +127,6 @@ def open_cache(path: Path | str, hit: bool = True) -> SiteCache:
 
 def _study_entry(record: StudyRecord, secret: bytes, start: int, stop: int, size: int) -> dict:
     g = record.geometry
-    side = max(g.shape[1], g.shape[2])  # preprocessing pads to a square before resizing
     labels = label_vector_or_missing(record.labels)
     followup = record.extras.get("followup_study_id", "")
     return {
@@ -135,7 +134,7 @@ def _study_entry(record: StudyRecord, secret: bytes, start: int, stop: int, size
         "patient": pseudonym(secret, "patient", record.ref.patient_id),
         "start": start, "stop": stop, "has_mask": record.mask is not None,
         "labels": [None if np.isnan(v) else float(v) for v in labels],
-        "pixel_mm": [g.pixel_spacing[0] * side / size, g.pixel_spacing[1] * side / size],
+        "pixel_mm": list(model_pixel_mm(g.pixel_spacing, g.shape[1:], size)),
         "slice_mm": g.slice_spacing,
         "location": record.extras.get("location", ""),
         "followup": pseudonym(secret, "study", f"{record.ref.patient_id}/{followup}") if followup else "",

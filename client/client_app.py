@@ -29,7 +29,7 @@ from client.cache import build_site_cache
 from client.cli import DEFAULT_CACHE  # where `flwr-client prepare` puts it
 from client.dataset import SliceDataset, dataset_labels, make_loader, split_slices
 from client.evaluate import evaluate
-from client.site import read_site_config
+from client.site import list_site_folders, read_site_config
 from client.train import TrainConfig, output_columns, train_stage
 from common.config import LABELS, PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
@@ -127,14 +127,13 @@ def stage2_pos_weight(mode: str, order: TrainInstruction, model, train_ds) -> to
 
 
 def partition_site(data_root: Path, partition_id: int) -> Path:
-    """The ``partition_id``-th site folder of ``data_root`` (sorted subfolders holding ``dicom/``).
+    """The ``partition_id``-th site folder of ``data_root`` (``client.site.list_site_folders``).
 
-    Same rule as ``simulations.sites.discover_sites``; repeated here because the site side
-    never imports the research side.
+    Errors name no path: their text reaches the server.
     """
     if not data_root.is_dir():
         raise SiteError("data.root does not exist on this machine")
-    sites = sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "dicom").is_dir())
+    sites = list_site_folders(data_root)
     if not 0 <= partition_id < len(sites):
         raise SiteError(f"partition {partition_id} has no site: data.root holds {len(sites)} site folder(s)")
     return sites[partition_id]

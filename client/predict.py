@@ -16,7 +16,7 @@ import torch
 
 from client.dataset import MIN_BRAIN_FRACTION
 from client.dicom import read_study
-from client.preprocess import preprocess_volume
+from client.preprocess import model_pixel_mm, preprocess_volume
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
 from common.model import JointModel, to_input
 
@@ -38,12 +38,6 @@ class StudyPrediction:
                 "hematoma_slices": self.hematoma_slices, "key_slice": self.key_slice,
                 "n_slices": int(self.slices.shape[0]), "brain_slices": self.brain_slices,
                 "slice_scores": {str(k): [round(float(v), 4) for v in self.slice_scores[k]] for k in self.brain_slices}}
-
-
-def model_pixel_ml(pixel_spacing: tuple[float, float], shape_rc: tuple[int, int], slice_mm: float, size: int) -> float:
-    """Volume (ml) of one model-input voxel: preprocessing pads to a square, then resizes."""
-    side = max(shape_rc)
-    return pixel_spacing[0] * side / size * pixel_spacing[1] * side / size * slice_mm / 1000.0
 
 
 @torch.inference_mode()
@@ -74,7 +68,8 @@ def predict_study(study_dir: Path | str, ckpt: Checkpoint, device: torch.device 
     use = hematoma or brain
     markers = {name: float(np.max(scores[use, j])) for j, name in enumerate(ckpt.labels)}
     g = study.geometry
-    voxel = model_pixel_ml(g.pixel_spacing, g.shape[1:], g.slice_spacing, cfg.size)
+    dy, dx = model_pixel_mm(g.pixel_spacing, g.shape[1:], cfg.size)
+    voxel = dy * dx * g.slice_spacing / 1000.0  # ml
     key = int(max(hematoma, key=lambda i: pixels[i])) if hematoma else None
     return StudyPrediction(markers, float(pixels[brain].sum() * voxel), hematoma, brain, key, scores, mask_prob,
                            pre.slices, "max over slices holding predicted hematoma (all brain slices if none)")

@@ -481,6 +481,13 @@ def centre_brain(img: np.ndarray, brain: np.ndarray, mask: np.ndarray | None = N
     return translate(img, shift), (None if mask is None else translate(mask, shift)), shift
 
 
+def model_pixel_mm(pixel_spacing: tuple[float, float], shape_rc: tuple[int, int], size: int) -> tuple[float, float]:
+    """Size in mm (between rows, between columns) of one pixel after ``resize_slices``:
+    the square side (the longer of rows and columns) is spread over ``size`` pixels."""
+    side = max(shape_rc)
+    return (pixel_spacing[0] * side / size, pixel_spacing[1] * side / size)
+
+
 def resize_slices(img: np.ndarray, size: int, order: int = 1) -> np.ndarray:
     """Pad ``[..., H, W]`` to a centred square with 0, then resample it to ``size x size``.
 

@@ -58,6 +58,14 @@ class StudyRecord:
         return self.volume is not None
 
 
+def list_site_folders(data_root: Path) -> list[Path]:
+    """Site folders of a dataset: subfolders holding ``dicom/`` (hidden ones skipped), sorted.
+
+    The one rule both the simulation's sites and the ClientApp's partitions follow.
+    """
+    return sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "dicom").is_dir())
+
+
 def read_site_config(site_dir: Path) -> SiteConfig:
     """Read ``site.toml`` if present; the folder name is the default site id."""
     path = site_dir / "site.toml"

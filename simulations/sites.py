@@ -5,6 +5,7 @@ from pathlib import Path
 
 from client.cache import SiteCache, build_site_cache
 from client.dicom import Problem
+from client.site import list_site_folders
 from common.config import PreprocessConfig
 
 
@@ -13,7 +14,7 @@ def discover_sites(data_root: Path | str) -> list[Path]:
     root = Path(data_root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data folder does not exist")
-    sites = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "dicom").is_dir())
+    sites = list_site_folders(root)
     if not sites:
         raise FileNotFoundError(f"{root}: no site folder (a subfolder with dicom/) found")
     return sites

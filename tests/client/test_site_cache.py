@@ -112,3 +112,12 @@ def test_prepare_cli(site, tmp_path, capsys) -> None:
     assert "cache built" in capsys.readouterr().out
     assert flwr_client_main(args) == 0
     assert "cache reused" in capsys.readouterr().out
+
+
+def test_cache_records_the_model_pixel_size(site, tmp_path) -> None:
+    from client.preprocess import model_pixel_mm
+
+    cache, _ = build_site_cache(site, tmp_path / "cache", CFG)
+    # write_site: 48 x 48 slices at 0.8 mm, padded square side 48 spread over 32 pixels
+    assert cache.studies[0]["pixel_mm"] == pytest.approx([0.8 * 48 / 32] * 2)
+    assert model_pixel_mm((0.5, 0.6), (400, 512), 256) == pytest.approx((1.0, 1.2))
