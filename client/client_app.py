@@ -14,10 +14,10 @@ from __future__ import annotations
 import functools
 import re
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import ERROR, WARNING
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -25,10 +25,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client.cache import build_site_cache
+from client.cache import build_site_cache, open_cache
 from client.cli import DEFAULT_CACHE  # where `flwr-client prepare` puts it
 from client.dataset import SliceDataset, dataset_labels, make_loader, split_slices
 from client.evaluate import evaluate
+from client.partitions import Partition, read_partitions
 from client.site import list_site_folders, read_site_config
 from client.train import TrainConfig, output_columns, train_stage
 from common.config import LABELS, PreprocessConfig
@@ -59,6 +60,10 @@ class SiteConfig:
     site_id: str
     cache_dir: Path
     device: str = "auto"
+    #: Simulation with ``data.partitions``: the partition's prebuilt cache (``data_path`` unused).
+    cache_path: Path | None = None
+    #: Simulation robustness experiments only: how this virtual site misbehaves (``client.partitions``).
+    fault: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_context(cls, context: Context) -> "SiteConfig":
@@ -67,6 +72,12 @@ class SiteConfig:
             data = Path(str(node[NODE_DATA_PATH])).expanduser()
             site_id = str(node.get(NODE_SITE_ID) or read_site_config(data).site_id)
             cache = Path(str(node.get(NODE_CACHE_DIR) or DEFAULT_CACHE)).expanduser()
+        elif NODE_PARTITION_ID in node and str(run_value(context.run_config, "data.partitions")):
+            part = manifest_partition(Path(str(run_value(context.run_config, "data.partitions"))),
+                                      int(node[NODE_PARTITION_ID]))
+            cache_path = Path(part.cache)
+            return cls(cache_path, part.site_id, cache_path.parent, str(node.get(NODE_DEVICE, "auto")), cache_path,
+                       part.fault)
         elif NODE_PARTITION_ID in node:
             root = Path(str(run_value(context.run_config, "data.root"))).expanduser()
             data = partition_site(root, int(node[NODE_PARTITION_ID]))
@@ -126,6 +137,17 @@ def stage2_pos_weight(mode: str, order: TrainInstruction, model, train_ds) -> to
     return None
 
 
+def manifest_partition(manifest: Path, partition_id: int) -> Partition:
+    """The ``partition_id``-th entry of a simulation's partition manifest (errors name no path)."""
+    try:
+        parts = read_partitions(manifest)
+    except ValueError:
+        raise SiteError("data.partitions is not a readable partition manifest") from None
+    if not 0 <= partition_id < len(parts):
+        raise SiteError(f"partition {partition_id} has no entry: the manifest lists {len(parts)} partition(s)")
+    return parts[partition_id]
+
+
 def partition_site(data_root: Path, partition_id: int) -> Path:
     """The ``partition_id``-th site folder of ``data_root`` (``client.site.list_site_folders``).
 
@@ -148,8 +170,12 @@ class SiteData:
 
 
 def open_site(site: SiteConfig, run: SiteRunConfig) -> SiteData:
-    """The site's cache (built on first use, reused after) split patient-wise with the run's seed."""
-    cache, problems = build_site_cache(site.data_path, site.cache_dir, run.preprocess)
+    """The site's cache (built on first use, reused after; a simulation partition's is prebuilt)
+    split patient-wise with the run's seed."""
+    if site.cache_path is not None:
+        cache, problems = open_cache(site.cache_path), []
+    else:
+        cache, problems = build_site_cache(site.data_path, site.cache_dir, run.preprocess)
     if problems:
         log(WARNING, "%s: %d data problem(s) while building the cache (see 'flwr-client check')", site.site_id, len(problems))
     idx = split_slices(cache, run.split, seed=run.seed, by="patient")

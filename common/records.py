@@ -189,9 +189,16 @@ def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, P
     """The architecture and the preprocessing every site and the server share.
 
     ``model.image-size`` 0 keeps the preset's size; the preprocessing size always equals it.
+    ``model.classifier`` (wavelet | vgg), ``model.masked-input`` and ``model.norm`` (batch | group,
+    group for DP-SGD) override the preset.
     """
     size = int(run_value(run_config, "model.image-size"))
-    model = get_preset(str(run_value(run_config, "model.preset")), **({"image_size": size} if size else {}))
+    overrides: dict[str, Any] = {"classifier": str(run_value(run_config, "model.classifier")),
+                                 "masked_input": bool(run_value(run_config, "model.masked-input")),
+                                 "norm": str(run_value(run_config, "model.norm"))}
+    if size:
+        overrides["image_size"] = size
+    model = get_preset(str(run_value(run_config, "model.preset")), **overrides)
     pre = PreprocessConfig(size=model.image_size, denoise=bool(run_value(run_config, "preprocess.denoise")),
                            strip_skull=bool(run_value(run_config, "preprocess.strip-skull")),
                            centre=bool(run_value(run_config, "preprocess.centre")))

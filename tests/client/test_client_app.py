@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 from client.cache import build_site_cache
 from client.client_app import SiteError, SiteRunConfig, app, partition_site
 from client.dataset import SliceDataset, split_slices
+from client.partitions import Partition, write_partitions
 from common.config import LABELS
 from common.losses import label_counts
 from common.model import build_joint_model, half_state_dict, norm_state_keys
@@ -142,3 +143,21 @@ def test_simulation_partition_is_the_ith_site(tmp_path):
     assert [partition_site(tmp_path, i) for i in range(2)] == discover_sites(tmp_path)
     with pytest.raises(SiteError, match="partition 2 has no site"):
         partition_site(tmp_path, 2)
+
+
+def test_simulation_partition_from_a_manifest_trains_on_that_cache(site, model, tmp_path):
+    """``data.partitions``: node partition i trains on the i-th manifest entry's prebuilt cache."""
+    cache, _ = build_site_cache(Path(site["data-path"]), Path(site["cache-dir"]), PREPROCESS)
+    manifest = write_partitions(tmp_path / "parts.json", [Partition("virtual-a", "/nowhere"),
+                                                          Partition("virtual-b", str(cache.path))])
+    run = {**RUN, "data.partitions": str(manifest)}
+    reply = app(make_message(train_message(model, 1), MessageType.TRAIN), make_context({"partition-id": 1}, run))
+    assert not reply.has_error()
+    assert reply.content[SITE][SITE_ID] == "virtual-b"
+    assert reply.content[METRICS][LABEL_POS] == train_split_counts(site)[0]
+    with pytest.raises(SiteError, match="partition 2 has no entry: the manifest lists 2"):
+        app(make_message(train_message(model, 1), MessageType.TRAIN), make_context({"partition-id": 2}, run))
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(SiteError, match="not a readable partition manifest"):
+        app(make_message(train_message(model, 1), MessageType.TRAIN),
+            make_context({"partition-id": 0}, {**RUN, "data.partitions": str(tmp_path / "bad.json")}))
