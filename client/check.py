@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from client.dicom import Problem
-from client.site import SiteConfig, StudyRecord, iter_studies, read_site_config
-from common.config import LABELS
+from client.site import SiteConfig, StudyRecord, iter_studies, read_site_config, site_layout
+from common.config import LABELS, MARKERS
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,18 @@ class SiteCheck:
     site: SiteConfig
     studies: tuple[StudyCheck, ...]
     problems: tuple[Problem, ...]
+    layout: str = "dicom"  # client.site.site_layout: "dicom" or "ct-ich"
 
     @property
     def usable(self) -> list[StudyCheck]:
         return [s for s in self.studies if s.status == "ok"]
+
+    def stages(self) -> dict[str, int]:
+        """Usable studies each training stage learns from: with a mask (stage 1, U-Net) and with
+        at least one annotated marker (stage 2, classifier)."""
+        cols = [LABELS.index(m) for m in MARKERS]
+        marked = [s for s in self.usable if s.labels is not None and not np.isnan(np.asarray(s.labels)[cols]).all()]
+        return {"segmentation": sum(s.has_mask for s in self.usable), "markers": len(marked)}
 
     def label_summary(self) -> dict[str, dict[str, int]]:
         """Per label: positives, negatives and missing among usable studies."""
@@ -58,11 +66,11 @@ class SiteCheck:
 
     def to_dict(self) -> dict:
         return {
-            "site_id": self.site.site_id, "name": self.site.name,
+            "site_id": self.site.site_id, "name": self.site.name, "layout": self.layout,
             "window": None if self.site.window is None else list(self.site.window),
             "n_studies": len(self.studies), "n_usable": len(self.usable),
             "n_slices": sum(s.n_slices for s in self.usable),
-            "labels": self.label_summary(),
+            "labels": self.label_summary(), "stages": self.stages(),
             "studies": [s.to_dict() for s in self.studies],
             "problems": [p.to_dict() for p in self.problems],
         }
@@ -96,12 +104,13 @@ def check_site(site_dir: Path | str) -> SiteCheck:
     except ValueError as exc:
         site = SiteConfig(site_dir.name, site_dir.name)
         site_problems = [Problem(str(site_dir / "site.toml"), str(exc))] + site_problems
-    return SiteCheck(site, tuple(summarise_study(r) for r in walk), tuple(site_problems))
+    return SiteCheck(site, tuple(summarise_study(r) for r in walk), tuple(site_problems), site_layout(site_dir) or "dicom")
 
 
 def format_table(report: SiteCheck) -> str:
     """A plain-text table for site IT: one line per study, then label prevalence and problems."""
-    lines = [f"site {report.site.site_id} ({report.site.name}); window {report.site.window or 'default'}", ""]
+    lines = [f"site {report.site.site_id} ({report.site.name}); window {report.site.window or 'default'}; "
+             f"layout {report.layout}", ""]
     lines.append(f"{'patient':<14} {'study':<10} {'status':<9} {'slices':>6} {'mask':>5} {'ml':>7}  labels / reason")
     for s in report.studies:
         if s.status == "ok":
@@ -113,7 +122,14 @@ def format_table(report: SiteCheck) -> str:
             lines.append(f"{s.patient_id:<14} {s.study_id:<10} {'REJECTED':<9} {'':>6} {'':>5} {'':>7}  {s.problems[0].reason}")
     usable = report.usable
     lines += ["", f"{len(usable)} of {len(report.studies)} studies usable, {sum(s.n_slices for s in usable)} slices, "
-              f"{sum(s.has_mask for s in usable)} with mask", "", f"{'label':<17} {'pos':>5} {'neg':>5} {'missing':>8} {'prevalence':>11}"]
+              f"{sum(s.has_mask for s in usable)} with mask"]
+    stages = report.stages()
+    lines.append(f"stage 1 (U-Net) learns from {stages['segmentation']} studies with a mask, "
+                 f"stage 2 (markers) from {stages['markers']} with a marker label")
+    if stages["segmentation"] and not stages["markers"]:
+        lines.append("no marker label: this site trains the U-Net (stage 1) only; in stage 2 its slices "
+                     "without hematoma still count as marker-negative (DESIGN.md §4)")
+    lines += ["", f"{'label':<17} {'pos':>5} {'neg':>5} {'missing':>8} {'prevalence':>11}"]
     for name, c in report.label_summary().items():
         annotated = c["positive"] + c["negative"]
         prevalence = f"{c['positive'] / annotated:.1%}" if annotated else "-"

@@ -20,6 +20,25 @@ def nifti_affine(geometry: Geometry) -> np.ndarray:
     return geometry.affine_ras() @ _CRK_TO_KRC
 
 
+def geometry_from_nifti(affine: np.ndarray, shape_krc: tuple[int, int, int]) -> Geometry:
+    """The inverse of :func:`nifti_affine`: the :class:`Geometry` of a NIfTI array stored ``[c, r, k]``.
+
+    ``affine`` maps the stored ``(c, r, k)`` indices to RAS+ mm; ``shape_krc`` is the shape after
+    transposing to ``[k, r, c]``. ``Geometry.affine_ras()`` of the result equals ``affine @ _CRK_TO_KRC``.
+    """
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64) @ _CRK_TO_KRC
+    row_step, col_step = lps[:3, 1], lps[:3, 2]  # moving one row (along col_dir), one column (along row_dir)
+    row_mm, col_mm = float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step))
+    return Geometry(
+        origin=tuple(float(v) for v in lps[:3, 3]),
+        row_dir=tuple(float(v) for v in col_step / col_mm),
+        col_dir=tuple(float(v) for v in row_step / row_mm),
+        slice_step=tuple(float(v) for v in lps[:3, 0]),
+        pixel_spacing=(row_mm, col_mm),
+        shape=tuple(int(n) for n in shape_krc),
+    )
+
+
 def to_nifti_array(volume: np.ndarray) -> np.ndarray:
     """``[k, r, c]`` -> ``[c, r, k]``; int16 when every value is a whole number in range."""
     data = np.transpose(volume, (2, 1, 0))

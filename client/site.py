@@ -2,6 +2,8 @@
 
 ``iter_studies`` is the one walk over a site that ``check``, the cache builder and the public-data
 adapters share; it yields a :class:`StudyRecord` per study, loaded or rejected with its reasons.
+A site folder has one of two layouts (:func:`site_layout`): ``dicom/`` (DESIGN.md §4) or the
+PhysioNet CT-ICH release (``ct_scans/*.nii``, read by :mod:`client.ctich`; docs/public-data.md).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from client.masks import MaskError, read_mask
 from common.config import LABELS
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
+#: Site layouts: the folder that marks each (DICOM wins when a folder holds both).
+LAYOUT_DIRS: dict[str, str] = {"dicom": "dicom", "ct-ich": "ct_scans"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class SiteConfig:
 class StudyRef:
     patient_id: str
     study_id: str
-    dicom_dir: Path
+    dicom_dir: Path  # the study's DICOM folder; for a CT-ICH site, its ct_scans/NNN.nii volume
     mask_path: Path | None
 
     @property
@@ -58,12 +62,22 @@ class StudyRecord:
         return self.volume is not None
 
 
+def site_layout(site_dir: Path) -> str | None:
+    """``"dicom"`` for a folder with ``dicom/``, else ``"ct-ich"`` for one with ``ct_scans/``, else None."""
+    for layout, folder in LAYOUT_DIRS.items():
+        if (site_dir / folder).is_dir():
+            return layout
+    return None
+
+
 def list_site_folders(data_root: Path) -> list[Path]:
-    """Site folders of a dataset: subfolders holding ``dicom/`` (hidden ones skipped), sorted.
+    """Site folders of a dataset: subfolders holding ``dicom/`` or CT-ICH's ``ct_scans/`` (hidden
+    ones skipped), sorted.
 
     The one rule both the simulation's sites and the ClientApp's partitions follow.
     """
-    return sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "dicom").is_dir())
+    return sorted(p for p in data_root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and site_layout(p) is not None)
 
 
 def read_site_config(site_dir: Path) -> SiteConfig:
@@ -142,7 +156,14 @@ def load_study(ref: StudyRef, table: LabelTable) -> StudyRecord:
 def iter_studies(site_dir: Path | str) -> Iterator[StudyRecord | list[Problem]]:
     """Yield first the site-level problems (a list), then one :class:`StudyRecord` per study."""
     site_dir = Path(site_dir)
+    if site_layout(site_dir) == "ct-ich":
+        from client.ctich import iter_ctich_studies  # imports this module
+
+        yield from iter_ctich_studies(site_dir)
+        return
     refs, problems = discover_studies(site_dir)
+    if (site_dir / LAYOUT_DIRS["ct-ich"]).is_dir():
+        problems.append(Problem(str(site_dir / LAYOUT_DIRS["ct-ich"]), "ignored: the site has dicom/ (one layout per site folder)"))
     table = read_labels(site_dir / "labels.csv", {r.key for r in refs})
     yield problems + list(table.problems)
     for ref in refs:

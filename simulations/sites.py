@@ -10,13 +10,14 @@ from common.config import PreprocessConfig
 
 
 def discover_sites(data_root: Path | str) -> list[Path]:
-    """Site folders of ``DATA_ROOT``: subfolders holding ``dicom/`` (hidden ones skipped), sorted."""
+    """Site folders of ``DATA_ROOT``: subfolders holding ``dicom/`` or CT-ICH's ``ct_scans/`` (hidden
+    ones skipped), sorted (``client.site.list_site_folders``)."""
     root = Path(data_root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data folder does not exist")
     sites = list_site_folders(root)
     if not sites:
-        raise FileNotFoundError(f"{root}: no site folder (a subfolder with dicom/) found")
+        raise FileNotFoundError(f"{root}: no site folder (a subfolder with dicom/ or ct_scans/) found")
     return sites
 
 
