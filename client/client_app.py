@@ -36,12 +36,14 @@ from common.config import LABELS, PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import ModelConfig
-from common.records import (ARRAYS, CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, METRICS, NODE_CACHE_DIR,
-                            NODE_DATA_PATH, NODE_DEVICE, NODE_PARTITION_ID, NODE_SITE_ID, NUM_EXAMPLES, SITE,
-                            SITE_ID, STEPS, TRAIN_LOSS, TRAIN_SECONDS, EvaluateInstruction, TrainInstruction,
-                            arrays_digest, model_from_run_config, pos_weight_mode, record_to_state, run_value,
-                            state_to_record)
+from common.records import (ARRAYS, CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, MASKED_COUNTS, METRICS,
+                            NODE_CACHE_DIR, NODE_DATA_PATH, NODE_DEVICE, NODE_PARTITION_ID, NODE_SITE_ID, NUM_EXAMPLES,
+                            PEER_KEYS, PEER_NODES, PUBLIC_KEY, SECURE, SECURE_KEYS, SECURE_MASK, SECURE_PHASE,
+                            SECURE_SESSION, SITE, SITE_ID, STEPS, TRAIN_LOSS, TRAIN_SECONDS, EvaluateInstruction,
+                            TrainInstruction, arrays_digest, model_from_run_config, pack_counts, pos_weight_mode,
+                            record_to_state, run_value, state_to_record)
 from common.runtime import resolve_device
+from common.secure_sum import SecureSumError, generate_key_pair, mask_vector
 
 app = ClientApp()
 
@@ -105,6 +107,8 @@ class SiteRunConfig:
     split: tuple[float, float, float]
     seed: int
     pos_weight: str  # "global" (the server's, from every site's counts) | "local" (this site's) | "none"
+    #: ``privacy.secure-counts``: label counts leave the site only masked (docs/secure-aggregation.md).
+    secure_counts: bool = False
 
     @classmethod
     def from_run_config(cls, rc: Mapping) -> "SiteRunConfig":
@@ -115,7 +119,8 @@ class SiteRunConfig:
         return cls(model, pre, int(run_value(rc, "train.batch-size")), int(run_value(rc, "train.eval-batch-size")),
                    float(run_value(rc, "train.weight-decay")), str(run_value(rc, "train.optimizer")),
                    bool(run_value(rc, "train.augment")), bool(run_value(rc, "train.balanced")),
-                   (1.0 - val - test, val, test), int(run_value(rc, "seed")), pos_weight_mode(rc))
+                   (1.0 - val - test, val, test), int(run_value(rc, "seed")), pos_weight_mode(rc),
+                   secure_counts=bool(run_value(rc, "privacy.secure-counts")))
 
     def train_config(self, order: TrainInstruction) -> TrainConfig:
         """The local training of one round: the server's per-round values, the run's others.
@@ -308,12 +313,12 @@ def train(msg: Message, context: Context) -> Message:
     state = half_state_dict(model.cpu(), order.half)
     if local_keys:
         store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
-    pos, neg = site_label_counts(data.train, run.model)
     metrics = MetricRecord({
         NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
         TRAIN_LOSS: float(result.loss), STEPS: int(result.steps), TRAIN_SECONDS: float(result.seconds),
-        LABEL_POS: pos, LABEL_NEG: neg,
     })
+    if not run.secure_counts:  # with secure counts, this site's counts leave it only masked
+        metrics[LABEL_POS], metrics[LABEL_NEG] = site_label_counts(data.train, run.model)
     content = RecordDict({ARRAYS: state_to_record(state, exclude=local_keys), METRICS: metrics, SITE: _site_record(site)})
     return Message(content, reply_to=msg)
 
@@ -342,10 +347,58 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 @app.query()
 @site_errors("count labels")
 def count_labels(msg: Message, context: Context) -> Message:
-    """The counts round: per-label positives and negatives of the training split, nothing else."""
+    """The counts round: per-label positives and negatives of the training split, nothing else.
+
+    With ``privacy.secure-counts`` the round is the two steps of ``common.secure_sum``: "keys"
+    (reply with a fresh public key) and "mask" (reply with the masked counts only).
+    """
     site = SiteConfig.from_context(context)
     run = SiteRunConfig.from_run_config(context.run_config)
+    phase = str(msg.content[CONFIG].get(SECURE_PHASE, "")) if CONFIG in msg.content else ""
+    if run.secure_counts != bool(phase):
+        raise SiteError("privacy.secure-counts is on: this site sends its label counts only masked" if run.secure_counts
+                        else f"secure counts step {phase!r} asked, but privacy.secure-counts is off for this run")
+    if phase == SECURE_KEYS:
+        return secure_counts_keys(msg, context, site)
     data = open_site(site, run)
     pos, neg = site_label_counts(data.train, run.model)
+    if phase == SECURE_MASK:
+        return secure_counts_masked(msg, context, site, pack_counts(pos, neg, len(data.train)))
+    if phase:
+        raise SiteError(f"unknown secure counts step {phase!r}")
     metrics = MetricRecord({NUM_EXAMPLES: len(data.train), LABEL_POS: pos, LABEL_NEG: neg})
     return Message(RecordDict({METRICS: metrics, SITE: _site_record(site)}), reply_to=msg)
+
+
+#: ``context.state`` record holding this site's private X25519 key of the current secure-sum session.
+#: Flower keeps ``context.state`` for the run in the SuperNode's memory and hands it to every
+#: ClientApp process (as its SecAgg+ mod does); it is never written to disk nor sent to the server.
+SECURE_STATE = "secure-sum-key"
+PRIVATE_KEY = "private-key"
+
+
+def secure_counts_keys(msg: Message, context: Context, site: SiteConfig) -> Message:
+    """Step 1: a fresh key pair for this session; the private half stays in ``context.state``."""
+    session = str(msg.content[CONFIG][SECURE_SESSION])
+    private, public = generate_key_pair()
+    context.state[SECURE_STATE] = ConfigRecord({SECURE_SESSION: session, PRIVATE_KEY: private})
+    return Message(RecordDict({METRICS: MetricRecord(), SECURE: ConfigRecord({PUBLIC_KEY: public}),
+                               SITE: _site_record(site)}), reply_to=msg)
+
+
+def secure_counts_masked(msg: Message, context: Context, site: SiteConfig, counts: list[int]) -> Message:
+    """Step 2: this site's counts masked with every peer's pairwise mask; the key is used once."""
+    session = str(msg.content[CONFIG][SECURE_SESSION])
+    held = context.state.get(SECURE_STATE)
+    if held is None or str(held.get(SECURE_SESSION)) != session:
+        raise SiteError("no key for this secure counts session at this site (restarted, or asked twice)")
+    del context.state[SECURE_STATE]  # one session, one use: a second request for it is refused
+    peers = msg.content[SECURE]
+    try:
+        masked = mask_vector(counts, msg.metadata.dst_node_id, bytes(held[PRIVATE_KEY]),
+                             dict(zip((int(n) for n in peers[PEER_NODES]), (bytes(k) for k in peers[PEER_KEYS]))),
+                             session)
+    except SecureSumError as exc:
+        raise SiteError(f"secure counts refused: {exc}") from None
+    return Message(RecordDict({METRICS: MetricRecord({MASKED_COUNTS: [int(v) for v in masked]}),
+                               SITE: _site_record(site)}), reply_to=msg)

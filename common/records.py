@@ -7,7 +7,9 @@ ServerApp and the strategies spell them the same way.
 Train and evaluate messages hold ``{ARRAYS: ArrayRecord, CONFIG: ConfigRecord}``, ARRAYS being the
 half of the current stage only (plus ``FROZEN_UNET`` the first time a site meets stage 2); a train
 reply holds ``{ARRAYS, METRICS, SITE}``, an evaluate or counts reply ``{METRICS, SITE}``. ``SITE``
-carries the site's id (``site-01``), never a patient identifier.
+carries the site's id (``site-01``), never a patient identifier. With ``privacy.secure-counts`` the
+counts travel masked (``MASKED_COUNTS``, docs/secure-aggregation.md), with X25519 public keys in a
+``SECURE`` record, and train replies carry no label counts.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ CONFIG = "config"
 METRICS = "metrics"
 #: Who replied: the site id only.
 SITE = "site"
+#: Secure counts: public keys (a ConfigRecord of bytes; ``common.secure_sum``).
+SECURE = "secure-sum"
 
 # --- MetricRecord keys (site -> server) -----------------------------------------------------
 #: Samples, never batches: a train reply's training slices the stage can learn from (with a mask in
@@ -46,6 +50,9 @@ TRAIN_SECONDS = "train-seconds"
 #: in the model's output order. Lists of ints.
 LABEL_POS = "label-pos"
 LABEL_NEG = "label-neg"
+#: Secure counts (``privacy.secure-counts``): the site's label counts and training slices, masked
+#: (``common.secure_sum``; layout ``pack_counts``). Ints in [0, 2^32).
+MASKED_COUNTS = "masked-counts"
 #: Keys that are summed across sites, not averaged.
 SUMMED_METRICS: tuple[str, ...] = (NUM_EXAMPLES, STEPS, LABEL_POS, LABEL_NEG, "n_slices", "n_studies")
 
@@ -61,6 +68,15 @@ LOCAL_NORM = "local-norm"            # set by FedBN: normalisation layers stay a
 UNET_DIGEST = "unet-digest"
 RUN_NAME = "run-name"                # scopes what a site keeps on disk between rounds of one run
 SITE_ID = "site-id"                  # in the SITE record of a reply
+#: Secure counts: which step of the protocol a counts query is ("keys" | "mask"), and its session.
+SECURE_PHASE = "secure-phase"
+SECURE_SESSION = "secure-session"
+SECURE_KEYS, SECURE_MASK = "keys", "mask"
+#: In the SECURE record: a site's X25519 public key (reply to "keys"); every site's node id and
+#: public key of the session (sent with "mask").
+PUBLIC_KEY = "public-key"
+PEER_NODES = "peer-nodes"
+PEER_KEYS = "peer-keys"
 
 # --- node_config keys (deployment: ``flower-supernode --node-config``) ------------------------
 NODE_DATA_PATH = "data-path"
@@ -145,6 +161,19 @@ class EvaluateInstruction:
         return cls(server_round=int(rec.get(SERVER_ROUND, 0)), stage=int(rec[STAGE]),
                    local_norm=bool(rec.get(LOCAL_NORM, False)), unet_digest=str(rec.get(UNET_DIGEST, "")),
                    run_name=str(rec.get(RUN_NAME, "")))
+
+
+def pack_counts(pos: Iterable[int], neg: Iterable[int], num_examples: int) -> list[int]:
+    """One site's counts as the vector secure summation adds up: positives, negatives, slices."""
+    return [int(v) for v in pos] + [int(v) for v in neg] + [int(num_examples)]
+
+
+def unpack_counts(vector: Iterable[int], n_labels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``pack_counts`` reversed (on the sum): (positives, negatives, slices)."""
+    v = np.asarray(list(vector), dtype=np.int64)
+    if v.shape != (2 * n_labels + 1,):
+        raise ValueError(f"a counts vector for {n_labels} labels has {2 * n_labels + 1} entries, got {v.size}")
+    return v[:n_labels], v[n_labels:2 * n_labels], int(v[-1])
 
 
 # --- arrays ---------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from common.records import (CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL
                             state_to_record)
 from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
 from server.history import History, finite_or_none
+from server.secure_counts import secure_label_counts
 from server.strategies import StrategyConfig, build_strategy
 
 app = ServerApp()
@@ -70,6 +71,8 @@ class ServerRunConfig:
     run_name: str
     keep_checkpoints: int
     resume: bool
+    #: ``privacy.secure-counts``: the counts round is a secure sum (server.secure_counts).
+    secure_counts: bool = False
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> "ServerRunConfig":
@@ -89,12 +92,18 @@ class ServerRunConfig:
             raise ValueError(f"rounds.stage1 and rounds.stage2 must be >= 0 and not both 0, got {rounds}")
         timeout = float(v("rounds.timeout"))
         max_w = float(v("train.max-pos-weight"))
+        secure_counts = bool(v("privacy.secure-counts"))
+        if secure_counts and strategy.imbalance_head:
+            raise ValueError("strategy.imbalance-head weights each head row by every site's own positive counts, "
+                             "which privacy.secure-counts keeps from the server (only their sum is learnt): "
+                             "switch one of the two off")
         return cls(model=model, preprocess=pre, seed=int(v("seed")), rounds_stage1=rounds[0], rounds_stage2=rounds[1],
                    timeout=timeout if timeout > 0 else None, lr=lr, lr_stage2=float(v("train.lr-stage2")) or lr,
                    local_epochs=int(v("train.local-epochs")), local_steps=int(v("train.local-steps")),
                    max_pos_weight=max_w if max_w > 0 else None, pos_weight=pos_weight_mode(rc), strategy=strategy,
                    output_dir=Path(str(v("output.dir"))).expanduser().resolve(), run_name=str(v("output.name")),
-                   keep_checkpoints=int(v("output.keep-checkpoints")), resume=bool(v("resume")))
+                   keep_checkpoints=int(v("output.keep-checkpoints")), resume=bool(v("resume")),
+                   secure_counts=secure_counts)
 
     @property
     def total_rounds(self) -> int:
@@ -107,7 +116,8 @@ class ServerRunConfig:
         return {"model": self.model.to_dict(), "preprocess": self.preprocess.to_dict(), "seed": self.seed,
                 "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2}, "lr": self.lr,
                 "lr_stage2": self.lr_stage2, "local_epochs": self.local_epochs, "local_steps": self.local_steps,
-                "max_pos_weight": self.max_pos_weight, "pos_weight": self.pos_weight, "strategy": asdict(self.strategy)}
+                "max_pos_weight": self.max_pos_weight, "pos_weight": self.pos_weight, "strategy": asdict(self.strategy),
+                "secure_counts": self.secure_counts}
 
 
 def resolve_run_dir(cfg: ServerRunConfig) -> Path:
@@ -296,7 +306,16 @@ class Federation:
                 for m in messages]
 
     def count_labels(self, rnd: int, entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
-        """The counts round: every connected site's per-label positives and negatives, summed."""
+        """The counts round: every connected site's per-label positives and negatives, summed
+        (with ``privacy.secure-counts`` by a secure sum: no site's own counts reach the server)."""
+        if self.cfg.secure_counts:
+            result = secure_label_counts(self.grid.get_node_ids(), lambda phase, msgs: self._exchange(phase, msgs, entry),
+                                         rnd, len(self.cfg.model.output_names),
+                                         site_name=lambda node: f"{self.sites.get(node, 'unknown site')} (node {node})")
+            if result is None:
+                return None
+            log(INFO, "counts round (secure): positives %s, negatives %s", result[0].tolist(), result[1].tolist())
+            return result[0], result[1]
         config = ConfigRecord({SERVER_ROUND: rnd})
         messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY,
                             group_id=f"{rnd}-counts") for node in self.grid.get_node_ids()]

@@ -12,9 +12,11 @@ Server-side optimisers (FedAdam, FedYogi) then apply to every array but the head
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
 
 from common.records import LABEL_POS, NUM_EXAMPLES
 
@@ -30,6 +32,10 @@ class PositiveWeightedHead:
         ok = [m for m in replies if not m.has_error()]
         ok = [m for m in ok if float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) > 0]
         if not ok or not self.head_keys or any(k not in ok[0].content.array_records[self.arrayrecord_key] for k in self.head_keys):
+            return None
+        if any(LABEL_POS not in next(iter(m.content.metric_records.values())) for m in ok):
+            # e.g. privacy.secure-counts: the sites keep their counts; the base aggregate stands
+            log(WARNING, "imbalance-aware head: a reply has no %r; the head keeps the base aggregate", LABEL_POS)
             return None
         rows = {k: [m.content.array_records[self.arrayrecord_key][k].numpy().copy() for m in ok] for k in self.head_keys}
         positives = np.asarray([next(iter(m.content.metric_records.values()))[LABEL_POS] for m in ok], dtype=float)

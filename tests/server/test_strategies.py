@@ -110,6 +110,22 @@ class StrategyChecks:
                 np.testing.assert_allclose(arrays[key][c], expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(arrays["classifier.conv.weight"], plain["classifier.conv.weight"], rtol=1e-6)
 
+    def test_replies_without_label_counts(self):
+        """privacy.secure-counts: train replies carry no counts; aggregation is unchanged, and the
+        imbalance-aware head (refused by the server config then) falls back to the base aggregate."""
+        replies = site_replies()
+        for r in replies:
+            del r.content[METRICS][LABEL_POS], r.content[METRICS][LABEL_NEG]
+        arrays, metrics = self.aggregate(replies)
+        plain, _ = self.aggregate()
+        assert LABEL_POS not in metrics and LABEL_NEG not in metrics
+        for k in SHAPES:
+            np.testing.assert_allclose(arrays[k], plain[k], rtol=1e-6)
+        if self.name not in ROBUST:
+            head, _ = self.aggregate(replies, imbalance_head=True)
+            for k in SHAPES:
+                np.testing.assert_allclose(head[k], plain[k], rtol=1e-6)
+
 
 class TestFedAvg(StrategyChecks):
     name = "fedavg"
