@@ -29,6 +29,7 @@ from client.cache import build_site_cache, open_cache
 from client.cli import DEFAULT_CACHE  # where `flwr-client prepare` puts it
 from client.dataset import SliceDataset, dataset_labels, make_loader, split_slices
 from client.evaluate import evaluate
+from client.faults import FaultError, corrupt_training_data, corrupt_update, fault_seed
 from client.partitions import Partition, read_partitions
 from client.site import list_site_folders, read_site_config
 from client.train import TrainConfig, output_columns, train_stage
@@ -146,6 +147,8 @@ def manifest_partition(manifest: Path, partition_id: int) -> Partition:
     """The ``partition_id``-th entry of a simulation's partition manifest (errors name no path)."""
     try:
         parts = read_partitions(manifest)
+    except FaultError as exc:  # the fault dict's own problem (no path in it)
+        raise SiteError(f"data.partitions has an invalid fault: {exc}") from None
     except ValueError:
         raise SiteError("data.partitions is not a readable partition manifest") from None
     if not 0 <= partition_id < len(parts):
@@ -184,7 +187,8 @@ def open_site(site: SiteConfig, run: SiteRunConfig) -> SiteData:
     if problems:
         log(WARNING, "%s: %d data problem(s) while building the cache (see 'flwr-client check')", site.site_id, len(problems))
     idx = split_slices(cache, run.split, seed=run.seed, by="patient")
-    return SiteData(SliceDataset(cache, idx["train"]), SliceDataset(cache, idx["test"]))
+    # A simulated label-flip site (client.faults) learns and counts from wrong labels; its test split stays true.
+    return SiteData(corrupt_training_data(SliceDataset(cache, idx["train"]), site.fault), SliceDataset(cache, idx["test"]))
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,9 @@ def train(msg: Message, context: Context) -> Message:
     state = half_state_dict(model.cpu(), order.half)
     if local_keys:
         store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
+    if site.fault:  # simulation manifests only: a site that corrupts what it sends (client.faults)
+        state = corrupt_update(record_to_state(msg.content[ARRAYS]), state, site.fault,
+                               fault_seed(run.seed, order.server_round, site.site_id))
     metrics = MetricRecord({
         NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
         TRAIN_LOSS: float(result.loss), STEPS: int(result.steps), TRAIN_SECONDS: float(result.seconds),

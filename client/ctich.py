@@ -98,7 +98,13 @@ def read_nifti_volume(path: Path | str) -> NiftiVolume:
     everything below air becomes air. The array is flipped and permuted, never resampled, onto
     :data:`STORED_AXES`; the affine follows, so the geometry stays exact (also for a tilted stack).
     """
-    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+    from nibabel.orientations import (
+        apply_orientation,
+        axcodes2ornt,
+        inv_ornt_aff,
+        io_orientation,
+        ornt_transform,
+    )
 
     path = Path(path)
     img, data = _load(path, "volume", StudyError)

@@ -7,7 +7,10 @@ docs/conventions.md.
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -143,6 +146,50 @@ def _read_header(path: Path) -> tuple[object | None, Problem | None]:
     return ds, None
 
 
+#: Tags that place a file in its patient, study and series (read without the pixel data).
+SERIES_ID_TAGS: tuple[str, ...] = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_UI_WARNING = "Invalid value for VR UI"
+
+
+class _NoUiWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_UI_WARNING)
+
+
+@contextmanager
+def _quiet_nonconforming_uids():
+    """Public data sets use non-conforming UIDs (RSNA's ``ID_<hex>``); they identify all the same,
+    so pydicom's warning (and log line) about the UI value representation is not repeated per file."""
+    logger, quiet = logging.getLogger("pydicom"), _NoUiWarning()
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_UI_WARNING)
+            yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+@_quiet_nonconforming_uids()
+def read_series_ids(path: Path | str) -> tuple[dict[str, str] | None, Problem | None]:
+    """PatientID (0010,0020), StudyInstanceUID (0020,000D), SeriesInstanceUID (0020,000E) and
+    SOPInstanceUID (0008,0018) of one file, read without its pixel data; or the problem."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SERIES_ID_TAGS))
+        ids = {tag: str(ds.get(tag, "") or "").strip() for tag in SERIES_ID_TAGS}
+    except InvalidDicomError as exc:
+        return None, Problem(str(path), f"not a DICOM file ({exc})")
+    except Exception as exc:  # truncated headers raise EOFError/OSError/ValueError/struct errors
+        return None, Problem(str(path), f"unreadable DICOM file ({type(exc).__name__}: {exc})")
+    missing = [tag for tag, value in ids.items() if not value]
+    if missing:
+        return None, Problem(str(path), f"missing {', '.join(missing)}: the file cannot be placed in a series")
+    return ids, None
+
+
 def is_localizer(ds) -> bool:
     """Scouts/localizers (ImageType (0008,0008) value 3 LOCALIZER) are not part of the axial series."""
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
@@ -249,6 +296,7 @@ def _sort_and_check(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], n
     return order, step
 
 
+@_quiet_nonconforming_uids()
 def read_study(folder: Path | str) -> StudyVolume:
     """Read the one axial CT series of a study folder.
 

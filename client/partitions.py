@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.faults import parse_fault
+
 MANIFEST_FORMAT = "hemexp-partitions/1"
 
 
@@ -23,6 +25,9 @@ class Partition:
     site_id: str
     cache: str
     fault: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_fault(self.fault)  # a bad fault fails when the manifest is written or read (client.faults.FaultError)
 
 
 def write_partitions(path: Path | str, partitions: list[Partition]) -> Path:

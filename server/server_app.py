@@ -10,7 +10,9 @@ After every round the server assembles the full global model, has every site eva
 own held-out patients, and hands the results to ``server.history`` (per-site and aggregated
 metrics) and ``server.checkpoints`` (one checkpoint per round; ``resume = true`` continues from the
 last one). Sites that fail, time out or vanish are logged with their site id and node id and the
-reason, and the round goes on with the others.
+reason, and the round goes on with the others. A train reply holding a NaN or infinite value is
+rejected before aggregation (logged, and listed under the round's ``rejected``), and the round
+aggregates the others: no strategy survives a NaN (the median of a column holding one is NaN).
 """
 from __future__ import annotations
 
@@ -188,7 +190,7 @@ class Federation:
         for rnd in range(self.start_round + 1, cfg.total_rounds + 1):
             t0 = time.perf_counter()
             stage = cfg.stage_of(rnd)
-            entry: dict[str, Any] = {"round": rnd, "stage": stage, "failures": []}
+            entry: dict[str, Any] = {"round": rnd, "stage": stage, "failures": [], "rejected": []}
             log(INFO, "[ROUND %d/%d] stage %d (%s)", rnd, cfg.total_rounds, stage, HALF_OF_STAGE[stage])
             entry["train"] = self.train_round(rnd, stage, entry)
             entry["evaluate"] = self.evaluate_round(rnd, stage, entry)
@@ -243,6 +245,7 @@ class Federation:
                 usable.append(r)
             else:
                 log(INFO, "train: site %s had nothing to learn from in stage %d; left out of the aggregate", self._site(r), stage)
+        usable = self._reject_non_finite(usable, entry)
         aggregated = self._aggregate_train(rnd, half, strategy, usable, entry)
         return {"aggregated": aggregated, "sites": sites, "sent": len(messages), "received": len(replies)}
 
@@ -266,6 +269,20 @@ class Federation:
             state.update(record_to_state(arrays))  # FedBN: the server's norm keys stay as they were
             load_half_state_dict(self.model, half, state)
         return metrics_dict(metrics) if metrics is not None else {}
+
+    def _reject_non_finite(self, replies: list[Message], entry: dict) -> list[Message]:
+        """The replies whose arrays are all finite; each other one is logged and listed in ``entry["rejected"]``."""
+        kept = []
+        for r in replies:
+            bad = [k for record in r.content.array_records.values() for k in non_finite_arrays(record)]
+            if not bad:
+                kept.append(r)
+                continue
+            node, reason = r.metadata.src_node_id, f"non-finite values in {len(bad)} array(s)"
+            log(WARNING, "train: %s (node %d) sent %s; update rejected", self._site(r), node, reason)
+            entry.setdefault("rejected", []).append({"phase": "train", "site": self._site(r), "node": node,
+                                                     "reason": reason, "arrays": bad[:5]})
+        return kept
 
     def evaluate_round(self, rnd: int, stage: int, entry: dict) -> dict[str, Any]:
         """Every sampled site scores the global model; only the half of this stage is sent."""
@@ -361,6 +378,16 @@ class Federation:
 
     def _site(self, reply: Message) -> str:
         return self.sites.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+
+
+def non_finite_arrays(record: ArrayRecord) -> list[str]:
+    """Keys of the floating-point arrays of ``record`` that hold a NaN or an infinity."""
+    bad = []
+    for key, array in record.items():
+        a = array.numpy()
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            bad.append(key)
+    return bad
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:

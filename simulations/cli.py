@@ -35,6 +35,20 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_rsna_site(args: argparse.Namespace) -> int:
+    from simulations.rsna import convert_rsna
+
+    try:
+        result = convert_rsna(args.src, args.out, link=args.link, progress=True)
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in result.problems:
+        print(f"problem: {p.path}: {p.reason}", file=sys.stderr)
+    print(result.describe())
+    return 0 if result.n_studies else 1
+
+
 def run_train(args: argparse.Namespace) -> int:
     from client.train import TrainConfig
     from common.config import PreprocessConfig
@@ -98,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("study_dir", type=Path)
     c.add_argument("out", type=Path)
     c.set_defaults(func=run_convert)
+    r = sub.add_parser("rsna-site", help="arrange RSNA 2019 ICH training images as a site folder (docs/public-data.md)")
+    r.add_argument("src", type=Path, help="folder with stage_2_train/ and stage_2_train.csv")
+    r.add_argument("out", type=Path, help="the new site folder: dicom/<PatientID>/<StudyInstanceUID>/, labels.csv")
+    r.add_argument("--link", choices=("symlink", "hardlink", "copy"), default="symlink", help="how images reach OUT")
+    r.set_defaults(func=run_rsna_site)
     t = sub.add_parser("train", help="pooled (centralised) two-stage training over every site of DATA_ROOT")
     t.add_argument("--data", type=Path, required=True, help="folder of site folders")
     t.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, metrics.json, curves.png")

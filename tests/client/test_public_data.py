@@ -202,3 +202,74 @@ def test_dicom_study_converted_to_nifti_reads_back_identically(tmp_path) -> None
     np.testing.assert_array_equal(back.volume, study.volume)
     np.testing.assert_allclose(back.geometry.affine_lps(), study.geometry.affine_lps(), atol=1e-4)
     assert back.geometry.shape == study.geometry.shape
+
+
+# --- RSNA 2019: flat single-slice DICOMs + one label row per image and subtype -> a DICOM site ---
+
+def write_rsna_download(root: Path) -> Path:
+    """``stage_2_train/ID_<hex>.dcm`` (RSNA's non-UID identifiers) and ``stage_2_train.csv``."""
+    import shutil
+    import warnings
+
+    import pydicom
+
+    from simulations.rsna import RSNA_SUBTYPES
+
+    images = root / "stage_2_train"
+    images.mkdir(parents=True)
+    rows, n = ["ID,Label"], 0
+    for patient, study, series, seed in (("ID_p1", "ID_st1", "ID_se1", 0), ("ID_p2", "ID_st2", "ID_se2", 1)):
+        tmp = root / "tmp" / study
+        write_series(tmp, head_phantom((3, 16, 16), seed=seed), seed=seed)
+        for i, path in enumerate(sorted(tmp.iterdir())):
+            ds = pydicom.dcmread(path)
+            sop = f"ID_{n:09x}"
+            n += 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+                ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
+                ds.save_as(images / f"{sop}.dcm")
+            if patient == "ID_p2" and i == 2:
+                continue  # an image without label rows
+            positive = patient == "ID_p1" and i == 1
+            rows += [f"{sop}_{s},{int(positive and s in ('any', 'intraparenchymal'))}" for s in RSNA_SUBTYPES]
+    rows += ["ID_000000000_any,1", "ID_0000000ff_any,0"]  # a contradicting repeat; an image without file
+    shutil.rmtree(root / "tmp")
+    (images / "ID_bad.dcm").write_text("not DICOM")
+    (root / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_rsna_download_becomes_a_classification_only_dicom_site(tmp_path) -> None:
+    import csv
+
+    from simulations.cli import hemexp_main
+    from simulations.rsna import convert_rsna
+
+    src = write_rsna_download(tmp_path / "rsna")
+    result = convert_rsna(src, tmp_path / "site-rsna")
+    site = result.out
+    assert (result.n_files, result.n_studies, result.n_patients) == (6, 2, 2)
+    for pid, sid in (("ID_p1", "ID_st1"), ("ID_p2", "ID_st2")):
+        files = sorted((site / "dicom" / pid / sid).iterdir())
+        assert len(files) == 3 and all(f.is_symlink() and f.resolve().parent == src / "stage_2_train" for f in files)
+    reasons = {Path(p.path).name: p.reason for p in result.problems}
+    assert "not a DICOM file" in reasons["ID_bad.dcm"]
+    assert "no row in stage_2_train.csv" in reasons["ID_000000005.dcm"]
+    assert "1 labelled image(s) have no file" in reasons["stage_2_train.csv"]
+    assert any(p.path.endswith("stage_2_train.csv:32") and "contradicts" in p.reason for p in result.problems)
+    rows = {r["patient_id"]: r for r in csv.DictReader((site / "labels.csv").open())}
+    assert all(rows[p][c] == "" for p in rows for c in LABELS)  # markers and expansion: not annotated
+    assert (rows["ID_p1"]["rsna_any"], rows["ID_p1"]["rsna_intraparenchymal"], rows["ID_p1"]["rsna_epidural"]) == ("1", "1", "0")
+    assert rows["ID_p2"]["rsna_any"] == "" and rows["ID_p2"]["rsna_epidural"] == ""  # one image unlabelled
+    assert len(list(csv.DictReader((site / "rsna_slice_labels.csv").open()))) == 6
+
+    report = check_site(site)
+    assert [s.n_slices for s in report.usable] == [3, 3] and report.problems == ()
+    assert report.stages() == {"segmentation": 0, "markers": 0}
+    _, records = _walk(site)
+    assert records["ID_p1"].extras["rsna_any"] == "1" and np.isnan(records["ID_p1"].labels).all()
+
+    assert hemexp_main(["rsna-site", str(src), str(tmp_path / "site-2"), "--link", "copy"]) == 0
+    assert hemexp_main(["rsna-site", str(src), str(tmp_path / "site-2")]) == 2  # never overwrites a site
