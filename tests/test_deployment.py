@@ -4,8 +4,10 @@ The unit tests cover the pure validation and command building of ``client.supern
 integration test runs the coordinator's and sites' steps of docs/deploy.md on loopback: certificates
 from ``server.certs``, a real ``flower-superlink`` with TLS and SuperNode authentication, two site
 keys registered with ``flwr supernode register``, two SuperNodes started through ``flwr-client start``,
-a third with an unregistered key refused, and ``flwr run .`` finishing with a checkpoint. Every
-process is started in its own session and stopped (with its children) in ``finally``.
+a third with an unregistered key refused, a fourth with a registered key but another CA's root
+certificate refused by TLS itself (it cannot verify the SuperLink), and ``flwr run .`` finishing
+with a checkpoint. Every process is started in its own session and stopped (with its children) in
+``finally``.
 """
 from __future__ import annotations
 
@@ -177,6 +179,10 @@ def test_tls_federation_on_loopback(tmp_path):
     for i, name in enumerate(sites):
         make_site_keys(certs, name)
         write_site(data / name, n_studies=4, shape=(3, 40, 40), seed=10 * i)
+    # the outsider: a key the coordinator registers, but not the federation's CA (another one's root)
+    make_site_keys(certs, "outsider")
+    write_site(data / "outsider", n_studies=1, shape=(3, 40, 40), seed=99)
+    make_ca(tmp_path / "other-ca", name="some other CA")
     port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
@@ -199,7 +205,7 @@ def test_tls_federation_on_loopback(tmp_path):
              "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")], "superlink")
         wait_for_port(port, superlink, sl_log)
 
-        for name in sites[:2]:  # the rogue's key is never registered
+        for name in [*sites[:2], "outsider"]:  # the rogue's key is never registered
             reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / name / f"{name}.pub"), "test"],
                                  env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
@@ -212,9 +218,23 @@ def test_tls_federation_on_loopback(tmp_path):
                  "--auth-key", str(certs / name / name), "--prepare-size", "32", "--device", "cpu",
                  "--clientappio-port", str(free_port())], name)
 
+        nodes["outsider"] = launch(
+            [str(BIN / "flwr-client"), "start", "--superlink", f"127.0.0.1:{port}", "--data", str(data / "outsider"),
+             "--cache-dir", str(tmp_path / "cache"), "--root-certificates", str(tmp_path / "other-ca" / "ca.crt"),
+             "--auth-key", str(certs / "outsider" / "outsider"), "--no-prepare", "--device", "cpu",
+             "--clientappio-port", str(free_port())], "outsider")
+
         # the unregistered SuperNode is refused by the SuperLink and gives up
         rogue, rogue_log = nodes["rogue"]
         _wait_for(lambda: "Failed to activate SuperNode" in rogue_log.read_text(), 60, "rogue node not refused")
+        # without the federation's CA a SuperNode cannot verify the SuperLink: the TLS handshake fails and
+        # it stops before sending anything (its registered key does not help)
+        outsider, outsider_log = nodes["outsider"]
+        _wait_for(lambda: outsider.poll() is not None, 60, "outsider node did not stop")
+        text = outsider_log.read_text()
+        assert outsider.returncode != 0, text[-3000:]
+        assert "SSL/TLS handshake error" in text and "CERTIFICATE_VERIFY_FAILED" in text, text[-3000:]
+        assert "SuperNode ID:" not in text, text[-3000:]
         for name in sites[:2]:
             _wait_for(lambda: "SuperNode ID:" in nodes[name][1].read_text(), 60, f"{name} did not connect")
             assert "cache built" in nodes[name][1].read_text()  # prepared before joining
