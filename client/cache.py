@@ -11,7 +11,8 @@ Layout of ``CACHE_DIR/<site_id>-<key16>/`` (format version in ``index.json``):
 - ``masks.u8``   uint8 ``[N, S, S]`` hematoma masks (0 where a study has no mask; see ``mask_known``)
 - ``slice_labels.f4`` float32 ``[N, len(LABELS)]`` slice labels (NaN = not annotated / unknown)
 - ``index.json``: key, preprocessing config, labels, ``n_slices``, image size and per study:
-  pseudonyms, slice range, mask known, study labels, model-pixel size in mm, location, and per
+  pseudonyms, slice range, mask known, study labels, model-pixel size in mm, location, the
+  ``site`` column of a pooled dataset (``group``), and per
   slice the brain fraction and the number of hematoma pixels.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from client.preprocess import model_pixel_mm, preprocess_volume
 from client.site import StudyRecord, iter_studies, label_vector_or_missing, read_site_config
 from common.config import LABELS, MARKERS, PreprocessConfig
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 SECRET_FILE = ".pseudonym-key"
 
 
@@ -137,6 +138,9 @@ def _study_entry(record: StudyRecord, secret: bytes, start: int, stop: int, size
         "pixel_mm": list(model_pixel_mm(g.pixel_spacing, g.shape[1:], size)),
         "slice_mm": g.slice_spacing,
         "location": record.extras.get("location", ""),
+        # labels.csv's optional ``site`` column: which hospital a study of a pooled dataset came from
+        # (simulations split by it). No other extra column is kept: they may hold dates or names.
+        "group": record.extras.get("site", ""),
         "followup": pseudonym(secret, "study", f"{record.ref.patient_id}/{followup}") if followup else "",
     }
 

@@ -1,0 +1,130 @@
+"""Flower's simulation engine, driven the way a researcher drives it: a simulation SuperLink on a
+free loopback port (its own ``FLWR_HOME``), then ``flwr run <app> ... --stream`` per federated run.
+
+This is the real path (FAB build and install, SuperExec, subprocess isolation, the Ray backend with
+one virtual SuperNode per site); nothing here imitates Flower. The SuperLink runs one experiment's
+runs one after another and is stopped, with everything it started, when the context ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path | None = None, seconds: float = 60.0) -> None:
+    """Wait until something listens on ``port``; fail early (with the log's tail) if ``proc`` exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode}\n{tail}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{proc.args[0]} did not open port {port} within {seconds} s")
+
+
+def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """Environment for Flower's commands: own FLWR_HOME, the venv's bin first (the SuperLink starts
+    flower-superexec from PATH), no runtime dependency installation, one thread per process."""
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", **extra}
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session`` and everything in its session
+    (a SuperLink's executor, simulation and Ray; a SuperNode's ClientApp processes)."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            time.sleep(1)  # let its children see the signal too
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still alive
+    except ProcessLookupError:
+        pass
+
+
+def toml_overrides(values: Mapping[str, Any]) -> str:
+    """Run-config overrides as ``flwr run -c`` takes them (TOML values)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+class SimulationEngine:
+    """A simulation SuperLink for the duration of a ``with`` block; ``run`` submits one run."""
+
+    def __init__(self, work: Path, cpus_per_site: int = 1, total_cpus: int | None = None) -> None:
+        self.work = Path(work)
+        self.cpus_per_site, self.total_cpus = cpus_per_site, total_cpus or os.cpu_count() or 1
+        self.home = self.work / "flwr-home"
+        self.port = 0
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "SimulationEngine":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()  # Flower 1.42 serves every SuperLink API over one HTTP port
+        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+                                               f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        log = self.work / "superlink.log"
+        with log.open("w") as fh:
+            self._proc = subprocess.Popen(
+                [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--database", str(self.work / "state.db")],
+                env=flwr_env(self.home), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for_port(self.port, self._proc, log)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            stop_process_group(self._proc)
+
+    def run(self, overrides: Mapping[str, Any], num_sites: int, log_path: Path,
+            on_line: Callable[[str], None] | None = None, timeout: float | None = None) -> None:
+        """``flwr run`` this app with ``overrides`` on ``num_sites`` virtual SuperNodes; every output
+        line goes to ``log_path`` and ``on_line``. Raises with the log's tail if the run fails."""
+        federation = (f"num-supernodes={num_sites} client-resources-num-cpus={self.cpus_per_site} "
+                      f"init-args-num-cpus={self.total_cpus}")
+        cmd = [str(BIN / "flwr"), "run", str(REPO), "sim", "--stream", "--federation-config", federation,
+               "-c", toml_overrides(overrides)]
+        lines: list[str] = []
+        with log_path.open("w") as fh:
+            proc = subprocess.Popen(cmd, env=flwr_env(self.home), cwd=self.work, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                lines.append(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+                if deadline is not None and time.monotonic() > deadline:
+                    stop_process_group(proc)
+                    raise TimeoutError(f"flwr run did not finish within {timeout} s (log: {log_path})")
+            proc.wait()
+        text = "".join(lines)
+        if proc.returncode != 0 or "run finished" not in text:
+            raise RuntimeError(f"flwr run failed (exit {proc.returncode}); log: {log_path}\n{text[-3000:]}")

@@ -1,0 +1,161 @@
+"""Experiments as files: ``simulations/experiments/<name>.toml`` read into typed dataclasses.
+
+An experiment is scenarios x methods x seeds under one training budget:
+
+- a **scenario** says how the data become sites (``simulations.splits``): natural sites, the
+  ``site`` column of a pooled dataset's labels.csv, Dirichlet label skew, quantity skew, an IID split, with optional scanner shift, faulty
+  sites, and leave-one-site-out;
+- a **method** is ``local`` (each site alone), ``pooled`` (all training patients in one place),
+  ``federated`` (the Flower ServerApp/ClientApp on the simulation engine) or
+  ``location-finetune`` (paper §5.1.2), each with run-config overrides (the keys of
+  ``[tool.flwr.app.config]``: ``model.*``, ``preprocess.*``, ``train.*``, ``strategy.*``), which the
+  baselines read exactly as the federation does;
+- the **budget** (rounds x local steps x batch size) is the same for every method: a federated
+  run's sites together see ``rounds x local_steps x batch x sites`` samples per stage, the pooled
+  model as many, every local model its site's share (``samples seen``, not epochs).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.config import check_known_keys
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+METHOD_KINDS: tuple[str, ...] = ("local", "pooled", "federated", "location-finetune")
+SPLITS: tuple[str, ...] = ("natural", "site-column", "dirichlet", "quantity", "iid")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per stage: ``rounds`` of ``local_steps`` optimizer steps of ``batch_size`` slices per site."""
+
+    rounds_stage1: int = 4
+    rounds_stage2: int = 4
+    local_steps: int = 16
+    batch_size: int = 8
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if min(self.rounds_stage1, self.rounds_stage2) < 0 or self.rounds_stage1 + self.rounds_stage2 == 0:
+            raise ValueError(f"budget rounds must be >= 0 and not both 0, got {self.rounds_stage1}, {self.rounds_stage2}")
+        if self.local_steps < 1 or self.batch_size < 1:
+            raise ValueError("budget local_steps and batch_size must be >= 1")
+        if not (0 <= self.val_fraction and 0 < self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("budget val_fraction and test_fraction must leave a training split")
+
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        return (1.0 - self.val_fraction - self.test_fraction, self.val_fraction, self.test_fraction)
+
+    def run_config(self) -> dict[str, Any]:
+        """The budget as run-config values (what the ServerApp and ClientApp read)."""
+        return {"rounds.stage1": self.rounds_stage1, "rounds.stage2": self.rounds_stage2,
+                "train.local-steps": self.local_steps, "train.local-epochs": 1, "train.batch-size": self.batch_size,
+                "data.val-fraction": self.val_fraction, "data.test-fraction": self.test_fraction}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """How one dataset becomes the sites of one comparison (``simulations.splits``)."""
+
+    name: str = "natural"
+    split: str = "natural"
+    n_sites: int = 12          # virtual sites of a pooled split (ignored by natural / site-column)
+    alpha: float = 0.5         # Dirichlet concentration: label skew (dirichlet) or sizes (quantity)
+    shift: float = 0.0         # scanner shift severity 0..1 (noise, blur, HU offset, resolution per site)
+    leave_out: str = ""        # "": none; "all": every site in turn; or one site id
+    bad_sites: int = 0         # robustness: the first k sites (sorted) misbehave ...
+    fault: Mapping[str, Any] = field(default_factory=dict)  # ... like this (client.faults)
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"scenario {self.name!r}: split must be one of {list(SPLITS)}, got {self.split!r}")
+        if not 0.0 <= self.shift <= 1.0:
+            raise ValueError(f"scenario {self.name!r}: shift must be in [0, 1], got {self.shift}")
+        if self.alpha <= 0 or self.n_sites < 2:
+            raise ValueError(f"scenario {self.name!r}: alpha must be > 0 and n_sites >= 2")
+        if self.bad_sites and not self.fault:
+            raise ValueError(f"scenario {self.name!r}: bad_sites = {self.bad_sites} needs a fault table")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of training: its kind and its run-config overrides."""
+
+    name: str
+    kind: str
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+    split_by: str = "patient"   # "slice": the paper's random slice split (§5.1.1), pooled/local only
+    finetune_steps: int = 0     # location-finetune: U-Net steps per location (0 = one stage-1 budget)
+
+    def __post_init__(self) -> None:
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {list(METHOD_KINDS)}, got {self.kind!r}")
+        if self.split_by not in ("patient", "slice"):
+            raise ValueError(f"method {self.name!r}: split_by must be 'patient' or 'slice'")
+        if self.split_by == "slice" and self.kind == "federated":
+            raise ValueError(f"method {self.name!r}: a federated run always splits by patient at every site")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    budget: Budget
+    scenarios: tuple[Scenario, ...]
+    methods: tuple[Method, ...]
+    run_config: Mapping[str, Any] = field(default_factory=dict)   # overrides shared by every method
+    paper: Mapping[str, Any] = field(default_factory=dict)        # the source paper's figures, for the report
+    source: str = ""
+
+    def method_run_config(self, method: Method) -> dict[str, Any]:
+        """Run-config overrides of one method: budget, then the experiment's, then the method's."""
+        return {**self.budget.run_config(), **self.run_config, **method.run_config}
+
+
+def _build(cls: type, d: Mapping[str, Any], what: str):
+    check_known_keys(cls, d, what)
+    return cls(**d)
+
+
+def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
+    """An experiment from its TOML table; unknown keys are errors naming the file."""
+    where = source or "experiment"
+    allowed = {f.name for f in fields(Experiment)} - {"source"}
+    unknown = set(doc) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(allowed)}")
+    methods = tuple(_build(Method, m, f"{where}: method") for m in doc.get("methods", []))
+    if not methods:
+        raise ValueError(f"{where}: no [[methods]]")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: method names must be unique, got {names}")
+    scenarios = tuple(_build(Scenario, s, f"{where}: scenario") for s in doc.get("scenarios", [{}]))
+    seeds = tuple(int(s) for s in doc.get("seeds", [0]))
+    if not seeds:
+        raise ValueError(f"{where}: seeds is empty")
+    return Experiment(name=str(doc.get("name", Path(source).stem or "experiment")), description=str(doc.get("description", "")),
+                      seeds=seeds, budget=_build(Budget, doc.get("budget", {}), f"{where}: budget"),
+                      scenarios=scenarios, methods=methods, run_config=dict(doc.get("run_config", {})),
+                      paper=dict(doc.get("paper", {})), source=source)
+
+
+def load_experiment(name_or_file: str | Path) -> Experiment:
+    """A bundled experiment by name (``default``, ``covariate_shift``, ...) or a TOML file's path."""
+    path = Path(name_or_file)
+    if not path.suffix:
+        path = EXPERIMENTS_DIR / f"{name_or_file}.toml"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+        raise FileNotFoundError(f"{name_or_file}: no such experiment file; bundled experiments: {bundled}")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    return parse_experiment(doc, str(path))

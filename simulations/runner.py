@@ -1,0 +1,466 @@
+"""Run an experiment: every scenario x seed x method, evaluated the same way at the same sites.
+
+Per scenario and seed the data become sites (``simulations.splits`` -> ``simulations.virtual``);
+then every method trains under the experiment's budget and is scored on every evaluation site's
+test patients (the ClientApp's own patient-wise split, same fractions, same seed), or, for a
+leave-one-site-out fold, on all patients of the held-out site. Results are long-table rows
+``{scenario, method, seed, site, marker, metric, value}`` plus per-round curves, ROC arrays and
+timings, handed to ``simulations.report``.
+
+Local-only and pooled training run in this process with the ClientApp's own training code and
+configuration (``SiteRunConfig.train_config``: same optimiser, augmentation, balanced sampling and
+per-round seeds); federated methods run on Flower's simulation engine (``simulations.engine``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from client.cache import SiteCache
+from client.client_app import SiteRunConfig
+from client.dataset import SliceDataset, brain_slices, dataset_labels, make_loader, parts_of, split_slices
+from client.evaluate import evaluate
+from client.train import output_columns, train_stage
+from common.checkpoint import build_from_checkpoint, load_checkpoint
+from common.config import MARKERS, PreprocessConfig
+from common.losses import label_counts, pos_weight_from_counts
+from common.model import JointModel, build_joint_model, norm_state_keys
+from common.records import HALF_OF_STAGE, TrainInstruction, model_from_run_config, run_value
+from simulations.engine import SimulationEngine
+from simulations.experiment import Experiment, Method, Scenario
+from simulations.sites import prepare_caches
+from simulations.splits import (SitePlan, dirichlet_plans, iid_plans, natural_plans, quantity_plans, site_column_plans,
+                                with_shift_and_faults)
+from simulations.virtual import plan_cache, write_manifest
+
+Log = Callable[[str], None]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Flower warnings that say nothing about the run (the SuperNode count is set explicitly; Ray
+#: stops its actors at the end of every run).
+FLOWER_NOISE = ("default simulated SuperNodes changed", "Manually terminating ClientAppActor")
+
+
+@dataclass
+class EvalSite:
+    """Where a method is scored: a site id and the slices (its test patients, or all of a held-out site)."""
+
+    site_id: str
+    data: SliceDataset
+
+
+@dataclass
+class Case:
+    """One scenario (or leave-one-site-out fold) at one seed: training sites and evaluation sites."""
+
+    name: str
+    seed: int
+    plans: list[SitePlan]
+    caches: list[SiteCache]
+    train: list[SliceDataset]
+    evaluate: list[EvalSite]
+    held_out: str = ""
+
+
+@dataclass
+class Results:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    roc: dict[str, dict[str, Any]] = field(default_factory=dict)      # "scenario/method" -> arrays (first seed)
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    sites: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # scenario -> site descriptions
+    privacy: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    models: dict[str, JointModel] = field(default_factory=dict)        # "scenario/method" -> a model (first seed)
+
+
+# --- metrics as long-table rows ----------------------------------------------------------------
+
+def macro_slice_auc(metrics: dict[str, Any]) -> float:
+    values = [metrics.get(f"auc_slice/{m}", math.nan) for m in MARKERS]
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def metric_rows(metrics: dict[str, Any], **key: Any) -> list[dict[str, Any]]:
+    """``client.evaluate.evaluate``'s flat metrics as rows (marker "" for whole-model metrics)."""
+    rows = []
+    for name, value in metrics.items():
+        if name == "arrays" or not isinstance(value, (int, float, np.floating, np.integer)):
+            continue
+        metric, _, marker = name.partition("/")
+        rows.append({**key, "marker": marker, "metric": metric, "value": float(value)})
+    rows.append({**key, "marker": "", "metric": "macro_auc_slice", "value": macro_slice_auc(metrics)})
+    return rows
+
+
+# --- the cases of a scenario --------------------------------------------------------------------
+
+def scenario_plans(scenario: Scenario, sources: Sequence[SiteCache], seed: int, log: Log) -> list[SitePlan]:
+    if scenario.split == "natural":
+        plans = natural_plans(sources)
+    elif scenario.split == "site-column":
+        plans, problems = site_column_plans(sources)
+        for p in problems:
+            log(f"  note: {p}")
+    elif scenario.split == "iid":
+        plans = iid_plans(sources, scenario.n_sites, seed)
+    elif scenario.split == "dirichlet":
+        plans = dirichlet_plans(sources, scenario.n_sites, scenario.alpha, seed)
+    else:
+        plans = quantity_plans(sources, scenario.n_sites, scenario.alpha, seed)
+    return with_shift_and_faults(plans, scenario.shift, seed, scenario.bad_sites, scenario.fault)
+
+
+def make_cases(scenario: Scenario, sources: Sequence[SiteCache], seed: int, fractions: tuple[float, float, float],
+               work: Path, log: Log) -> list[Case]:
+    """The scenario's sites at this seed; with ``leave_out`` one case per held-out site."""
+    plans = scenario_plans(scenario, sources, seed, log)
+    caches = [plan_cache(p, sources, work / "sites") for p in plans]
+    splits = [split_slices(c, fractions, seed=seed, by="patient") for c in caches]
+    train = [SliceDataset(c, s["train"]) for c, s in zip(caches, splits)]
+    if not scenario.leave_out:
+        evals = [EvalSite(p.site_id, SliceDataset(c, s["test"])) for p, c, s in zip(plans, caches, splits)]
+        return [Case(scenario.name, seed, plans, caches, train, evals)]
+    ids = [p.site_id for p in plans]
+    held = ids if scenario.leave_out == "all" else [scenario.leave_out]
+    unknown = set(held) - set(ids)
+    if unknown:
+        raise ValueError(f"scenario {scenario.name!r}: leave_out {sorted(unknown)} is not a site; sites: {ids}")
+    cases = []
+    for site in held:
+        k = ids.index(site)
+        keep = [i for i in range(len(plans)) if i != k]
+        cases.append(Case(f"{scenario.name}/without-{site}", seed, [plans[i] for i in keep], [caches[i] for i in keep],
+                          [train[i] for i in keep], [EvalSite(site, SliceDataset(caches[k], brain_slices(caches[k])))],
+                          held_out=site))
+    return cases
+
+
+def describe_sites(case: Case) -> list[dict[str, Any]]:
+    """Per site: sizes, positives per marker, scanner shift, fault (for the report)."""
+    out = []
+    for plan, cache, train in zip(case.plans, case.caches, case.train):
+        labels = train.labels()[:, :len(MARKERS)]
+        pos, _ = label_counts(labels) if len(train) else (np.zeros(len(MARKERS), int), None)
+        out.append({"site": plan.site_id, "studies": len(cache.studies), "patients": len({s["patient"] for s in cache.studies}),
+                    "train_slices": len(train), "positives": {m: int(v) for m, v in zip(MARKERS, pos)},
+                    "shift": plan.shift.describe() if not plan.shift.is_identity else "", "fault": dict(plan.fault),
+                    "cache": str(cache.path)})
+    return out
+
+
+# --- training under the budget (local-only and pooled) ----------------------------------------
+
+def pooled(datasets: Sequence[Dataset]) -> Dataset:
+    non_empty = [d for d in datasets if len(d)]
+    return non_empty[0] if len(non_empty) == 1 else ConcatDataset(non_empty)
+
+
+def stage2_weight(rc: dict, model: JointModel, ds: Dataset) -> torch.Tensor | None:
+    """neg/pos of the training slices this model sees (a pooled model: all sites' = the federation's
+    global weight; a local model: its own site's), or none with ``train.pos-weight = none``."""
+    if str(run_value(rc, "train.pos-weight")) == "none" or not len(ds):
+        return None
+    pos, neg = label_counts(dataset_labels(ds)[:, output_columns(model)])
+    max_w = float(run_value(rc, "train.max-pos-weight"))
+    return pos_weight_from_counts(pos, neg, max_weight=max_w if max_w > 0 else None)
+
+
+def train_rounds(model: JointModel, ds: Dataset, rc: dict, steps_per_round: int, seed: int,
+                 after_round: Callable[[int, int], None] | None = None) -> None:
+    """The federation's schedule without the federation: ``rounds.stage1`` rounds of stage 1, then
+    ``rounds.stage2`` of stage 2, each a fresh optimiser for ``steps_per_round`` steps at the
+    round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``)."""
+    site_run = SiteRunConfig.from_run_config({**rc, "seed": seed})
+    lr1 = float(run_value(rc, "train.lr"))
+    lr2 = float(run_value(rc, "train.lr-stage2")) or lr1
+    r1, r2 = int(run_value(rc, "rounds.stage1")), int(run_value(rc, "rounds.stage2"))
+    weight = stage2_weight(rc, model, ds)
+    for rnd in range(1, r1 + r2 + 1):
+        stage = 1 if rnd <= r1 else 2
+        order = TrainInstruction(server_round=rnd, stage=stage, lr=lr1 if stage == 1 else lr2,
+                                 local_steps=steps_per_round, local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))))
+        cfg = site_run.train_config(order)
+        loader = make_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage)
+        if len(ds):
+            train_stage(model, loader, stage, cfg, "cpu", weight if stage == 2 else None)
+        if after_round is not None:
+            after_round(rnd, stage)
+
+
+def score(model: JointModel, sites: Sequence[EvalSite], batch_size: int) -> dict[str, dict[str, Any]]:
+    return {s.site_id: evaluate(model, s.data, "cpu", batch_size) for s in sites if len(s.data)}
+
+
+def curve_point(per_site: dict[str, dict[str, Any]], **key: Any) -> dict[str, Any]:
+    """Mean over sites of Dice and macro-AUCs after one round."""
+    def mean(values):
+        v = [x for x in values if x is not None and not math.isnan(x)]
+        return float(np.mean(v)) if v else math.nan
+    return {**key, "dice": mean([m.get("dice") for m in per_site.values()]),
+            "macro_auc_slice": mean([macro_slice_auc(m) for m in per_site.values()]),
+            "macro_auc_study": mean([m.get("macro_auc_study") for m in per_site.values()])}
+
+
+# --- one method on one case ---------------------------------------------------------------------
+
+class Runner:
+    """Runs an experiment's methods case by case; collects rows, curves, ROC arrays and timings."""
+
+    def __init__(self, exp: Experiment, out_dir: Path, log: Log = print, engine: SimulationEngine | None = None) -> None:
+        self.exp, self.out_dir, self.log, self.engine = exp, out_dir, log, engine
+        self.results = Results()
+        self.eval_batch = 32
+
+    def record(self, case: Case, method: str, per_site: dict[str, dict[str, Any]]) -> None:
+        for site, metrics in per_site.items():
+            self.results.rows += metric_rows(metrics, scenario=case.name, method=method, seed=case.seed, site=site)
+        key = f"{case.name}/{method}"
+        if key not in self.results.roc and per_site:
+            arrays = [m["arrays"] for m in per_site.values()]
+            self.results.roc[key] = {"names": arrays[0]["names"],
+                                     "labels": np.concatenate([a["slice_labels"] for a in arrays]),
+                                     "scores": np.concatenate([a["slice_scores"] for a in arrays])}
+
+    def run_method(self, case: Case, method: Method) -> None:
+        rc = full_run_config(self.exp.method_run_config(method), case.seed)
+        t0 = time.perf_counter()
+        if method.kind == "local":
+            self.run_local(case, method, rc)
+        elif method.kind == "pooled":
+            self.run_pooled(case, method, rc)
+        elif method.kind == "location-finetune":
+            self.run_location_finetune(case, method, rc)
+        else:
+            self.run_federated(case, method, rc)
+        seconds = time.perf_counter() - t0
+        self.results.timings.append({"scenario": case.name, "method": method.name, "seed": case.seed, "seconds": seconds})
+        self.log(f"  {method.name}: done in {seconds:.0f} s")
+
+    def _curve(self, case: Case, method: str, models: Callable[[], dict[str, JointModel]]) -> Callable[[int, int], None]:
+        def after_round(rnd: int, stage: int) -> None:
+            per_site = {}
+            for site in case.evaluate:
+                model = models()[site.site_id]
+                per_site[site.site_id] = evaluate(model, site.data, "cpu", self.eval_batch)
+            self.results.curves.append(curve_point(per_site, scenario=case.name, method=method, seed=case.seed,
+                                                   round=rnd, stage=stage))
+        return after_round
+
+    def _resplit(self, case: Case, method: Method) -> tuple[list[Dataset], list[EvalSite]]:
+        """Training sets and evaluation sites for the method's split (the paper's random slice split
+        puts slices of one patient on both sides)."""
+        if method.split_by == "patient" or case.held_out:
+            return list(case.train), case.evaluate
+        fr = self.exp.budget.fractions
+        splits = [split_slices(c, fr, seed=case.seed, by="slice") for c in case.caches]
+        return ([SliceDataset(c, s["train"]) for c, s in zip(case.caches, splits)],
+                [EvalSite(p.site_id, SliceDataset(c, s["test"])) for p, c, s in zip(case.plans, case.caches, splits)])
+
+    def run_local(self, case: Case, method: Method, rc: dict) -> None:
+        """Each site alone, its share of the budget; scored at its own test patients (or, in a
+        leave-one-site-out fold, every local model at the held-out site: mean and best)."""
+        model_cfg, _ = model_from_run_config(rc)
+        steps = int(run_value(rc, "train.local-steps"))
+        trains, evals = self._resplit(case, method)
+        models: dict[str, JointModel] = {}
+        for plan, ds in zip(case.plans, trains):
+            models[plan.site_id] = build_joint_model(model_cfg, seed=case.seed)
+        if case.held_out:
+            per_model = []
+            for site_id, ds in zip(models, trains):
+                train_rounds(models[site_id], ds, rc, steps, case.seed)
+                per_model.append(score(models[site_id], evals, self.eval_batch)[case.held_out])
+            best = max(per_model, key=lambda m: _nan_low(m.get("macro_auc_study")))
+            self.record(case, method.name, {case.held_out: _mean_metrics(per_model)})
+            self.record(case, f"{method.name} (best site)", {case.held_out: best})
+            return
+        by_site = {e.site_id: e for e in evals}
+        for n, (site_id, ds) in enumerate(zip(models, trains), 1):
+            one = [by_site[site_id]]
+            self.log(f"  {method.name}: site {n}/{len(models)} {site_id} ({len(ds)} training slices)")
+            after = self._curve(Case(case.name, case.seed, [], [], [], one), f"{method.name}@{site_id}", lambda: models)
+            train_rounds(models[site_id], ds, rc, steps, case.seed, after)
+            self.record(case, method.name, score(models[site_id], one, self.eval_batch))
+        self._merge_local_curves(case, method.name)
+        self.results.models.setdefault(f"{case.name}/{method.name}", next(iter(models.values())))
+
+    def _merge_local_curves(self, case: Case, name: str) -> None:
+        """Per-site local curves -> one curve: the mean over sites at each round."""
+        mine = [c for c in self.results.curves if c["method"].startswith(f"{name}@") and c["scenario"] == case.name
+                and c["seed"] == case.seed]
+        self.results.curves = [c for c in self.results.curves if c not in mine]
+        for rnd in sorted({c["round"] for c in mine}):
+            at = [c for c in mine if c["round"] == rnd]
+            self.results.curves.append({"scenario": case.name, "method": name, "seed": case.seed, "round": rnd,
+                                        "stage": at[0]["stage"],
+                                        **{k: float(np.nanmean([c[k] for c in at])) if any(not math.isnan(c[k]) for c in at)
+                                           else math.nan for k in ("dice", "macro_auc_slice", "macro_auc_study")}})
+
+    def run_pooled(self, case: Case, method: Method, rc: dict) -> None:
+        """All sites' training patients in one place; the whole federation's budget (sites x steps)."""
+        model_cfg, _ = model_from_run_config(rc)
+        trains, evals = self._resplit(case, method)
+        ds = pooled(trains)
+        model = build_joint_model(model_cfg, seed=case.seed)
+        steps = int(run_value(rc, "train.local-steps")) * len(trains)
+        self.log(f"  {method.name}: {len(ds)} training slices from {len(trains)} sites, {steps} steps per round")
+        train_rounds(model, ds, rc, steps, case.seed, self._curve(Case(case.name, case.seed, [], [], [], evals),
+                                                                   method.name, lambda: {e.site_id: model for e in evals}))
+        self.record(case, method.name, score(model, evals, self.eval_batch))
+        self.results.models.setdefault(f"{case.name}/{method.name}", model)
+
+    def run_location_finetune(self, case: Case, method: Method, rc: dict) -> None:
+        """Paper §5.1.2: a U-Net trained on every location, then fine-tuned on one location's
+        patients; Dice per location before and after (rows ``site = location:<name>``)."""
+        model_cfg, _ = model_from_run_config(rc)
+        ds = pooled(case.train)
+        base = build_joint_model(model_cfg, seed=case.seed)
+        steps = int(run_value(rc, "train.local-steps")) * len(case.train)
+        train_rounds(base, ds, {**rc, "rounds.stage2": 0}, steps, case.seed)
+        site_run = SiteRunConfig.from_run_config({**rc, "seed": case.seed})
+        for location, (train_loc, test_loc) in location_subsets(case).items():
+            key = dict(scenario=case.name, seed=case.seed, site=f"location:{location}")
+            before = evaluate(base, test_loc, "cpu", self.eval_batch)
+            tuned = copy.deepcopy(base)
+            cfg = site_run.train_config(TrainInstruction(server_round=1, stage=1, lr=float(run_value(rc, "train.lr")),
+                                                         local_steps=method.finetune_steps or steps))
+            train_stage(tuned, make_loader(train_loc, cfg.batch_size, True, cfg.seed, cfg.balanced, stage=1), 1, cfg)
+            after = evaluate(tuned, test_loc, "cpu", self.eval_batch)
+            for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):
+                self.results.rows += [{**key, "method": name, "marker": "", "metric": k, "value": float(m[k])}
+                                      for k in ("dice", "dice_per_study", "iou")]
+            self.log(f"  {location}: dice {before['dice']:.3f} -> {after['dice']:.3f} after fine-tuning")
+
+    def run_federated(self, case: Case, method: Method, rc: dict) -> None:
+        """The ServerApp and ClientApp on Flower's simulation engine, one virtual SuperNode per site."""
+        if self.engine is None:
+            raise RuntimeError("federated methods need a SimulationEngine")
+        run_dir = self.out_dir / "federated"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.out_dir.name}-{case.name}-{method.name}-s{case.seed}")
+        manifest = write_manifest(run_dir / f"{name}.partitions.json", case.plans, case.caches)
+        overrides = {**self.exp.method_run_config(method), "seed": case.seed, "data.partitions": str(manifest),
+                     "output.dir": str(run_dir), "output.name": name}
+        total = int(run_value(rc, "rounds.stage1")) + int(run_value(rc, "rounds.stage2"))
+        self.log(f"  {method.name}: flwr run on {len(case.plans)} virtual SuperNodes ({total} rounds)")
+        self.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=self._flower_progress(method.name))
+        history = json.loads((run_dir / name / "history.json").read_text())
+        for r in history["rounds"]:
+            per_site = {site: m for site, m in r.get("evaluate", {}).get("sites", {}).items()
+                        if site in {e.site_id for e in case.evaluate}}
+            self.results.curves.append(curve_point(per_site, scenario=case.name, method=method.name, seed=case.seed,
+                                                   round=r["round"], stage=r["stage"]))
+            for f in r.get("failures", []):
+                self.results.failures.append({"scenario": case.name, "method": method.name, "seed": case.seed,
+                                              "round": r["round"], **f})
+            for site, m in r.get("train", {}).get("sites", {}).items():
+                if "privacy-epsilon" in m:
+                    self.results.privacy.append({"scenario": case.name, "method": method.name, "seed": case.seed,
+                                                 "round": r["round"], "site": site, "epsilon": m["privacy-epsilon"]})
+        model = build_from_checkpoint(load_checkpoint(run_dir / name / "global.pt"))
+        if str(run_value(rc, "strategy.name")) == "fedbn":
+            per_site = {e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, "cpu", self.eval_batch)
+                        for e in case.evaluate if len(e.data)}
+        else:
+            per_site = score(model, case.evaluate, self.eval_batch)
+        self.record(case, method.name, per_site)
+        self.results.models.setdefault(f"{case.name}/{method.name}", model)
+
+    def _flower_progress(self, method: str) -> Callable[[str], None]:
+        """Show the ServerApp's round lines and its warnings (a site failing, an update rejected)."""
+        def show(line: str) -> None:
+            line = ANSI.sub("", line)
+            if any(noise in line for noise in FLOWER_NOISE):
+                return
+            if "[ROUND" in line or "site(s) evaluated" in line or "WARNING" in line or "ERROR" in line:
+                self.log(f"    {method} | {re.sub(r'^.*?(INFO|WARNING|ERROR) *: *', '', line).strip()}")
+        return show
+
+
+def with_site_norms(model: JointModel, case: Case, site_id: str, run_name: str) -> JointModel:
+    """FedBN: the global model with one site's own normalisation layers (kept at that site)."""
+    if site_id not in [p.site_id for p in case.plans]:
+        return model
+    cache = case.caches[[p.site_id for p in case.plans].index(site_id)]
+    store = cache.path.parent / "federation" / site_id / run_name
+    local = copy.deepcopy(model)
+    state = local.state_dict()
+    keys = norm_state_keys(local)
+    for half in HALF_OF_STAGE.values():
+        path = store / f"norm-{half}.pt"
+        if path.is_file():
+            state.update({k: v for k, v in torch.load(path, weights_only=True).items() if k in keys})
+    local.load_state_dict(state)
+    return local
+
+
+def location_subsets(case: Case) -> dict[str, tuple[Dataset, Dataset]]:
+    """Per hematoma location: (training slices, test slices) over every site (location from labels.csv)."""
+    out: dict[str, tuple[list, list]] = {}
+    for train, ev in zip(case.train, case.evaluate):
+        for ds, slot in ((train, 0), (ev.data, 1)):
+            if not len(ds):
+                continue
+            study = ds.cache.slice_study()[ds.indices]
+            locations = np.asarray([s.get("location", "") for s in ds.cache.studies])[study]
+            for loc in sorted(set(locations) - {""}):
+                out.setdefault(str(loc), ([], []))[slot].append(SliceDataset(ds.cache, ds.indices[locations == loc]))
+    return {loc: (pooled(tr), pooled(te)) for loc, (tr, te) in out.items() if tr and te}
+
+
+def full_run_config(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The app's pyproject run config with the method's overrides, as ``flwr run`` fuses it."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from simulations.engine import REPO
+    return {**dict(get_fused_config_from_dir(REPO, {k: v for k, v in overrides.items()})), "seed": seed}
+
+
+def _nan_low(v: float | None) -> float:
+    return -1.0 if v is None or math.isnan(v) else float(v)
+
+
+def _mean_metrics(per_model: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each scalar metric over several models' scores at one site (NaN skipped)."""
+    out: dict[str, Any] = {}
+    for key in per_model[0]:
+        if key == "arrays":
+            continue
+        vals = [float(m[key]) for m in per_model if isinstance(m.get(key), (int, float)) and not math.isnan(float(m[key]))]
+        out[key] = float(np.mean(vals)) if vals else math.nan
+    out["arrays"] = per_model[0]["arrays"]
+    return out
+
+
+def source_caches(data_root: Path, rc: dict, log: Log) -> tuple[list[SiteCache], PreprocessConfig]:
+    """Every site folder's cache (built once, reused after) with the method's preprocessing."""
+    _, pre = model_from_run_config(rc)
+    caches, problems = prepare_caches(data_root, pre, progress=True)
+    if problems:
+        log(f"  {len(problems)} data problem(s) while building caches (run 'hemexp check SITE_DIR' for the list)")
+    return list(caches.values()), pre
+
+
+def iterate_cases(exp: Experiment, sources_for: Callable[[Method], list[SiteCache]], work: Path,
+                  log: Log) -> Iterator[tuple[Case, list[Method]]]:
+    """(case, methods) in run order; methods whose preprocessing differs get their own sources."""
+    groups: dict[str, list[Method]] = {}
+    for m in exp.methods:
+        pre = {k: v for k, v in exp.method_run_config(m).items() if k.startswith(("preprocess.", "model.preset", "model.image-size"))}
+        groups.setdefault(json.dumps(pre, sort_keys=True), []).append(m)
+    for scenario in exp.scenarios:
+        for seed in exp.seeds:
+            for methods in groups.values():
+                sources = sources_for(methods[0])
+                for case in make_cases(scenario, sources, seed, exp.budget.fractions, work, log):
+                    yield case, methods

@@ -1,0 +1,151 @@
+"""``python simulations/simulate.py``: run an experiment (federated strategies beside local-only and
+pooled baselines, same seeds and budget) and write its report.
+
+With no argument it generates the built-in synthetic 12-site dataset (or reuses it) and runs the
+``default`` experiment on Flower's simulation engine. ``--experiment NAME|FILE`` picks another
+(``simulations/experiments/*.toml``), ``--data`` the dataset (a folder of site folders), ``--out``
+where ``<name>-<timestamp>/`` with ``report.html``, ``metrics.json`` and CSVs goes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from simulations.experiment import Experiment, load_experiment  # noqa: E402
+
+DEFAULT_DATA = Path("data/synthetic")
+
+
+def ensure_data(data_root: Path, generate: bool, log=print) -> bool:
+    """Generate the built-in synthetic dataset where ``data_root`` does not exist yet.
+    Returns whether the data are (hemexp's) synthetic data."""
+    if not data_root.exists():
+        if not generate:
+            raise FileNotFoundError(f"{data_root}: data folder does not exist (give --data, or --generate to make "
+                                    "the built-in synthetic dataset there)")
+        from simulations.synthetic import generate_dataset
+        log(f"generating the synthetic 12-site dataset in {data_root} (once; reused by later runs)")
+        log(generate_dataset(data_root, progress=True).describe())
+    return (data_root / "dataset.json").is_file()
+
+
+def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, generate: bool = True,
+                   experiment_text: str = "") -> Path:
+    """Everything ``simulate.py`` does; returns the report's path."""
+    import torch
+
+    from simulations.engine import SimulationEngine
+    from simulations.report import environment, plot_overlays, plot_site_shift, text_summary, write_report
+    from simulations.runner import Runner, describe_sites, full_run_config, iterate_cases, source_caches
+
+    t0 = time.perf_counter()
+    synthetic = ensure_data(data_root, generate, log)
+    out_dir = out_root / f"{exp.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out_dir.mkdir(parents=True)
+    log(f"experiment {exp.name}: {len(exp.scenarios)} scenario(s) x {len(exp.seeds)} seed(s) x {len(exp.methods)} "
+        f"method(s); output {out_dir}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sources: dict[str, list] = {}
+
+    def sources_for(method) -> list:
+        rc = full_run_config(exp.method_run_config(method), exp.seeds[0])
+        key = repr(sorted((k, v) for k, v in rc.items() if k.startswith(("preprocess.", "model.preset", "model.image-size"))))
+        if key not in sources:
+            log("site caches (built once per preprocessing, reused after):")
+            sources[key] = source_caches(data_root, rc, log)[0]
+        return sources[key]
+
+    federated = any(m.kind == "federated" for m in exp.methods)
+    engine = SimulationEngine(out_dir / "engine") if federated else None
+    runner = Runner(exp, out_dir, log, engine)
+    extra: dict[str, dict] = {}
+    if engine is not None:
+        engine.__enter__()
+    try:
+        for case, methods in iterate_cases(exp, sources_for, out_dir, log):
+            log(f"\n== {case.name} | seed {case.seed} | {len(case.plans)} training site(s)")
+            runner.results.sites.setdefault(case.name, describe_sites(case))
+            if case.name not in extra:
+                caches = {p.site_id: c for p, c in zip(case.plans, case.caches)}
+                extra[case.name] = {"shift": plot_site_shift(runner.results.sites[case.name], caches,
+                                                             (out_dir / "figures").joinpath(f"{_slug(case.name)}_shift.png")
+                                                             if _mkdir(out_dir / "figures") else None)}
+            for k, method in enumerate(methods, 1):
+                log(f"[{k}/{len(methods)}] {method.name} ({method.kind})")
+                runner.run_method(case, method)
+            if "overlays" not in extra[case.name]:
+                model = _best_model(runner, case.name, exp)
+                examples = [(e.site_id, e.data[int(_hematoma_slice(e.data))]) for e in case.evaluate[:8] if len(e.data)]
+                extra[case.name]["overlays"] = plot_overlays(model, examples, out_dir / "figures" / f"{_slug(case.name)}_overlays.png")
+    finally:
+        if engine is not None:
+            engine.__exit__(None, None, None)
+    report = write_report(out_dir, exp, runner.results, extra, environment(), synthetic, experiment_text)
+    from simulations.report import summarise
+    log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
+    log(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {report}")
+    return report
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def _mkdir(path: Path) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def _hematoma_slice(ds) -> int:
+    import numpy as np
+    pixels = ds.hematoma_pixels()
+    return int(np.argmax(pixels)) if len(pixels) else 0
+
+
+def _best_model(runner, scenario: str, exp: Experiment):
+    """The model of the first federated method (else the first method) for the overlay picture."""
+    order = [m.name for m in exp.methods if m.kind == "federated"] + [m.name for m in exp.methods]
+    for name in order:
+        model = runner.results.models.get(f"{scenario}/{name}")
+        if model is not None:
+            return model
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", default="default", help="a bundled experiment's name or a TOML file")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of site folders (default: %(default)s, "
+                   "generated there when missing)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="reports go to OUT/<experiment>-<timestamp>/")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the experiment's seeds")
+    p.add_argument("--no-generate", action="store_true", help="fail instead of generating missing data")
+    args = p.parse_args(argv)
+    try:
+        exp = load_experiment(args.experiment)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.seeds:
+        from dataclasses import replace
+        exp = replace(exp, seeds=tuple(args.seeds))
+    text = Path(exp.source).read_text() if exp.source else ""
+    generate = not args.no_generate and args.data == DEFAULT_DATA
+    try:
+        run_experiment(exp, args.data, args.out, generate=generate, experiment_text=text,
+                       log=lambda s: print(s, flush=True))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
