@@ -31,6 +31,7 @@ from client.dataset import SliceDataset, dataset_labels, make_loader, split_slic
 from client.evaluate import evaluate
 from client.faults import FaultError, corrupt_training_data, corrupt_update, fault_seed
 from client.partitions import Partition, read_partitions
+from client.privacy import SitePrivacy
 from client.site import list_site_folders, read_site_config
 from client.train import TrainConfig, output_columns, train_stage
 from common.config import LABELS, PreprocessConfig
@@ -310,9 +311,11 @@ def train(msg: Message, context: Context) -> Message:
     store = SiteStore.for_run(site, order.run_name)
     model, local_keys = receive_model(msg, run, store, order.stage, order.local_norm, order.unet_digest)
     cfg = run.train_config(order)
+    privacy = SitePrivacy.open(context.run_config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
     loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=order.stage)
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
-    result = train_stage(model, loader, order.stage, cfg, resolve_device(site.device), pos_weight)
+    result = (privacy.train(model, cfg, resolve_device(site.device), pos_weight) if privacy is not None
+              else train_stage(model, loader, order.stage, cfg, resolve_device(site.device), pos_weight))
 
     state = half_state_dict(model.cpu(), order.half)
     if local_keys:
@@ -326,6 +329,8 @@ def train(msg: Message, context: Context) -> Message:
     })
     if not run.secure_counts:  # with secure counts, this site's counts leave it only masked
         metrics[LABEL_POS], metrics[LABEL_NEG] = site_label_counts(data.train, run.model)
+    if privacy is not None:
+        metrics.update(privacy.metrics())
     content = RecordDict({ARRAYS: state_to_record(state, exclude=local_keys), METRICS: metrics, SITE: _site_record(site)})
     return Message(content, reply_to=msg)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader
 from common.config import LABELS, check_known_keys
 from common.losses import segmentation_loss, weighted_bce
 from common.model import JointModel, freeze_unet, to_input, unfreeze_unet
+
+if TYPE_CHECKING:  # client.privacy imports this module
+    from client.privacy import DPSGD
 
 STAGES = (1, 2)
 OPTIMIZERS = ("adamw", "sgd")
@@ -120,8 +123,14 @@ def proximal_term(params: list[Tensor], anchor: list[Tensor], mu: float) -> Tens
 
 
 def stage_loss(model: JointModel, batch: dict[str, Tensor], stage: int, pos_weight: Tensor | None,
-               device: torch.device, cfg: TrainConfig | None = None, g: torch.Generator | None = None) -> Tensor | None:
-    """The loss of one batch for a stage, or None when the batch has nothing to learn from."""
+               device: torch.device, cfg: TrainConfig | None = None, g: torch.Generator | None = None,
+               per_sample: bool = False) -> Tensor | None:
+    """The loss of one batch for a stage, or None when the batch has nothing to learn from.
+
+    ``per_sample``: a mean of per-slice losses, so that each slice's gradient depends on that
+    slice alone (DP-SGD clips per slice; the default Dice pools the batch)."""
+    if batch["image"].shape[0] == 0:  # DP-SGD's Poisson batches can be empty
+        return None
     image = to_input(batch["image"])
     mask = batch["mask"].unsqueeze(1).float()
     if cfg is not None and cfg.augment and g is not None:
@@ -131,13 +140,13 @@ def stage_loss(model: JointModel, batch: dict[str, Tensor], stage: int, pos_weig
         known = batch["mask_known"].to(device)
         if not bool(known.any()):
             return None
-        return segmentation_loss(model.segment(image[known]), mask[known])
+        return segmentation_loss(model.segment(image[known]), mask[known], per_sample=per_sample)
     labels = batch["labels"][:, output_columns(model)].to(device)
     if bool(torch.isnan(labels).all()):
         return None
     given_mask = mask if model.cfg.masked_input and bool(batch["mask_known"].all()) else None
     _, logits = model(image, given_mask)
-    return weighted_bce(logits, labels, pos_weight)
+    return weighted_bce(logits, labels, pos_weight, per_sample=per_sample)
 
 
 def trainable_half(model: JointModel, stage: int) -> torch.nn.Module:
@@ -148,20 +157,27 @@ def trainable_half(model: JointModel, stage: int) -> torch.nn.Module:
 
 def train_stage(model: JointModel, loader: DataLoader, stage: int, cfg: TrainConfig, device: torch.device | str = "cpu",
                 pos_weight: Tensor | None = None, progress: bool = False,
-                on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                on_step: Callable[[int, float], None] | None = None, privacy: "DPSGD | None" = None) -> TrainResult:
     """Train one stage for ``cfg.epochs`` over ``loader`` (or ``cfg.max_steps`` steps).
 
     Stage 2 freezes the U-Net (bit-identical afterwards); stage 1 trains the U-Net only.
     Deterministic by ``cfg.seed``: stochastic layers (dropout, EfficientNet's drop-connect)
     draw from torch's global generator, which is forked and seeded here and restored after.
+    ``privacy`` (``client.privacy.DPSGD``): DP-SGD on the trained half, Poisson batches drawn from
+    ``loader.dataset``, per-slice losses; every step is a noisy one, an empty batch included.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return _train_stage(model, loader, stage, cfg, device, pos_weight, progress, on_step)
+        try:
+            return _train_stage(model, loader, stage, cfg, device, pos_weight, progress, on_step, privacy)
+        finally:
+            if privacy is not None:
+                privacy.detach()
 
 
 def _train_stage(model: JointModel, loader: DataLoader, stage: int, cfg: TrainConfig, device: torch.device | str,
-                 pos_weight: Tensor | None, progress: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
+                 pos_weight: Tensor | None, progress: bool, on_step: Callable[[int, float], None] | None,
+                 privacy: "DPSGD | None" = None) -> TrainResult:
     device = torch.device(device)
     model.to(device)
     if stage == 2:
@@ -172,6 +188,8 @@ def _train_stage(model: JointModel, loader: DataLoader, stage: int, cfg: TrainCo
     params = [p for p in half.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     opt = make_optimizer(params, cfg)
+    if privacy is not None:
+        opt, loader = privacy.attach(half, opt, loader, anchor, cfg.proximal_mu)
     total = cfg.epochs * len(loader)
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
@@ -188,9 +206,11 @@ def _train_stage(model: JointModel, loader: DataLoader, stage: int, cfg: TrainCo
         for batch in loader:
             if steps >= total:
                 break
-            loss = stage_loss(model, batch, stage, pos_weight, device, cfg, g)
+            loss = stage_loss(model, batch, stage, pos_weight, device, cfg, g, per_sample=privacy is not None)
             steps += 1
             if loss is None:
+                if privacy is not None:
+                    privacy.empty_step(opt)  # skipping would reveal the empty batch; its noise must still go in
                 sched.step()
                 continue
             if anchor is not None:

@@ -20,25 +20,30 @@ def _as_mask_target(target: Tensor, like: Tensor) -> Tensor:
     return target.to(like.dtype)
 
 
-def dice_loss(mask_logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+def dice_loss(mask_logits: Tensor, target: Tensor, smooth: float = 1.0, per_sample: bool = False) -> Tensor:
     """1 - soft Dice over the whole batch (one sum over all pixels of all images).
 
     Pooling the batch keeps slices without hematoma (most of them) from dominating as
     they would with a per-image Dice; ``smooth`` keeps an all-empty batch finite (loss 0
-    when nothing is predicted either).
+    when nothing is predicted either). ``per_sample``: the mean of each image's own Dice loss
+    instead, what DP-SGD needs (a pooled Dice makes one slice's gradient depend on the others).
     """
     target = _as_mask_target(target, mask_logits)
     prob = torch.sigmoid(mask_logits.float())
     target = target.float()
-    inter = (prob * target).sum()
-    return 1.0 - (2.0 * inter + smooth) / (prob.sum() + target.sum() + smooth)
+    dims = tuple(range(1, prob.dim())) if per_sample else tuple(range(prob.dim()))
+    inter = (prob * target).sum(dim=dims)
+    return (1.0 - (2.0 * inter + smooth) / (prob.sum(dim=dims) + target.sum(dim=dims) + smooth)).mean()
 
 
-def segmentation_loss(mask_logits: Tensor, target: Tensor) -> Tensor:
-    """Dice loss + pixel-wise BCE: Dice drives overlap, BCE gives well-behaved early gradients."""
+def segmentation_loss(mask_logits: Tensor, target: Tensor, per_sample: bool = False) -> Tensor:
+    """Dice loss + pixel-wise BCE: Dice drives overlap, BCE gives well-behaved early gradients.
+
+    ``per_sample``: a mean over the batch of per-image losses (DP-SGD, see ``dice_loss``).
+    """
     target = _as_mask_target(target, mask_logits)
     bce = F.binary_cross_entropy_with_logits(mask_logits.float(), target.float())
-    return dice_loss(mask_logits, target) + bce
+    return dice_loss(mask_logits, target, per_sample=per_sample) + bce
 
 
 def pos_weight_from_counts(
@@ -66,13 +71,16 @@ def pos_weight_from_counts(
     return w.float()
 
 
-def weighted_bce(marker_logits: Tensor, labels: Tensor, pos_weight: Tensor | None = None) -> Tensor:
+def weighted_bce(marker_logits: Tensor, labels: Tensor, pos_weight: Tensor | None = None,
+                 per_sample: bool = False) -> Tensor:
     """Weighted binary cross-entropy over the annotated entries only (paper formula 2).
 
     ``loss[n, c] = -(w_c * y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))``, averaged over the
     entries whose label is not NaN. NaN entries contribute nothing and get an exactly-zero
     gradient; with no annotated entry at all the loss is 0 (still attached to the graph, so
-    ``backward`` works and gives zero gradients).
+    ``backward`` works and gives zero gradients). ``per_sample``: the mean over rows of each
+    row's average over its own annotated entries (DP-SGD: no slice's gradient depends on how
+    many labels the other slices of the batch have).
     """
     if labels.shape != marker_logits.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} != logits shape {tuple(marker_logits.shape)}")
@@ -84,8 +92,10 @@ def weighted_bce(marker_logits: Tensor, labels: Tensor, pos_weight: Tensor | Non
     per_entry = F.binary_cross_entropy_with_logits(
         logits, torch.where(annotated, labels, torch.zeros_like(labels)), pos_weight=pos_weight, reduction="none"
     )
-    total = torch.where(annotated, per_entry, torch.zeros_like(per_entry)).sum()
-    return total / annotated.sum().clamp(min=1)
+    kept = torch.where(annotated, per_entry, torch.zeros_like(per_entry))
+    if per_sample:
+        return (kept.sum(dim=1) / annotated.sum(dim=1).clamp(min=1)).mean()
+    return kept.sum() / annotated.sum().clamp(min=1)
 
 
 def label_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from logging import INFO
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.common.logger import log
 
 from common.config import PreprocessConfig
 from common.presets import ModelConfig, get_preset
@@ -50,6 +52,12 @@ TRAIN_SECONDS = "train-seconds"
 #: in the model's output order. Lists of ints.
 LABEL_POS = "label-pos"
 LABEL_NEG = "label-neg"
+#: DP-SGD at the site (``privacy.dp``, client/privacy.py): the site's epsilon spent so far in this
+#: run (both stages) and its delta, numbers only; ``PRIVACY_EXHAUSTED`` 1 when the site did not
+#: train because the round would have exceeded ``privacy.target-epsilon`` (then num-examples 0).
+PRIVACY_EPSILON = "privacy-epsilon"
+PRIVACY_DELTA = "privacy-delta"
+PRIVACY_EXHAUSTED = "privacy-exhausted"
 #: Secure counts (``privacy.secure-counts``): the site's label counts and training slices, masked
 #: (``common.secure_sum``; layout ``pack_counts``). Ints in [0, 2^32).
 MASKED_COUNTS = "masked-counts"
@@ -219,12 +227,18 @@ def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, P
 
     ``model.image-size`` 0 keeps the preset's size; the preprocessing size always equals it.
     ``model.classifier`` (wavelet | vgg), ``model.masked-input`` and ``model.norm`` (batch | group,
-    group for DP-SGD) override the preset.
+    group for DP-SGD) override the preset. With ``privacy.dp`` the norm is always group (Opacus
+    cannot privatise BatchNorm, whose statistics mix the slices of a batch), at every site and
+    the server alike.
     """
     size = int(run_value(run_config, "model.image-size"))
+    norm = str(run_value(run_config, "model.norm"))
+    if privacy_from_run_config(run_config).dp and norm != "group":
+        log(INFO, "privacy.dp: model.norm %r replaced by 'group' (GroupNorm; DP-SGD cannot use BatchNorm)", norm)
+        norm = "group"
     overrides: dict[str, Any] = {"classifier": str(run_value(run_config, "model.classifier")),
                                  "masked_input": bool(run_value(run_config, "model.masked-input")),
-                                 "norm": str(run_value(run_config, "model.norm"))}
+                                 "norm": norm}
     if size:
         overrides["image_size"] = size
     model = get_preset(str(run_value(run_config, "model.preset")), **overrides)
@@ -232,6 +246,41 @@ def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, P
                            strip_skull=bool(run_value(run_config, "preprocess.strip-skull")),
                            centre=bool(run_value(run_config, "preprocess.centre")))
     return model, pre
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD at the site (``privacy.*`` in run config; docs/privacy.md). Off by default.
+
+    ``noise_multiplier`` 0: derived at each site from ``target_epsilon`` over the run's planned
+    steps; ``target_epsilon``: the site's whole budget for the run, both stages together;
+    ``delta`` 0: 1 / (the site's training slices); ``max_grad_norm``: the per-slice clipping bound C.
+    """
+
+    dp: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"privacy.noise-multiplier must be >= 0 (0: derived from privacy.target-epsilon), "
+                             f"got {self.noise_multiplier}")
+        if not self.target_epsilon > 0:
+            raise ValueError(f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
+        if not 0 <= self.delta < 1:
+            raise ValueError(f"privacy.delta must be in [0, 1) (0: 1 / training slices), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
+
+
+def privacy_from_run_config(run_config: Mapping[str, Any]) -> PrivacyConfig:
+    """The ``privacy.*`` DP-SGD keys, checked (a bad value is a ValueError naming its key)."""
+    v = lambda key: run_value(run_config, key)  # noqa: E731
+    return PrivacyConfig(dp=bool(v("privacy.dp")), noise_multiplier=float(v("privacy.noise-multiplier")),
+                         target_epsilon=float(v("privacy.target-epsilon")), delta=float(v("privacy.delta")),
+                         max_grad_norm=float(v("privacy.max-grad-norm")))
 
 
 #: Where stage 2's marker weights come from (``train.pos-weight``).

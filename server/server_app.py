@@ -37,6 +37,7 @@ from common.losses import pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import ModelConfig
 from common.records import (CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, METRICS, NUM_EXAMPLES,
+                            PRIVACY_EPSILON, PRIVACY_EXHAUSTED,
                             SERVER_ROUND, SITE, SITE_ID, EvaluateInstruction, TrainInstruction, arrays_digest,
                             model_from_run_config, pos_weight_mode, record_to_state, run_value,
                             state_to_record)
@@ -244,7 +245,8 @@ class Federation:
             if float(r.content[METRICS][NUM_EXAMPLES]) > 0:
                 usable.append(r)
             else:
-                log(INFO, "train: site %s had nothing to learn from in stage %d; left out of the aggregate", self._site(r), stage)
+                log(INFO, "train: site %s %s in stage %d; left out of the aggregate", self._site(r),
+                    idle_reason(r.content[METRICS]), stage)
         usable = self._reject_non_finite(usable, entry)
         aggregated = self._aggregate_train(rnd, half, strategy, usable, entry)
         return {"aggregated": aggregated, "sites": sites, "sent": len(messages), "received": len(replies)}
@@ -403,6 +405,13 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None)
             break
         time.sleep(POLL_SECONDS)
     return replies
+
+
+def idle_reason(metrics: MetricRecord) -> str:
+    """Why a site's train reply has nothing to aggregate (num-examples 0)."""
+    if int(metrics.get(PRIVACY_EXHAUSTED, 0)):
+        return f"did not train: privacy budget spent (epsilon {float(metrics.get(PRIVACY_EPSILON, math.nan)):.3f})"
+    return "had nothing to learn from"
 
 
 def _fmt(value: Any) -> str:
