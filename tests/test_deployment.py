@@ -6,8 +6,9 @@ from ``server.certs``, a real ``flower-superlink`` with TLS and SuperNode authen
 keys registered with ``flwr supernode register``, two SuperNodes started through ``flwr-client start``,
 a third with an unregistered key refused, a fourth with a registered key but another CA's root
 certificate refused by TLS itself (it cannot verify the SuperLink), and ``flwr run .`` finishing
-with a checkpoint. Every process is started in its own session and stopped (with its children) in
-``finally``.
+one round per stage with a checkpoint, its counts round a secure sum (``privacy.secure-counts``:
+each site's key must outlive the ClientApp process that made it). Every process is started in its
+own session and stopped (with its children) in ``finally``.
 """
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ def _wait_for(predicate, seconds: float, what: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(330)
 def test_tls_federation_on_loopback(tmp_path):
     certs, home, data = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "data"
     home.mkdir()
@@ -239,15 +240,17 @@ def test_tls_federation_on_loopback(tmp_path):
             _wait_for(lambda: "SuperNode ID:" in nodes[name][1].read_text(), 60, f"{name} did not connect")
             assert "cache built" in nodes[name][1].read_text()  # prepared before joining
 
-        overrides = (f"rounds.stage1=1 rounds.stage2=0 train.local-steps=1 train.batch-size=4 model.image-size=32 "
-                     f"strategy.fraction-evaluate=0.0 rounds.timeout=120.0 "
+        # stage 2 with secure counts: the site's key must outlive the ClientApp process that made it
+        overrides = (f"rounds.stage1=1 rounds.stage2=1 train.local-steps=1 train.batch-size=4 model.image-size=32 "
+                     f"strategy.fraction-evaluate=0.0 rounds.timeout=120.0 privacy.secure-counts=true "
                      f"output.dir='{tmp_path / 'runs'}' output.name='deploy'")
         done = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "test", "--stream", "-c", overrides],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-4000:]
         assert "run finished" in output, output[-4000:]
         assert "Received 2 results and 0 failures" in output, output[-4000:]
+        assert "secure counts: 2 site(s) summed in session counts-2-1" in output, output[-4000:]
         for name in sites[:2]:
             assert nodes[name][0].poll() is None, nodes[name][1].read_text()[-3000:]
 
