@@ -119,11 +119,11 @@ def plot_site_marker_heatmaps(rows: Sequence[dict], scenario: str, methods: Sequ
         return None
     plt = _plt()
     n_sites = max(len(t[1]) for t in tables)
-    fig, axes = plt.subplots(1, len(tables), figsize=(2.6 * len(tables) + 1, 0.32 * n_sites + 1.8), squeeze=False)
-    for ax, (method, sites, table) in zip(axes[0], tables):
+    fig, axes = plt.subplots(1, len(tables), figsize=(2.9 * len(tables) + 1.5, 0.32 * n_sites + 2.0), squeeze=False)
+    for k, (ax, (method, sites, table)) in enumerate(zip(axes[0], tables)):
         im = ax.imshow(table, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(MARKERS)), [m.replace("_", "\n") for m in MARKERS], fontsize=7)
-        ax.set_yticks(range(len(sites)), sites, fontsize=7)
+        ax.set_xticks(range(len(MARKERS)), [m.replace("_", "\n") for m in MARKERS], fontsize=7, rotation=45)
+        ax.set_yticks(range(len(sites)), sites if k == 0 else [""] * len(sites), fontsize=7)
         ax.set_title(method, fontsize=9)
         for (i, j), v in np.ndenumerate(table):
             ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6,
@@ -463,6 +463,14 @@ def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env
         extra = figures_extra.get(scenario, {})
         parts.append(_img(extra.get("shift"), "site shift"))
         parts.append(_img(extra.get("overlays"), "example overlays"))
+    if results.privacy:
+        last = {}
+        for r in sorted(results.privacy, key=lambda r: r["round"]):
+            last[(r["scenario"], r["method"], r["seed"], r["site"])] = r["epsilon"]
+        parts.append("<h2>Privacy budget (DP-SGD)</h2><p>Epsilon each site had spent after the last round it "
+                     "trained (per slice: a patient contributes several slices, see docs/privacy.md).</p>")
+        parts.append(_table(["scenario", "method", "seed", "site", "epsilon"],
+                            [[*k, _fmt(v)] for k, v in sorted(last.items())]))
     parts.append(_img(plot_privacy(results.privacy, figs / "privacy.png"), "privacy budget per site"))
     if results.failures:
         parts.append("<h2>Site failures and rejected updates</h2>" + _table(

@@ -9,7 +9,6 @@ where ``<name>-<timestamp>/`` with ``report.html``, ``metrics.json`` and CSVs go
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from datetime import datetime
@@ -37,7 +36,7 @@ def ensure_data(data_root: Path, generate: bool, log=print) -> bool:
 
 
 def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, generate: bool = True,
-                   experiment_text: str = "") -> Path:
+                   experiment_text: str = "", threads: int = 1) -> Path:
     """Everything ``simulate.py`` does; returns the report's path."""
     import torch
 
@@ -51,7 +50,7 @@ def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, 
     out_dir.mkdir(parents=True)
     log(f"experiment {exp.name}: {len(exp.scenarios)} scenario(s) x {len(exp.seeds)} seed(s) x {len(exp.methods)} "
         f"method(s); output {out_dir}")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     sources: dict[str, list] = {}
 
     def sources_for(method) -> list:
@@ -126,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                    "generated there when missing)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="reports go to OUT/<experiment>-<timestamp>/")
     p.add_argument("--seeds", type=int, nargs="+", help="override the experiment's seeds")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the local and pooled baselines (the "
+                   "tiny model runs fastest on one; a busy second core makes small convolutions much slower)")
     p.add_argument("--no-generate", action="store_true", help="fail instead of generating missing data")
     args = p.parse_args(argv)
     try:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     text = Path(exp.source).read_text() if exp.source else ""
     generate = not args.no_generate and args.data == DEFAULT_DATA
     try:
-        run_experiment(exp, args.data, args.out, generate=generate, experiment_text=text,
+        run_experiment(exp, args.data, args.out, generate=generate, experiment_text=text, threads=args.threads,
                        log=lambda s: print(s, flush=True))
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

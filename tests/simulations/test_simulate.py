@@ -1,0 +1,128 @@
+"""``simulations/simulate.py`` end to end: a tiny experiment through Flower's simulation engine."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulations.report import mean_sd
+from simulations.simulate import main
+from tests.conftest import write_site
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ("site-01", "site-02", "site-03")
+
+TINY = """
+name = "tiny"
+description = "test"
+seeds = {seeds}
+[budget]
+rounds_stage1 = 1
+rounds_stage2 = 1
+local_steps = 2
+batch_size = 4
+[run_config]
+"model.preset" = "tiny"
+"model.image-size" = 32
+[[scenarios]]
+name = "natural"
+split = "natural"
+{extra_scenarios}
+{methods}
+"""
+BASELINES = """
+[[methods]]
+name = "local"
+kind = "local"
+[[methods]]
+name = "pooled"
+kind = "pooled"
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("simulate") / "data"
+    for i, site in enumerate(SITES):
+        write_site(root / site, n_studies=5, shape=(3, 40, 40), seed=10 * i,
+                   labels=[[str((i + k) % 2), str(k % 2), "0", str((k + 1) % 2), ""] for k in range(5)])
+    return root
+
+
+def _experiment(tmp_path: Path, seeds: str, methods: str, extra_scenarios: str = "") -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(TINY.format(seeds=seeds, methods=methods, extra_scenarios=extra_scenarios))
+    return path
+
+
+def _run(tmp_path: Path, exp: Path, data: Path) -> Path:
+    assert main(["--experiment", str(exp), "--data", str(data), "--out", str(tmp_path / "runs")]) == 0
+    (out,) = (tmp_path / "runs").iterdir()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys):
+    methods = BASELINES + '\n[[methods]]\nname = "fedavg"\nkind = "federated"\n'
+    out = _run(tmp_path, _experiment(tmp_path, "[0]", methods), data)
+    printed = capsys.readouterr().out
+    assert "[ROUND 2/2]" in printed and "report:" in printed        # Flower's rounds shown as progress
+    doc = json.loads((out / "metrics.json").read_text())
+    rows = doc["rows"]
+    assert set(rows[0]) == {"scenario", "method", "seed", "site", "marker", "metric", "value"}
+    for method in ("local", "pooled", "fedavg"):
+        for site in SITES:  # every method has per-site figures at every site
+            got = {(r["metric"], r["marker"]) for r in rows if r["method"] == method and r["site"] == site}
+            assert {("dice", ""), ("macro_auc_slice", ""), ("auc_slice", "hypodensity")} <= got, (method, site)
+    # the federated curve has one point per round, from the ServerApp's history
+    assert [c["round"] for c in doc["curves"] if c["method"] == "fedavg"] == [1, 2]
+    history = json.loads(next((out / "federated").glob("*/history.json")).read_text())
+    assert set(history["rounds"][0]["evaluate"]["sites"]) == set(SITES)
+    # the headline is the mean over sites of the long table (computed here independently)
+    for s in doc["summary"]:
+        dice = [r["value"] for r in rows if r["method"] == s["method"] and r["metric"] == "dice" and r["marker"] == ""]
+        assert s["dice"] == pytest.approx(float(np.mean(dice)))
+    page = (out / "report.html").read_text()
+    assert all(site in page for site in SITES) and "synthetic" not in page.split("<h2>")[0].lower()
+    assert page.count("data:image/png;base64,") >= 5
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "scenario,method,seed,site,marker,metric,value"
+    assert {"summary.csv", "curves.csv", "experiment.toml"} <= {p.name for p in out.iterdir()}
+    assert doc["environment"]["versions"]["flwr"] == "1.42.0"
+
+
+@pytest.mark.timeout(300)
+def test_seeds_give_mean_and_spread_and_leave_one_out_scores_only_the_held_out_site(tmp_path, data):
+    loso = '\n[[scenarios]]\nname = "loso"\nsplit = "natural"\nleave_out = "site-02"\n'
+    out = _run(tmp_path, _experiment(tmp_path, "[0, 1]", BASELINES, loso), data)
+    doc = json.loads((out / "metrics.json").read_text())
+    rows = doc["rows"]
+    assert {r["seed"] for r in rows} == {0, 1}
+    pooled = [s for s in doc["summary"] if s["scenario"] == "natural" and s["method"] == "pooled"][0]
+    per_seed = [np.mean([r["value"] for r in rows if r["scenario"] == "natural" and r["method"] == "pooled"
+                         and r["seed"] == seed and r["metric"] == "dice"]) for seed in (0, 1)]
+    assert (pooled["dice"], pooled["dice_sd"]) == pytest.approx(mean_sd(per_seed)[:2])
+    assert pooled["seeds"] == 2
+    held = [r for r in rows if r["scenario"] == "loso/without-site-02"]
+    assert held and {r["site"] for r in held} == {"site-02"}
+    assert {r["method"] for r in held} == {"local", "local (best site)", "pooled"}
+    assert [s["site"] for s in doc["sites"]["loso/without-site-02"]] == ["site-01", "site-03"]
+
+
+def test_command_line_errors(tmp_path, capsys):
+    assert main(["--experiment", "no-such-experiment"]) == 2
+    assert "no such experiment file; bundled experiments: [" in capsys.readouterr().err
+    exp = _experiment(tmp_path, "[0]", BASELINES)
+    assert main(["--experiment", str(exp), "--data", str(tmp_path / "missing")]) == 2
+    assert "data folder does not exist" in capsys.readouterr().err
+
+
+def test_runs_as_a_script_from_any_folder(tmp_path):
+    """``python simulations/simulate.py --help`` imports the project, not the folder's own modules."""
+    done = subprocess.run([sys.executable, str(REPO / "simulations" / "simulate.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--experiment" in done.stdout
