@@ -179,7 +179,11 @@ class DPSGD:
 
         if len(loader.dataset) == 0:
             raise ValueError("DP-SGD needs at least one training slice")
+        modes = {m: m.training for m in module.modules()}
+        module.train()  # the validator refuses a module in eval mode; train_stage sets the modes itself
         errors = ModuleValidator.validate(module, strict=False)
+        for m, training in modes.items():
+            m.training = training
         if errors:
             raise ValueError(f"the model cannot be trained privately (set privacy.dp, which forces model.norm='group'): "
                              f"{errors[0]}")

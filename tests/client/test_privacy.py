@@ -119,6 +119,11 @@ def test_opacus_validator_passes_on_the_dp_model():
     with pytest.raises(ValueError, match="cannot be trained privately"):
         DPSGD(1.0, 1.0).attach(batch_norm.unet, torch.optim.SGD(batch_norm.unet.parameters(), lr=0.1),
                                torch.utils.data.DataLoader(FakeSlices(4), batch_size=2))
+    group = build_joint_model(cfg, seed=0).eval()  # as train_stage leaves it: a second call must work too
+    dp = DPSGD(1.0, 1.0)
+    dp.attach(group.unet, torch.optim.SGD(group.unet.parameters(), lr=0.1), torch.utils.data.DataLoader(FakeSlices(4)))
+    dp.detach()
+    assert not any(m.training for m in group.modules())
 
 
 # --- per-slice gradients and clipping ---------------------------------------------------------
