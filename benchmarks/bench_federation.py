@@ -9,6 +9,8 @@
    Both sides get the same compute: ``--threads`` torch threads, and Ray is given that many CPUs
    with one virtual node running at a time (1 by default: on a shared machine a second thread
    waiting on a busy core makes small convolutions many times slower, for both sides alike).
+   ``--parallel``: Flower gets every CPU, one per virtual node (several sites train at a time, as
+   ``simulate.py`` runs it); the run without Flower gets one process with as many torch threads.
 2. Bytes sent per site per round in each stage (train down, train up, evaluate down), against the
    full fp32 model, for each preset; from the same functions the ServerApp and ClientApp use.
 
@@ -20,9 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from common.model import build_joint_model, half_state_dict, load_half_state_dic
 from common.presets import PRESETS, get_preset  # noqa: E402
 from common.records import HALF_OF_STAGE, TrainInstruction, record_bytes, state_to_record  # noqa: E402
 from server.server_app import ServerRunConfig  # noqa: E402
+from simulations.engine import SimulationEngine  # noqa: E402
 from simulations.sites import discover_sites, prepare_caches  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -74,7 +74,7 @@ def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
             cfg = site_run.train_config(TrainInstruction(server_round=rnd, stage=stage, local_epochs=server.local_epochs,
                                                          local_steps=server.local_steps,
                                                          lr=server.lr if stage == 1 else server.lr_stage2))
-            loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced and stage == 2)
+            loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage)
             result = train_stage(model, loader, stage, cfg, "cpu", pos_weight if stage == 2 else None)
             n = usable_examples(data.train, stage, server.model) if result.num_examples else 0
             if n:
@@ -92,54 +92,14 @@ def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
     return {"train_s": train_s, "evaluate_s": eval_s, "total_s": train_s + eval_s, "local_round_s": round_s}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def flwr_simulation(overrides: dict, n_sites: int, work: Path, threads: int) -> dict[str, float]:
-    """``flwr run`` of this app against a fresh simulation SuperLink; wall seconds."""
-    home, port = work / "flwr-home", free_port()
-    home.mkdir(parents=True)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def flwr_simulation(overrides: dict, n_sites: int, work: Path, cpus_per_site: int, total_cpus: int) -> dict[str, float]:
+    """``flwr run`` of this app against a fresh simulation SuperLink (``simulations.engine``); wall seconds."""
     t0 = time.perf_counter()
-    link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
-                             "--database", str(work / "state.db")], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        while not port_open(port):
-            if link.poll() is not None or time.perf_counter() - t0 > 60:
-                raise RuntimeError("flower-superlink did not start")
-            time.sleep(0.2)
+    with SimulationEngine(work, cpus_per_site=cpus_per_site, total_cpus=total_cpus) as engine:
         startup = time.perf_counter() - t0
-        values = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
         t0 = time.perf_counter()
-        federation = (f"num-supernodes={n_sites} client-resources-num-cpus={threads} "
-                      f"init-args-num-cpus={threads}")
-        done = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "bench", "--stream", "--federation-config", federation,
-                               "-c", values], env=env, cwd=work, capture_output=True, text=True)
+        engine.run(overrides, n_sites, work / "flwr-run.log")
         seconds = time.perf_counter() - t0
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(link.pid, sig)
-                link.wait(timeout=15)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-    if done.returncode != 0 or "run finished" not in done.stdout + done.stderr:
-        raise RuntimeError(f"flwr run failed:\n{(done.stdout + done.stderr)[-3000:]}")
     history = json.loads(next(Path(overrides["output.dir"]).glob("*/history.json")).read_text())
     return {"superlink_startup_s": startup, "flwr_run_s": seconds,
             "round_s": [round(r["seconds"], 2) for r in history["rounds"]]}
@@ -167,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO / "data" / "synthetic", help="folder of site folders")
     p.add_argument("-c", "--run-config", default="", help="run-config overrides, as flwr run -c takes them")
     p.add_argument("--threads", type=int, default=1, help="torch threads, and Ray CPUs, for both timings")
+    p.add_argument("--parallel", action="store_true", help="Flower: every CPU, one per site (several sites train "
+                   "at a time); without Flower: one process with as many torch threads")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-bytes", action="store_true")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -181,14 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             prepare_caches(args.data, SiteRunConfig.from_run_config(rc).preprocess, progress=False)
             print(f"site caches ready ({time.perf_counter() - t0:.1f} s, not timed below)")
-            torch.set_num_threads(args.threads)
+            cpus = os.cpu_count() or 1
+            torch.set_num_threads(cpus if args.parallel else args.threads)
             local = local_equivalent(rc, n_sites)
-            fed = flwr_simulation(overrides, n_sites, Path(tmp), args.threads)
+            fed = (flwr_simulation(overrides, n_sites, Path(tmp), 1, cpus) if args.parallel
+                   else flwr_simulation(overrides, n_sites, Path(tmp), args.threads, args.threads))
         server = ServerRunConfig.from_run_config(rc)
         figures["overhead"] = {
             "sites": n_sites, "rounds": [server.rounds_stage1, server.rounds_stage2], "preset": rc["model.preset"],
             "image_size": server.model.image_size, "local_steps": server.local_steps, "batch_size": rc["train.batch-size"],
-            "torch_threads": torch.get_num_threads(), **local, **fed,
+            "torch_threads": torch.get_num_threads(), "parallel_sites": args.parallel, **local, **fed,
             "overhead": fed["flwr_run_s"] / local["total_s"], "overhead_vs_training_only": fed["flwr_run_s"] / local["train_s"]}
         o = figures["overhead"]
         print(f"\n{n_sites} sites, {o['rounds'][0]}+{o['rounds'][1]} rounds, {o['preset']} {o['image_size']}px, "

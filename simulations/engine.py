@@ -43,10 +43,12 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path | None = None, se
 
 def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """Environment for Flower's commands: own FLWR_HOME, the venv's bin first (the SuperLink starts
-    flower-superexec from PATH), no runtime dependency installation, one thread per process."""
+    flower-superexec from PATH), no runtime dependency installation, one thread per process, and a
+    Ray of its own (``RAY_ADDRESS=local``: never join a cluster someone's ``ray start`` left running)."""
     return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", **extra}
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "RAY_ADDRESS": "local", **extra}
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -77,11 +79,17 @@ class SimulationEngine:
     """A simulation SuperLink for the duration of a ``with`` block; ``run`` submits one run."""
 
     def __init__(self, work: Path, cpus_per_site: int = 1, total_cpus: int | None = None) -> None:
+        """``cpus_per_site``: Ray CPUs (and torch threads) of one virtual SuperNode; ``total_cpus``:
+        Ray's CPUs (default: all), so ``total // per_site`` sites train at a time."""
         self.work = Path(work)
         self.cpus_per_site, self.total_cpus = cpus_per_site, total_cpus or os.cpu_count() or 1
         self.home = self.work / "flwr-home"
         self.port = 0
         self._proc: subprocess.Popen | None = None
+
+    def _env(self) -> dict[str, str]:
+        threads = str(self.cpus_per_site)
+        return flwr_env(self.home, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
     def __enter__(self) -> "SimulationEngine":
         self.home.mkdir(parents=True, exist_ok=True)
@@ -94,7 +102,7 @@ class SimulationEngine:
                 [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port),
                  "--database", str(self.work / "state.db")],
-                env=flwr_env(self.home), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                env=self._env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for_port(self.port, self._proc, log)
         return self
 
@@ -112,7 +120,7 @@ class SimulationEngine:
                "-c", toml_overrides(overrides)]
         lines: list[str] = []
         with log_path.open("w") as fh:
-            proc = subprocess.Popen(cmd, env=flwr_env(self.home), cwd=self.work, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmd, env=self._env(), cwd=self.work, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
             deadline = None if timeout is None else time.monotonic() + timeout
             assert proc.stdout is not None

@@ -24,11 +24,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from client.cache import SiteCache
 from client.client_app import SiteRunConfig
-from client.dataset import SliceDataset, brain_slices, dataset_labels, make_loader, parts_of, split_slices
+from client.dataset import SliceDataset, brain_slices, dataset_labels, make_loader, split_slices
 from client.evaluate import evaluate
 from client.train import output_columns, train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
@@ -36,6 +36,7 @@ from common.config import MARKERS, PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import HALF_OF_STAGE, TrainInstruction, model_from_run_config, run_value
+from simulations.baselines import pooled
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
 from simulations.sites import prepare_caches
@@ -160,11 +161,6 @@ def describe_sites(case: Case) -> list[dict[str, Any]]:
 
 
 # --- training under the budget (local-only and pooled) ----------------------------------------
-
-def pooled(datasets: Sequence[Dataset]) -> Dataset:
-    non_empty = [d for d in datasets if len(d)]
-    return non_empty[0] if len(non_empty) == 1 else ConcatDataset(non_empty)
-
 
 def stage2_weight(rc: dict, model: JointModel, ds: Dataset) -> torch.Tensor | None:
     """neg/pos of the training slices this model sees (a pooled model: all sites' = the federation's

@@ -45,6 +45,7 @@ def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, 
     from simulations.runner import Runner, describe_sites, full_run_config, iterate_cases, source_caches
 
     t0 = time.perf_counter()
+    data_root, out_root = data_root.resolve(), out_root.resolve()  # Flower's processes run in other folders
     synthetic = ensure_data(data_root, generate, log)
     out_dir = out_root / f"{exp.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True)

@@ -25,7 +25,7 @@ from client.supernode import (StartError, StartOptions, build_command, check_rea
 from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_SITE_ID
 from server.certs import make_ca, make_server_cert, make_site_keys
 from tests.conftest import write_site
-from tests.processes import BIN, flwr_env, free_port, stop_process_group, wait_for_port
+from simulations.engine import BIN, flwr_env, free_port, stop_process_group, wait_for_port
 from tests.server.fakes import REPO
 
 def site_folder(tmp_path: Path) -> Path:

@@ -20,7 +20,7 @@ from flwr.app import MessageType, RecordDict
 
 from client.cache import build_site_cache
 from client.client_app import SiteConfig, SiteRunConfig, app, open_site
-from client.privacy import (PRIVACY_FILE, DPSGD, PrivacyLedger, epsilon_spent, noise_for_budget, round_steps,
+from client.privacy import (PRIVACY_FILE, DPSGD, epsilon_spent, noise_for_budget, round_steps,
                             sample_rate, usable_slices)
 from client.train import TrainConfig, stage_loss, train_stage
 from common.model import build_joint_model, freeze_unet, half_state_dict

@@ -67,9 +67,11 @@ def _run(tmp_path: Path, exp: Path, data: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys):
+def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys, monkeypatch):
     methods = BASELINES + '\n[[methods]]\nname = "fedavg"\nkind = "federated"\n'
-    out = _run(tmp_path, _experiment(tmp_path, "[0]", methods), data)
+    monkeypatch.chdir(tmp_path)  # relative --out, as a user types it
+    assert main(["--experiment", str(_experiment(tmp_path, "[0]", methods)), "--data", str(data), "--out", "runs"]) == 0
+    (out,) = (tmp_path / "runs").iterdir()
     printed = capsys.readouterr().out
     assert "[ROUND 2/2]" in printed and "report:" in printed        # Flower's rounds shown as progress
     doc = json.loads((out / "metrics.json").read_text())
