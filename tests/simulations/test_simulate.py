@@ -128,3 +128,35 @@ def test_runs_as_a_script_from_any_folder(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "simulations" / "simulate.py"), "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--experiment" in done.stdout
+
+
+def test_paper_style_methods_and_the_paper_table(tmp_path, data):
+    """The random slice split, location fine-tuning and a [paper] table (as the paper_* experiments use)."""
+    methods = """
+[[methods]]
+name = "random split"
+kind = "pooled"
+split_by = "slice"
+[[methods]]
+name = "location"
+kind = "location-finetune"
+finetune_steps = 2
+[paper]
+note = "test"
+rows = [ { label = "random", method = "random split", metric = "dice", paper = 0.86 },
+         { label = "putamen", method = "location: fine-tuned", metric = "dice", site = "location:putamen", paper = 0.89 } ]
+"""
+    out = _run(tmp_path, _experiment(tmp_path, "[0]", methods), data)
+    doc = json.loads((out / "metrics.json").read_text())
+    rows = doc["rows"]
+    # write_site puts every study at "putamen": one location, Dice before and after fine-tuning
+    tuned = [r for r in rows if r["method"] == "location: fine-tuned" and r["metric"] == "dice"]
+    before = [r for r in rows if r["method"] == "location: all locations" and r["metric"] == "dice"]
+    assert [r["site"] for r in tuned] == [r["site"] for r in before] == ["location:putamen"]
+    random_dice = [r["value"] for r in rows if r["method"] == "random split" and r["metric"] == "dice"]
+    assert len(random_dice) == len(SITES)
+    paper = {p["label"]: p for p in doc["paper"]}
+    assert paper["random"]["paper"] == 0.86 and paper["random"]["ours"] == pytest.approx(float(np.mean(random_dice)))
+    assert paper["putamen"]["ours"] == pytest.approx(tuned[0]["value"])
+    page = (out / "report.html").read_text()
+    assert "Beside the source paper" in page and "synthetic" not in page.split("<h2>")[0].lower()
