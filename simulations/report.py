@@ -188,11 +188,13 @@ def plot_roc(roc: dict[str, dict[str, Any]], scenario: str, path: Path) -> Path 
     plt = _plt()
     fig, axes = plt.subplots(1, len(MARKERS), figsize=(3.3 * len(MARKERS), 3.3))
     for method, arrays in sel.items():
+        if not arrays["labels"]:
+            continue
         for j, marker in enumerate(MARKERS):
             if marker not in arrays["names"]:
                 continue
             col = arrays["names"].index(marker)
-            y, s = arrays["labels"][:, col], arrays["scores"][:, col]
+            y, s = np.concatenate(arrays["labels"])[:, col], np.concatenate(arrays["scores"])[:, col]
             ok = ~np.isnan(y)
             if len(np.unique(y[ok])) < 2:
                 continue

@@ -222,11 +222,12 @@ class Runner:
         for site, metrics in per_site.items():
             self.results.rows += metric_rows(metrics, scenario=case.name, method=method, seed=case.seed, site=site)
         key = f"{case.name}/{method}"
-        if key not in self.results.roc and per_site:
-            arrays = [m["arrays"] for m in per_site.values()]
-            self.results.roc[key] = {"names": arrays[0]["names"],
-                                     "labels": np.concatenate([a["slice_labels"] for a in arrays]),
-                                     "scores": np.concatenate([a["slice_scores"] for a in arrays])}
+        roc = self.results.roc.setdefault(key, {"seed": case.seed, "names": [], "labels": [], "scores": []})
+        if roc["seed"] == case.seed:  # the first seed's test slices of every site (local: one call per site)
+            for m in per_site.values():
+                roc["names"] = m["arrays"]["names"]
+                roc["labels"].append(m["arrays"]["slice_labels"])
+                roc["scores"].append(m["arrays"]["slice_scores"])
 
     def run_method(self, case: Case, method: Method) -> None:
         rc = full_run_config(self.exp.method_run_config(method), case.seed)
