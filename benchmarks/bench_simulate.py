@@ -27,6 +27,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from bench_federation import local_equivalent  # noqa: E402
 
 from simulations.experiment import load_experiment  # noqa: E402
+from simulations.report import text_summary  # noqa: E402
 from simulations.runner import full_run_config  # noqa: E402
 from simulations.simulate import run_experiment  # noqa: E402
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                     experiment_text=Path(exp.source).read_text())
         wall = time.perf_counter() - t0
         doc = json.loads((report.parent / "metrics.json").read_text())
+        print(text_summary(doc["summary"], doc["rows"]) + "\n")
     figures = {"experiment": exp.name, "cpus": os.cpu_count(), "wall_s": wall, "peak_rss_mb": mem.peak / 2**20,
                "methods": {t["method"]: t["seconds"] for t in doc["timings"]}, "flower_ratio": {}}
     print(f"{exp.name}: {wall:.0f} s wall on {os.cpu_count()} CPU(s), peak memory {mem.peak / 2**20:.0f} MB "
