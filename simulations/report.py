@@ -30,6 +30,11 @@ HEADLINE_METRICS: tuple[str, ...] = ("dice", "macro_auc_slice", "macro_auc_study
 
 # --- numbers ------------------------------------------------------------------------------------
 
+def slug(name: str) -> str:
+    """A scenario name as a file-name part."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
 def _finite(values: Iterable[float]) -> list[float]:
     return [float(v) for v in values if v is not None and not math.isnan(float(v))]
 
@@ -448,7 +453,7 @@ def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env
         parts.append("<h2>Across scenarios</h2>" + _img(trend, "headline metrics per scenario"))
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         methods = list(dict.fromkeys(r["method"] for r in rows if r["scenario"] == scenario))
-        slug = "".join(ch if ch.isalnum() else "_" for ch in scenario)
+        part = slug(scenario)
         parts.append(f"<h2>Scenario {html.escape(scenario)}</h2>")
         site_desc = results.sites.get(scenario, [])
         if site_desc:
@@ -456,12 +461,12 @@ def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env
                                 [[s["site"], s["studies"], s["patients"], s["train_slices"]] +
                                  [s["positives"][m] for m in MARKERS] + [s["shift"] or "–", s["fault"] or "–"]
                                  for s in site_desc]))
-        parts.append(_img(plot_site_marker_heatmaps(rows, scenario, methods, figs / f"{slug}_auc_sites.png"),
+        parts.append(_img(plot_site_marker_heatmaps(rows, scenario, methods, figs / f"{part}_auc_sites.png"),
                           "slice AUC per site and marker, every method"))
         parts.append(_per_site_table(rows, scenario, methods))
-        parts.append(_img(plot_dice_per_site(rows, scenario, methods, figs / f"{slug}_dice_sites.png"), "Dice per site"))
-        parts.append(_img(plot_round_curves(curves, scenario, figs / f"{slug}_curves.png"), "curves per round"))
-        parts.append(_img(plot_roc(results.roc, scenario, figs / f"{slug}_roc.png"), "ROC curves"))
+        parts.append(_img(plot_dice_per_site(rows, scenario, methods, figs / f"{part}_dice_sites.png"), "Dice per site"))
+        parts.append(_img(plot_round_curves(curves, scenario, figs / f"{part}_curves.png"), "curves per round"))
+        parts.append(_img(plot_roc(results.roc, scenario, figs / f"{part}_roc.png"), "ROC curves"))
         extra = figures_extra.get(scenario, {})
         parts.append(_img(extra.get("shift"), "site shift"))
         parts.append(_img(extra.get("overlays"), "example overlays"))

@@ -32,7 +32,7 @@ from client.dataset import SliceDataset, brain_slices, dataset_labels, make_load
 from client.evaluate import evaluate
 from client.train import output_columns, train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
-from common.config import MARKERS, PreprocessConfig
+from common.config import MARKERS
 from common.losses import label_counts, pos_weight_from_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import HALF_OF_STAGE, TrainInstruction, model_from_run_config, run_value
@@ -439,25 +439,27 @@ def _mean_metrics(per_model: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def source_caches(data_root: Path, rc: dict, log: Log) -> tuple[list[SiteCache], PreprocessConfig]:
-    """Every site folder's cache (built once, reused after) with the method's preprocessing."""
-    _, pre = model_from_run_config(rc)
-    caches, problems = prepare_caches(data_root, pre, progress=True)
-    if problems:
-        log(f"  {len(problems)} data problem(s) while building caches (run 'hemexp check SITE_DIR' for the list)")
-    return list(caches.values()), pre
+#: Run-config keys that change what a site cache holds: methods that differ in them need their own caches.
+CACHE_KEYS: tuple[str, ...] = ("preprocess.", "model.preset", "model.image-size")
 
 
-def iterate_cases(exp: Experiment, sources_for: Callable[[Method], list[SiteCache]], work: Path,
-                  log: Log) -> Iterator[tuple[Case, list[Method]]]:
-    """(case, methods) in run order; methods whose preprocessing differs get their own sources."""
+def iterate_cases(exp: Experiment, data_root: Path, work: Path, log: Log) -> Iterator[tuple[Case, list[Method]]]:
+    """(case, methods) in run order. Methods are grouped by their preprocessing; each group's site
+    caches are built (or reused) once, then cut into every scenario's sites at every seed."""
     groups: dict[str, list[Method]] = {}
     for m in exp.methods:
-        pre = {k: v for k, v in exp.method_run_config(m).items() if k.startswith(("preprocess.", "model.preset", "model.image-size"))}
-        groups.setdefault(json.dumps(pre, sort_keys=True), []).append(m)
+        rc = full_run_config(exp.method_run_config(m), exp.seeds[0])
+        groups.setdefault(json.dumps(sorted((k, v) for k, v in rc.items() if k.startswith(CACHE_KEYS))), []).append(m)
+    sources: dict[str, list[SiteCache]] = {}
     for scenario in exp.scenarios:
         for seed in exp.seeds:
-            for methods in groups.values():
-                sources = sources_for(methods[0])
-                for case in make_cases(scenario, sources, seed, exp.budget.fractions, work, log):
+            for key, methods in groups.items():
+                if key not in sources:
+                    log("site caches (built once per preprocessing, reused after):")
+                    _, pre = model_from_run_config(full_run_config(exp.method_run_config(methods[0]), seed))
+                    caches, problems = prepare_caches(data_root, pre, progress=True)
+                    if problems:
+                        log(f"  {len(problems)} data problem(s) while building caches (run 'hemexp check SITE_DIR' for the list)")
+                    sources[key] = list(caches.values())
+                for case in make_cases(scenario, sources[key], seed, exp.budget.fractions, work, log):
                     yield case, methods

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -41,66 +42,41 @@ def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, 
     import torch
 
     from simulations.engine import SimulationEngine
-    from simulations.report import environment, plot_overlays, plot_site_shift, text_summary, write_report
-    from simulations.runner import Runner, describe_sites, full_run_config, iterate_cases, source_caches
+    from simulations.report import (environment, plot_overlays, plot_site_shift, slug, summarise, text_summary,
+                                    write_report)
+    from simulations.runner import Runner, describe_sites, iterate_cases
 
     t0 = time.perf_counter()
     data_root, out_root = data_root.resolve(), out_root.resolve()  # Flower's processes run in other folders
     synthetic = ensure_data(data_root, generate, log)
     out_dir = out_root / f"{exp.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True)
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True)
     log(f"experiment {exp.name}: {len(exp.scenarios)} scenario(s) x {len(exp.seeds)} seed(s) x {len(exp.methods)} "
         f"method(s); output {out_dir}")
     torch.set_num_threads(threads)
-    sources: dict[str, list] = {}
-
-    def sources_for(method) -> list:
-        rc = full_run_config(exp.method_run_config(method), exp.seeds[0])
-        key = repr(sorted((k, v) for k, v in rc.items() if k.startswith(("preprocess.", "model.preset", "model.image-size"))))
-        if key not in sources:
-            log("site caches (built once per preprocessing, reused after):")
-            sources[key] = source_caches(data_root, rc, log)[0]
-        return sources[key]
-
     federated = any(m.kind == "federated" for m in exp.methods)
-    engine = SimulationEngine(out_dir / "engine") if federated else None
-    runner = Runner(exp, out_dir, log, engine)
-    extra: dict[str, dict] = {}
-    if engine is not None:
-        engine.__enter__()
-    try:
-        for case, methods in iterate_cases(exp, sources_for, out_dir, log):
+    with SimulationEngine(out_dir / "engine") if federated else nullcontext() as engine:
+        runner = Runner(exp, out_dir, log, engine)
+        extra: dict[str, dict] = {}
+        for case, methods in iterate_cases(exp, data_root, out_dir, log):
             log(f"\n== {case.name} | seed {case.seed} | {len(case.plans)} training site(s)")
-            runner.results.sites.setdefault(case.name, describe_sites(case))
-            if case.name not in extra:
+            sites = runner.results.sites.setdefault(case.name, describe_sites(case))
+            pictures = extra.setdefault(case.name, {})
+            if "shift" not in pictures:
                 caches = {p.site_id: c for p, c in zip(case.plans, case.caches)}
-                extra[case.name] = {"shift": plot_site_shift(runner.results.sites[case.name], caches,
-                                                             (out_dir / "figures").joinpath(f"{_slug(case.name)}_shift.png")
-                                                             if _mkdir(out_dir / "figures") else None)}
+                pictures["shift"] = plot_site_shift(sites, caches, figures / f"{slug(case.name)}_shift.png")
             for k, method in enumerate(methods, 1):
                 log(f"[{k}/{len(methods)}] {method.name} ({method.kind})")
                 runner.run_method(case, method)
-            if "overlays" not in extra[case.name]:
-                model = _best_model(runner, case.name, exp)
-                examples = [(e.site_id, e.data[int(_hematoma_slice(e.data))]) for e in case.evaluate[:8] if len(e.data)]
-                extra[case.name]["overlays"] = plot_overlays(model, examples, out_dir / "figures" / f"{_slug(case.name)}_overlays.png")
-    finally:
-        if engine is not None:
-            engine.__exit__(None, None, None)
+            if "overlays" not in pictures:
+                examples = [(e.site_id, e.data[_hematoma_slice(e.data)]) for e in case.evaluate[:8] if len(e.data)]
+                pictures["overlays"] = plot_overlays(_overlay_model(runner, case.name, exp), examples,
+                                                     figures / f"{slug(case.name)}_overlays.png")
     report = write_report(out_dir, exp, runner.results, extra, environment(), synthetic, experiment_text)
-    from simulations.report import summarise
     log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
     log(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {report}")
     return report
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name)
-
-
-def _mkdir(path: Path) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    return True
 
 
 def _hematoma_slice(ds) -> int:
@@ -109,7 +85,7 @@ def _hematoma_slice(ds) -> int:
     return int(np.argmax(pixels)) if len(pixels) else 0
 
 
-def _best_model(runner, scenario: str, exp: Experiment):
+def _overlay_model(runner, scenario: str, exp: Experiment):
     """The model of the first federated method (else the first method) for the overlay picture."""
     order = [m.name for m in exp.methods if m.kind == "federated"] + [m.name for m in exp.methods]
     for name in order:
