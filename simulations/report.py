@@ -390,9 +390,7 @@ def text_summary(summary: Sequence[dict], rows: Sequence[dict]) -> str:
         for site in sites:
             cells = []
             for m in methods:
-                auc = mean_sd(r["value"] for r in select(rows, scenario=first, method=m, site=site, metric="macro_auc_slice"))[0]
-                dice = mean_sd(r["value"] for r in select(rows, scenario=first, method=m, site=site, metric="dice"))[0]
-                cells.append(f"{_fmt(auc)}/{_fmt(dice)}")
+                cells.append(_auc_and_dice(rows, first, m, site, "/"))
             lines.append(f"  {site[:14]:14s}" + "".join(f"{c:>18s}" for c in cells))
     return "\n".join(lines)
 
@@ -497,6 +495,13 @@ def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env
     return path
 
 
+def _auc_and_dice(rows: Sequence[dict], scenario: str, method: str, site: str, sep: str) -> str:
+    """One site's slice macro-AUC and Dice under one method, each the mean over seeds."""
+    values = [mean_sd(r["value"] for r in select(rows, scenario=scenario, method=method, site=site, metric=metric))[0]
+              for metric in ("macro_auc_slice", "dice")]
+    return sep.join(_fmt(v) for v in values)
+
+
 def _per_site_table(rows: Sequence[dict], scenario: str, methods: Sequence[str]) -> str:
     """Sites x methods: slice macro-AUC and Dice (means over seeds)."""
     sites = sorted({r["site"] for r in select(rows, scenario=scenario)})
@@ -504,9 +509,7 @@ def _per_site_table(rows: Sequence[dict], scenario: str, methods: Sequence[str])
     for site in sites:
         cells = [site]
         for m in methods:
-            auc = mean_sd(r["value"] for r in select(rows, scenario=scenario, method=m, site=site, metric="macro_auc_slice"))[0]
-            dice = mean_sd(r["value"] for r in select(rows, scenario=scenario, method=m, site=site, metric="dice"))[0]
-            cells.append(f"{_fmt(auc)} / {_fmt(dice)}")
+            cells.append(_auc_and_dice(rows, scenario, m, site, " / "))
         body.append(cells)
     return "<p>Per site: macro-AUC (slices) / Dice.</p>" + _table(["site"] + list(methods), body)
 
