@@ -54,10 +54,10 @@ def pooled(datasets: list[Dataset]) -> Dataset:
     return non_empty[0] if len(non_empty) == 1 else ConcatDataset(non_empty)
 
 
-def stage_pos_weight(model: JointModel, ds: Dataset) -> torch.Tensor:
-    """The paper's weight neg/pos per output, from the training slices' labels."""
+def stage_pos_weight(model: JointModel, ds: Dataset, max_weight: float | None = None) -> torch.Tensor:
+    """The paper's weight neg/pos per output, from the training slices' labels (capped at ``max_weight``)."""
     pos, neg = label_counts(dataset_labels(ds)[:, output_columns(model)])
-    return pos_weight_from_counts(pos, neg)
+    return pos_weight_from_counts(pos, neg, max_weight=max_weight)
 
 
 def scalar_metrics(m: dict) -> dict:

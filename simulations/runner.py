@@ -28,15 +28,15 @@ from torch.utils.data import Dataset
 
 from client.cache import SiteCache
 from client.client_app import SiteRunConfig
-from client.dataset import SliceDataset, brain_slices, dataset_labels, make_loader, split_slices
+from client.dataset import SliceDataset, brain_slices, make_loader, split_slices
 from client.evaluate import evaluate
-from client.train import output_columns, train_stage
+from client.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
-from common.losses import label_counts, pos_weight_from_counts
+from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import HALF_OF_STAGE, TrainInstruction, model_from_run_config, run_value
-from simulations.baselines import pooled
+from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
 from simulations.sites import prepare_caches
@@ -167,9 +167,8 @@ def stage2_weight(rc: dict, model: JointModel, ds: Dataset) -> torch.Tensor | No
     global weight; a local model: its own site's), or none with ``train.pos-weight = none``."""
     if str(run_value(rc, "train.pos-weight")) == "none" or not len(ds):
         return None
-    pos, neg = label_counts(dataset_labels(ds)[:, output_columns(model)])
     max_w = float(run_value(rc, "train.max-pos-weight"))
-    return pos_weight_from_counts(pos, neg, max_weight=max_w if max_w > 0 else None)
+    return stage_pos_weight(model, ds, max_w if max_w > 0 else None)
 
 
 def train_rounds(model: JointModel, ds: Dataset, rc: dict, steps_per_round: int, seed: int,
