@@ -19,6 +19,7 @@ import pytest
 
 from simulations.simulate import main
 from tests.conftest import head_phantom, write_series
+from tests.simulations.test_simulate import BASELINES, TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,36 +37,9 @@ PHI = {
     "OtherPatientIDs": "QZ-OTHER-3391",
     "PatientAddress": "12 Qzwyx Lane",
 }
-EXPERIMENT = """
-name = "phi"
-description = "identifier leak test"
-seeds = [0]
-[budget]
-rounds_stage1 = 1
-rounds_stage2 = 1
-local_steps = 1
-batch_size = 4
-[run_config]
-"model.preset" = "tiny"
-"model.image-size" = 32
-[[scenarios]]
-name = "natural"
-split = "natural"
-[[scenarios]]
-name = "virtual"
-split = "iid"
-n_sites = 2
-shift = 0.5
-[[methods]]
-name = "local"
-kind = "local"
-[[methods]]
-name = "pooled"
-kind = "pooled"
-[[methods]]
-name = "fedavg"
-kind = "federated"
-"""
+EXPERIMENT = TINY.format(
+    seeds="[0]", extra_scenarios='[[scenarios]]\nname = "virtual"\nsplit = "iid"\nn_sites = 2\nshift = 0.5\n',
+    methods=BASELINES + '[[methods]]\nname = "fedavg"\nkind = "federated"\n')
 
 
 def write_identified_site(root: Path, site: int, n_studies: int = 4) -> list[str]:
