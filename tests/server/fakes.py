@@ -35,6 +35,20 @@ def run_config(**overrides: Any) -> dict[str, Any]:
     return dict(get_fused_config_from_dir(REPO, {k.replace("_", "-"): v for k, v in overrides.items()}))
 
 
+
+def write_prepared_sites(root: Path, n_sites: int, run_cfg: dict[str, Any], seed_offset: int = 0,
+                         source: int = 40) -> Path:
+    """``n_sites`` small site folders under ``root`` (site-01 ...), each already preprocessed into
+    ``root/.cache`` with the run config's preprocessing, as ``flwr-client prepare`` leaves a site."""
+    from common.records import model_from_run_config
+    from simulations.sites import prepare_caches
+    from tests.conftest import write_site
+
+    for i in range(n_sites):
+        write_site(root / f"site-{i + 1:02d}", n_studies=5, shape=(4, source, source), seed=10 * i + seed_offset)
+    prepare_caches(root, model_from_run_config(run_cfg)[1], progress=False)
+    return root
+
 def make_context(node_config: dict[str, Any], run_cfg: dict[str, Any], node_id: int = 7) -> Context:
     return Context(run_id=RUN_ID, node_id=node_id, node_config=dict(node_config), state=RecordDict(), run_config=dict(run_cfg))
 

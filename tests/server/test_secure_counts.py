@@ -15,13 +15,11 @@ from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 from client.client_app import SiteConfig, SiteError, SiteRunConfig, open_site, partition_site, site_label_counts
 from client.client_app import app as client_app
 from common.records import (CONFIG, LABEL_NEG, LABEL_POS, MASKED_COUNTS, METRICS, PEER_KEYS, PEER_NODES, POS_WEIGHT,
-                            SECURE, SECURE_KEYS, SECURE_MASK, SECURE_PHASE, SECURE_SESSION, SERVER_ROUND,
-                            model_from_run_config)
+                            SECURE, SECURE_KEYS, SECURE_MASK, SECURE_PHASE, SECURE_SESSION, SERVER_ROUND)
 from common.secure_sum import MODULUS
 from server.server_app import ServerRunConfig, run_federation
-from simulations.sites import prepare_caches
-from tests.conftest import write_site
-from tests.server.fakes import FakeGrid, make_context, make_message, run_config, set_task_identity
+from tests.server.fakes import (FakeGrid, make_context, make_message, run_config, set_task_identity,
+                                write_prepared_sites)
 
 N_SITES = 3
 NODES = [2**63 + 11, 40, 2**40 + 3]  # Flower node ids are random 64-bit integers; not in site order
@@ -38,11 +36,7 @@ def _task_identity():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("secure") / "data"
-    for i in range(N_SITES):
-        write_site(root / f"site-{i + 1:02d}", n_studies=5, shape=(4, 40, 40), seed=10 * i + 1)
-    _, pre = model_from_run_config(config(root, root.parent / "runs"))
-    prepare_caches(root, pre, progress=False)
-    return root
+    return write_prepared_sites(root, N_SITES, config(root, root.parent / "runs"), seed_offset=1)
 
 
 def config(data_root: Path, out: Path, **overrides) -> dict:

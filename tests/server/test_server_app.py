@@ -24,9 +24,8 @@ from common.records import (ARRAYS, CONFIG, FROZEN_UNET, LABEL_NEG, LABEL_POS, M
                             SITE_ID, STAGE, model_from_run_config)
 from server.checkpoints import round_checkpoints
 from server.server_app import run_federation
-from simulations.sites import prepare_caches
-from tests.conftest import PHI, write_site
-from tests.server.fakes import FakeGrid, make_context, run_config, set_task_identity
+from tests.conftest import PHI
+from tests.server.fakes import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
 
 N_SITES = 3
 IMAGE = 32
@@ -44,11 +43,7 @@ def _task_identity():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fed") / "data"
-    for i in range(N_SITES):
-        write_site(root / f"site-{i + 1:02d}", n_studies=5, shape=(4, SOURCE, SOURCE), seed=10 * i)
-    _, pre = model_from_run_config(config(root, root.parent / "runs"))
-    prepare_caches(root, pre, progress=False)  # the sites' one-off preprocessing
-    return root
+    return write_prepared_sites(root, N_SITES, config(root, root.parent / "runs"), source=SOURCE)
 
 
 def config(data_root: Path, out: Path, **overrides) -> dict:
