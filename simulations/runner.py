@@ -39,6 +39,7 @@ from common.records import HALF_OF_STAGE, TrainInstruction, model_from_run_confi
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
+from simulations.report import mean_sd
 from simulations.sites import prepare_caches
 from simulations.splits import (SitePlan, dirichlet_plans, iid_plans, natural_plans, quantity_plans, site_column_plans,
                                 with_shift_and_faults)
@@ -198,13 +199,10 @@ def score(model: JointModel, sites: Sequence[EvalSite], batch_size: int) -> dict
 
 
 def curve_point(per_site: dict[str, dict[str, Any]], **key: Any) -> dict[str, Any]:
-    """Mean over sites of Dice and macro-AUCs after one round."""
-    def mean(values):
-        v = [x for x in values if x is not None and not math.isnan(x)]
-        return float(np.mean(v)) if v else math.nan
-    return {**key, "dice": mean([m.get("dice") for m in per_site.values()]),
-            "macro_auc_slice": mean([macro_slice_auc(m) for m in per_site.values()]),
-            "macro_auc_study": mean([m.get("macro_auc_study") for m in per_site.values()])}
+    """Mean over sites of Dice and macro-AUCs after one round (sites without a value skipped)."""
+    return {**key, "dice": mean_sd(m.get("dice") for m in per_site.values())[0],
+            "macro_auc_slice": mean_sd(macro_slice_auc(m) for m in per_site.values())[0],
+            "macro_auc_study": mean_sd(m.get("macro_auc_study") for m in per_site.values())[0]}
 
 
 # --- one method on one case ---------------------------------------------------------------------
@@ -300,8 +298,7 @@ class Runner:
             at = [c for c in mine if c["round"] == rnd]
             self.results.curves.append({"scenario": case.name, "method": name, "seed": case.seed, "round": rnd,
                                         "stage": at[0]["stage"],
-                                        **{k: float(np.nanmean([c[k] for c in at])) if any(not math.isnan(c[k]) for c in at)
-                                           else math.nan for k in ("dice", "macro_auc_slice", "macro_auc_study")}})
+                                        **{k: mean_sd(c[k] for c in at)[0] for k in ("dice", "macro_auc_slice", "macro_auc_study")}})
 
     def run_pooled(self, case: Case, method: Method, rc: dict) -> None:
         """All sites' training patients in one place; the whole federation's budget (sites x steps)."""
