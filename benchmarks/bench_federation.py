@@ -14,9 +14,10 @@
 2. Bytes sent per site per round in each stage (train down, train up, evaluate down), against the
    full fp32 model, for each preset; from the same functions the ServerApp and ClientApp use.
 
-    python benchmarks/bench_federation.py --data data/synthetic
-    python benchmarks/bench_federation.py --data data/synthetic -c "rounds.stage1=1 rounds.stage2=1" --skip-bytes
+    python -m benchmarks.bench_federation --data data/synthetic
+    python -m benchmarks.bench_federation --data data/synthetic -c "rounds.stage1=1 rounds.stage2=1" --skip-bytes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,30 +28,36 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+from client.client_app import (
+    SiteConfig,
+    SiteRunConfig,
+    open_site,
+    partition_site,
+    site_label_counts,
+    usable_examples,
+)
+from client.data.dataset import make_loader
+from client.training.evaluate import evaluate
+from client.training.train import train_stage
+from common.losses import pos_weight_from_counts
+from common.model import build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
+from common.presets import PRESETS, get_preset
+from common.records import HALF_OF_STAGE, TrainInstruction, record_bytes, state_to_record
+from server.server_app import ServerRunConfig
+from simulations.engine import SimulationEngine
+from simulations.sites import discover_sites, prepare_caches
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.common.config import get_fused_config_from_dir, parse_config_args  # noqa: E402
-
-from client.client_app import (SiteConfig, SiteRunConfig, open_site, partition_site, site_label_counts,  # noqa: E402
-                               usable_examples)
-from client.dataset import make_loader  # noqa: E402
-from client.evaluate import evaluate  # noqa: E402
-from client.train import train_stage  # noqa: E402
-from common.losses import pos_weight_from_counts  # noqa: E402
-from common.model import build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys  # noqa: E402
-from common.presets import PRESETS, get_preset  # noqa: E402
-from common.records import HALF_OF_STAGE, TrainInstruction, record_bytes, state_to_record  # noqa: E402
-from server.server_app import ServerRunConfig  # noqa: E402
-from simulations.engine import SimulationEngine  # noqa: E402
-from simulations.sites import discover_sites, prepare_caches  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
 
 # --- 1. overhead ------------------------------------------------------------------------------
+
 
 def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
     """The federated run's local work, in one process, without Flower. Returns seconds."""
@@ -60,8 +67,9 @@ def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
     glob = build_joint_model(server.model, seed=server.seed)
     models = [build_joint_model(server.model, seed=server.seed) for _ in sites]
     counts = [site_label_counts(s.train, server.model) for s in sites]
-    pos_weight = pos_weight_from_counts(np.sum([c[0] for c in counts], 0), np.sum([c[1] for c in counts], 0),
-                                        max_weight=server.max_pos_weight)
+    pos_weight = pos_weight_from_counts(
+        np.sum([c[0] for c in counts], 0), np.sum([c[1] for c in counts], 0), max_weight=server.max_pos_weight
+    )
     train_s = eval_s = 0.0
     round_s = []
     for rnd in range(1, server.total_rounds + 1):
@@ -71,10 +79,18 @@ def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
         states, weights = [], []
         for model, data in zip(models, sites):
             model.load_state_dict(glob.state_dict())
-            cfg = site_run.train_config(TrainInstruction(server_round=rnd, stage=stage, local_epochs=server.local_epochs,
-                                                         local_steps=server.local_steps,
-                                                         lr=server.lr if stage == 1 else server.lr_stage2))
-            loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage)
+            cfg = site_run.train_config(
+                TrainInstruction(
+                    server_round=rnd,
+                    stage=stage,
+                    local_epochs=server.local_epochs,
+                    local_steps=server.local_steps,
+                    lr=server.lr if stage == 1 else server.lr_stage2,
+                )
+            )
+            loader = make_loader(
+                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage
+            )
             result = train_stage(model, loader, stage, cfg, "cpu", pos_weight if stage == 2 else None)
             n = usable_examples(data.train, stage, server.model) if result.num_examples else 0
             if n:
@@ -101,11 +117,15 @@ def flwr_simulation(overrides: dict, n_sites: int, work: Path, cpus_per_site: in
         engine.run(overrides, n_sites, work / "flwr-run.log")
         seconds = time.perf_counter() - t0
     history = json.loads(next(Path(overrides["output.dir"]).glob("*/history.json")).read_text())
-    return {"superlink_startup_s": startup, "flwr_run_s": seconds,
-            "round_s": [round(r["seconds"], 2) for r in history["rounds"]]}
+    return {
+        "superlink_startup_s": startup,
+        "flwr_run_s": seconds,
+        "round_s": [round(r["seconds"], 2) for r in history["rounds"]],
+    }
 
 
 # --- 2. bytes -----------------------------------------------------------------------------------
+
 
 def bytes_per_round(preset: str, image_size: int | None = None) -> dict[str, int]:
     """ArrayRecord bytes one site sends and receives per round, as the ServerApp schedules them."""
@@ -115,10 +135,15 @@ def bytes_per_round(preset: str, image_size: int | None = None) -> dict[str, int
     norms = norm_state_keys(model)
     return {
         "full_model": size(model.state_dict()),
-        "stage1_train_down": size(unet), "stage1_train_up": size(unet), "stage1_evaluate_down": size(unet),
-        "stage2_first_train_down": size(clf) + size(unet), "stage2_train_down": size(clf), "stage2_train_up": size(clf),
+        "stage1_train_down": size(unet),
+        "stage1_train_up": size(unet),
+        "stage1_evaluate_down": size(unet),
+        "stage2_first_train_down": size(clf) + size(unet),
+        "stage2_train_down": size(clf),
+        "stage2_train_up": size(clf),
         "stage2_evaluate_down": size(clf),
-        "fedbn_stage1_up": size(unet, norms), "fedbn_stage2_up": size(clf, norms),
+        "fedbn_stage1_up": size(unet, norms),
+        "fedbn_stage2_up": size(clf, norms),
     }
 
 
@@ -127,15 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO / "data" / "synthetic", help="folder of site folders")
     p.add_argument("-c", "--run-config", default="", help="run-config overrides, as flwr run -c takes them")
     p.add_argument("--threads", type=int, default=1, help="torch threads, and Ray CPUs, for both timings")
-    p.add_argument("--parallel", action="store_true", help="Flower: every CPU, one per site (several sites train "
-                   "at a time); without Flower: one process with as many torch threads")
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="Flower: every CPU, one per site (several sites train "
+        "at a time); without Flower: one process with as many torch threads",
+    )
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-bytes", action="store_true")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     figures: dict = {}
     if not args.skip_overhead:
-        overrides = {**(parse_config_args([args.run_config]) if args.run_config else {}), "data.root": str(args.data.resolve())}
+        overrides = {
+            **(parse_config_args([args.run_config]) if args.run_config else {}),
+            "data.root": str(args.data.resolve()),
+        }
         with tempfile.TemporaryDirectory() as tmp:
             overrides["output.dir"] = str(Path(tmp) / "runs")
             rc = dict(get_fused_config_from_dir(REPO, overrides))
@@ -146,25 +178,45 @@ def main(argv: list[str] | None = None) -> int:
             cpus = os.cpu_count() or 1
             torch.set_num_threads(cpus if args.parallel else args.threads)
             local = local_equivalent(rc, n_sites)
-            fed = (flwr_simulation(overrides, n_sites, Path(tmp), 1, cpus) if args.parallel
-                   else flwr_simulation(overrides, n_sites, Path(tmp), args.threads, args.threads))
+            fed = (
+                flwr_simulation(overrides, n_sites, Path(tmp), 1, cpus)
+                if args.parallel
+                else flwr_simulation(overrides, n_sites, Path(tmp), args.threads, args.threads)
+            )
         server = ServerRunConfig.from_run_config(rc)
         figures["overhead"] = {
-            "sites": n_sites, "rounds": [server.rounds_stage1, server.rounds_stage2], "preset": rc["model.preset"],
-            "image_size": server.model.image_size, "local_steps": server.local_steps, "batch_size": rc["train.batch-size"],
-            "torch_threads": torch.get_num_threads(), "parallel_sites": args.parallel, **local, **fed,
-            "overhead": fed["flwr_run_s"] / local["total_s"], "overhead_vs_training_only": fed["flwr_run_s"] / local["train_s"]}
+            "sites": n_sites,
+            "rounds": [server.rounds_stage1, server.rounds_stage2],
+            "preset": rc["model.preset"],
+            "image_size": server.model.image_size,
+            "local_steps": server.local_steps,
+            "batch_size": rc["train.batch-size"],
+            "torch_threads": torch.get_num_threads(),
+            "parallel_sites": args.parallel,
+            **local,
+            **fed,
+            "overhead": fed["flwr_run_s"] / local["total_s"],
+            "overhead_vs_training_only": fed["flwr_run_s"] / local["train_s"],
+        }
         o = figures["overhead"]
-        print(f"\n{n_sites} sites, {o['rounds'][0]}+{o['rounds'][1]} rounds, {o['preset']} {o['image_size']}px, "
-              f"{o['local_steps']} local steps x batch {o['batch_size']}, {o['torch_threads']} torch thread(s)")
+        print(
+            f"\n{n_sites} sites, {o['rounds'][0]}+{o['rounds'][1]} rounds, {o['preset']} {o['image_size']}px, "
+            f"{o['local_steps']} local steps x batch {o['batch_size']}, {o['torch_threads']} torch thread(s)"
+        )
         print(f"  without Flower: train {o['train_s']:.1f} s + evaluate {o['evaluate_s']:.1f} s = {o['total_s']:.1f} s")
-        print(f"  flwr run:       {o['flwr_run_s']:.1f} s (SuperLink start-up {o['superlink_startup_s']:.1f} s, not included)")
+        print(
+            f"  flwr run:       {o['flwr_run_s']:.1f} s (SuperLink start-up {o['superlink_startup_s']:.1f} s, not included)"
+        )
         rounds = o["round_s"]
-        print(f"  flwr rounds:    {' '.join(f'{r:.1f}' for r in rounds)} s (the first one starts Ray and the site process); "
-              f"outside the rounds {o['flwr_run_s'] - sum(rounds):.1f} s")
+        print(
+            f"  flwr rounds:    {' '.join(f'{r:.1f}' for r in rounds)} s (the first one starts Ray and the site process); "
+            f"outside the rounds {o['flwr_run_s'] - sum(rounds):.1f} s"
+        )
         o["overhead_rounds_2_to_n"] = sum(rounds[1:]) / sum(o["local_round_s"][1:]) if len(rounds) > 1 else float("nan")
-        print(f"  overhead:       {o['overhead']:.2f}x (vs training alone {o['overhead_vs_training_only']:.2f}x); "
-              f"rounds 2..N alone: {o['overhead_rounds_2_to_n']:.2f}x")
+        print(
+            f"  overhead:       {o['overhead']:.2f}x (vs training alone {o['overhead_vs_training_only']:.2f}x); "
+            f"rounds 2..N alone: {o['overhead_rounds_2_to_n']:.2f}x"
+        )
     if not args.skip_bytes:
         figures["bytes"] = {name: bytes_per_round(name) for name in PRESETS}
         print("\nbytes per site per round (ArrayRecord payload, MB):")
@@ -173,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in keys:
             print(f"  {key:26s}" + "".join(f"{b[key] / 1e6:10.2f}" for b in figures["bytes"].values()))
         for name, b in figures["bytes"].items():
-            print(f"  {name}: stage-1 round = {b['stage1_train_down'] / b['full_model']:.0%} of the full model each way, "
-                  f"stage-2 round = {b['stage2_train_down'] / b['full_model']:.0%}")
+            print(
+                f"  {name}: stage-1 round = {b['stage1_train_down'] / b['full_model']:.0%} of the full model each way, "
+                f"stage-2 round = {b['stage2_train_down'] / b['full_model']:.0%}"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))

@@ -1,8 +1,9 @@
 """Time the default synthetic dataset (12 sites, matrix 128) written into a temporary folder.
 
-Usage: python benchmarks/bench_generate.py [--sites 12] [--matrix 128] [--scale 1.0] [--seed 0]
+Usage: python -m benchmarks.bench_generate [--sites 12] [--matrix 128] [--scale 1.0] [--seed 0]
 Prints wall time, studies, files and files per second, then the per-site breakdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,16 +23,26 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hemexp-bench-") as tmp:
         t0 = time.perf_counter()
-        s = generate_dataset(Path(tmp) / "data", n_sites=args.sites, seed=args.seed,
-                             matrix=args.matrix, studies_scale=args.scale, progress=False)
+        s = generate_dataset(
+            Path(tmp) / "data",
+            n_sites=args.sites,
+            seed=args.seed,
+            matrix=args.matrix,
+            studies_scale=args.scale,
+            progress=False,
+        )
         dt = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in (Path(tmp) / "data").rglob("*") if f.is_file())
-    print(f"generate_dataset(sites={args.sites}, matrix={args.matrix}, scale={args.scale}): "
-          f"{dt:.1f} s, {s.studies} studies, {s.files} files, {s.files / dt:.0f} files/s, "
-          f"{size / 1e6:.0f} MB")
+    print(
+        f"generate_dataset(sites={args.sites}, matrix={args.matrix}, scale={args.scale}): "
+        f"{dt:.1f} s, {s.studies} studies, {s.files} files, {s.files / dt:.0f} files/s, "
+        f"{size / 1e6:.0f} MB"
+    )
     for site in s.sites:
-        print(f"  {site.site_id}: {site.studies:3d} studies ({site.followups} follow-ups), "
-              f"{site.files:5d} files, {site.elapsed_s:5.1f} s")
+        print(
+            f"  {site.site_id}: {site.studies:3d} studies ({site.followups} follow-ups), "
+            f"{site.files:5d} files, {site.elapsed_s:5.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -1,28 +1,26 @@
 """Paper preset training throughput on a GPU at 512x512: fp32 and bf16 autocast, as a share of peak.
 
 One short device run (issue: joint model). For each stage and precision: warm-up steps, then timed
-steps of the project's own loss functions (``client.train.stage_loss``) on random uint8 slices
+steps of the project's own loss functions (``client.training.train.stage_loss``) on random uint8 slices
 (the data path is measured separately on the CPU); FLOPs per image counted once with
 ``torch.utils.flop_counter``. Prints images/s, achieved TFLOP/s and the share of the dense peak
-(H100 SXM: 989 bf16 TFLOP/s, 495 TF32, 67 fp32 non-tensor). Run: ``python benchmarks/bench_gpu_train.py``.
+(H100 SXM: 989 bf16 TFLOP/s, 495 TF32, 67 fp32 non-tensor). Run: ``python -m benchmarks.bench_gpu_train``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from client.train import TrainConfig, make_optimizer, stage_loss, trainable_half  # noqa: E402
-from common.losses import pos_weight_from_counts  # noqa: E402
-from common.model import build_joint_model, freeze_unet, unfreeze_unet  # noqa: E402
-from common.presets import get_preset  # noqa: E402
+from client.training.train import TrainConfig, make_optimizer, stage_loss, trainable_half
+from common.losses import pos_weight_from_counts
+from common.model import build_joint_model, freeze_unet, unfreeze_unet
+from common.presets import get_preset
 
 PEAK_TFLOPS = {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}
 
@@ -30,9 +28,13 @@ PEAK_TFLOPS = {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}
 def make_batch(b: int, size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     labels = (torch.rand(b, 5, generator=g) < 0.3).float()
     mask = torch.zeros(b, size, size, dtype=torch.uint8)
-    mask[:, size // 3: size // 2, size // 3: size // 2] = 1
-    return {"image": torch.randint(0, 256, (b, size, size), dtype=torch.uint8, generator=g), "mask": mask,
-            "labels": labels, "mask_known": torch.ones(b, dtype=torch.bool)}
+    mask[:, size // 3 : size // 2, size // 3 : size // 2] = 1
+    return {
+        "image": torch.randint(0, 256, (b, size, size), dtype=torch.uint8, generator=g),
+        "mask": mask,
+        "labels": labels,
+        "mask_known": torch.ones(b, dtype=torch.bool),
+    }
 
 
 def step_flops(model, batch, stage, device, pos_weight=None) -> float:
@@ -82,8 +84,14 @@ def run(stage: int, precision: str, args, device) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     per_step = sorted(times)[len(times) // 2]
-    return {"stage": stage, "precision": precision, "batch": args.batch, "images_per_s": args.batch / per_step,
-            "flops_per_image": flops, "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")}
+    return {
+        "stage": stage,
+        "precision": precision,
+        "batch": args.batch,
+        "images_per_s": args.batch / per_step,
+        "flops_per_image": flops,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -115,8 +123,11 @@ def main() -> None:
             r["achieved_tflops"] = tflops
             r["share_of_peak"] = tflops / PEAK_TFLOPS[precision]
             rows.append(r)
-            print(f"stage {stage} {precision:5s}: {r['images_per_s']:7.1f} img/s, {flops / 1e9:6.1f} GFLOP/img (fwd+bwd), "
-                  f"{tflops:6.1f} TFLOP/s = {100 * r['share_of_peak']:5.2f} % of {precision} peak, peak mem {r['peak_gb']:.1f} GB", flush=True)
+            print(
+                f"stage {stage} {precision:5s}: {r['images_per_s']:7.1f} img/s, {flops / 1e9:6.1f} GFLOP/img (fwd+bwd), "
+                f"{tflops:6.1f} TFLOP/s = {100 * r['share_of_peak']:5.2f} % of {precision} peak, peak mem {r['peak_gb']:.1f} GB",
+                flush=True,
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

@@ -1,27 +1,25 @@
 """Clinic inference time per 30-slice 512x512 study on this CPU, per preset (issue: joint model).
 
-Times ``client.predict.predict_study`` end to end (DICOM read, preprocessing, model on the
+Times ``client.inference.predict.predict_study`` end to end (DICOM read, preprocessing, model on the
 slices that show brain, batched, ``torch.inference_mode``), with and without channels_last.
-Weights are random: the time does not depend on them. Run: ``python benchmarks/bench_inference.py``.
+Weights are random: the time does not depend on them. Run: ``python -m benchmarks.bench_inference``.
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from client.predict import predict_study  # noqa: E402
-from common.checkpoint import Checkpoint  # noqa: E402
-from common.config import PreprocessConfig  # noqa: E402
-from common.model import build_joint_model  # noqa: E402
-from common.presets import get_preset  # noqa: E402
-from tests.conftest import head_phantom, write_series  # noqa: E402
+from client.inference.predict import predict_study
+from common.checkpoint import Checkpoint
+from common.config import PreprocessConfig
+from common.model import build_joint_model
+from common.presets import get_preset
+from tests.helpers.data import head_phantom, write_series
 
 
 def main() -> None:
@@ -51,8 +49,10 @@ def main() -> None:
                     t0 = time.perf_counter()
                     pred = predict_study(study, ckpt, model=model, batch_size=8)
                     times.append(time.perf_counter() - t0)
-                print(f"{name:6s} ({mcfg.image_size}px){' channels_last' if channels_last else '              '}: "
-                      f"{min(times):6.2f} s per study ({len(pred.brain_slices)} slices with brain scored)")
+                print(
+                    f"{name:6s} ({mcfg.image_size}px){' channels_last' if channels_last else '              '}: "
+                    f"{min(times):6.2f} s per study ({len(pred.brain_slices)} slices with brain scored)"
+                )
 
 
 if __name__ == "__main__":

@@ -2,24 +2,22 @@
 
 Writes a site of N studies x 30 slices of 512x512 CT (real DICOM files) to a temp folder, then
 times: reading alone (pydicom -> HU volume), the first cache build (read + preprocess + write),
-and the second build (cache hit). Prints slices/s. Run: ``python benchmarks/bench_ingest.py``.
+and the second build (cache hit). Prints slices/s. Run: ``python -m benchmarks.bench_ingest``.
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from client.cache import build_site_cache  # noqa: E402
-from client.dicom import read_study  # noqa: E402
-from common.config import PreprocessConfig  # noqa: E402
-from tests.conftest import head_phantom, write_series  # noqa: E402
+from client.data.cache import build_site_cache
+from client.ingest.dicom import read_study
+from common.config import PreprocessConfig
+from tests.helpers.data import head_phantom, write_series
 
 
 def main() -> None:

@@ -1,14 +1,15 @@
 """Size and CPU cost of each model preset: parameters, and time per image of a stage-1 step
 (U-Net only), a stage-2 step (classifier, U-Net frozen) and inference (full forward).
 
-    python benchmarks/bench_model.py                     # tiny, small, paper@256
-    python benchmarks/bench_model.py --presets small --batch 16 --steps 5
-    python benchmarks/bench_model.py --presets paper --image-size 512 --batch 16 \
+    python -m benchmarks.bench_model                     # tiny, small, paper@256
+    python -m benchmarks.bench_model --presets small --batch 16 --steps 5
+    python -m benchmarks.bench_model --presets paper --image-size 512 --batch 16 \
         --device cuda --amp bf16 --channels-last
 
 Times are wall-clock medians over ``--steps`` timed steps after one warm-up step, with
 ``torch.set_num_threads(--threads)``. Device: CPU unless ``--device`` says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import contextlib
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

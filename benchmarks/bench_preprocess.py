@@ -1,8 +1,8 @@
 """Throughput of the preprocessing (paper §4.1) on the CPU: slices per second for the whole
 ``preprocess_volume`` and for each step alone.
 
-    python benchmarks/bench_preprocess.py                  # 30 slices of 512 x 512, size 256
-    python benchmarks/bench_preprocess.py --slices 60 --size 512 --repeats 9
+    python -m benchmarks.bench_preprocess                  # 30 slices of 512 x 512, size 256
+    python -m benchmarks.bench_preprocess --slices 60 --size 512 --repeats 9
 
 The volume is a synthetic head built in memory: brain ellipse (35 HU, shrinking towards both
 ends) with a 70 HU hematoma, a bone ring (1000 HU) opened on the lowest slice (as at the skull
@@ -10,17 +10,18 @@ base), a bone cap without brain on the top slice, scalp (40 HU), a curved head h
 the head, air (-1000 HU) and Gaussian noise. Times are wall-clock medians over ``--repeats`` runs
 after one warm-up run; numpy and scipy.ndimage run these steps on one thread.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from client.preprocess import (
+from client.preprocessing.pipeline import (
     apply_window,
     brain_mask,
     centre_brain,
@@ -33,8 +34,9 @@ from client.preprocess import (
 from common.config import AIR_HU, PreprocessConfig
 
 
-def synthetic_head_volume(k: int = 30, n: int = 512, noise: float = 6.0,
-                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_head_volume(
+    k: int = 30, n: int = 512, noise: float = 6.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """HU volume ``[k, n, n]`` (float32) and its 0/1 hematoma mask (uint8), head slightly off-centre."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:n, :n].astype(np.float32)
@@ -103,15 +105,19 @@ def main(argv: list[str] | None = None) -> None:
         (f"resize_slices mask -> {args.size} (nearest)", lambda: resize_slices(mask, args.size, order=0)),
     ]
     k = args.slices
-    print(f"{k} slices of {args.pixels} x {args.pixels}, model size {args.size}, "
-          f"median of {args.repeats} runs, {os.cpu_count()} CPUs, numpy {np.__version__}")
+    print(
+        f"{k} slices of {args.pixels} x {args.pixels}, model size {args.size}, "
+        f"median of {args.repeats} runs, {os.cpu_count()} CPUs, numpy {np.__version__}"
+    )
     print(f"{'step':<48} {'ms/volume':>10} {'ms/slice':>9} {'slices/s':>9}")
     for name, step in steps:
         sec = _median_seconds(step, args.repeats)
         print(f"{name:<48} {sec * 1e3:>10.1f} {sec * 1e3 / k:>9.2f} {k / sec:>9.0f}", flush=True)
     frac = brain.mean(axis=(1, 2))
-    print(f"\nbrain fraction per slice: min {frac.min():.3f}, median {np.median(frac):.3f}, max {frac.max():.3f}; "
-          f"bone inside brain: {int((hu[brain] >= 150).sum())} pixels")
+    print(
+        f"\nbrain fraction per slice: min {frac.min():.3f}, median {np.median(frac):.3f}, max {frac.max():.3f}; "
+        f"bone inside brain: {int((hu[brain] >= 150).sum())} pixels"
+    )
 
 
 if __name__ == "__main__":

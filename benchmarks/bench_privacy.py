@@ -8,11 +8,12 @@
     at each epsilon and without DP; test Dice and slice-level macro AUC (the mean over markers of
     the per-slice ROC AUC) on the pooled test patients.
 
-Run: ``python benchmarks/bench_privacy.py`` and
-``python benchmarks/bench_privacy.py --accuracy --data /tmp/dpdata4 --steps 100 --epsilons 1 8``
+Run: ``python -m benchmarks.bench_privacy`` and
+``python -m benchmarks.bench_privacy --accuracy --data /tmp/dpdata4 --steps 100 --epsilons 1 8``
 (``--data`` is generated there when missing: 4 sites, 64 px, twice the default patients; seed 7).
 Results: benchmarks/results/privacy_cpu.txt, privacy_accuracy_reduced.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 MODES = ("plain-batchnorm", "plain-groupnorm", "dp")
 
@@ -40,10 +39,10 @@ def _rss_mb() -> float:
 
 def measure_one(cache_path: str, preset: str, stage: int, mode: str, batch: int, steps: int) -> dict:
     """One (preset, stage, mode): warm-up 2 steps, then ``steps`` timed steps of ``train_stage``."""
-    from client.cache import open_cache
-    from client.dataset import SliceDataset, brain_slices, make_loader
-    from client.privacy import DPSGD
-    from client.train import TrainConfig, train_stage
+    from client.data.cache import open_cache
+    from client.data.dataset import SliceDataset, brain_slices, make_loader
+    from client.training.privacy import DPSGD
+    from client.training.train import TrainConfig, train_stage
     from common.losses import pos_weight_from_counts
     from common.model import build_joint_model
     from common.presets import get_preset
@@ -62,20 +61,30 @@ def measure_one(cache_path: str, preset: str, stage: int, mode: str, batch: int,
     run(2)  # warm-up
     rss0 = _rss_mb()
     result = run(steps)
-    return {"preset": preset, "stage": stage, "mode": mode, "seconds_per_step": result.seconds / result.steps,
-            "images_per_second": result.images_per_second, "images": result.num_examples, "steps": result.steps,
-            "peak_rss_mb": _rss_mb(), "rss_growth_mb": _rss_mb() - rss0}
+    return {
+        "preset": preset,
+        "stage": stage,
+        "mode": mode,
+        "seconds_per_step": result.seconds / result.steps,
+        "images_per_second": result.images_per_second,
+        "images": result.num_examples,
+        "steps": result.steps,
+        "peak_rss_mb": _rss_mb(),
+        "rss_growth_mb": _rss_mb() - rss0,
+    }
 
 
 def cost_table(batch: int, steps: dict[str, int]) -> None:
-    from client.cache import build_site_cache
+    from client.data.cache import build_site_cache
     from common.config import PreprocessConfig
     from common.presets import get_preset
-    from tests.conftest import write_site
+    from tests.helpers.data import write_site
 
-    print(f"DP-SGD cost per step on CPU ({os.environ.get('OMP_NUM_THREADS', 'all')} thread(s), torch "
-          f"{torch.__version__}), batch {batch} (DP: Poisson batches of expected size {batch}), "
-          f"augmentation on, noise multiplier 1, clipping 1")
+    print(
+        f"DP-SGD cost per step on CPU ({os.environ.get('OMP_NUM_THREADS', 'all')} thread(s), torch "
+        f"{torch.__version__}), batch {batch} (DP: Poisson batches of expected size {batch}), "
+        f"augmentation on, noise multiplier 1, clipping 1"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in steps:
@@ -84,24 +93,44 @@ def cost_table(batch: int, steps: dict[str, int]) -> None:
             cache, _ = build_site_cache(site, Path(tmp) / preset / "cache", PreprocessConfig(size=size))
             for stage in (1, 2):
                 for mode in MODES:
-                    out = subprocess.run([sys.executable, __file__, "--one", str(cache.path), preset, str(stage), mode,
-                                          str(batch), str(steps[preset])], capture_output=True, text=True, check=True)
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--one",
+                            str(cache.path),
+                            preset,
+                            str(stage),
+                            mode,
+                            str(batch),
+                            str(steps[preset]),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
                     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                     r = rows[-1]
-                    print(f"  {preset:5s} stage {stage} {mode:16s} {r['seconds_per_step']:7.3f} s/step "
-                          f"{r['images_per_second']:7.1f} img/s  peak RSS {r['peak_rss_mb']:6.0f} MB "
-                          f"(+{r['rss_growth_mb']:.0f} MB while timing)", flush=True)
+                    print(
+                        f"  {preset:5s} stage {stage} {mode:16s} {r['seconds_per_step']:7.3f} s/step "
+                        f"{r['images_per_second']:7.1f} img/s  peak RSS {r['peak_rss_mb']:6.0f} MB "
+                        f"(+{r['rss_growth_mb']:.0f} MB while timing)",
+                        flush=True,
+                    )
     print("\nprivate step / plain step (seconds per image):")
     for preset in steps:
         for stage in (1, 2):
             by = {r["mode"]: r for r in rows if r["preset"] == preset and r["stage"] == stage}
             per_img = {m: 1 / by[m]["images_per_second"] for m in MODES}
-            print(f"  {preset:5s} stage {stage}: dp / plain-groupnorm {per_img['dp'] / per_img['plain-groupnorm']:.2f}x, "
-                  f"dp / plain-batchnorm {per_img['dp'] / per_img['plain-batchnorm']:.2f}x, "
-                  f"groupnorm / batchnorm {per_img['plain-groupnorm'] / per_img['plain-batchnorm']:.2f}x")
+            print(
+                f"  {preset:5s} stage {stage}: dp / plain-groupnorm {per_img['dp'] / per_img['plain-groupnorm']:.2f}x, "
+                f"dp / plain-batchnorm {per_img['dp'] / per_img['plain-batchnorm']:.2f}x, "
+                f"groupnorm / batchnorm {per_img['plain-groupnorm'] / per_img['plain-batchnorm']:.2f}x"
+            )
 
 
 # --- (b) accuracy ---------------------------------------------------------------------------------
+
 
 def slice_macro_auc(metrics: dict, names) -> float:
     vals = [metrics.get(f"auc_slice/{n}", float("nan")) for n in names if n != "expansion"]
@@ -112,10 +141,10 @@ def slice_macro_auc(metrics: dict, names) -> float:
 def accuracy_table(data: Path, preset: str, steps: int, batch: int, epsilons: list[float], lr: float) -> None:
     from torch.utils.data import ConcatDataset, Subset
 
-    from client.dataset import SliceDataset, make_loader, split_slices
-    from client.evaluate import evaluate
-    from client.privacy import DPSGD, noise_for_budget, sample_rate, usable_slices
-    from client.train import TrainConfig, train_stage
+    from client.data.dataset import SliceDataset, make_loader, split_slices
+    from client.training.evaluate import evaluate
+    from client.training.privacy import DPSGD, noise_for_budget, sample_rate, usable_slices
+    from client.training.train import TrainConfig, train_stage
     from common.config import LABELS, PreprocessConfig
     from common.losses import label_counts, pos_weight_from_counts
     from common.model import build_joint_model
@@ -124,13 +153,23 @@ def accuracy_table(data: Path, preset: str, steps: int, batch: int, epsilons: li
 
     if not data.is_dir():
         from simulations.synthetic import generate_dataset
+
         generate_dataset(data, n_sites=4, seed=7, matrix=64, studies_scale=2.0, progress=False)
     mcfg = get_preset(preset, norm="group")
     caches, _ = prepare_caches(data, PreprocessConfig(size=mcfg.image_size), progress=False)
     splits = {name: split_slices(c, (0.6, 0.2, 0.2), seed=0) for name, c in caches.items()}
-    train = {s: ConcatDataset([Subset(SliceDataset(c, splits[n]["train"]),
-                                      np.flatnonzero(usable_slices(SliceDataset(c, splits[n]["train"]), s, mcfg)).tolist())
-                               for n, c in caches.items()]) for s in (1, 2)}
+    train = {
+        s: ConcatDataset(
+            [
+                Subset(
+                    SliceDataset(c, splits[n]["train"]),
+                    np.flatnonzero(usable_slices(SliceDataset(c, splits[n]["train"]), s, mcfg)).tolist(),
+                )
+                for n, c in caches.items()
+            ]
+        )
+        for s in (1, 2)
+    }
     test = ConcatDataset([SliceDataset(c, splits[n]["test"]) for n, c in caches.items()])
     n_train = sum(len(splits[n]["train"]) for n in caches)
     delta = 1 / n_train
@@ -139,24 +178,37 @@ def accuracy_table(data: Path, preset: str, steps: int, batch: int, epsilons: li
     cols = [LABELS.index(n) for n in model0.output_names]
     pos_weight = pos_weight_from_counts(*label_counts(labels[:, cols]))
     q = {s: sample_rate(len(train[s]), batch) for s in (1, 2)}
-    print(f"accuracy at equal step budget: {preset} preset ({mcfg.image_size} px, GroupNorm), {data} "
-          f"({len(caches)} sites pooled: {n_train} training slices, {len(train[1])} with a mask, {len(train[2])} labelled; "
-          f"{len(test)} test slices), {steps} steps per stage, batch {batch}, AdamW lr {lr}, clipping 1, delta 1/{n_train}")
+    print(
+        f"accuracy at equal step budget: {preset} preset ({mcfg.image_size} px, GroupNorm), {data} "
+        f"({len(caches)} sites pooled: {n_train} training slices, {len(train[1])} with a mask, {len(train[2])} labelled; "
+        f"{len(test)} test slices), {steps} steps per stage, batch {batch}, AdamW lr {lr}, clipping 1, delta 1/{n_train}"
+    )
     for eps in [None, *epsilons]:
         t0 = time.perf_counter()
         model = build_joint_model(mcfg, seed=0)
         sigma = noise_for_budget(eps, delta, [(q[1], steps), (q[2], steps)]) if eps else 0.0
         for stage in (1, 2):
-            cfg = TrainConfig(batch_size=batch, epochs=1000, max_steps=steps, lr=lr, schedule="constant",
-                              augment=True, balanced=False, seed=stage)
+            cfg = TrainConfig(
+                batch_size=batch,
+                epochs=1000,
+                max_steps=steps,
+                lr=lr,
+                schedule="constant",
+                augment=True,
+                balanced=False,
+                seed=stage,
+            )
             privacy = DPSGD(sigma, 1.0, seed=stage) if eps else None
             loader = make_loader(train[stage], batch, shuffle=True, seed=stage)
             train_stage(model, loader, stage, cfg, "cpu", pos_weight if stage == 2 else None, privacy=privacy)
         m = evaluate(model, test, "cpu", 32)
         label = f"epsilon {eps:g}" if eps else "no DP"
-        print(f"  {label:12s} noise multiplier {sigma:6.3f}: test Dice {m['dice']:.3f}, slice macro AUC "
-              f"{slice_macro_auc(m, model.output_names):.3f}, study macro AUC {m['macro_auc_study']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"  {label:12s} noise multiplier {sigma:6.3f}: test Dice {m['dice']:.3f}, slice macro AUC "
+            f"{slice_macro_auc(m, model.output_names):.3f}, study macro AUC {m['macro_auc_study']:.3f} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
 
 
 def main() -> None:

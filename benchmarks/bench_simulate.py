@@ -7,9 +7,10 @@
    (``bench_federation.local_equivalent``: every site trains the same steps with the same configs
    and seeds and evaluates the global model every round, averaging in numpy), and the ratio.
 
-    python benchmarks/bench_simulate.py                       # data/synthetic, generated if missing
-    python benchmarks/bench_simulate.py --data /tmp/demo --json benchmarks/results/simulate_default.json
+    python -m benchmarks.bench_simulate                       # data/synthetic, generated if missing
+    python -m benchmarks.bench_simulate --data /tmp/demo --json benchmarks/results/simulate_default.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,13 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.bench_federation import local_equivalent
+from simulations.experiment import load_experiment
+from simulations.report import text_summary
+from simulations.runner import full_run_config
+from simulations.simulate import run_experiment
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-
-from bench_federation import local_equivalent  # noqa: E402
-
-from simulations.experiment import load_experiment  # noqa: E402
-from simulations.report import text_summary  # noqa: E402
-from simulations.runner import full_run_config  # noqa: E402
-from simulations.simulate import run_experiment  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -43,7 +42,7 @@ def tree_rss(root: int) -> int:
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             parent[int(entry)] = int(fields[1])
             rss[int(entry)] = int(fields[21]) * PAGE
         except (OSError, ValueError, IndexError):
@@ -67,7 +66,7 @@ class PeakMemory:
             self.peak = max(self.peak, tree_rss(os.getpid()))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -86,16 +85,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         with PeakMemory() as mem:
-            report = run_experiment(exp, args.data, Path(tmp), log=lambda s: None,
-                                    generate=args.data == REPO / "data" / "synthetic",
-                                    experiment_text=Path(exp.source).read_text())
+            report = run_experiment(
+                exp,
+                args.data,
+                Path(tmp),
+                log=lambda s: None,
+                generate=args.data == REPO / "data" / "synthetic",
+                experiment_text=Path(exp.source).read_text(),
+            )
         wall = time.perf_counter() - t0
         doc = json.loads((report.parent / "metrics.json").read_text())
         print(text_summary(doc["summary"], doc["rows"]) + "\n")
-    figures = {"experiment": exp.name, "cpus": os.cpu_count(), "wall_s": wall, "peak_rss_mb": mem.peak / 2**20,
-               "methods": {t["method"]: t["seconds"] for t in doc["timings"]}, "flower_ratio": {}}
-    print(f"{exp.name}: {wall:.0f} s wall on {os.cpu_count()} CPU(s), peak memory {mem.peak / 2**20:.0f} MB "
-          "(this process and everything it started)")
+    figures = {
+        "experiment": exp.name,
+        "cpus": os.cpu_count(),
+        "wall_s": wall,
+        "peak_rss_mb": mem.peak / 2**20,
+        "methods": {t["method"]: t["seconds"] for t in doc["timings"]},
+        "flower_ratio": {},
+    }
+    print(
+        f"{exp.name}: {wall:.0f} s wall on {os.cpu_count()} CPU(s), peak memory {mem.peak / 2**20:.0f} MB "
+        "(this process and everything it started)"
+    )
     for t in doc["timings"]:
         print(f"  {t['scenario']:12s} {t['method']:24s} seed {t['seed']}: {t['seconds']:.0f} s")
     natural = [s.name for s in exp.scenarios if s.split == "natural" and not s.leave_out and not s.bad_sites]
@@ -105,11 +117,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rc = {**full_run_config(exp.method_run_config(method), exp.seeds[0]), "data.root": str(args.data.resolve())}
         from simulations.sites import discover_sites
+
         local = local_equivalent(rc, len(discover_sites(args.data)))
         ratio = fed[0] / local["total_s"]
-        figures["flower_ratio"][method.name] = {"federated_s": fed[0], "without_flower_s": local["total_s"], "ratio": ratio}
-        print(f"  {method.name}: federated {fed[0]:.0f} s vs the same work without Flower {local['total_s']:.0f} s "
-              f"-> {ratio:.2f}x")
+        figures["flower_ratio"][method.name] = {
+            "federated_s": fed[0],
+            "without_flower_s": local["total_s"],
+            "ratio": ratio,
+        }
+        print(
+            f"  {method.name}: federated {fed[0]:.0f} s vs the same work without Flower {local['total_s']:.0f} s "
+            f"-> {ratio:.2f}x"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))

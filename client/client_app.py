@@ -1,7 +1,7 @@
 """The site's Flower ClientApp: train one stage on local data, evaluate the global model, count labels.
 
-Deployment starts a fresh process for every message (DESIGN.md §6), so nothing is kept in memory
-between rounds: the preprocessed site cache is reused from disk (``client.cache``), and what must
+Deployment starts a fresh process for every message (docs/design.md §6), so nothing is kept in memory
+between rounds: the preprocessed site cache is reused from disk (``client.data.cache``), and what must
 persist at the site between rounds (FedBN's normalisation layers, the frozen global U-Net of
 stage 2) lives under ``<cache dir>/federation/<site id>/<run name>/``.
 
@@ -9,15 +9,17 @@ Only the half being trained, label counts and scalar metrics leave the site (``c
 Errors are reported to the server by type only; the traceback stays in the site's log, because
 an exception's text may hold a file path, and file paths hold patient ids.
 """
+
 from __future__ import annotations
 
 import functools
 import re
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, WARNING
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,25 +27,57 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client.cache import build_site_cache, open_cache
-from client.cli import DEFAULT_CACHE  # where `flwr-client prepare` puts it
-from client.dataset import SliceDataset, dataset_labels, make_loader, split_slices
-from client.evaluate import evaluate
-from client.faults import FaultError, corrupt_training_data, corrupt_update, fault_seed
-from client.partitions import Partition, read_partitions
-from client.privacy import SitePrivacy
-from client.site import list_site_folders, read_site_config
-from client.train import TrainConfig, output_columns, train_stage
+from client.data.cache import DEFAULT_CACHE, build_site_cache, open_cache
+from client.data.dataset import SliceDataset, dataset_labels, make_loader, split_slices
+from client.ingest.layouts import list_site_folders
+from client.ingest.site_settings import read_site_settings
+from client.simulation.faults import FaultError, corrupt_training_data, corrupt_update, fault_seed
+from client.simulation.partitions import Partition, read_partitions
+from client.training.evaluate import evaluate
+from client.training.privacy import SitePrivacy
+from client.training.train import TrainConfig, output_columns, train_stage
 from common.config import LABELS, PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import ModelConfig
-from common.records import (ARRAYS, CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, MASKED_COUNTS, METRICS,
-                            NODE_CACHE_DIR, NODE_DATA_PATH, NODE_DEVICE, NODE_PARTITION_ID, NODE_SITE_ID, NUM_EXAMPLES,
-                            PEER_KEYS, PEER_NODES, PUBLIC_KEY, SECURE, SECURE_KEYS, SECURE_MASK, SECURE_PHASE,
-                            SECURE_SESSION, SITE, SITE_ID, STEPS, TRAIN_LOSS, TRAIN_SECONDS, EvaluateInstruction,
-                            TrainInstruction, arrays_digest, model_from_run_config, pack_counts, pos_weight_mode,
-                            record_to_state, run_value, state_to_record)
+from common.records import (
+    ARRAYS,
+    CONFIG,
+    FROZEN_UNET,
+    HALF_OF_STAGE,
+    LABEL_NEG,
+    LABEL_POS,
+    MASKED_COUNTS,
+    METRICS,
+    NODE_CACHE_DIR,
+    NODE_DATA_PATH,
+    NODE_DEVICE,
+    NODE_PARTITION_ID,
+    NODE_SITE_ID,
+    NUM_EXAMPLES,
+    PEER_KEYS,
+    PEER_NODES,
+    PUBLIC_KEY,
+    SECURE,
+    SECURE_KEYS,
+    SECURE_MASK,
+    SECURE_PHASE,
+    SECURE_SESSION,
+    SITE,
+    SITE_ID,
+    STEPS,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    EvaluateInstruction,
+    TrainInstruction,
+    arrays_digest,
+    model_from_run_config,
+    pack_counts,
+    pos_weight_mode,
+    record_to_state,
+    run_value,
+    state_to_record,
+)
 from common.runtime import resolve_device
 from common.secure_sum import SecureSumError, generate_key_pair, mask_vector
 
@@ -56,6 +90,7 @@ class SiteError(RuntimeError):
 
 # --- configuration, parsed once at the top of each handler --------------------------------
 
+
 @dataclass(frozen=True)
 class SiteConfig:
     """Facts about this site: from ``node_config`` in deployment, ``partition-id`` in simulation."""
@@ -66,31 +101,32 @@ class SiteConfig:
     device: str = "auto"
     #: Simulation with ``data.partitions``: the partition's prebuilt cache (``data_path`` unused).
     cache_path: Path | None = None
-    #: Simulation robustness experiments only: how this virtual site misbehaves (``client.partitions``).
+    #: Simulation robustness experiments only: how this virtual site misbehaves (``client.simulation.partitions``).
     fault: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_context(cls, context: Context) -> "SiteConfig":
+    def from_context(cls, context: Context) -> SiteConfig:
         node = context.node_config
         if NODE_DATA_PATH in node:
             data = Path(str(node[NODE_DATA_PATH])).expanduser()
-            site_id = str(node.get(NODE_SITE_ID) or read_site_config(data).site_id)
+            site_id = str(node.get(NODE_SITE_ID) or read_site_settings(data).site_id)
             cache = Path(str(node.get(NODE_CACHE_DIR) or DEFAULT_CACHE)).expanduser()
         elif NODE_PARTITION_ID in node and str(run_value(context.run_config, "data.partitions")):
-            part = manifest_partition(Path(str(run_value(context.run_config, "data.partitions"))),
-                                      int(node[NODE_PARTITION_ID]))
+            part = manifest_partition(
+                Path(str(run_value(context.run_config, "data.partitions"))), int(node[NODE_PARTITION_ID])
+            )
             cache_path = Path(part.cache)
-            return cls(cache_path, part.site_id, cache_path.parent, str(node.get(NODE_DEVICE, "auto")), cache_path,
-                       part.fault)
+            return cls(
+                cache_path, part.site_id, cache_path.parent, str(node.get(NODE_DEVICE, "auto")), cache_path, part.fault
+            )
         elif NODE_PARTITION_ID in node:
             root = Path(str(run_value(context.run_config, "data.root"))).expanduser()
             data = partition_site(root, int(node[NODE_PARTITION_ID]))
-            site_id = read_site_config(data).site_id
+            site_id = read_site_settings(data).site_id
             cache_value = str(run_value(context.run_config, "data.cache-dir"))
             cache = Path(cache_value).expanduser() if cache_value else root / ".cache"
         else:
-            raise SiteError(f"node config needs {NODE_DATA_PATH!r} (deployment) or "
-                            f"{NODE_PARTITION_ID!r} (simulation)")
+            raise SiteError(f"node config needs {NODE_DATA_PATH!r} (deployment) or {NODE_PARTITION_ID!r} (simulation)")
         return cls(data, site_id, cache, str(node.get(NODE_DEVICE, "auto")))
 
 
@@ -113,24 +149,42 @@ class SiteRunConfig:
     secure_counts: bool = False
 
     @classmethod
-    def from_run_config(cls, rc: Mapping) -> "SiteRunConfig":
+    def from_run_config(cls, rc: Mapping) -> SiteRunConfig:
         model, pre = model_from_run_config(rc)
         val, test = float(run_value(rc, "data.val-fraction")), float(run_value(rc, "data.test-fraction"))
         if not (0 <= val and 0 < test and val + test < 1):
             raise SiteError(f"data.val-fraction ({val}) and data.test-fraction ({test}) must leave a training split")
-        return cls(model, pre, int(run_value(rc, "train.batch-size")), int(run_value(rc, "train.eval-batch-size")),
-                   float(run_value(rc, "train.weight-decay")), str(run_value(rc, "train.optimizer")),
-                   bool(run_value(rc, "train.augment")), bool(run_value(rc, "train.balanced")),
-                   (1.0 - val - test, val, test), int(run_value(rc, "seed")), pos_weight_mode(rc),
-                   secure_counts=bool(run_value(rc, "privacy.secure-counts")))
+        return cls(
+            model,
+            pre,
+            int(run_value(rc, "train.batch-size")),
+            int(run_value(rc, "train.eval-batch-size")),
+            float(run_value(rc, "train.weight-decay")),
+            str(run_value(rc, "train.optimizer")),
+            bool(run_value(rc, "train.augment")),
+            bool(run_value(rc, "train.balanced")),
+            (1.0 - val - test, val, test),
+            int(run_value(rc, "seed")),
+            pos_weight_mode(rc),
+            secure_counts=bool(run_value(rc, "privacy.secure-counts")),
+        )
 
     def train_config(self, order: TrainInstruction) -> TrainConfig:
         """The local training of one round: the server's per-round values, the run's others.
         The learning rate is constant within a round (a cosine would restart every round)."""
-        return TrainConfig(epochs=order.local_epochs, max_steps=order.local_steps, batch_size=self.batch_size, lr=order.lr,
-                           weight_decay=self.weight_decay, optimizer=self.optimizer, schedule="constant",
-                           augment=self.augment, balanced=self.balanced, proximal_mu=order.proximal_mu,
-                           seed=self.seed + order.server_round)
+        return TrainConfig(
+            epochs=order.local_epochs,
+            max_steps=order.local_steps,
+            batch_size=self.batch_size,
+            lr=order.lr,
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            schedule="constant",
+            augment=self.augment,
+            balanced=self.balanced,
+            proximal_mu=order.proximal_mu,
+            seed=self.seed + order.server_round,
+        )
 
 
 def stage2_pos_weight(mode: str, order: TrainInstruction, model, train_ds) -> torch.Tensor | None:
@@ -158,7 +212,7 @@ def manifest_partition(manifest: Path, partition_id: int) -> Partition:
 
 
 def partition_site(data_root: Path, partition_id: int) -> Path:
-    """The ``partition_id``-th site folder of ``data_root`` (``client.site.list_site_folders``).
+    """The ``partition_id``-th site folder of ``data_root`` (``client.ingest.layouts.list_site_folders``).
 
     Errors name no path: their text reaches the server.
     """
@@ -171,6 +225,7 @@ def partition_site(data_root: Path, partition_id: int) -> Path:
 
 
 # --- the site's data and the state it keeps between rounds --------------------------------
+
 
 @dataclass(frozen=True)
 class SiteData:
@@ -186,10 +241,17 @@ def open_site(site: SiteConfig, run: SiteRunConfig) -> SiteData:
     else:
         cache, problems = build_site_cache(site.data_path, site.cache_dir, run.preprocess)
     if problems:
-        log(WARNING, "%s: %d data problem(s) while building the cache (see 'flwr-client check')", site.site_id, len(problems))
+        log(
+            WARNING,
+            "%s: %d data problem(s) while building the cache (see 'flwr-client check')",
+            site.site_id,
+            len(problems),
+        )
     idx = split_slices(cache, run.split, seed=run.seed, by="patient")
-    # A simulated label-flip site (client.faults) learns and counts from wrong labels; its test split stays true.
-    return SiteData(corrupt_training_data(SliceDataset(cache, idx["train"]), site.fault), SliceDataset(cache, idx["test"]))
+    # A simulated label-flip site (client.simulation.faults) learns and counts from wrong labels; its test split stays true.
+    return SiteData(
+        corrupt_training_data(SliceDataset(cache, idx["train"]), site.fault), SliceDataset(cache, idx["test"])
+    )
 
 
 @dataclass(frozen=True)
@@ -199,7 +261,7 @@ class SiteStore:
     root: Path
 
     @classmethod
-    def for_run(cls, site: SiteConfig, run_name: str) -> "SiteStore":
+    def for_run(cls, site: SiteConfig, run_name: str) -> SiteStore:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", run_name) or "run"
         return cls(site.cache_dir / "federation" / site.site_id / name)
 
@@ -214,8 +276,9 @@ class SiteStore:
         tmp.replace(self.root / f"{name}.pt")
 
 
-def load_half(model: JointModel, half: str, received: Mapping[str, torch.Tensor], store: SiteStore,
-              local_keys: set[str]) -> None:
+def load_half(
+    model: JointModel, half: str, received: Mapping[str, torch.Tensor], store: SiteStore, local_keys: set[str]
+) -> None:
     """Load the server's arrays for one half; with FedBN the norm layers come from the site's disk
     (or stay at their initial values before the site's first round)."""
     if not local_keys:
@@ -239,12 +302,15 @@ def frozen_unet(msg: Message, digest: str, store: SiteStore) -> dict[str, torch.
         return state
     state = store.load(name)
     if state is None:
-        raise SiteError(f"the global U-Net {digest[:12]} is not stored at this site; the server sends it again next round")
+        raise SiteError(
+            f"the global U-Net {digest[:12]} is not stored at this site; the server sends it again next round"
+        )
     return state
 
 
-def receive_model(msg: Message, run: SiteRunConfig, store: SiteStore, stage: int, local_norm: bool,
-                  unet_digest: str) -> tuple[JointModel, set[str]]:
+def receive_model(
+    msg: Message, run: SiteRunConfig, store: SiteStore, stage: int, local_norm: bool, unet_digest: str
+) -> tuple[JointModel, set[str]]:
     """The global model as this site holds it: the stage's half from the message, the frozen U-Net
     in stage 2, the site's own normalisation layers under FedBN (whose keys are returned)."""
     model = build_joint_model(run.model, seed=run.seed)
@@ -293,12 +359,14 @@ def site_errors(phase: str) -> Callable:
             except Exception as exc:  # noqa: BLE001 - reported by type, logged in full here
                 log(ERROR, "%s failed at this site:\n%s", phase, traceback.format_exc())
                 raise SiteError(f"{phase} failed ({type(exc).__name__}); details in the site's log") from None
+
         return handler
 
     return decorate
 
 
 # --- handlers ------------------------------------------------------------------------------
+
 
 @app.train()
 @site_errors("train")
@@ -311,27 +379,44 @@ def train(msg: Message, context: Context) -> Message:
     store = SiteStore.for_run(site, order.run_name)
     model, local_keys = receive_model(msg, run, store, order.stage, order.local_norm, order.unet_digest)
     cfg = run.train_config(order)
-    privacy = SitePrivacy.open(context.run_config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
-    loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=order.stage)
+    privacy = SitePrivacy.open(
+        context.run_config, store.root, data.train, order, cfg, run.model
+    )  # None: privacy.dp off
+    loader = make_loader(
+        data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=order.stage
+    )
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
-    result = (privacy.train(model, cfg, resolve_device(site.device), pos_weight) if privacy is not None
-              else train_stage(model, loader, order.stage, cfg, resolve_device(site.device), pos_weight))
+    result = (
+        privacy.train(model, cfg, resolve_device(site.device), pos_weight)
+        if privacy is not None
+        else train_stage(model, loader, order.stage, cfg, resolve_device(site.device), pos_weight)
+    )
 
     state = half_state_dict(model.cpu(), order.half)
     if local_keys:
         store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
-    if site.fault:  # simulation manifests only: a site that corrupts what it sends (client.faults)
-        state = corrupt_update(record_to_state(msg.content[ARRAYS]), state, site.fault,
-                               fault_seed(run.seed, order.server_round, site.site_id))
-    metrics = MetricRecord({
-        NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
-        TRAIN_LOSS: float(result.loss), STEPS: int(result.steps), TRAIN_SECONDS: float(result.seconds),
-    })
+    if site.fault:  # simulation manifests only: a site that corrupts what it sends (client.simulation.faults)
+        state = corrupt_update(
+            record_to_state(msg.content[ARRAYS]),
+            state,
+            site.fault,
+            fault_seed(run.seed, order.server_round, site.site_id),
+        )
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
+            TRAIN_LOSS: float(result.loss),
+            STEPS: int(result.steps),
+            TRAIN_SECONDS: float(result.seconds),
+        }
+    )
     if not run.secure_counts:  # with secure counts, this site's counts leave it only masked
         metrics[LABEL_POS], metrics[LABEL_NEG] = site_label_counts(data.train, run.model)
     if privacy is not None:
         metrics.update(privacy.metrics())
-    content = RecordDict({ARRAYS: state_to_record(state, exclude=local_keys), METRICS: metrics, SITE: _site_record(site)})
+    content = RecordDict(
+        {ARRAYS: state_to_record(state, exclude=local_keys), METRICS: metrics, SITE: _site_record(site)}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -347,11 +432,17 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_run_config(context.run_config)
     order = EvaluateInstruction.from_record(msg.content[CONFIG])
     data = open_site(site, run)
-    model, _ = receive_model(msg, run, SiteStore.for_run(site, order.run_name), order.stage, order.local_norm,
-                             order.unet_digest)
+    model, _ = receive_model(
+        msg, run, SiteStore.for_run(site, order.run_name), order.stage, order.local_norm, order.unet_digest
+    )
     scores = evaluate(model, data.test, resolve_device(site.device), run.eval_batch_size)
-    metrics = MetricRecord({k: (v if isinstance(v, int) else float(v)) for k, v in scores.items()
-                            if k != "arrays" and isinstance(v, (int, float, np.floating, np.integer))})
+    metrics = MetricRecord(
+        {
+            k: (v if isinstance(v, int) else float(v))
+            for k, v in scores.items()
+            if k != "arrays" and isinstance(v, (int, float, np.floating, np.integer))
+        }
+    )
     metrics[NUM_EXAMPLES] = len(data.test)
     return Message(RecordDict({METRICS: metrics, SITE: _site_record(site)}), reply_to=msg)
 
@@ -368,8 +459,11 @@ def count_labels(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_run_config(context.run_config)
     phase = str(msg.content[CONFIG].get(SECURE_PHASE, "")) if CONFIG in msg.content else ""
     if run.secure_counts != bool(phase):
-        raise SiteError("privacy.secure-counts is on: this site sends its label counts only masked" if run.secure_counts
-                        else f"secure counts step {phase!r} asked, but privacy.secure-counts is off for this run")
+        raise SiteError(
+            "privacy.secure-counts is on: this site sends its label counts only masked"
+            if run.secure_counts
+            else f"secure counts step {phase!r} asked, but privacy.secure-counts is off for this run"
+        )
     if phase == SECURE_KEYS:
         return secure_counts_keys(msg, context, site)
     data = open_site(site, run)
@@ -394,8 +488,10 @@ def secure_counts_keys(msg: Message, context: Context, site: SiteConfig) -> Mess
     session = str(msg.content[CONFIG][SECURE_SESSION])
     private, public = generate_key_pair()
     context.state[SECURE_STATE] = ConfigRecord({SECURE_SESSION: session, PRIVATE_KEY: private})
-    return Message(RecordDict({METRICS: MetricRecord(), SECURE: ConfigRecord({PUBLIC_KEY: public}),
-                               SITE: _site_record(site)}), reply_to=msg)
+    return Message(
+        RecordDict({METRICS: MetricRecord(), SECURE: ConfigRecord({PUBLIC_KEY: public}), SITE: _site_record(site)}),
+        reply_to=msg,
+    )
 
 
 def secure_counts_masked(msg: Message, context: Context, site: SiteConfig, counts: list[int]) -> Message:
@@ -407,10 +503,16 @@ def secure_counts_masked(msg: Message, context: Context, site: SiteConfig, count
     del context.state[SECURE_STATE]  # one session, one use: a second request for it is refused
     peers = msg.content[SECURE]
     try:
-        masked = mask_vector(counts, msg.metadata.dst_node_id, bytes(held[PRIVATE_KEY]),
-                             dict(zip((int(n) for n in peers[PEER_NODES]), (bytes(k) for k in peers[PEER_KEYS]))),
-                             session)
+        masked = mask_vector(
+            counts,
+            msg.metadata.dst_node_id,
+            bytes(held[PRIVATE_KEY]),
+            dict(zip((int(n) for n in peers[PEER_NODES]), (bytes(k) for k in peers[PEER_KEYS]))),
+            session,
+        )
     except SecureSumError as exc:
         raise SiteError(f"secure counts refused: {exc}") from None
-    return Message(RecordDict({METRICS: MetricRecord({MASKED_COUNTS: [int(v) for v in masked]}),
-                               SITE: _site_record(site)}), reply_to=msg)
+    return Message(
+        RecordDict({METRICS: MetricRecord({MASKED_COUNTS: [int(v) for v in masked]}), SITE: _site_record(site)}),
+        reply_to=msg,
+    )

@@ -9,6 +9,7 @@ A checkpoint is a ``torch.save``d dict of plain types only, so it loads with
 
 It never holds a patient identifier: weights, configs and aggregate numbers only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,13 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def save_checkpoint(path: Path | str, model: torch.nn.Module, model_config: ModelConfig,
-                    preprocess: PreprocessConfig, meta: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: Path | str,
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    preprocess: PreprocessConfig,
+    meta: dict[str, Any] | None = None,
+) -> Path:
     """Write atomically (temp file + rename), so a crash never leaves half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +66,13 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         raise ValueError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} checkpoint")
-    return Checkpoint(ModelConfig.from_dict(payload["model_config"]), PreprocessConfig.from_dict(payload["preprocess"]),
-                      tuple(payload["labels"]), payload["state_dict"], payload["meta"])
+    return Checkpoint(
+        ModelConfig.from_dict(payload["model_config"]),
+        PreprocessConfig.from_dict(payload["preprocess"]),
+        tuple(payload["labels"]),
+        payload["state_dict"],
+        payload["meta"],
+    )
 
 
 def build_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> torch.nn.Module:

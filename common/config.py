@@ -2,17 +2,20 @@
 
 Everything that crosses a boundary is a frozen dataclass, parsed once at the edge.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 #: The four hematoma-expansion markers (Boulouis et al. 2016), in model output order.
 MARKERS: tuple[str, ...] = ("hypodensity", "irregular_margin", "blend_sign", "fluid_level")
-#: Every study-level label column of labels.csv (DESIGN.md §4), markers first.
+#: Every study-level label column of labels.csv (docs/design.md §4), markers first.
 LABELS: tuple[str, ...] = MARKERS + ("expansion",)
 #: Identifier columns of labels.csv.
 ID_COLUMNS: tuple[str, str] = ("patient_id", "study_id")
+
 
 def check_known_keys(cls: type, d: Mapping[str, Any], what: str) -> dict[str, Any]:
     """Copy of ``d`` after checking every key is a field of dataclass ``cls``.
@@ -33,7 +36,7 @@ AIR_HU: float = -1000.0
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The paper's preprocessing (DESIGN.md §1), each step switchable for its ablation (§5.1.1).
+    """The paper's preprocessing (docs/design.md §1), each step switchable for its ablation (§5.1.1).
 
     Attributes
     ----------
@@ -68,11 +71,11 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessConfig:
         kw = check_known_keys(cls, d, "preprocessing")
         if "window" in kw:
             kw["window"] = tuple(kw["window"])
         return cls(**kw)
 
-    def with_window(self, window: tuple[float, float] | None) -> "PreprocessConfig":
+    def with_window(self, window: tuple[float, float] | None) -> PreprocessConfig:
         return self if window is None else replace(self, window=tuple(window))

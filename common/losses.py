@@ -4,6 +4,7 @@ Labels are float arrays with ``NaN`` for "not annotated" (docs/conventions.md): 
 are masked out of the loss, never read as 0. No device is chosen here: tensors stay where
 the caller put them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -71,8 +72,9 @@ def pos_weight_from_counts(
     return w.float()
 
 
-def weighted_bce(marker_logits: Tensor, labels: Tensor, pos_weight: Tensor | None = None,
-                 per_sample: bool = False) -> Tensor:
+def weighted_bce(
+    marker_logits: Tensor, labels: Tensor, pos_weight: Tensor | None = None, per_sample: bool = False
+) -> Tensor:
     """Weighted binary cross-entropy over the annotated entries only (paper formula 2).
 
     ``loss[n, c] = -(w_c * y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))``, averaged over the

@@ -6,10 +6,11 @@ reports compute the same numbers. Conventions: a mask is binary (bool, or 0/1; f
 thresholded at 0.5); an empty prediction on an empty target scores 1.0 (nothing to find,
 nothing found); a label of NaN means "not annotated" and is left out.
 """
+
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -64,7 +65,11 @@ def fscore(pred: object, target: object, beta: float = 1.0) -> float:
 
 
 def _scores(tp: float, fp: float, fn: float) -> dict[str, float]:
-    return {"dice": dice_from_counts(tp, fp, fn), "iou": iou_from_counts(tp, fp, fn), "fscore": fscore_from_counts(tp, fp, fn)}
+    return {
+        "dice": dice_from_counts(tp, fp, fn),
+        "iou": iou_from_counts(tp, fp, fn),
+        "fscore": fscore_from_counts(tp, fp, fn),
+    }
 
 
 @dataclass
@@ -109,9 +114,7 @@ class SegmentationCounts:
         return {k: float(np.mean([s[k] for s in each])) for k in each[0]}
 
 
-def roc_auc_per_marker(
-    y_true: np.ndarray, y_score: np.ndarray, names: Sequence[str] | None = None
-) -> dict[str, float]:
+def roc_auc_per_marker(y_true: np.ndarray, y_score: np.ndarray, names: Sequence[str] | None = None) -> dict[str, float]:
     """ROC AUC of each label column over its annotated rows (scikit-learn).
 
     ``y_true`` [N, C] holds 0/1/NaN; NaN rows of a column are left out of that column. A
@@ -162,7 +165,7 @@ def study_scores(
         if how == "max":
             out[i] = rows.max(axis=0)
         else:
-            out[i] = np.sort(rows, axis=0)[-min(k, rows.shape[0]):].mean(axis=0)
+            out[i] = np.sort(rows, axis=0)[-min(k, rows.shape[0]) :].mean(axis=0)
     return studies, out
 
 

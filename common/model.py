@@ -1,4 +1,4 @@
-"""The joint segmentation + marker-classification model (DESIGN.md §1; paper §4, Fig. 1).
+"""The joint segmentation + marker-classification model (docs/design.md §1; paper §4, Fig. 1).
 
 A U-Net (smp, EfficientNet encoder) segments the hematoma; a Wavelet VGG16 (VGG16 whose
 pooling layers are 2-D Haar DWTs, so texture survives downsampling) classifies the markers
@@ -12,11 +12,12 @@ exchange one half at a time (``half_state_dict`` / ``load_half_state_dict``).
 Heavy imports (smp, timm, pytorch_wavelets) happen when a model is built, not at import,
 so the server can import the state-dict helpers cheaply.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +30,12 @@ HALVES: tuple[str, ...] = ("unet", "classifier")
 #: VGG16's convolutional blocks: (width, number of 3x3 convolutions); a pooling layer follows each.
 VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 #: smp EfficientNet encoders keep the ImageNet head's conv and norm, never used by their forward;
-#: dropping them saves traffic every round and lets Opacus run (DESIGN.md §6).
+#: dropping them saves traffic every round and lets Opacus run (docs/design.md §6).
 _UNUSED_ENCODER_MODULES: tuple[str, ...] = ("_conv_head", "_bn1")
 
 
 def _dwt_forward(wave: str) -> nn.Module:
-    # pytorch_wavelets imports pkg_resources, which warns on every import (DESIGN.md §6).
+    # pytorch_wavelets imports pkg_resources, which warns on every import (docs/design.md §6).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -48,7 +49,7 @@ class WaveletPool(nn.Module):
     The four sub-bands stay as channels, grouped per input channel: output channel
     ``4 * c + k`` is sub-band ``k`` (0: LL, 1: LH, 2: HL, 3: HH, pytorch_wavelets' order) of
     input channel ``c``. The transform runs in fp32 with autocast off, because
-    pytorch_wavelets breaks under bf16 autocast (DESIGN.md §6); the result is cast back to
+    pytorch_wavelets breaks under bf16 autocast (docs/design.md §6); the result is cast back to
     the input dtype. The filters are non-persistent buffers: constants, not weights to ship.
     """
 
@@ -84,7 +85,7 @@ def _groups(channels: int) -> int:
 
 
 def _conv_block(c_in: int, c_out: int, norm: str) -> list[nn.Module]:
-    # ReLU not in place: Opacus' per-sample hooks need the activations intact (DESIGN.md §5).
+    # ReLU not in place: Opacus' per-sample hooks need the activations intact (docs/design.md §5).
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm2d(c_out, norm), nn.ReLU()]
 
 
@@ -155,9 +156,7 @@ def _init_vgg(module: nn.Module) -> None:
 def _head(in_features: int, hidden: int, n_out: int, dropout: float) -> nn.Sequential:
     if hidden == 0:
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, n_out))
-    return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out)
-    )
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
 
 
 class MarkerClassifier(nn.Module):
@@ -232,7 +231,7 @@ class JointModel(nn.Module):
         return self._unet_frozen
 
     def segment(self, x: Tensor) -> Tensor:
-        """Mask logits only: stage 1 needs no classifier (85 % of the FLOPs, DESIGN.md §6)."""
+        """Mask logits only: stage 1 needs no classifier (85 % of the FLOPs, docs/design.md §6)."""
         return self.unet(x)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -248,7 +247,7 @@ class JointModel(nn.Module):
             image = x * keep.to(x.dtype)
         return mask_logits, self.classifier(image, features[-1])
 
-    def train(self, mode: bool = True) -> "JointModel":
+    def train(self, mode: bool = True) -> JointModel:
         """As ``nn.Module.train``, except that a frozen U-Net stays in eval mode."""
         super().train(mode)
         if self._unet_frozen:
@@ -356,9 +355,7 @@ def half_state_dict(model: JointModel, half: str) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
-def load_half_state_dict(
-    model: JointModel, half: str, state: Mapping[str, Tensor | np.ndarray]
-) -> None:
+def load_half_state_dict(model: JointModel, half: str, state: Mapping[str, Tensor | np.ndarray]) -> None:
     """Load one half (keys as ``half_state_dict`` gives them); every key must match exactly."""
     prefix = _check_half(half)
     expected = {k for k in model.state_dict() if k.startswith(prefix)}
@@ -369,12 +366,12 @@ def load_half_state_dict(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    sub = {k[len(prefix):]: torch.as_tensor(v) for k, v in state.items()}
+    sub = {k[len(prefix) :]: torch.as_tensor(v) for k, v in state.items()}
     getattr(model, half).load_state_dict(sub, strict=True)
 
 
 def norm_state_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of normalisation layers (what FedBN keeps local, DESIGN.md §5)."""
+    """State-dict keys of normalisation layers (what FedBN keeps local, docs/design.md §5)."""
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     return {
         f"{name}.{key}" if name else key

@@ -1,14 +1,16 @@
-"""Model presets: the joint model's architecture as data (DESIGN.md §1, §6).
+"""Model presets: the joint model's architecture as data (docs/design.md §1, §6).
 
 A preset is a frozen :class:`ModelConfig`; ``PRESETS`` maps a name to one, and
 ``get_preset(name, **overrides)`` returns a copy with some fields changed. Every site
 and the server build the same architecture from the same config, so the config is
 what travels (``to_dict``/``from_dict``), never a pickled module.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from common.config import LABELS, MARKERS, check_known_keys
 
@@ -16,10 +18,10 @@ from common.config import LABELS, MARKERS, check_known_keys
 CLASSIFIERS: tuple[str, ...] = ("wavelet", "vgg")
 #: How the four wavelet sub-bands (4C channels) enter the next VGG block.
 #: "project": a 1x1 convolution mixes them back to C channels (the layout whose size and cost
-#: DESIGN.md §6 measured: 30.3 M parameters for the paper preset); "concat": the next 3x3
+#: docs/design.md §6 measured: 30.3 M parameters for the paper preset); "concat": the next 3x3
 #: convolution takes all 4C channels directly (about 9 M parameters more at full width).
 BAND_FUSIONS: tuple[str, ...] = ("project", "concat")
-#: Normalisation layers: "group" is what Opacus DP-SGD needs (DESIGN.md §5).
+#: Normalisation layers: "group" is what Opacus DP-SGD needs (docs/design.md §5).
 NORMS: tuple[str, ...] = ("batch", "group")
 #: Spatial reduction of the classifier: five halvings, as VGG16's five pooling layers.
 CLASSIFIER_STRIDE: int = 32
@@ -27,7 +29,7 @@ CLASSIFIER_STRIDE: int = 32
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the joint U-Net + Wavelet-VGG16 model (DESIGN.md §1).
+    """Architecture of the joint U-Net + Wavelet-VGG16 model (docs/design.md §1).
 
     Attributes
     ----------
@@ -108,7 +110,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
         return cls(**check_known_keys(cls, d, "model config"))
 
@@ -118,7 +120,7 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
 
 
-#: Named presets. "paper": the source paper's model (DESIGN.md §1). "small": CPU demo size,
+#: Named presets. "paper": the source paper's model (docs/design.md §1). "small": CPU demo size,
 #: so that a 12-site federation trains on 2 cores. "tiny": unit tests only.
 PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),

@@ -1,4 +1,4 @@
-"""What crosses the wire between a site and the server, and under which keys (DESIGN.md §5).
+"""What crosses the wire between a site and the server, and under which keys (docs/design.md §5).
 
 Only three kinds of thing travel: model arrays (one half of the joint model per round), per-label
 positive/negative counts, and scalar metrics. Every key lives here so that the ClientApp, the
@@ -11,12 +11,14 @@ carries the site's id (``site-01``), never a patient identifier. With ``privacy.
 counts travel masked (``MASKED_COUNTS``, docs/secure-aggregation.md), with X25519 public keys in a
 ``SECURE`` record, and train replies carry no label counts.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +54,7 @@ TRAIN_SECONDS = "train-seconds"
 #: in the model's output order. Lists of ints.
 LABEL_POS = "label-pos"
 LABEL_NEG = "label-neg"
-#: DP-SGD at the site (``privacy.dp``, client/privacy.py): the site's epsilon spent so far in this
+#: DP-SGD at the site (``privacy.dp``, client/training/privacy.py): the site's epsilon spent so far in this
 #: run (both stages) and its delta, numbers only; ``PRIVACY_EXHAUSTED`` 1 when the site did not
 #: train because the round would have exceeded ``privacy.target-epsilon`` (then num-examples 0).
 PRIVACY_EPSILON = "privacy-epsilon"
@@ -65,17 +67,17 @@ MASKED_COUNTS = "masked-counts"
 SUMMED_METRICS: tuple[str, ...] = (NUM_EXAMPLES, STEPS, LABEL_POS, LABEL_NEG, "n_slices", "n_studies")
 
 # --- ConfigRecord keys (server -> site) -----------------------------------------------------
-SERVER_ROUND = "server-round"        # set by Flower's strategies
+SERVER_ROUND = "server-round"  # set by Flower's strategies
 STAGE = "stage"
 LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
 LOCAL_STEPS = "local-steps"
 POS_WEIGHT = "pos-weight"
-PROXIMAL_MU = "proximal-mu"          # set by Flower's FedProx
-LOCAL_NORM = "local-norm"            # set by FedBN: normalisation layers stay at the site
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+LOCAL_NORM = "local-norm"  # set by FedBN: normalisation layers stay at the site
 UNET_DIGEST = "unet-digest"
-RUN_NAME = "run-name"                # scopes what a site keeps on disk between rounds of one run
-SITE_ID = "site-id"                  # in the SITE record of a reply
+RUN_NAME = "run-name"  # scopes what a site keeps on disk between rounds of one run
+SITE_ID = "site-id"  # in the SITE record of a reply
 #: Secure counts: which step of the protocol a counts query is ("keys" | "mask"), and its session.
 SECURE_PHASE = "secure-phase"
 SECURE_SESSION = "secure-session"
@@ -122,10 +124,18 @@ class TrainInstruction:
         return HALF_OF_STAGE[self.stage]
 
     def to_record(self) -> ConfigRecord:
-        rec = ConfigRecord({SERVER_ROUND: self.server_round, STAGE: self.stage, LR: float(self.lr),
-                            LOCAL_EPOCHS: self.local_epochs, LOCAL_STEPS: self.local_steps,
-                            PROXIMAL_MU: float(self.proximal_mu), LOCAL_NORM: self.local_norm,
-                            RUN_NAME: self.run_name})
+        rec = ConfigRecord(
+            {
+                SERVER_ROUND: self.server_round,
+                STAGE: self.stage,
+                LR: float(self.lr),
+                LOCAL_EPOCHS: self.local_epochs,
+                LOCAL_STEPS: self.local_steps,
+                PROXIMAL_MU: float(self.proximal_mu),
+                LOCAL_NORM: self.local_norm,
+                RUN_NAME: self.run_name,
+            }
+        )
         if self.pos_weight is not None:
             rec[POS_WEIGHT] = [float(w) for w in self.pos_weight]
         if self.unet_digest:
@@ -133,13 +143,20 @@ class TrainInstruction:
         return rec
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "TrainInstruction":
+    def from_record(cls, rec: Mapping[str, Any]) -> TrainInstruction:
         pos_weight = rec.get(POS_WEIGHT)
-        return cls(server_round=int(rec.get(SERVER_ROUND, 0)), stage=int(rec[STAGE]), lr=float(rec[LR]),
-                   local_epochs=int(rec.get(LOCAL_EPOCHS, 1)), local_steps=int(rec.get(LOCAL_STEPS, 0)),
-                   pos_weight=tuple(float(w) for w in pos_weight) if pos_weight is not None else None,
-                   proximal_mu=float(rec.get(PROXIMAL_MU, 0.0)), local_norm=bool(rec.get(LOCAL_NORM, False)),
-                   unet_digest=str(rec.get(UNET_DIGEST, "")), run_name=str(rec.get(RUN_NAME, "")))
+        return cls(
+            server_round=int(rec.get(SERVER_ROUND, 0)),
+            stage=int(rec[STAGE]),
+            lr=float(rec[LR]),
+            local_epochs=int(rec.get(LOCAL_EPOCHS, 1)),
+            local_steps=int(rec.get(LOCAL_STEPS, 0)),
+            pos_weight=tuple(float(w) for w in pos_weight) if pos_weight is not None else None,
+            proximal_mu=float(rec.get(PROXIMAL_MU, 0.0)),
+            local_norm=bool(rec.get(LOCAL_NORM, False)),
+            unet_digest=str(rec.get(UNET_DIGEST, "")),
+            run_name=str(rec.get(RUN_NAME, "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -158,17 +175,22 @@ class EvaluateInstruction:
     run_name: str = ""
 
     def to_record(self) -> ConfigRecord:
-        rec = ConfigRecord({SERVER_ROUND: self.server_round, STAGE: self.stage, LOCAL_NORM: self.local_norm,
-                            RUN_NAME: self.run_name})
+        rec = ConfigRecord(
+            {SERVER_ROUND: self.server_round, STAGE: self.stage, LOCAL_NORM: self.local_norm, RUN_NAME: self.run_name}
+        )
         if self.unet_digest:
             rec[UNET_DIGEST] = self.unet_digest
         return rec
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "EvaluateInstruction":
-        return cls(server_round=int(rec.get(SERVER_ROUND, 0)), stage=int(rec[STAGE]),
-                   local_norm=bool(rec.get(LOCAL_NORM, False)), unet_digest=str(rec.get(UNET_DIGEST, "")),
-                   run_name=str(rec.get(RUN_NAME, "")))
+    def from_record(cls, rec: Mapping[str, Any]) -> EvaluateInstruction:
+        return cls(
+            server_round=int(rec.get(SERVER_ROUND, 0)),
+            stage=int(rec[STAGE]),
+            local_norm=bool(rec.get(LOCAL_NORM, False)),
+            unet_digest=str(rec.get(UNET_DIGEST, "")),
+            run_name=str(rec.get(RUN_NAME, "")),
+        )
 
 
 def pack_counts(pos: Iterable[int], neg: Iterable[int], num_examples: int) -> list[int]:
@@ -181,15 +203,18 @@ def unpack_counts(vector: Iterable[int], n_labels: int) -> tuple[np.ndarray, np.
     v = np.asarray(list(vector), dtype=np.int64)
     if v.shape != (2 * n_labels + 1,):
         raise ValueError(f"a counts vector for {n_labels} labels has {2 * n_labels + 1} entries, got {v.size}")
-    return v[:n_labels], v[n_labels:2 * n_labels], int(v[-1])
+    return v[:n_labels], v[n_labels : 2 * n_labels], int(v[-1])
 
 
 # --- arrays ---------------------------------------------------------------------------------
 
+
 def state_to_record(state: Mapping[str, torch.Tensor], exclude: Iterable[str] = ()) -> ArrayRecord:
     """A (half) state dict as an ArrayRecord, leaving out ``exclude`` (FedBN's local keys)."""
     skip = set(exclude)
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in state.items() if k not in skip})
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in state.items() if k not in skip}
+    )
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -213,13 +238,15 @@ def arrays_digest(record: ArrayRecord) -> str:
 
 # --- run config (``[tool.flwr.app.config]``) read by both sides ------------------------------
 
+
 def run_value(run_config: Mapping[str, Any], key: str) -> Any:
     """One run-config value; a missing key names itself (every key has a default in pyproject.toml)."""
     try:
         return run_config[key]
     except KeyError:
-        raise KeyError(f"run config has no key {key!r}: every key needs a default in "
-                       "[tool.flwr.app.config] of pyproject.toml") from None
+        raise KeyError(
+            f"run config has no key {key!r}: every key needs a default in [tool.flwr.app.config] of pyproject.toml"
+        ) from None
 
 
 def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, PreprocessConfig]:
@@ -236,15 +263,20 @@ def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, P
     if privacy_from_run_config(run_config).dp and norm != "group":
         log(INFO, "privacy.dp: model.norm %r replaced by 'group' (GroupNorm; DP-SGD cannot use BatchNorm)", norm)
         norm = "group"
-    overrides: dict[str, Any] = {"classifier": str(run_value(run_config, "model.classifier")),
-                                 "masked_input": bool(run_value(run_config, "model.masked-input")),
-                                 "norm": norm}
+    overrides: dict[str, Any] = {
+        "classifier": str(run_value(run_config, "model.classifier")),
+        "masked_input": bool(run_value(run_config, "model.masked-input")),
+        "norm": norm,
+    }
     if size:
         overrides["image_size"] = size
     model = get_preset(str(run_value(run_config, "model.preset")), **overrides)
-    pre = PreprocessConfig(size=model.image_size, denoise=bool(run_value(run_config, "preprocess.denoise")),
-                           strip_skull=bool(run_value(run_config, "preprocess.strip-skull")),
-                           centre=bool(run_value(run_config, "preprocess.centre")))
+    pre = PreprocessConfig(
+        size=model.image_size,
+        denoise=bool(run_value(run_config, "preprocess.denoise")),
+        strip_skull=bool(run_value(run_config, "preprocess.strip-skull")),
+        centre=bool(run_value(run_config, "preprocess.centre")),
+    )
     return model, pre
 
 
@@ -265,8 +297,10 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0:
-            raise ValueError(f"privacy.noise-multiplier must be >= 0 (0: derived from privacy.target-epsilon), "
-                             f"got {self.noise_multiplier}")
+            raise ValueError(
+                f"privacy.noise-multiplier must be >= 0 (0: derived from privacy.target-epsilon), "
+                f"got {self.noise_multiplier}"
+            )
         if not self.target_epsilon > 0:
             raise ValueError(f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
         if not 0 <= self.delta < 1:
@@ -278,9 +312,13 @@ class PrivacyConfig:
 def privacy_from_run_config(run_config: Mapping[str, Any]) -> PrivacyConfig:
     """The ``privacy.*`` DP-SGD keys, checked (a bad value is a ValueError naming its key)."""
     v = lambda key: run_value(run_config, key)  # noqa: E731
-    return PrivacyConfig(dp=bool(v("privacy.dp")), noise_multiplier=float(v("privacy.noise-multiplier")),
-                         target_epsilon=float(v("privacy.target-epsilon")), delta=float(v("privacy.delta")),
-                         max_grad_norm=float(v("privacy.max-grad-norm")))
+    return PrivacyConfig(
+        dp=bool(v("privacy.dp")),
+        noise_multiplier=float(v("privacy.noise-multiplier")),
+        target_epsilon=float(v("privacy.target-epsilon")),
+        delta=float(v("privacy.delta")),
+        max_grad_norm=float(v("privacy.max-grad-norm")),
+    )
 
 
 #: Where stage 2's marker weights come from (``train.pos-weight``).

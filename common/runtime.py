@@ -1,4 +1,5 @@
 """Run-time choices made once at the edge: the device."""
+
 from __future__ import annotations
 
 import torch

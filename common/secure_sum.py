@@ -19,10 +19,11 @@ Each masked vector on its own is uniform on [0, 2^32)^length for anyone without 
 key or its peers' (the sum of at least one unknown uniform mask). The result is exact while every
 true total is below ``MODULUS`` (2^32, about 4.3e9 slices).
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -46,15 +47,19 @@ class SecureSumError(ValueError):
 def generate_key_pair() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as raw bytes ``(private, public)``; use it for one session only."""
     key = X25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     return private, public_key_of(private)
 
 
 def public_key_of(private: bytes) -> bytes:
     """The raw public key of a raw X25519 private key."""
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
 
 
 def pair_seed(private: bytes, peer_public: bytes, session: str, node_a: int, node_b: int) -> bytes:
@@ -91,8 +96,9 @@ def check_values(values: Sequence[int]) -> np.ndarray:
     return arr.astype(np.uint64)
 
 
-def mask_vector(values: Sequence[int], own_node: int, private: bytes, peers: Mapping[int, bytes],
-                session: str) -> np.ndarray:
+def mask_vector(
+    values: Sequence[int], own_node: int, private: bytes, peers: Mapping[int, bytes], session: str
+) -> np.ndarray:
     """This site's masked vector: ``values + sum_{j > own} m_j - sum_{j < own} m_j`` mod 2^32.
 
     ``peers`` maps every node id of the session to its public key, this site included: its own

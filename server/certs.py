@@ -17,6 +17,7 @@ Usage::
 
     python -m server.certs --out certs --host superlink.example.org --site site-01 --site site-02
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import datetime as dt
 import ipaddress
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,8 +45,9 @@ def _write(path: Path, data: bytes, private: bool = False) -> Path:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
@@ -62,18 +64,37 @@ def make_ca(out: Path, days: int = 3650, name: str = "hemexp federation CA") -> 
     """``ca.crt`` and ``ca.key`` under ``out``."""
     key = ec.generate_private_key(ec.SECP384R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384()))
-    return (_write(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM)),
-            _write(out / "ca.key", _pem_key(key), private=True))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return (
+        _write(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM)),
+        _write(out / "ca.key", _pem_key(key), private=True),
+    )
 
 
 def make_server_cert(out: Path, hosts: Iterable[str] = (), days: int = 825) -> tuple[Path, Path]:
@@ -82,19 +103,25 @@ def make_server_cert(out: Path, hosts: Iterable[str] = (), days: int = 825) -> t
     ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP384R1())
     all_hosts = [*hosts, *LOOPBACK_NAMES]
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, all_hosts[0])]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_san(all_hosts), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA384()))
-    return (_write(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM)),
-            _write(out / "server.key", _pem_key(key), private=True))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, all_hosts[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(all_hosts), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return (
+        _write(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM)),
+        _write(out / "server.key", _pem_key(key), private=True),
+    )
 
 
 def make_site_keys(out: Path, site: str) -> tuple[Path, Path]:
@@ -102,18 +129,25 @@ def make_site_keys(out: Path, site: str) -> tuple[Path, Path]:
     if not site or "/" in site or site.startswith("."):
         raise ValueError(f"bad site name {site!r}")
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return (_write(out / site / site, private, private=True),
-            _write(out / site / f"{site}.pub", public + f" {site}\n".encode()))
+    return (
+        _write(out / site / site, private, private=True),
+        _write(out / site / f"{site}.pub", public + f" {site}\n".encode()),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m server.certs", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to write into")
-    p.add_argument("--host", action="append", default=[],
-                   help="DNS name or IP of the SuperLink (repeatable); loopback is always included")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="DNS name or IP of the SuperLink (repeatable); loopback is always included",
+    )
     p.add_argument("--site", action="append", default=[], help="site name to make a key pair for (repeatable)")
     p.add_argument("--no-ca", action="store_true", help="only the site key pairs (what a site runs for itself)")
     p.add_argument("--force", action="store_true", help="overwrite an existing CA")

@@ -4,6 +4,7 @@ Layout of the run's output folder: ``checkpoints/round-NNN.pt`` for every comple
 ``global.pt``, the final model, written when the run ends. The round and stage a checkpoint was
 written after are in its ``meta``; ``latest_checkpoint`` finds the one a run resumes from.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,14 @@ def round_checkpoint_path(out_dir: Path, server_round: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"round-{server_round:03d}.pt"
 
 
-def save_round_checkpoint(out_dir: Path, model: torch.nn.Module, model_cfg: ModelConfig, preprocess: PreprocessConfig,
-                          meta: dict, keep: int = 0) -> Path:
+def save_round_checkpoint(
+    out_dir: Path,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    preprocess: PreprocessConfig,
+    meta: dict,
+    keep: int = 0,
+) -> Path:
     """Write the global model after round ``meta['round']``; keep the last ``keep`` (0: all)."""
     path = save_checkpoint(round_checkpoint_path(out_dir, int(meta["round"])), model, model_cfg, preprocess, meta)
     if keep > 0:

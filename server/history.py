@@ -11,6 +11,7 @@ round whose aggregation was skipped (too few good replies) has ``"skipped": true
 ``metrics.csv``: one row per (round, stage, phase, site, metric, value); ``site`` is ``all`` for the
 aggregate. Both are rewritten atomically after every round, so a crash leaves the last good round.
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,7 +36,7 @@ class History:
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, out_dir: Path, up_to_round: int | None = None) -> "History":
+    def load(cls, out_dir: Path, up_to_round: int | None = None) -> History:
         """The saved history, without rounds after ``up_to_round`` (a resumed run redoes them)."""
         path = Path(out_dir) / JSON_FILE
         if not path.is_file():
@@ -57,15 +58,35 @@ class History:
                 for site, metrics in sources:
                     for metric, value in metrics.items():
                         if isinstance(value, list):
-                            out += [dict(round=r["round"], stage=r["stage"], phase=phase, site=site, metric=f"{metric}/{i}", value=v)
-                                    for i, v in enumerate(value)]
+                            out += [
+                                dict(
+                                    round=r["round"],
+                                    stage=r["stage"],
+                                    phase=phase,
+                                    site=site,
+                                    metric=f"{metric}/{i}",
+                                    value=v,
+                                )
+                                for i, v in enumerate(value)
+                            ]
                         else:
-                            out.append(dict(round=r["round"], stage=r["stage"], phase=phase, site=site, metric=metric, value=value))
+                            out.append(
+                                dict(
+                                    round=r["round"],
+                                    stage=r["stage"],
+                                    phase=phase,
+                                    site=site,
+                                    metric=metric,
+                                    value=value,
+                                )
+                            )
         return out
 
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.out_dir / JSON_FILE, json.dumps({"run": self.run, "rounds": self.rounds}, indent=1, default=_plain))
+        _write_atomic(
+            self.out_dir / JSON_FILE, json.dumps({"run": self.run, "rounds": self.rounds}, indent=1, default=_plain)
+        )
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
         writer.writeheader()

@@ -13,17 +13,31 @@ answered step 2. A site lost between the steps leaves its peers' masks in the su
 protocol starts again (new session, new keys) with the sites still present, at most
 ``MAX_ATTEMPTS`` times. Honest-but-curious server; no dropout recovery (docs/secure-aggregation.md).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
-from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
-from common.records import (CONFIG, MASKED_COUNTS, METRICS, PEER_KEYS, PEER_NODES, PUBLIC_KEY, SECURE, SECURE_KEYS,
-                            SECURE_MASK, SECURE_PHASE, SECURE_SESSION, SERVER_ROUND, unpack_counts)
+from common.records import (
+    CONFIG,
+    MASKED_COUNTS,
+    METRICS,
+    PEER_KEYS,
+    PEER_NODES,
+    PUBLIC_KEY,
+    SECURE,
+    SECURE_KEYS,
+    SECURE_MASK,
+    SECURE_PHASE,
+    SECURE_SESSION,
+    SERVER_ROUND,
+    unpack_counts,
+)
 from common.secure_sum import KEY_BYTES, MODULUS, unmask_sum
 
 #: Sessions tried before the round goes on without global counts (each one after a site dropped).
@@ -35,9 +49,15 @@ MIN_SITES = 2
 Exchange = Callable[[str, list[Message]], list[Message]]
 
 
-def secure_label_counts(node_ids: Iterable[int], exchange: Exchange, server_round: int, n_labels: int, *,
-                        max_attempts: int = MAX_ATTEMPTS,
-                        site_name: Callable[[int], str] = str) -> tuple[np.ndarray, np.ndarray, int] | None:
+def secure_label_counts(
+    node_ids: Iterable[int],
+    exchange: Exchange,
+    server_round: int,
+    n_labels: int,
+    *,
+    max_attempts: int = MAX_ATTEMPTS,
+    site_name: Callable[[int], str] = str,
+) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Summed (positives, negatives, training slices) of the sites in ``node_ids``, or None when
     fewer than ``MIN_SITES`` take part or every attempt lost a site between the two steps."""
     nodes = sorted({int(n) for n in node_ids})
@@ -45,10 +65,17 @@ def secure_label_counts(node_ids: Iterable[int], exchange: Exchange, server_roun
     for attempt in range(1, max_attempts + 1):
         session = f"counts-{server_round}-{attempt}"
         if len(nodes) < MIN_SITES:
-            log(WARNING, "secure counts: %d site(s) available, %d needed (a sum over one site is its own counts); "
-                "stage 2 runs without the global pos-weight", len(nodes), MIN_SITES)
+            log(
+                WARNING,
+                "secure counts: %d site(s) available, %d needed (a sum over one site is its own counts); "
+                "stage 2 runs without the global pos-weight",
+                len(nodes),
+                MIN_SITES,
+            )
             return None
-        replies = exchange("secure counts: keys", [_query(n, server_round, session, attempt, SECURE_KEYS) for n in nodes])
+        replies = exchange(
+            "secure counts: keys", [_query(n, server_round, session, attempt, SECURE_KEYS) for n in nodes]
+        )
         keys = {}
         for r in replies:
             public = r.content[SECURE].get(PUBLIC_KEY) if SECURE in r.content else None
@@ -57,40 +84,64 @@ def secure_label_counts(node_ids: Iterable[int], exchange: Exchange, server_roun
             else:
                 log(WARNING, "secure counts: %s sent no valid public key; left out", site_name(r.metadata.src_node_id))
         if len(keys) < MIN_SITES:
-            log(WARNING, "secure counts: %d site(s) sent a key, %d needed; stage 2 runs without the global pos-weight",
-                len(keys), MIN_SITES)
+            log(
+                WARNING,
+                "secure counts: %d site(s) sent a key, %d needed; stage 2 runs without the global pos-weight",
+                len(keys),
+                MIN_SITES,
+            )
             return None
         peers = sorted(keys)
-        replies = exchange("secure counts: masked counts",
-                           [_query(n, server_round, session, attempt, SECURE_MASK, peers=[(p, keys[p]) for p in peers])
-                            for n in peers])
+        replies = exchange(
+            "secure counts: masked counts",
+            [
+                _query(n, server_round, session, attempt, SECURE_MASK, peers=[(p, keys[p]) for p in peers])
+                for n in peers
+            ],
+        )
         masked = {}
         for r in replies:
             vector = r.content[METRICS].get(MASKED_COUNTS)
             if isinstance(vector, list) and len(vector) == length and all(0 <= int(v) < MODULUS for v in vector):
                 masked[r.metadata.src_node_id] = vector
             else:
-                log(WARNING, "secure counts: %s sent a malformed masked vector; treated as lost",
-                    site_name(r.metadata.src_node_id))
+                log(
+                    WARNING,
+                    "secure counts: %s sent a malformed masked vector; treated as lost",
+                    site_name(r.metadata.src_node_id),
+                )
         lost = [n for n in peers if n not in masked]
         if not lost:
             pos, neg, slices = unpack_counts(unmask_sum(masked.values()), n_labels)
             log(INFO, "secure counts: %d site(s) summed in session %s (no site's own counts seen)", len(peers), session)
             return pos, neg, slices
         nodes = sorted(masked)
-        log(WARNING, "secure counts: %s answered the key exchange but sent no masked counts; their pairwise masks "
+        log(
+            WARNING,
+            "secure counts: %s answered the key exchange but sent no masked counts; their pairwise masks "
             "do not cancel, so this sum is unusable. %s with the %d site(s) still present (attempt %d of %d)",
-            ", ".join(site_name(n) for n in lost), "Restarting" if attempt < max_attempts else "Not restarting",
-            len(nodes), attempt, max_attempts)
-    log(WARNING, "secure counts: sites kept dropping out in %d attempts; stage 2 runs without the global pos-weight",
-        max_attempts)
+            ", ".join(site_name(n) for n in lost),
+            "Restarting" if attempt < max_attempts else "Not restarting",
+            len(nodes),
+            attempt,
+            max_attempts,
+        )
+    log(
+        WARNING,
+        "secure counts: sites kept dropping out in %d attempts; stage 2 runs without the global pos-weight",
+        max_attempts,
+    )
     return None
 
 
-def _query(node: int, server_round: int, session: str, attempt: int, phase: str,
-           peers: list[tuple[int, bytes]] | None = None) -> Message:
-    content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: server_round, SECURE_PHASE: phase, SECURE_SESSION: session})})
+def _query(
+    node: int, server_round: int, session: str, attempt: int, phase: str, peers: list[tuple[int, bytes]] | None = None
+) -> Message:
+    content = RecordDict(
+        {CONFIG: ConfigRecord({SERVER_ROUND: server_round, SECURE_PHASE: phase, SECURE_SESSION: session})}
+    )
     if peers is not None:
         content[SECURE] = ConfigRecord({PEER_NODES: [n for n, _ in peers], PEER_KEYS: [k for _, k in peers]})
-    return Message(content, dst_node_id=node, message_type=MessageType.QUERY,
-                   group_id=f"{server_round}-counts-{attempt}")
+    return Message(
+        content, dst_node_id=node, message_type=MessageType.QUERY, group_id=f"{server_round}-counts-{attempt}"
+    )

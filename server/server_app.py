@@ -14,15 +14,17 @@ reason, and the round goes on with the others. A train reply holding a NaN or in
 rejected before aggregation (logged, and listed under the round's ``rejected``), and the round
 aggregates the others: no strategy survives a NaN (the median of a column holding one is NaN).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -36,11 +38,28 @@ from common.config import PreprocessConfig
 from common.losses import pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import ModelConfig
-from common.records import (CONFIG, FROZEN_UNET, HALF_OF_STAGE, LABEL_NEG, LABEL_POS, METRICS, NUM_EXAMPLES,
-                            PRIVACY_EPSILON, PRIVACY_EXHAUSTED,
-                            SERVER_ROUND, SITE, SITE_ID, EvaluateInstruction, TrainInstruction, arrays_digest,
-                            model_from_run_config, pos_weight_mode, record_to_state, run_value,
-                            state_to_record)
+from common.records import (
+    CONFIG,
+    FROZEN_UNET,
+    HALF_OF_STAGE,
+    LABEL_NEG,
+    LABEL_POS,
+    METRICS,
+    NUM_EXAMPLES,
+    PRIVACY_EPSILON,
+    PRIVACY_EXHAUSTED,
+    SERVER_ROUND,
+    SITE,
+    SITE_ID,
+    EvaluateInstruction,
+    TrainInstruction,
+    arrays_digest,
+    model_from_run_config,
+    pos_weight_mode,
+    record_to_state,
+    run_value,
+    state_to_record,
+)
 from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
 from server.history import History, finite_or_none
 from server.secure_counts import secure_label_counts
@@ -78,17 +97,24 @@ class ServerRunConfig:
     secure_counts: bool = False
 
     @classmethod
-    def from_run_config(cls, rc: Mapping[str, Any]) -> "ServerRunConfig":
+    def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
         model, pre = model_from_run_config(rc)
         v = lambda key: run_value(rc, key)  # noqa: E731
         strategy = StrategyConfig(
-            name=str(v("strategy.name")), fraction_train=float(v("strategy.fraction-train")),
-            fraction_evaluate=float(v("strategy.fraction-evaluate")), min_train_nodes=int(v("strategy.min-train-nodes")),
+            name=str(v("strategy.name")),
+            fraction_train=float(v("strategy.fraction-train")),
+            fraction_evaluate=float(v("strategy.fraction-evaluate")),
+            min_train_nodes=int(v("strategy.min-train-nodes")),
             min_evaluate_nodes=int(v("strategy.min-evaluate-nodes")),
-            min_available_nodes=int(v("strategy.min-available-nodes")), accept_failures=bool(v("strategy.accept-failures")),
-            imbalance_head=bool(v("strategy.imbalance-head")), proximal_mu=float(v("strategy.proximal-mu")),
-            server_lr=float(v("strategy.server-lr")), tau=float(v("strategy.tau")), trim_beta=float(v("strategy.trim-beta")),
-            num_malicious=int(v("strategy.num-malicious")))
+            min_available_nodes=int(v("strategy.min-available-nodes")),
+            accept_failures=bool(v("strategy.accept-failures")),
+            imbalance_head=bool(v("strategy.imbalance-head")),
+            proximal_mu=float(v("strategy.proximal-mu")),
+            server_lr=float(v("strategy.server-lr")),
+            tau=float(v("strategy.tau")),
+            trim_beta=float(v("strategy.trim-beta")),
+            num_malicious=int(v("strategy.num-malicious")),
+        )
         lr = float(v("train.lr"))
         rounds = int(v("rounds.stage1")), int(v("rounds.stage2"))
         if min(rounds) < 0 or sum(rounds) == 0:
@@ -97,16 +123,31 @@ class ServerRunConfig:
         max_w = float(v("train.max-pos-weight"))
         secure_counts = bool(v("privacy.secure-counts"))
         if secure_counts and strategy.imbalance_head:
-            raise ValueError("strategy.imbalance-head weights each head row by every site's own positive counts, "
-                             "which privacy.secure-counts keeps from the server (only their sum is learnt): "
-                             "switch one of the two off")
-        return cls(model=model, preprocess=pre, seed=int(v("seed")), rounds_stage1=rounds[0], rounds_stage2=rounds[1],
-                   timeout=timeout if timeout > 0 else None, lr=lr, lr_stage2=float(v("train.lr-stage2")) or lr,
-                   local_epochs=int(v("train.local-epochs")), local_steps=int(v("train.local-steps")),
-                   max_pos_weight=max_w if max_w > 0 else None, pos_weight=pos_weight_mode(rc), strategy=strategy,
-                   output_dir=Path(str(v("output.dir"))).expanduser().resolve(), run_name=str(v("output.name")),
-                   keep_checkpoints=int(v("output.keep-checkpoints")), resume=bool(v("resume")),
-                   secure_counts=secure_counts)
+            raise ValueError(
+                "strategy.imbalance-head weights each head row by every site's own positive counts, "
+                "which privacy.secure-counts keeps from the server (only their sum is learnt): "
+                "switch one of the two off"
+            )
+        return cls(
+            model=model,
+            preprocess=pre,
+            seed=int(v("seed")),
+            rounds_stage1=rounds[0],
+            rounds_stage2=rounds[1],
+            timeout=timeout if timeout > 0 else None,
+            lr=lr,
+            lr_stage2=float(v("train.lr-stage2")) or lr,
+            local_epochs=int(v("train.local-epochs")),
+            local_steps=int(v("train.local-steps")),
+            max_pos_weight=max_w if max_w > 0 else None,
+            pos_weight=pos_weight_mode(rc),
+            strategy=strategy,
+            output_dir=Path(str(v("output.dir"))).expanduser().resolve(),
+            run_name=str(v("output.name")),
+            keep_checkpoints=int(v("output.keep-checkpoints")),
+            resume=bool(v("resume")),
+            secure_counts=secure_counts,
+        )
 
     @property
     def total_rounds(self) -> int:
@@ -116,11 +157,20 @@ class ServerRunConfig:
         return 1 if server_round <= self.rounds_stage1 else 2
 
     def summary(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "preprocess": self.preprocess.to_dict(), "seed": self.seed,
-                "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2}, "lr": self.lr,
-                "lr_stage2": self.lr_stage2, "local_epochs": self.local_epochs, "local_steps": self.local_steps,
-                "max_pos_weight": self.max_pos_weight, "pos_weight": self.pos_weight, "strategy": asdict(self.strategy),
-                "secure_counts": self.secure_counts}
+        return {
+            "model": self.model.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "seed": self.seed,
+            "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2},
+            "lr": self.lr,
+            "lr_stage2": self.lr_stage2,
+            "local_epochs": self.local_epochs,
+            "local_steps": self.local_steps,
+            "max_pos_weight": self.max_pos_weight,
+            "pos_weight": self.pos_weight,
+            "strategy": asdict(self.strategy),
+            "secure_counts": self.secure_counts,
+        }
 
 
 def resolve_run_dir(cfg: ServerRunConfig) -> Path:
@@ -130,11 +180,16 @@ def resolve_run_dir(cfg: ServerRunConfig) -> Path:
     if cfg.run_name:
         out = cfg.output_dir / cfg.run_name
         if not cfg.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-            raise FileExistsError(f"{out} already holds a run: set resume = true to continue it, "
-                                  "or choose another output.name")
+            raise FileExistsError(
+                f"{out} already holds a run: set resume = true to continue it, or choose another output.name"
+            )
         return out
     if cfg.resume:
-        runs = sorted(p for p in cfg.output_dir.glob("*") if (p / "checkpoints").is_dir()) if cfg.output_dir.is_dir() else []
+        runs = (
+            sorted(p for p in cfg.output_dir.glob("*") if (p / "checkpoints").is_dir())
+            if cfg.output_dir.is_dir()
+            else []
+        )
         if runs:
             return max(runs, key=lambda p: p.stat().st_mtime)
     return cfg.output_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -148,15 +203,21 @@ def final_layer_keys(model: JointModel) -> tuple[str, str]:
 
 def metrics_dict(record: MetricRecord) -> dict[str, Any]:
     """A MetricRecord as plain JSON-able values (NaN as None)."""
-    return {k: (list(v) if isinstance(v, list) else finite_or_none(float(v)) if isinstance(v, float) else v)
-            for k, v in record.items()}
+    return {
+        k: (list(v) if isinstance(v, list) else finite_or_none(float(v)) if isinstance(v, float) else v)
+        for k, v in record.items()
+    }
 
 
 def _with_record(msg: Message, name: str, record: ArrayRecord) -> Message:
     """A copy of ``msg`` with one more record (strategies share one RecordDict among messages)."""
     content = RecordDict({**dict(msg.content.items()), name: record})
-    return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type,
-                   group_id=msg.metadata.group_id)
+    return Message(
+        content,
+        dst_node_id=msg.metadata.dst_node_id,
+        message_type=msg.metadata.message_type,
+        group_id=msg.metadata.group_id,
+    )
 
 
 class Federation:
@@ -168,13 +229,14 @@ class Federation:
         self.local_keys = norm_state_keys(self.model) if cfg.strategy.name == "fedbn" else set()
         head = final_layer_keys(self.model)
         # One strategy per stage: server-side optimiser state is per array, and stages exchange different arrays.
-        self.strategies: dict[int, Strategy] = {s: build_strategy(cfg.strategy, local_keys=self.local_keys, head_keys=head)
-                                                for s in HALF_OF_STAGE}
+        self.strategies: dict[int, Strategy] = {
+            s: build_strategy(cfg.strategy, local_keys=self.local_keys, head_keys=head) for s in HALF_OF_STAGE
+        }
         self.out_dir = resolve_run_dir(cfg)
         self.history = History(self.out_dir)
         self.start_round = 0
-        self.sites: dict[int, str] = {}          # node id -> site id, learned from replies
-        self.unet_sent: dict[int, str] = {}      # node id -> digest of the frozen U-Net it holds
+        self.sites: dict[int, str] = {}  # node id -> site id, learned from replies
+        self.unet_sent: dict[int, str] = {}  # node id -> digest of the frozen U-Net it holds
         self.counts: tuple[np.ndarray, np.ndarray] | None = None
 
     # --- the schedule --------------------------------------------------------------------
@@ -184,9 +246,15 @@ class Federation:
         if cfg.resume:
             self._resume()
         self.history.run = {**cfg.summary(), "output": str(self.out_dir)}
-        log(INFO, "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s, output %s", cfg.rounds_stage1,
-            cfg.rounds_stage2, cfg.strategy.name, " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
-            self.out_dir)
+        log(
+            INFO,
+            "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s, output %s",
+            cfg.rounds_stage1,
+            cfg.rounds_stage2,
+            cfg.strategy.name,
+            " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
+            self.out_dir,
+        )
         last = None
         for rnd in range(self.start_round + 1, cfg.total_rounds + 1):
             t0 = time.perf_counter()
@@ -198,9 +266,14 @@ class Federation:
             entry["seconds"] = time.perf_counter() - t0
             self.history.add_round(entry)
             self.history.save()
-            last = save_round_checkpoint(self.out_dir, self.model, cfg.model, cfg.preprocess,
-                                         {"method": "federated", "strategy": cfg.strategy.name, "round": rnd,
-                                          "stage": stage, "seed": cfg.seed}, keep=cfg.keep_checkpoints)
+            last = save_round_checkpoint(
+                self.out_dir,
+                self.model,
+                cfg.model,
+                cfg.preprocess,
+                {"method": "federated", "strategy": cfg.strategy.name, "round": rnd, "stage": stage, "seed": cfg.seed},
+                keep=cfg.keep_checkpoints,
+            )
         if last is not None:
             publish_final(self.out_dir, last)
         log(INFO, "hemexp: run finished; global model %s", self.out_dir / "global.pt")
@@ -212,8 +285,10 @@ class Federation:
             log(INFO, "resume: no checkpoint in %s, starting at round 1", self.out_dir)
             return
         if ckpt.model_config != self.cfg.model:
-            raise ValueError(f"{self.out_dir}: its checkpoints hold another model config; "
-                             "resume with the run's original model.* settings")
+            raise ValueError(
+                f"{self.out_dir}: its checkpoints hold another model config; "
+                "resume with the run's original model.* settings"
+            )
         self.model.load_state_dict(ckpt.state_dict, strict=True)
         self.start_round = int(ckpt.meta["round"])
         self.history = History.load(self.out_dir, up_to_round=self.start_round)
@@ -229,13 +304,24 @@ class Federation:
                 self.counts = self.count_labels(rnd, entry)
             if self.counts is not None:
                 weights = tuple(pos_weight_from_counts(*self.counts, max_weight=cfg.max_pos_weight).tolist())
-                entry["label-counts"] = {"pos": self.counts[0].tolist(), "neg": self.counts[1].tolist(),
-                                         "pos-weight": list(weights), "pos-weight-mode": cfg.pos_weight}
+                entry["label-counts"] = {
+                    "pos": self.counts[0].tolist(),
+                    "neg": self.counts[1].tolist(),
+                    "pos-weight": list(weights),
+                    "pos-weight-mode": cfg.pos_weight,
+                }
                 pos_weight = weights if cfg.pos_weight == "global" else None
         unet, digest = self._frozen_unet(stage)
-        order = TrainInstruction(server_round=rnd, stage=stage, lr=cfg.lr if stage == 1 else cfg.lr_stage2,
-                                 local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, pos_weight=pos_weight,
-                                 unet_digest=digest, run_name=self.out_dir.name)
+        order = TrainInstruction(
+            server_round=rnd,
+            stage=stage,
+            lr=cfg.lr if stage == 1 else cfg.lr_stage2,
+            local_epochs=cfg.local_epochs,
+            local_steps=cfg.local_steps,
+            pos_weight=pos_weight,
+            unet_digest=digest,
+            run_name=self.out_dir.name,
+        )
         arrays = state_to_record(half_state_dict(self.model, half))
         messages = self._attach_unet(strategy.configure_train(rnd, arrays, order.to_record(), self.grid), unet, digest)
         replies = self._exchange("train", messages, entry, digest)
@@ -245,8 +331,13 @@ class Federation:
             if float(r.content[METRICS][NUM_EXAMPLES]) > 0:
                 usable.append(r)
             else:
-                log(INFO, "train: site %s %s in stage %d; left out of the aggregate", self._site(r),
-                    idle_reason(r.content[METRICS]), stage)
+                log(
+                    INFO,
+                    "train: site %s %s in stage %d; left out of the aggregate",
+                    self._site(r),
+                    idle_reason(r.content[METRICS]),
+                    stage,
+                )
         usable = self._reject_non_finite(usable, entry)
         aggregated = self._aggregate_train(rnd, half, strategy, usable, entry)
         return {"aggregated": aggregated, "sites": sites, "sent": len(messages), "received": len(replies)}
@@ -255,9 +346,18 @@ class Federation:
         cfg = self.cfg
         needed = getattr(strategy, "min_train_nodes", 1)
         if len(replies) < max(needed, 1) or (entry["failures"] and not cfg.strategy.accept_failures):
-            log(WARNING, "round %d: %d usable repl%s (%d needed), %d failure(s), accept-failures=%s: "
-                "the global %s stays as it was", rnd, len(replies), "y" if len(replies) == 1 else "ies", needed,
-                len(entry["failures"]), cfg.strategy.accept_failures, half)
+            log(
+                WARNING,
+                "round %d: %d usable repl%s (%d needed), %d failure(s), accept-failures=%s: "
+                "the global %s stays as it was",
+                rnd,
+                len(replies),
+                "y" if len(replies) == 1 else "ies",
+                needed,
+                len(entry["failures"]),
+                cfg.strategy.accept_failures,
+                half,
+            )
             entry["skipped"] = True
             return {}
         try:
@@ -282,8 +382,9 @@ class Federation:
                 continue
             node, reason = r.metadata.src_node_id, f"non-finite values in {len(bad)} array(s)"
             log(WARNING, "train: %s (node %d) sent %s; update rejected", self._site(r), node, reason)
-            entry.setdefault("rejected", []).append({"phase": "train", "site": self._site(r), "node": node,
-                                                     "reason": reason, "arrays": bad[:5]})
+            entry.setdefault("rejected", []).append(
+                {"phase": "train", "site": self._site(r), "node": node, "reason": reason, "arrays": bad[:5]}
+            )
         return kept
 
     def evaluate_round(self, rnd: int, stage: int, entry: dict) -> dict[str, Any]:
@@ -292,7 +393,9 @@ class Federation:
         unet, digest = self._frozen_unet(stage)
         order = EvaluateInstruction(server_round=rnd, stage=stage, unet_digest=digest, run_name=self.out_dir.name)
         arrays = state_to_record(half_state_dict(self.model, HALF_OF_STAGE[stage]))
-        messages = self._attach_unet(strategy.configure_evaluate(rnd, arrays, order.to_record(), self.grid), unet, digest)
+        messages = self._attach_unet(
+            strategy.configure_evaluate(rnd, arrays, order.to_record(), self.grid), unet, digest
+        )
         if not messages:
             return {}
         replies = self._exchange("evaluate", messages, entry, digest)
@@ -305,8 +408,14 @@ class Federation:
                 log(WARNING, "round %d: evaluation replies inconsistent (%s)", rnd, exc)
         out = {"aggregated": metrics_dict(aggregated) if aggregated is not None else {}, "sites": sites}
         agg = out["aggregated"]
-        log(INFO, "round %d: %d site(s) evaluated: dice %s, macro AUC (study) %s", rnd, len(replies),
-            _fmt(agg.get("dice")), _fmt(agg.get("macro_auc_study")))
+        log(
+            INFO,
+            "round %d: %d site(s) evaluated: dice %s, macro AUC (study) %s",
+            rnd,
+            len(replies),
+            _fmt(agg.get("dice")),
+            _fmt(agg.get("macro_auc_study")),
+        )
         return out
 
     def _frozen_unet(self, stage: int) -> tuple[ArrayRecord | None, str]:
@@ -321,23 +430,33 @@ class Federation:
         messages = list(messages)
         if unet is None:
             return messages
-        return [m if self.unet_sent.get(m.metadata.dst_node_id) == digest else _with_record(m, FROZEN_UNET, unet)
-                for m in messages]
+        return [
+            m if self.unet_sent.get(m.metadata.dst_node_id) == digest else _with_record(m, FROZEN_UNET, unet)
+            for m in messages
+        ]
 
     def count_labels(self, rnd: int, entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
         """The counts round: every connected site's per-label positives and negatives, summed
         (with ``privacy.secure-counts`` by a secure sum: no site's own counts reach the server)."""
         if self.cfg.secure_counts:
-            result = secure_label_counts(self.grid.get_node_ids(), lambda phase, msgs: self._exchange(phase, msgs, entry),
-                                         rnd, len(self.cfg.model.output_names),
-                                         site_name=lambda node: f"{self.sites.get(node, 'unknown site')} (node {node})")
+            result = secure_label_counts(
+                self.grid.get_node_ids(),
+                lambda phase, msgs: self._exchange(phase, msgs, entry),
+                rnd,
+                len(self.cfg.model.output_names),
+                site_name=lambda node: f"{self.sites.get(node, 'unknown site')} (node {node})",
+            )
             if result is None:
                 return None
             log(INFO, "counts round (secure): positives %s, negatives %s", result[0].tolist(), result[1].tolist())
             return result[0], result[1]
         config = ConfigRecord({SERVER_ROUND: rnd})
-        messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY,
-                            group_id=f"{rnd}-counts") for node in self.grid.get_node_ids()]
+        messages = [
+            Message(
+                RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY, group_id=f"{rnd}-counts"
+            )
+            for node in self.grid.get_node_ids()
+        ]
         replies = self._exchange("count labels", messages, entry)
         if not replies:
             log(WARNING, "counts round: no site replied; stage 2 runs with unweighted BCE until one does")
@@ -369,7 +488,9 @@ class Federation:
                 self._failure(phase, node, "malformed reply (no metrics or site record)", entry)
         answered = {r.metadata.src_node_id for r in replies}
         for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
-            self._failure(phase, node, f"no reply within {self.cfg.timeout or 'unlimited'} s (site down or too slow)", entry)
+            self._failure(
+                phase, node, f"no reply within {self.cfg.timeout or 'unlimited'} s (site down or too slow)", entry
+            )
         return good
 
     def _failure(self, phase: str, node: int, reason: str, entry: dict) -> None:

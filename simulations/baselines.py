@@ -1,25 +1,26 @@
 """Centralised baselines: pooled training over all sites, and local-only training per site.
 
-Both use the site's own training loop (``client.train.train_stage``) and evaluation, so a
+Both use the site's own training loop (``client.training.train.train_stage``) and evaluation, so a
 federated run, a pooled run and a local run differ only in which data each model sees.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from client.cache import SiteCache
-from client.dataset import SliceDataset, dataset_labels, make_loader, split_slices
-from client.evaluate import evaluate
-from client.train import TrainConfig, output_columns, train_stage
+from client.data.cache import SiteCache
+from client.data.dataset import SliceDataset, dataset_labels, make_loader, split_slices
+from client.training.evaluate import evaluate
+from client.training.train import TrainConfig, output_columns, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
@@ -64,9 +65,15 @@ def scalar_metrics(m: dict) -> dict:
     return {k: v for k, v in m.items() if k != "arrays"}
 
 
-def fit_two_stages(model: JointModel, train_ds: Dataset, val_ds: Dataset | None, fit: FitConfig,
-                   device: torch.device | str = "cpu", progress: bool = True,
-                   log: Callable[[str], None] = print) -> list[dict]:
+def fit_two_stages(
+    model: JointModel,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    fit: FitConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Stage 1 (U-Net) then stage 2 (classifier, U-Net frozen), one evaluation per epoch.
 
     Returns the history: one row per epoch with stage, train loss and validation metrics.
@@ -81,25 +88,55 @@ def fit_two_stages(model: JointModel, train_ds: Dataset, val_ds: Dataset | None,
             # so that the model is evaluated between epochs).
             lr_e = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if fit.train.schedule == "cosine" else lr
             cfg_e = replace(cfg, lr=lr_e, seed=fit.train.seed + 1000 * stage + epoch)
-            loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced, stage=stage)
-            result = train_stage(model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress)
-            row = {"stage": stage, "epoch": epoch + 1, "train_loss": result.loss, "images_per_second": result.images_per_second}
+            loader = make_loader(
+                train_ds, cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced, stage=stage
+            )
+            result = train_stage(
+                model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress
+            )
+            row = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "train_loss": result.loss,
+                "images_per_second": result.images_per_second,
+            }
             if val_ds is not None and len(val_ds):
-                row.update({f"val/{k}": v for k, v in scalar_metrics(evaluate(model, val_ds, device, fit.eval_batch_size)).items()})
+                row.update(
+                    {
+                        f"val/{k}": v
+                        for k, v in scalar_metrics(evaluate(model, val_ds, device, fit.eval_batch_size)).items()
+                    }
+                )
             history.append(row)
-            log(f"stage {stage} epoch {epoch + 1}/{epochs}: loss {result.loss:.4f} "
-                f"({result.images_per_second:.1f} img/s)" + (f", val dice {row.get('val/dice', float('nan')):.3f}, "
-                f"val macro-AUC {row.get('val/macro_auc_study', float('nan')):.3f}" if 'val/dice' in row else ""))
+            log(
+                f"stage {stage} epoch {epoch + 1}/{epochs}: loss {result.loss:.4f} "
+                f"({result.images_per_second:.1f} img/s)"
+                + (
+                    f", val dice {row.get('val/dice', float('nan')):.3f}, "
+                    f"val macro-AUC {row.get('val/macro_auc_study', float('nan')):.3f}"
+                    if "val/dice" in row
+                    else ""
+                )
+            )
     return history
 
 
-def per_site_test_metrics(model: JointModel, splits: dict[str, dict[str, SliceDataset]], device, batch_size: int = 32) -> dict[str, dict]:
+def per_site_test_metrics(
+    model: JointModel, splits: dict[str, dict[str, SliceDataset]], device, batch_size: int = 32
+) -> dict[str, dict]:
     return {site: evaluate(model, s["test"], device, batch_size) for site, s in splits.items() if len(s["test"])}
 
 
-def run_pooled(caches: dict[str, SiteCache], model_cfg: ModelConfig, preprocess: PreprocessConfig, fit: FitConfig,
-               out_dir: Path | str, device: torch.device | str = "cpu", progress: bool = True,
-               log: Callable[[str], None] = print) -> dict:
+def run_pooled(
+    caches: dict[str, SiteCache],
+    model_cfg: ModelConfig,
+    preprocess: PreprocessConfig,
+    fit: FitConfig,
+    out_dir: Path | str,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Pooled (centralised) baseline: one model on every site's training patients.
 
     Writes ``checkpoint.pt``, ``metrics.json`` (history, per-site and pooled test metrics) and
@@ -111,22 +148,40 @@ def run_pooled(caches: dict[str, SiteCache], model_cfg: ModelConfig, preprocess:
     train_ds = pooled([s["train"] for s in splits.values()])
     val_ds = pooled([s["val"] for s in splits.values()])
     test_ds = pooled([s["test"] for s in splits.values()])
-    log(f"pooled training on {len(caches)} sites: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test slices")
+    log(
+        f"pooled training on {len(caches)} sites: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test slices"
+    )
     model = build_joint_model(model_cfg, seed=fit.train.seed)
     t0 = time.perf_counter()
     history = fit_two_stages(model, train_ds, val_ds, fit, device, progress, log)
     seconds = time.perf_counter() - t0
     test = evaluate(model, test_ds, device, fit.eval_batch_size)
     per_site = per_site_test_metrics(model, splits, device, fit.eval_batch_size)
-    save_checkpoint(out_dir / "checkpoint.pt", model, model_cfg, preprocess,
-                    {"method": "pooled", "stage": 2, "seed": fit.train.seed, "train_seconds": seconds})
-    metrics = {"method": "pooled", "model": model_cfg.to_dict(), "preprocess": preprocess.to_dict(),
-               "fit": {"epochs_stage1": fit.epochs_stage1, "epochs_stage2": fit.epochs_stage2, "split_by": fit.split_by,
-                       "train": fit.train.to_dict()},
-               "train_seconds": seconds, "history": history, "test": scalar_metrics(test),
-               "per_site": {k: scalar_metrics(v) for k, v in per_site.items()}}
+    save_checkpoint(
+        out_dir / "checkpoint.pt",
+        model,
+        model_cfg,
+        preprocess,
+        {"method": "pooled", "stage": 2, "seed": fit.train.seed, "train_seconds": seconds},
+    )
+    metrics = {
+        "method": "pooled",
+        "model": model_cfg.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "fit": {
+            "epochs_stage1": fit.epochs_stage1,
+            "epochs_stage2": fit.epochs_stage2,
+            "split_by": fit.split_by,
+            "train": fit.train.to_dict(),
+        },
+        "train_seconds": seconds,
+        "history": history,
+        "test": scalar_metrics(test),
+        "per_site": {k: scalar_metrics(v) for k, v in per_site.items()},
+    }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     from simulations.plots import plot_curves
+
     plot_curves(history, out_dir / "curves.png")
     return metrics
 

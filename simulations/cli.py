@@ -2,27 +2,35 @@
 
 Thin shell over the library; it lives on the research side because it reaches every package.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from client.cli import add_check_command, add_prepare_command, dispatch
+from client.site_tools.cli import add_check_command, add_prepare_command, dispatch
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from simulations.synthetic import generate_dataset
 
-    summary = generate_dataset(args.out, n_sites=args.sites, seed=args.seed, matrix=args.matrix,
-                               studies_scale=args.scale, progress=True, overwrite=args.overwrite)
+    summary = generate_dataset(
+        args.out,
+        n_sites=args.sites,
+        seed=args.seed,
+        matrix=args.matrix,
+        studies_scale=args.scale,
+        progress=True,
+        overwrite=args.overwrite,
+    )
     print(summary.describe())
     return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from client.convert import convert_study
-    from client.dicom import StudyError
+    from client.ingest.convert import convert_study
+    from client.ingest.dicom import StudyError
 
     try:
         path = convert_study(args.study_dir, args.out)
@@ -50,7 +58,7 @@ def run_rsna_site(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from client.train import TrainConfig
+    from client.training.train import TrainConfig
     from common.config import PreprocessConfig
     from common.presets import get_preset
     from common.runtime import resolve_device
@@ -58,30 +66,44 @@ def run_train(args: argparse.Namespace) -> int:
     from simulations.sites import prepare_caches
 
     model_cfg = get_preset(args.preset, **({"image_size": args.size} if args.size else {}))
-    pre = PreprocessConfig(size=model_cfg.image_size, denoise=not args.no_denoise,
-                           strip_skull=not args.no_skull_strip, centre=not args.no_centre)
+    pre = PreprocessConfig(
+        size=model_cfg.image_size,
+        denoise=not args.no_denoise,
+        strip_skull=not args.no_skull_strip,
+        centre=not args.no_centre,
+    )
     caches, problems = prepare_caches(args.data, pre, args.cache_dir)
     if problems:
         print(f"{len(problems)} data problem(s) (run 'hemexp check SITE_DIR' for the list)", file=sys.stderr)
-    fit = FitConfig(epochs_stage1=args.epochs1 if args.epochs1 is not None else args.epochs,
-                    epochs_stage2=args.epochs2 if args.epochs2 is not None else args.epochs,
-                    train=TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=not args.no_augment),
-                    lr_stage2=args.lr2, split_by=args.split)
+    fit = FitConfig(
+        epochs_stage1=args.epochs1 if args.epochs1 is not None else args.epochs,
+        epochs_stage2=args.epochs2 if args.epochs2 is not None else args.epochs,
+        train=TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=not args.no_augment),
+        lr_stage2=args.lr2,
+        split_by=args.split,
+    )
     metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device))
     t = metrics["test"]
-    print(f"test: dice {t['dice']:.3f}, macro-AUC (study) {t['macro_auc_study']:.3f}, volume MAE {t['volume_mae_ml']:.2f} ml")
+    print(
+        f"test: dice {t['dice']:.3f}, macro-AUC (study) {t['macro_auc_study']:.3f}, volume MAE {t['volume_mae_ml']:.2f} ml"
+    )
     print(f"wrote {args.out}/checkpoint.pt, metrics.json, curves.png")
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from client.dicom import StudyError
-    from client.predict import run_prediction
+    from client.inference.predict import run_prediction
+    from client.ingest.dicom import StudyError
     from common.runtime import resolve_device
 
     try:
-        result = run_prediction(args.study_dir, args.model, args.out, str(resolve_device(args.device)),
-                                tuple(args.window) if args.window else None)
+        result = run_prediction(
+            args.study_dir,
+            args.model,
+            args.out,
+            str(resolve_device(args.device)),
+            tuple(args.window) if args.window else None,
+        )
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         for p in exc.problems:

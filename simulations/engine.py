@@ -5,6 +5,7 @@ This is the real path (FAB build and install, SuperExec, subprocess isolation, t
 one virtual SuperNode per site); nothing here imitates Flower. The SuperLink runs one experiment's
 runs one after another and is stopped, with everything it started, when the context ends.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +47,18 @@ def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """Environment for Flower's commands: own FLWR_HOME, the venv's bin first (the SuperLink starts
     flower-superexec from PATH), no runtime dependency installation, one thread per process, and a
     Ray of its own (``RAY_ADDRESS=local``: never join a cluster someone's ``ray start`` left running)."""
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "RAY_ADDRESS": "local", **extra}
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_ADDRESS": "local",
+        **extra,
+    }
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -91,18 +101,34 @@ class SimulationEngine:
         threads = str(self.cpus_per_site)
         return flwr_env(self.home, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
-    def __enter__(self) -> "SimulationEngine":
+    def __enter__(self) -> SimulationEngine:
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()  # Flower 1.42 serves every SuperLink API over one HTTP port
-        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
-                                               f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
         log = self.work / "superlink.log"
         with log.open("w") as fh:
             self._proc = subprocess.Popen(
-                [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--database", str(self.work / "state.db")],
-                env=self._env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    str(BIN / "flower-superlink"),
+                    "--insecure",
+                    "--simulation",
+                    "--isolation",
+                    "subprocess",
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--database",
+                    str(self.work / "state.db"),
+                ],
+                env=self._env(),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_for_port(self.port, self._proc, log)
         return self
 
@@ -110,18 +136,42 @@ class SimulationEngine:
         if self._proc is not None:
             stop_process_group(self._proc)
 
-    def run(self, overrides: Mapping[str, Any], num_sites: int, log_path: Path,
-            on_line: Callable[[str], None] | None = None, timeout: float | None = None) -> None:
+    def run(
+        self,
+        overrides: Mapping[str, Any],
+        num_sites: int,
+        log_path: Path,
+        on_line: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         """``flwr run`` this app with ``overrides`` on ``num_sites`` virtual SuperNodes; every output
         line goes to ``log_path`` and ``on_line``. Raises with the log's tail if the run fails."""
-        federation = (f"num-supernodes={num_sites} client-resources-num-cpus={self.cpus_per_site} "
-                      f"init-args-num-cpus={self.total_cpus}")
-        cmd = [str(BIN / "flwr"), "run", str(REPO), "sim", "--stream", "--federation-config", federation,
-               "-c", toml_overrides(overrides)]
+        federation = (
+            f"num-supernodes={num_sites} client-resources-num-cpus={self.cpus_per_site} "
+            f"init-args-num-cpus={self.total_cpus}"
+        )
+        cmd = [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO),
+            "sim",
+            "--stream",
+            "--federation-config",
+            federation,
+            "-c",
+            toml_overrides(overrides),
+        ]
         lines: list[str] = []
         with log_path.open("w") as fh:
-            proc = subprocess.Popen(cmd, env=self._env(), cwd=self.work, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=self._env(),
+                cwd=self.work,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
             deadline = None if timeout is None else time.monotonic() + timeout
             assert proc.stdout is not None
             for line in proc.stdout:

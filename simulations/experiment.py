@@ -14,12 +14,14 @@ An experiment is scenarios x methods x seeds under one training budget:
   run's sites together see ``rounds x local_steps x batch x sites`` samples per stage, the pooled
   model as many, every local model its site's share (``samples seen``, not epochs).
 """
+
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.config import check_known_keys
 
@@ -41,7 +43,9 @@ class Budget:
 
     def __post_init__(self) -> None:
         if min(self.rounds_stage1, self.rounds_stage2) < 0 or self.rounds_stage1 + self.rounds_stage2 == 0:
-            raise ValueError(f"budget rounds must be >= 0 and not both 0, got {self.rounds_stage1}, {self.rounds_stage2}")
+            raise ValueError(
+                f"budget rounds must be >= 0 and not both 0, got {self.rounds_stage1}, {self.rounds_stage2}"
+            )
         if self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("budget local_steps and batch_size must be >= 1")
         if not (0 <= self.val_fraction and 0 < self.test_fraction and self.val_fraction + self.test_fraction < 1):
@@ -53,9 +57,15 @@ class Budget:
 
     def run_config(self) -> dict[str, Any]:
         """The budget as run-config values (what the ServerApp and ClientApp read)."""
-        return {"rounds.stage1": self.rounds_stage1, "rounds.stage2": self.rounds_stage2,
-                "train.local-steps": self.local_steps, "train.local-epochs": 1, "train.batch-size": self.batch_size,
-                "data.val-fraction": self.val_fraction, "data.test-fraction": self.test_fraction}
+        return {
+            "rounds.stage1": self.rounds_stage1,
+            "rounds.stage2": self.rounds_stage2,
+            "train.local-steps": self.local_steps,
+            "train.local-epochs": 1,
+            "train.batch-size": self.batch_size,
+            "data.val-fraction": self.val_fraction,
+            "data.test-fraction": self.test_fraction,
+        }
 
 
 @dataclass(frozen=True)
@@ -64,12 +74,12 @@ class Scenario:
 
     name: str = "natural"
     split: str = "natural"
-    n_sites: int = 12          # virtual sites of a pooled split (ignored by natural / site-column)
-    alpha: float = 0.5         # Dirichlet concentration: label skew (dirichlet) or sizes (quantity)
-    shift: float = 0.0         # scanner shift severity 0..1 (noise, blur, HU offset, resolution per site)
-    leave_out: str = ""        # "": none; "all": every site in turn; or one site id
-    bad_sites: int = 0         # robustness: the first k sites (sorted) misbehave ...
-    fault: Mapping[str, Any] = field(default_factory=dict)  # ... like this (client.faults)
+    n_sites: int = 12  # virtual sites of a pooled split (ignored by natural / site-column)
+    alpha: float = 0.5  # Dirichlet concentration: label skew (dirichlet) or sizes (quantity)
+    shift: float = 0.0  # scanner shift severity 0..1 (noise, blur, HU offset, resolution per site)
+    leave_out: str = ""  # "": none; "all": every site in turn; or one site id
+    bad_sites: int = 0  # robustness: the first k sites (sorted) misbehave ...
+    fault: Mapping[str, Any] = field(default_factory=dict)  # ... like this (client.simulation.faults)
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -89,8 +99,8 @@ class Method:
     name: str
     kind: str
     run_config: Mapping[str, Any] = field(default_factory=dict)
-    split_by: str = "patient"   # "slice": the paper's random slice split (§5.1.1), pooled/local only
-    finetune_steps: int = 0     # location-finetune: U-Net steps per location (0 = one stage-1 budget)
+    split_by: str = "patient"  # "slice": the paper's random slice split (§5.1.1), pooled/local only
+    finetune_steps: int = 0  # location-finetune: U-Net steps per location (0 = one stage-1 budget)
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
@@ -109,8 +119,8 @@ class Experiment:
     budget: Budget
     scenarios: tuple[Scenario, ...]
     methods: tuple[Method, ...]
-    run_config: Mapping[str, Any] = field(default_factory=dict)   # overrides shared by every method
-    paper: Mapping[str, Any] = field(default_factory=dict)        # the source paper's figures, for the report
+    run_config: Mapping[str, Any] = field(default_factory=dict)  # overrides shared by every method
+    paper: Mapping[str, Any] = field(default_factory=dict)  # the source paper's figures, for the report
     source: str = ""
 
     def method_run_config(self, method: Method) -> dict[str, Any]:
@@ -140,10 +150,17 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
     seeds = tuple(int(s) for s in doc.get("seeds", [0]))
     if not seeds:
         raise ValueError(f"{where}: seeds is empty")
-    return Experiment(name=str(doc.get("name", Path(source).stem or "experiment")), description=str(doc.get("description", "")),
-                      seeds=seeds, budget=_build(Budget, doc.get("budget", {}), f"{where}: budget"),
-                      scenarios=scenarios, methods=methods, run_config=dict(doc.get("run_config", {})),
-                      paper=dict(doc.get("paper", {})), source=source)
+    return Experiment(
+        name=str(doc.get("name", Path(source).stem or "experiment")),
+        description=str(doc.get("description", "")),
+        seeds=seeds,
+        budget=_build(Budget, doc.get("budget", {}), f"{where}: budget"),
+        scenarios=scenarios,
+        methods=methods,
+        run_config=dict(doc.get("run_config", {})),
+        paper=dict(doc.get("paper", {})),
+        source=source,
+    )
 
 
 def load_experiment(name_or_file: str | Path) -> Experiment:

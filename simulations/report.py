@@ -6,6 +6,7 @@ for whole-model metrics (dice, iou, macro_auc_*, volume_mae_ml ...). A method's 
 the mean over evaluation sites (every site counts once), then mean and sample standard deviation
 over seeds. Figures are written as PNG files and embedded in the HTML, so the page stands alone.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,9 +18,10 @@ import platform
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +31,7 @@ HEADLINE_METRICS: tuple[str, ...] = ("dice", "macro_auc_slice", "macro_auc_study
 
 
 # --- numbers ------------------------------------------------------------------------------------
+
 
 def slug(name: str) -> str:
     """A scenario name as a file-name part."""
@@ -63,8 +66,11 @@ def summarise(rows: Sequence[dict]) -> list[dict[str, Any]]:
     """One row per (scenario, method): each headline metric as mean/sd over seeds of site means."""
     out = []
     for scenario, method in dict.fromkeys((r["scenario"], r["method"]) for r in rows):
-        row: dict[str, Any] = {"scenario": scenario, "method": method,
-                               "sites": len({r["site"] for r in select(rows, scenario=scenario, method=method)})}
+        row: dict[str, Any] = {
+            "scenario": scenario,
+            "method": method,
+            "sites": len({r["site"] for r in select(rows, scenario=scenario, method=method)}),
+        }
         for metric in HEADLINE_METRICS:
             m, sd, n = mean_sd(site_means(rows, scenario, method, metric).values())
             row[metric], row[f"{metric}_sd"], row["seeds"] = m, sd, max(n, row.get("seeds", 0))
@@ -72,7 +78,9 @@ def summarise(rows: Sequence[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def site_marker_table(rows: Sequence[dict], scenario: str, method: str, metric: str = "auc_slice") -> tuple[list[str], np.ndarray]:
+def site_marker_table(
+    rows: Sequence[dict], scenario: str, method: str, metric: str = "auc_slice"
+) -> tuple[list[str], np.ndarray]:
     """Sites x markers: the metric's mean over seeds."""
     sel = select(rows, scenario=scenario, method=method, metric=metric)
     sites = sorted({r["site"] for r in sel})
@@ -89,24 +97,39 @@ def paper_comparison(rows: Sequence[dict], paper: dict[str, Any]) -> list[dict[s
     out = []
     for entry in paper.get("rows", []):
         scenario = entry.get("scenario") or (rows[0]["scenario"] if rows else "")
-        sel = select(rows, scenario=scenario, method=entry["method"], metric=entry["metric"], marker=entry.get("marker", ""))
+        sel = select(
+            rows, scenario=scenario, method=entry["method"], metric=entry["metric"], marker=entry.get("marker", "")
+        )
         if entry.get("site"):
             sel = [r for r in sel if r["site"] == entry["site"]]
         per_seed: dict[int, list[float]] = defaultdict(list)
         for r in sel:
             per_seed[r["seed"]].append(r["value"])
         m, sd, n = mean_sd(np.mean(_finite(v)) if _finite(v) else math.nan for v in per_seed.values())
-        out.append({"label": entry["label"], "metric": entry["metric"], "marker": entry.get("marker", ""),
-                    "paper": entry["paper"], "ours": m, "ours_sd": sd, "seeds": n, "method": entry["method"]})
+        out.append(
+            {
+                "label": entry["label"],
+                "metric": entry["metric"],
+                "marker": entry.get("marker", ""),
+                "paper": entry["paper"],
+                "ours": m,
+                "ours_sd": sd,
+                "seeds": n,
+                "method": entry["method"],
+            }
+        )
     return out
 
 
 # --- pictures -----------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -131,8 +154,15 @@ def plot_site_marker_heatmaps(rows: Sequence[dict], scenario: str, methods: Sequ
         ax.set_yticks(range(len(sites)), sites if k == 0 else [""] * len(sites), fontsize=7)
         ax.set_title(method, fontsize=9)
         for (i, j), v in np.ndenumerate(table):
-            ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if not np.isnan(v) and v < 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                "–" if np.isnan(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if not np.isnan(v) and v < 0.6 else "black",
+            )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="slice AUC")
     fig.suptitle(f"{scenario}: slice-level AUC per site and marker (mean over seeds)", fontsize=10)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -169,8 +199,12 @@ def plot_round_curves(curves: Sequence[dict], scenario: str, path: Path) -> Path
         pts = [c for c in sel if c["method"] == method]
         rounds = sorted({c["round"] for c in pts})
         for ax, key in zip(axes, HEADLINE_METRICS):
-            y = [np.nanmean([c[key] for c in pts if c["round"] == r]) if any(not math.isnan(c[key]) for c in pts if c["round"] == r)
-                 else np.nan for r in rounds]
+            y = [
+                np.nanmean([c[key] for c in pts if c["round"] == r])
+                if any(not math.isnan(c[key]) for c in pts if c["round"] == r)
+                else np.nan
+                for r in rounds
+            ]
             ax.plot(rounds, y, "o-", ms=3, label=method)
     stage2 = [c["round"] for c in sel if c["stage"] == 2]
     for ax, title in zip(axes, ("Dice", "macro-AUC (slices)", "macro-AUC (studies)")):
@@ -187,7 +221,11 @@ def plot_round_curves(curves: Sequence[dict], scenario: str, path: Path) -> Path
 def plot_roc(roc: dict[str, dict[str, Any]], scenario: str, path: Path) -> Path | None:
     from sklearn.metrics import roc_curve
 
-    sel = {k.split("/", 1)[1] if k.startswith(f"{scenario}/") else k: v for k, v in roc.items() if k.startswith(f"{scenario}/")}
+    sel = {
+        k.split("/", 1)[1] if k.startswith(f"{scenario}/") else k: v
+        for k, v in roc.items()
+        if k.startswith(f"{scenario}/")
+    }
     if not sel:
         return None
     plt = _plt()
@@ -248,6 +286,7 @@ def plot_overlays(model, examples: Sequence[tuple[str, Any]], path: Path) -> Pat
     import torch
 
     from common.model import to_input
+
     if model is None or not examples:
         return None
     plt = _plt()
@@ -277,8 +316,14 @@ def plot_scenario_trend(summary: Sequence[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for method in dict.fromkeys(r["method"] for r in summary):
         for ax, key in zip(axes, ("macro_auc_slice", "dice")):
-            y = [next((r[key] for r in summary if r["scenario"] == s and r["method"] == method), np.nan) for s in scenarios]
-            e = [next((r[f"{key}_sd"] for r in summary if r["scenario"] == s and r["method"] == method), np.nan) for s in scenarios]
+            y = [
+                next((r[key] for r in summary if r["scenario"] == s and r["method"] == method), np.nan)
+                for s in scenarios
+            ]
+            e = [
+                next((r[f"{key}_sd"] for r in summary if r["scenario"] == s and r["method"] == method), np.nan)
+                for s in scenarios
+            ]
             ax.errorbar(range(len(scenarios)), y, yerr=e, marker="o", ms=4, capsize=2, label=method)
     for ax, title in zip(axes, ("macro-AUC (slices)", "Dice")):
         ax.set_xticks(range(len(scenarios)), scenarios, rotation=20, fontsize=8)
@@ -312,23 +357,49 @@ def _group(rows: Sequence[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict
 
 # --- files ----------------------------------------------------------------------------------------
 
+
 def environment() -> dict[str, Any]:
     """Versions and the commit, so that a run can be repeated."""
     versions = {}
-    for dist in ("torch", "flwr", "segmentation-models-pytorch", "timm", "pytorch-wavelets", "PyWavelets", "pydicom",
-                 "opacus", "numpy", "scipy", "scikit-learn", "nibabel", "hemexp"):
+    for dist in (
+        "torch",
+        "flwr",
+        "segmentation-models-pytorch",
+        "timm",
+        "pytorch-wavelets",
+        "PyWavelets",
+        "pydicom",
+        "opacus",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "nibabel",
+        "hemexp",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
     repo = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions,
-            "git_commit": commit, "git_dirty": dirty, "command": " ".join(sys.argv)}
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "command": " ".join(sys.argv),
+    }
 
 
 def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
@@ -367,8 +438,10 @@ def _img(path: Path | None, alt: str) -> str:
     if path is None:
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)} ' \
-           f'(<code>{html.escape(path.name)}</code>)</figcaption></figure>'
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)} '
+        f"(<code>{html.escape(path.name)}</code>)</figcaption></figure>"
+    )
 
 
 def text_summary(summary: Sequence[dict], rows: Sequence[dict]) -> str:
@@ -378,9 +451,11 @@ def text_summary(summary: Sequence[dict], rows: Sequence[dict]) -> str:
         lines.append(f"{scenario}:  (mean over sites; ± sd over seeds)")
         lines.append(f"  {'method':34s} {'Dice':>15s} {'macro-AUC slice':>17s} {'macro-AUC study':>17s}")
         for r in (r for r in summary if r["scenario"] == scenario):
-            lines.append(f"  {r['method'][:34]:34s} {_fmt(r['dice'], r['dice_sd']):>15s} "
-                         f"{_fmt(r['macro_auc_slice'], r['macro_auc_slice_sd']):>17s} "
-                         f"{_fmt(r['macro_auc_study'], r['macro_auc_study_sd']):>17s}")
+            lines.append(
+                f"  {r['method'][:34]:34s} {_fmt(r['dice'], r['dice_sd']):>15s} "
+                f"{_fmt(r['macro_auc_slice'], r['macro_auc_slice_sd']):>17s} "
+                f"{_fmt(r['macro_auc_study'], r['macro_auc_study_sd']):>17s}"
+            )
     first = summary[0]["scenario"] if summary else ""
     methods = [r["method"] for r in summary if r["scenario"] == first]
     sites = sorted({r["site"] for r in select(rows, scenario=first, metric="macro_auc_slice")})
@@ -395,57 +470,108 @@ def text_summary(summary: Sequence[dict], rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-STYLE = ("body{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;margin:0.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
-         "text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}"
-         "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:12px;color:#555}"
-         ".note{background:#fff6d5;padding:0.6em 1em;border-left:4px solid #e0b000}pre{background:#f6f6f6;padding:0.6em;"
-         "overflow-x:auto;font-size:12px}")
+STYLE = (
+    "body{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:0.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+    "text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}"
+    "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:12px;color:#555}"
+    ".note{background:#fff6d5;padding:0.6em 1em;border-left:4px solid #e0b000}pre{background:#f6f6f6;padding:0.6em;"
+    "overflow-x:auto;font-size:12px}"
+)
 
 
-def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env: dict[str, Any],
-                 synthetic: bool, experiment_text: str) -> Path:
+def write_report(
+    out_dir: Path,
+    exp,
+    results,
+    figures_extra: dict[str, Any],
+    env: dict[str, Any],
+    synthetic: bool,
+    experiment_text: str,
+) -> Path:
     """Write metrics.json, the CSVs, the PNGs and report.html into ``out_dir``; returns the HTML path."""
     rows, curves = results.rows, results.curves
     summary = summarise(rows)
     paper = paper_comparison(rows, dict(exp.paper)) if exp.paper else []
     (out_dir / "experiment.toml").write_text(experiment_text)
-    doc = {"experiment": {"name": exp.name, "description": exp.description, "seeds": list(exp.seeds),
-                          "budget": exp.budget.__dict__, "source": exp.source,
-                          "methods": [{"name": m.name, "kind": m.kind, "run_config": exp.method_run_config(m),
-                                       "split_by": m.split_by} for m in exp.methods],
-                          "scenarios": [dict(s.__dict__) for s in exp.scenarios]},
-           "rows": rows, "summary": summary, "paper": paper, "curves": curves, "sites": results.sites,
-           "timings": results.timings, "failures": results.failures, "privacy": results.privacy, "environment": env}
+    doc = {
+        "experiment": {
+            "name": exp.name,
+            "description": exp.description,
+            "seeds": list(exp.seeds),
+            "budget": exp.budget.__dict__,
+            "source": exp.source,
+            "methods": [
+                {"name": m.name, "kind": m.kind, "run_config": exp.method_run_config(m), "split_by": m.split_by}
+                for m in exp.methods
+            ],
+            "scenarios": [dict(s.__dict__) for s in exp.scenarios],
+        },
+        "rows": rows,
+        "summary": summary,
+        "paper": paper,
+        "curves": curves,
+        "sites": results.sites,
+        "timings": results.timings,
+        "failures": results.failures,
+        "privacy": results.privacy,
+        "environment": env,
+    }
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(doc), indent=1))
     write_csv(out_dir / "metrics.csv", rows, ("scenario", "method", "seed", "site", "marker", "metric", "value"))
-    write_csv(out_dir / "summary.csv", summary, ["scenario", "method", "sites", "seeds"] +
-              [k for m in HEADLINE_METRICS for k in (m, f"{m}_sd")])
+    write_csv(
+        out_dir / "summary.csv",
+        summary,
+        ["scenario", "method", "sites", "seeds"] + [k for m in HEADLINE_METRICS for k in (m, f"{m}_sd")],
+    )
     write_csv(out_dir / "curves.csv", curves, ("scenario", "method", "seed", "round", "stage") + HEADLINE_METRICS)
 
     figs = out_dir / "figures"
     figs.mkdir(exist_ok=True)
-    parts = [f"<h1>hemexp simulation: {html.escape(exp.name)}</h1>",
-             f"<p>{html.escape(exp.description)}</p>"]
+    parts = [f"<h1>hemexp simulation: {html.escape(exp.name)}</h1>", f"<p>{html.escape(exp.description)}</p>"]
     if synthetic:
-        parts.append('<p class="note">These results are on <b>synthetic</b> CT data generated by hemexp '
-                     "(simulations/synthetic), not on patients. They show that the pipeline learns and how methods "
-                     "compare under the simulated site differences; they are not clinical performance figures.</p>")
-    parts.append("<h2>Headline</h2><p>Mean over evaluation sites (each site counts once), ± standard deviation "
-                 f"over {len(exp.seeds)} seed(s). Budget: {exp.budget.rounds_stage1} + {exp.budget.rounds_stage2} rounds x "
-                 f"{exp.budget.local_steps} steps x batch {exp.budget.batch_size} per site; the pooled model gets the "
-                 "sites' steps together, every local model its own site's.</p>")
-    parts.append(_table(["scenario", "method", "sites", "Dice", "macro-AUC (slices)", "macro-AUC (studies)"],
-                        [[r["scenario"], r["method"], r["sites"], _fmt(r["dice"], r["dice_sd"]),
-                          _fmt(r["macro_auc_slice"], r["macro_auc_slice_sd"]),
-                          _fmt(r["macro_auc_study"], r["macro_auc_study_sd"])] for r in summary]))
+        parts.append(
+            '<p class="note">These results are on <b>synthetic</b> CT data generated by hemexp '
+            "(simulations/synthetic), not on patients. They show that the pipeline learns and how methods "
+            "compare under the simulated site differences; they are not clinical performance figures.</p>"
+        )
+    parts.append(
+        "<h2>Headline</h2><p>Mean over evaluation sites (each site counts once), ± standard deviation "
+        f"over {len(exp.seeds)} seed(s). Budget: {exp.budget.rounds_stage1} + {exp.budget.rounds_stage2} rounds x "
+        f"{exp.budget.local_steps} steps x batch {exp.budget.batch_size} per site; the pooled model gets the "
+        "sites' steps together, every local model its own site's.</p>"
+    )
+    parts.append(
+        _table(
+            ["scenario", "method", "sites", "Dice", "macro-AUC (slices)", "macro-AUC (studies)"],
+            [
+                [
+                    r["scenario"],
+                    r["method"],
+                    r["sites"],
+                    _fmt(r["dice"], r["dice_sd"]),
+                    _fmt(r["macro_auc_slice"], r["macro_auc_slice_sd"]),
+                    _fmt(r["macro_auc_study"], r["macro_auc_study_sd"]),
+                ]
+                for r in summary
+            ],
+        )
+    )
     if paper:
-        parts.append("<h2>Beside the source paper</h2><p>The paper's figures are on its clinical data (12 hospitals); "
-                     "ours are on synthetic data, so only the direction of each comparison can be compared, not the "
-                     f"values. {html.escape(str(exp.paper.get('note', '')))}</p>")
-        parts.append(_table(["condition", "metric", "marker", "paper", "ours", "our method"],
-                            [[p["label"], p["metric"], p["marker"], p["paper"], _fmt(p["ours"], p["ours_sd"]), p["method"]]
-                             for p in paper]))
+        parts.append(
+            "<h2>Beside the source paper</h2><p>The paper's figures are on its clinical data (12 hospitals); "
+            "ours are on synthetic data, so only the direction of each comparison can be compared, not the "
+            f"values. {html.escape(str(exp.paper.get('note', '')))}</p>"
+        )
+        parts.append(
+            _table(
+                ["condition", "metric", "marker", "paper", "ours", "our method"],
+                [
+                    [p["label"], p["metric"], p["marker"], p["paper"], _fmt(p["ours"], p["ours_sd"]), p["method"]]
+                    for p in paper
+                ],
+            )
+        )
     trend = plot_scenario_trend(summary, figs / "scenarios.png")
     if trend:
         parts.append("<h2>Across scenarios</h2>" + _img(trend, "headline metrics per scenario"))
@@ -455,14 +581,27 @@ def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env
         parts.append(f"<h2>Scenario {html.escape(scenario)}</h2>")
         site_desc = results.sites.get(scenario, [])
         if site_desc:
-            parts.append(_table(["site", "studies", "patients", "train slices"] + list(MARKERS) + ["scanner shift", "fault"],
-                                [[s["site"], s["studies"], s["patients"], s["train_slices"]] +
-                                 [s["positives"][m] for m in MARKERS] + [s["shift"] or "–", s["fault"] or "–"]
-                                 for s in site_desc]))
-        parts.append(_img(plot_site_marker_heatmaps(rows, scenario, methods, figs / f"{part}_auc_sites.png"),
-                          "slice AUC per site and marker, every method"))
+            parts.append(
+                _table(
+                    ["site", "studies", "patients", "train slices"] + list(MARKERS) + ["scanner shift", "fault"],
+                    [
+                        [s["site"], s["studies"], s["patients"], s["train_slices"]]
+                        + [s["positives"][m] for m in MARKERS]
+                        + [s["shift"] or "–", s["fault"] or "–"]
+                        for s in site_desc
+                    ],
+                )
+            )
+        parts.append(
+            _img(
+                plot_site_marker_heatmaps(rows, scenario, methods, figs / f"{part}_auc_sites.png"),
+                "slice AUC per site and marker, every method",
+            )
+        )
         parts.append(_per_site_table(rows, scenario, methods))
-        parts.append(_img(plot_dice_per_site(rows, scenario, methods, figs / f"{part}_dice_sites.png"), "Dice per site"))
+        parts.append(
+            _img(plot_dice_per_site(rows, scenario, methods, figs / f"{part}_dice_sites.png"), "Dice per site")
+        )
         parts.append(_img(plot_round_curves(curves, scenario, figs / f"{part}_curves.png"), "curves per round"))
         parts.append(_img(plot_roc(results.roc, scenario, figs / f"{part}_roc.png"), "ROC curves"))
         extra = figures_extra.get(scenario, {})
@@ -472,24 +611,50 @@ def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env
         last = {}
         for r in sorted(results.privacy, key=lambda r: r["round"]):
             last[(r["scenario"], r["method"], r["seed"], r["site"])] = r["epsilon"]
-        parts.append("<h2>Privacy budget (DP-SGD)</h2><p>Epsilon each site had spent after the last round it "
-                     "trained (per slice: a patient contributes several slices, see docs/privacy.md).</p>")
-        parts.append(_table(["scenario", "method", "seed", "site", "epsilon"],
-                            [[*k, _fmt(v)] for k, v in sorted(last.items())]))
+        parts.append(
+            "<h2>Privacy budget (DP-SGD)</h2><p>Epsilon each site had spent after the last round it "
+            "trained (per slice: a patient contributes several slices, see docs/privacy.md).</p>"
+        )
+        parts.append(
+            _table(["scenario", "method", "seed", "site", "epsilon"], [[*k, _fmt(v)] for k, v in sorted(last.items())])
+        )
     parts.append(_img(plot_privacy(results.privacy, figs / "privacy.png"), "privacy budget per site"))
     if results.failures:
-        parts.append("<h2>Site failures and rejected updates</h2>" + _table(
-            ["scenario", "method", "seed", "round", "phase", "site", "reason"],
-            [[f["scenario"], f["method"], f["seed"], f["round"], f.get("phase", ""), f.get("site", ""), f.get("reason", "")]
-             for f in results.failures[:200]]))
-    parts.append("<h2>Run time</h2>" + _table(["scenario", "method", "seed", "seconds"],
-                                               [[t["scenario"], t["method"], t["seed"], f"{t['seconds']:.0f}"] for t in results.timings]))
-    parts.append("<h2>Configuration and versions</h2><p>Repeat with the same command on the same commit; "
-                 "<code>experiment.toml</code> beside this report is the experiment as run.</p>")
+        parts.append(
+            "<h2>Site failures and rejected updates</h2>"
+            + _table(
+                ["scenario", "method", "seed", "round", "phase", "site", "reason"],
+                [
+                    [
+                        f["scenario"],
+                        f["method"],
+                        f["seed"],
+                        f["round"],
+                        f.get("phase", ""),
+                        f.get("site", ""),
+                        f.get("reason", ""),
+                    ]
+                    for f in results.failures[:200]
+                ],
+            )
+        )
+    parts.append(
+        "<h2>Run time</h2>"
+        + _table(
+            ["scenario", "method", "seed", "seconds"],
+            [[t["scenario"], t["method"], t["seed"], f"{t['seconds']:.0f}"] for t in results.timings],
+        )
+    )
+    parts.append(
+        "<h2>Configuration and versions</h2><p>Repeat with the same command on the same commit; "
+        "<code>experiment.toml</code> beside this report is the experiment as run.</p>"
+    )
     parts.append(f"<pre>{html.escape(json.dumps(_json_safe(env), indent=1))}</pre>")
     parts.append(f"<pre>{html.escape(experiment_text)}</pre>")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>hemexp {html.escape(exp.name)}</title>" \
-           f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>hemexp {html.escape(exp.name)}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
     path = out_dir / "report.html"
     path.write_text(page)
     return path
@@ -497,8 +662,10 @@ def write_report(out_dir: Path, exp, results, figures_extra: dict[str, Any], env
 
 def _auc_and_dice(rows: Sequence[dict], scenario: str, method: str, site: str, sep: str) -> str:
     """One site's slice macro-AUC and Dice under one method, each the mean over seeds."""
-    values = [mean_sd(r["value"] for r in select(rows, scenario=scenario, method=method, site=site, metric=metric))[0]
-              for metric in ("macro_auc_slice", "dice")]
+    values = [
+        mean_sd(r["value"] for r in select(rows, scenario=scenario, method=method, site=site, metric=metric))[0]
+        for metric in ("macro_auc_slice", "dice")
+    ]
     return sep.join(_fmt(v) for v in values)
 
 
@@ -512,4 +679,3 @@ def _per_site_table(rows: Sequence[dict], scenario: str, methods: Sequence[str])
             cells.append(_auc_and_dice(rows, scenario, m, site, " / "))
         body.append(cells)
     return "<p>Per site: macro-AUC (slices) / Dice.</p>" + _table(["site"] + list(methods), body)
-

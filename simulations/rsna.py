@@ -4,11 +4,12 @@ RSNA ships single-slice DICOM files in one flat folder (``stage_2_train/ID_<hex>
 label row per image and subtype (``stage_2_train.csv``: ``ID,Label`` with ``ID`` =
 ``<SOPInstanceUID>_<subtype>``). :func:`convert_rsna` groups the files into series by their headers
 (PatientID, StudyInstanceUID, SeriesInstanceUID) and links them into
-``dicom/<PatientID>/<StudyInstanceUID>/`` (DESIGN.md §4), where the DICOM walk reads them like any
+``dicom/<PatientID>/<StudyInstanceUID>/`` (docs/design.md §4), where the DICOM walk reads them like any
 site's. ``labels.csv`` gets one row per study, the marker and expansion columns empty (RSNA does not
 annotate them: not annotated, never 0) and the hemorrhage subtypes as extra ``rsna_*`` columns;
 ``rsna_slice_labels.csv`` keeps the per-image labels. See docs/public-data.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.dicom import Problem, read_series_ids
+from client.ingest.dicom import Problem, read_series_ids
 from common.config import ID_COLUMNS, LABELS
 
 RSNA_SUBTYPES: tuple[str, ...] = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
@@ -39,8 +40,10 @@ class RsnaConversion:
     problems: tuple[Problem, ...]
 
     def describe(self) -> str:
-        return (f"{self.out}: {self.n_files} images in {self.n_studies} studies of {self.n_patients} patients; "
-                f"{len(self.problems)} problem(s)")
+        return (
+            f"{self.out}: {self.n_files} images in {self.n_studies} studies of {self.n_patients} patients; "
+            f"{len(self.problems)} problem(s)"
+        )
 
 
 def read_rsna_labels(path: Path) -> tuple[dict[str, dict[str, int]], list[Problem]]:
@@ -60,12 +63,18 @@ def read_rsna_labels(path: Path) -> tuple[dict[str, dict[str, int]], list[Proble
             image, _, subtype = (row["ID"] or "").strip().rpartition("_")
             value = (row["Label"] or "").strip()
             if not image or subtype not in RSNA_SUBTYPES or value not in ("0", "1"):
-                problems.append(Problem(f"{path}:{line}", f"not <image id>_<subtype>,0|1 with a subtype of {', '.join(RSNA_SUBTYPES)}"))
+                problems.append(
+                    Problem(
+                        f"{path}:{line}", f"not <image id>_<subtype>,0|1 with a subtype of {', '.join(RSNA_SUBTYPES)}"
+                    )
+                )
                 continue
             seen = labels[image].get(subtype)
             if seen is not None and seen != int(value):
                 conflicts.add((image, subtype))
-                problems.append(Problem(f"{path}:{line}", f"{image} {subtype}: {value} contradicts an earlier row; left unknown"))
+                problems.append(
+                    Problem(f"{path}:{line}", f"{image} {subtype}: {value} contradicts an earlier row; left unknown")
+                )
             labels[image][subtype] = int(value)
     for image, subtype in conflicts:
         labels[image].pop(subtype, None)
@@ -122,6 +131,7 @@ def convert_rsna(src: Path | str, out: Path | str, link: str = "symlink", progre
     files = sorted(p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if progress:
         from tqdm import tqdm
+
         files = tqdm(files, desc="rsna headers", unit="file")
     series: dict[tuple[str, str, str], list[tuple[Path, str]]] = defaultdict(list)
     for path in files:
@@ -129,7 +139,9 @@ def convert_rsna(src: Path | str, out: Path | str, link: str = "symlink", progre
         if problem is not None:
             problems.append(problem)
             continue
-        series[(ids["PatientID"], ids["StudyInstanceUID"], ids["SeriesInstanceUID"])].append((path, ids["SOPInstanceUID"]))
+        series[(ids["PatientID"], ids["StudyInstanceUID"], ids["SeriesInstanceUID"])].append(
+            (path, ids["SOPInstanceUID"])
+        )
 
     per_study = defaultdict(int)
     for patient, study, _ in series:
@@ -149,13 +161,24 @@ def convert_rsna(src: Path | str, out: Path | str, link: str = "symlink", progre
                 used.add(image)
             for s in RSNA_SUBTYPES:
                 slice_values[s].append(None if found is None else found.get(s))
-            slice_rows.append([patient_id, study_id, path.name] + ["" if found is None or s not in found else str(found[s]) for s in RSNA_SUBTYPES])
-        study_rows.append([patient_id, study_id] + [""] * len(LABELS)
-                          + [_study_value(slice_values[s]) for s in RSNA_SUBTYPES] + [str(len(members))])
+            slice_rows.append(
+                [patient_id, study_id, path.name]
+                + ["" if found is None or s not in found else str(found[s]) for s in RSNA_SUBTYPES]
+            )
+        study_rows.append(
+            [patient_id, study_id]
+            + [""] * len(LABELS)
+            + [_study_value(slice_values[s]) for s in RSNA_SUBTYPES]
+            + [str(len(members))]
+        )
     unmatched = sorted(set(labels) - used)
     if unmatched and series:
-        problems.append(Problem(str(src / LABELS_CSV), f"{len(unmatched)} labelled image(s) have no file in "
-                                                       f"{images_dir.name}/ (e.g. {unmatched[0]})"))
+        problems.append(
+            Problem(
+                str(src / LABELS_CSV),
+                f"{len(unmatched)} labelled image(s) have no file in {images_dir.name}/ (e.g. {unmatched[0]})",
+            )
+        )
     out.mkdir(parents=True, exist_ok=True)
     with (out / "labels.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -165,5 +188,6 @@ def convert_rsna(src: Path | str, out: Path | str, link: str = "symlink", progre
         w = csv.writer(fh)
         w.writerow(list(ID_COLUMNS) + ["file"] + [f"rsna_{s}" for s in RSNA_SUBTYPES])
         w.writerows(slice_rows)
-    return RsnaConversion(out, sum(len(m) for m in series.values()), len(study_rows),
-                          len({p for p, _, _ in series}), tuple(problems))
+    return RsnaConversion(
+        out, sum(len(m) for m in series.values()), len(study_rows), len({p for p, _, _ in series}), tuple(problems)
+    )

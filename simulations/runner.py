@@ -11,6 +11,7 @@ Local-only and pooled training run in this process with the ClientApp's own trai
 configuration (``SiteRunConfig.train_config``: same optimiser, augmentation, balanced sampling and
 per-round seeds); federated methods run on Flower's simulation engine (``simulations.engine``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,19 +19,20 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from client.cache import SiteCache
 from client.client_app import SiteRunConfig
-from client.dataset import SliceDataset, brain_slices, make_loader, split_slices
-from client.evaluate import evaluate
-from client.train import train_stage
+from client.data.cache import SiteCache
+from client.data.dataset import SliceDataset, brain_slices, make_loader, split_slices
+from client.training.evaluate import evaluate
+from client.training.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
 from common.losses import label_counts
@@ -41,8 +43,15 @@ from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
 from simulations.report import mean_sd
 from simulations.sites import prepare_caches
-from simulations.splits import (SitePlan, dirichlet_plans, iid_plans, natural_plans, quantity_plans, site_column_plans,
-                                with_shift_and_faults)
+from simulations.splits import (
+    SitePlan,
+    dirichlet_plans,
+    iid_plans,
+    natural_plans,
+    quantity_plans,
+    site_column_plans,
+    with_shift_and_faults,
+)
 from simulations.virtual import plan_cache, write_manifest
 
 Log = Callable[[str], None]
@@ -77,15 +86,16 @@ class Case:
 class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
-    roc: dict[str, dict[str, Any]] = field(default_factory=dict)      # "scenario/method" -> arrays (first seed)
+    roc: dict[str, dict[str, Any]] = field(default_factory=dict)  # "scenario/method" -> arrays (first seed)
     timings: list[dict[str, Any]] = field(default_factory=list)
     sites: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # scenario -> site descriptions
     privacy: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
-    models: dict[str, JointModel] = field(default_factory=dict)        # "scenario/method" -> a model (first seed)
+    models: dict[str, JointModel] = field(default_factory=dict)  # "scenario/method" -> a model (first seed)
 
 
 # --- metrics as long-table rows ----------------------------------------------------------------
+
 
 def macro_slice_auc(metrics: dict[str, Any]) -> float:
     values = [metrics.get(f"auc_slice/{m}", math.nan) for m in MARKERS]
@@ -94,7 +104,7 @@ def macro_slice_auc(metrics: dict[str, Any]) -> float:
 
 
 def metric_rows(metrics: dict[str, Any], **key: Any) -> list[dict[str, Any]]:
-    """``client.evaluate.evaluate``'s flat metrics as rows (marker "" for whole-model metrics)."""
+    """``client.training.evaluate.evaluate``'s flat metrics as rows (marker "" for whole-model metrics)."""
     rows = []
     for name, value in metrics.items():
         if name == "arrays" or not isinstance(value, (int, float, np.floating, np.integer)):
@@ -106,6 +116,7 @@ def metric_rows(metrics: dict[str, Any], **key: Any) -> list[dict[str, Any]]:
 
 
 # --- the cases of a scenario --------------------------------------------------------------------
+
 
 def scenario_plans(scenario: Scenario, sources: Sequence[SiteCache], seed: int, log: Log) -> list[SitePlan]:
     if scenario.split == "natural":
@@ -123,8 +134,14 @@ def scenario_plans(scenario: Scenario, sources: Sequence[SiteCache], seed: int, 
     return with_shift_and_faults(plans, scenario.shift, seed, scenario.bad_sites, scenario.fault)
 
 
-def make_cases(scenario: Scenario, sources: Sequence[SiteCache], seed: int, fractions: tuple[float, float, float],
-               work: Path, log: Log) -> list[Case]:
+def make_cases(
+    scenario: Scenario,
+    sources: Sequence[SiteCache],
+    seed: int,
+    fractions: tuple[float, float, float],
+    work: Path,
+    log: Log,
+) -> list[Case]:
     """The scenario's sites at this seed; with ``leave_out`` one case per held-out site."""
     plans = scenario_plans(scenario, sources, seed, log)
     caches = [plan_cache(p, sources, work / "sites") for p in plans]
@@ -142,9 +159,17 @@ def make_cases(scenario: Scenario, sources: Sequence[SiteCache], seed: int, frac
     for site in held:
         k = ids.index(site)
         keep = [i for i in range(len(plans)) if i != k]
-        cases.append(Case(f"{scenario.name}/without-{site}", seed, [plans[i] for i in keep], [caches[i] for i in keep],
-                          [train[i] for i in keep], [EvalSite(site, SliceDataset(caches[k], brain_slices(caches[k])))],
-                          held_out=site))
+        cases.append(
+            Case(
+                f"{scenario.name}/without-{site}",
+                seed,
+                [plans[i] for i in keep],
+                [caches[i] for i in keep],
+                [train[i] for i in keep],
+                [EvalSite(site, SliceDataset(caches[k], brain_slices(caches[k])))],
+                held_out=site,
+            )
+        )
     return cases
 
 
@@ -152,16 +177,25 @@ def describe_sites(case: Case) -> list[dict[str, Any]]:
     """Per site: sizes, positives per marker, scanner shift, fault (for the report)."""
     out = []
     for plan, cache, train in zip(case.plans, case.caches, case.train):
-        labels = train.labels()[:, :len(MARKERS)]
+        labels = train.labels()[:, : len(MARKERS)]
         pos, _ = label_counts(labels) if len(train) else (np.zeros(len(MARKERS), int), None)
-        out.append({"site": plan.site_id, "studies": len(cache.studies), "patients": len({s["patient"] for s in cache.studies}),
-                    "train_slices": len(train), "positives": {m: int(v) for m, v in zip(MARKERS, pos)},
-                    "shift": plan.shift.describe() if not plan.shift.is_identity else "", "fault": dict(plan.fault),
-                    "cache": str(cache.path)})
+        out.append(
+            {
+                "site": plan.site_id,
+                "studies": len(cache.studies),
+                "patients": len({s["patient"] for s in cache.studies}),
+                "train_slices": len(train),
+                "positives": {m: int(v) for m, v in zip(MARKERS, pos)},
+                "shift": plan.shift.describe() if not plan.shift.is_identity else "",
+                "fault": dict(plan.fault),
+                "cache": str(cache.path),
+            }
+        )
     return out
 
 
 # --- training under the budget (local-only and pooled) ----------------------------------------
+
 
 def stage2_weight(rc: dict, model: JointModel, ds: Dataset) -> torch.Tensor | None:
     """neg/pos of the training slices this model sees (a pooled model: all sites' = the federation's
@@ -172,8 +206,14 @@ def stage2_weight(rc: dict, model: JointModel, ds: Dataset) -> torch.Tensor | No
     return stage_pos_weight(model, ds, max_w if max_w > 0 else None)
 
 
-def train_rounds(model: JointModel, ds: Dataset, rc: dict, steps_per_round: int, seed: int,
-                 after_round: Callable[[int, int], None] | None = None) -> None:
+def train_rounds(
+    model: JointModel,
+    ds: Dataset,
+    rc: dict,
+    steps_per_round: int,
+    seed: int,
+    after_round: Callable[[int, int], None] | None = None,
+) -> None:
     """The federation's schedule without the federation: ``rounds.stage1`` rounds of stage 1, then
     ``rounds.stage2`` of stage 2, each a fresh optimiser for ``steps_per_round`` steps at the
     round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``)."""
@@ -184,8 +224,13 @@ def train_rounds(model: JointModel, ds: Dataset, rc: dict, steps_per_round: int,
     weight = stage2_weight(rc, model, ds)
     for rnd in range(1, r1 + r2 + 1):
         stage = 1 if rnd <= r1 else 2
-        order = TrainInstruction(server_round=rnd, stage=stage, lr=lr1 if stage == 1 else lr2,
-                                 local_steps=steps_per_round, local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))))
+        order = TrainInstruction(
+            server_round=rnd,
+            stage=stage,
+            lr=lr1 if stage == 1 else lr2,
+            local_steps=steps_per_round,
+            local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))),
+        )
         cfg = site_run.train_config(order)
         loader = make_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage)
         if len(ds):
@@ -200,17 +245,23 @@ def score(model: JointModel, sites: Sequence[EvalSite], batch_size: int) -> dict
 
 def curve_point(per_site: dict[str, dict[str, Any]], **key: Any) -> dict[str, Any]:
     """Mean over sites of Dice and macro-AUCs after one round (sites without a value skipped)."""
-    return {**key, "dice": mean_sd(m.get("dice") for m in per_site.values())[0],
-            "macro_auc_slice": mean_sd(macro_slice_auc(m) for m in per_site.values())[0],
-            "macro_auc_study": mean_sd(m.get("macro_auc_study") for m in per_site.values())[0]}
+    return {
+        **key,
+        "dice": mean_sd(m.get("dice") for m in per_site.values())[0],
+        "macro_auc_slice": mean_sd(macro_slice_auc(m) for m in per_site.values())[0],
+        "macro_auc_study": mean_sd(m.get("macro_auc_study") for m in per_site.values())[0],
+    }
 
 
 # --- one method on one case ---------------------------------------------------------------------
 
+
 class Runner:
     """Runs an experiment's methods case by case; collects rows, curves, ROC arrays and timings."""
 
-    def __init__(self, exp: Experiment, out_dir: Path, log: Log = print, engine: SimulationEngine | None = None) -> None:
+    def __init__(
+        self, exp: Experiment, out_dir: Path, log: Log = print, engine: SimulationEngine | None = None
+    ) -> None:
         self.exp, self.out_dir, self.log, self.engine = exp, out_dir, log, engine
         self.results = Results()
         self.eval_batch = 32
@@ -238,17 +289,23 @@ class Runner:
         else:
             self.run_federated(case, method, rc)
         seconds = time.perf_counter() - t0
-        self.results.timings.append({"scenario": case.name, "method": method.name, "seed": case.seed, "seconds": seconds})
+        self.results.timings.append(
+            {"scenario": case.name, "method": method.name, "seed": case.seed, "seconds": seconds}
+        )
         self.log(f"  {method.name}: done in {seconds:.0f} s")
 
-    def _curve(self, case: Case, method: str, models: Callable[[], dict[str, JointModel]]) -> Callable[[int, int], None]:
+    def _curve(
+        self, case: Case, method: str, models: Callable[[], dict[str, JointModel]]
+    ) -> Callable[[int, int], None]:
         def after_round(rnd: int, stage: int) -> None:
             per_site = {}
             for site in case.evaluate:
                 model = models()[site.site_id]
                 per_site[site.site_id] = evaluate(model, site.data, "cpu", self.eval_batch)
-            self.results.curves.append(curve_point(per_site, scenario=case.name, method=method, seed=case.seed,
-                                                   round=rnd, stage=stage))
+            self.results.curves.append(
+                curve_point(per_site, scenario=case.name, method=method, seed=case.seed, round=rnd, stage=stage)
+            )
+
         return after_round
 
     def _resplit(self, case: Case, method: Method) -> tuple[list[Dataset], list[EvalSite]]:
@@ -258,8 +315,10 @@ class Runner:
             return list(case.train), case.evaluate
         fr = self.exp.budget.fractions
         splits = [split_slices(c, fr, seed=case.seed, by="slice") for c in case.caches]
-        return ([SliceDataset(c, s["train"]) for c, s in zip(case.caches, splits)],
-                [EvalSite(p.site_id, SliceDataset(c, s["test"])) for p, c, s in zip(case.plans, case.caches, splits)])
+        return (
+            [SliceDataset(c, s["train"]) for c, s in zip(case.caches, splits)],
+            [EvalSite(p.site_id, SliceDataset(c, s["test"])) for p, c, s in zip(case.plans, case.caches, splits)],
+        )
 
     def run_local(self, case: Case, method: Method, rc: dict) -> None:
         """Each site alone, its share of the budget; scored at its own test patients (or, in a
@@ -268,7 +327,7 @@ class Runner:
         steps = int(run_value(rc, "train.local-steps"))
         trains, evals = self._resplit(case, method)
         models: dict[str, JointModel] = {}
-        for plan, ds in zip(case.plans, trains):
+        for plan in case.plans:
             models[plan.site_id] = build_joint_model(model_cfg, seed=case.seed)
         if case.held_out:
             per_model = []
@@ -291,14 +350,24 @@ class Runner:
 
     def _merge_local_curves(self, case: Case, name: str) -> None:
         """Per-site local curves -> one curve: the mean over sites at each round."""
-        mine = [c for c in self.results.curves if c["method"].startswith(f"{name}@") and c["scenario"] == case.name
-                and c["seed"] == case.seed]
+        mine = [
+            c
+            for c in self.results.curves
+            if c["method"].startswith(f"{name}@") and c["scenario"] == case.name and c["seed"] == case.seed
+        ]
         self.results.curves = [c for c in self.results.curves if c not in mine]
         for rnd in sorted({c["round"] for c in mine}):
             at = [c for c in mine if c["round"] == rnd]
-            self.results.curves.append({"scenario": case.name, "method": name, "seed": case.seed, "round": rnd,
-                                        "stage": at[0]["stage"],
-                                        **{k: mean_sd(c[k] for c in at)[0] for k in ("dice", "macro_auc_slice", "macro_auc_study")}})
+            self.results.curves.append(
+                {
+                    "scenario": case.name,
+                    "method": name,
+                    "seed": case.seed,
+                    "round": rnd,
+                    "stage": at[0]["stage"],
+                    **{k: mean_sd(c[k] for c in at)[0] for k in ("dice", "macro_auc_slice", "macro_auc_study")},
+                }
+            )
 
     def run_pooled(self, case: Case, method: Method, rc: dict) -> None:
         """All sites' training patients in one place; the whole federation's budget (sites x steps)."""
@@ -308,8 +377,16 @@ class Runner:
         model = build_joint_model(model_cfg, seed=case.seed)
         steps = int(run_value(rc, "train.local-steps")) * len(trains)
         self.log(f"  {method.name}: {len(ds)} training slices from {len(trains)} sites, {steps} steps per round")
-        train_rounds(model, ds, rc, steps, case.seed, self._curve(Case(case.name, case.seed, [], [], [], evals),
-                                                                   method.name, lambda: {e.site_id: model for e in evals}))
+        train_rounds(
+            model,
+            ds,
+            rc,
+            steps,
+            case.seed,
+            self._curve(
+                Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}
+            ),
+        )
         self.record(case, method.name, score(model, evals, self.eval_batch))
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
 
@@ -326,13 +403,21 @@ class Runner:
             key = dict(scenario=case.name, seed=case.seed, site=f"location:{location}")
             before = evaluate(base, test_loc, "cpu", self.eval_batch)
             tuned = copy.deepcopy(base)
-            cfg = site_run.train_config(TrainInstruction(server_round=1, stage=1, lr=float(run_value(rc, "train.lr")),
-                                                         local_steps=method.finetune_steps or steps))
+            cfg = site_run.train_config(
+                TrainInstruction(
+                    server_round=1,
+                    stage=1,
+                    lr=float(run_value(rc, "train.lr")),
+                    local_steps=method.finetune_steps or steps,
+                )
+            )
             train_stage(tuned, make_loader(train_loc, cfg.batch_size, True, cfg.seed, cfg.balanced, stage=1), 1, cfg)
             after = evaluate(tuned, test_loc, "cpu", self.eval_batch)
             for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):
-                self.results.rows += [{**key, "method": name, "marker": "", "metric": k, "value": float(m[k])}
-                                      for k in ("dice", "dice_per_study", "iou")]
+                self.results.rows += [
+                    {**key, "method": name, "marker": "", "metric": k, "value": float(m[k])}
+                    for k in ("dice", "dice_per_study", "iou")
+                ]
             self.log(f"  {location}: dice {before['dice']:.3f} -> {after['dice']:.3f} after fine-tuning")
 
     def run_federated(self, case: Case, method: Method, rc: dict) -> None:
@@ -342,28 +427,51 @@ class Runner:
         run_dir = self.out_dir / "federated"
         name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.out_dir.name}-{case.name}-{method.name}-s{case.seed}")
         manifest = write_manifest(run_dir / f"{name}.partitions.json", case.plans, case.caches)
-        overrides = {**self.exp.method_run_config(method), "seed": case.seed, "data.partitions": str(manifest),
-                     "output.dir": str(run_dir), "output.name": name}
+        overrides = {
+            **self.exp.method_run_config(method),
+            "seed": case.seed,
+            "data.partitions": str(manifest),
+            "output.dir": str(run_dir),
+            "output.name": name,
+        }
         total = int(run_value(rc, "rounds.stage1")) + int(run_value(rc, "rounds.stage2"))
         self.log(f"  {method.name}: flwr run on {len(case.plans)} virtual SuperNodes ({total} rounds)")
         self.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=self._flower_progress(method.name))
         history = json.loads((run_dir / name / "history.json").read_text())
         for r in history["rounds"]:
-            per_site = {site: m for site, m in r.get("evaluate", {}).get("sites", {}).items()
-                        if site in {e.site_id for e in case.evaluate}}
-            self.results.curves.append(curve_point(per_site, scenario=case.name, method=method.name, seed=case.seed,
-                                                   round=r["round"], stage=r["stage"]))
+            per_site = {
+                site: m
+                for site, m in r.get("evaluate", {}).get("sites", {}).items()
+                if site in {e.site_id for e in case.evaluate}
+            }
+            self.results.curves.append(
+                curve_point(
+                    per_site, scenario=case.name, method=method.name, seed=case.seed, round=r["round"], stage=r["stage"]
+                )
+            )
             for f in r.get("failures", []):
-                self.results.failures.append({"scenario": case.name, "method": method.name, "seed": case.seed,
-                                              "round": r["round"], **f})
+                self.results.failures.append(
+                    {"scenario": case.name, "method": method.name, "seed": case.seed, "round": r["round"], **f}
+                )
             for site, m in r.get("train", {}).get("sites", {}).items():
                 if "privacy-epsilon" in m:
-                    self.results.privacy.append({"scenario": case.name, "method": method.name, "seed": case.seed,
-                                                 "round": r["round"], "site": site, "epsilon": m["privacy-epsilon"]})
+                    self.results.privacy.append(
+                        {
+                            "scenario": case.name,
+                            "method": method.name,
+                            "seed": case.seed,
+                            "round": r["round"],
+                            "site": site,
+                            "epsilon": m["privacy-epsilon"],
+                        }
+                    )
         model = build_from_checkpoint(load_checkpoint(run_dir / name / "global.pt"))
         if str(run_value(rc, "strategy.name")) == "fedbn":
-            per_site = {e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, "cpu", self.eval_batch)
-                        for e in case.evaluate if len(e.data)}
+            per_site = {
+                e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, "cpu", self.eval_batch)
+                for e in case.evaluate
+                if len(e.data)
+            }
         else:
             per_site = score(model, case.evaluate, self.eval_batch)
         self.record(case, method.name, per_site)
@@ -371,12 +479,14 @@ class Runner:
 
     def _flower_progress(self, method: str) -> Callable[[str], None]:
         """Show the ServerApp's round lines and its warnings (a site failing, an update rejected)."""
+
         def show(line: str) -> None:
             line = ANSI.sub("", line)
             if any(noise in line for noise in FLOWER_NOISE):
                 return
             if "[ROUND" in line or "site(s) evaluated" in line or "WARNING" in line or "ERROR" in line:
                 self.log(f"    {method} | {re.sub(r'^.*?(INFO|WARNING|ERROR) *: *', '', line).strip()}")
+
         return show
 
 
@@ -416,6 +526,7 @@ def full_run_config(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
     from flwr.common.config import get_fused_config_from_dir
 
     from simulations.engine import REPO
+
     return {**dict(get_fused_config_from_dir(REPO, {k: v for k, v in overrides.items()})), "seed": seed}
 
 
@@ -429,7 +540,9 @@ def _mean_metrics(per_model: list[dict[str, Any]]) -> dict[str, Any]:
     for key in per_model[0]:
         if key == "arrays":
             continue
-        vals = [float(m[key]) for m in per_model if isinstance(m.get(key), (int, float)) and not math.isnan(float(m[key]))]
+        vals = [
+            float(m[key]) for m in per_model if isinstance(m.get(key), (int, float)) and not math.isnan(float(m[key]))
+        ]
         out[key] = float(np.mean(vals)) if vals else math.nan
     out["arrays"] = per_model[0]["arrays"]
     return out
@@ -455,7 +568,9 @@ def iterate_cases(exp: Experiment, data_root: Path, work: Path, log: Log) -> Ite
                     _, pre = model_from_run_config(full_run_config(exp.method_run_config(methods[0]), seed))
                     caches, problems = prepare_caches(data_root, pre, progress=True)
                     if problems:
-                        log(f"  {len(problems)} data problem(s) while building caches (run 'hemexp check SITE_DIR' for the list)")
+                        log(
+                            f"  {len(problems)} data problem(s) while building caches (run 'hemexp check SITE_DIR' for the list)"
+                        )
                     sources[key] = list(caches.values())
                 for case in make_cases(scenario, sources[key], seed, exp.budget.fractions, work, log):
                     yield case, methods

@@ -6,6 +6,7 @@ With no argument it generates the built-in synthetic 12-site dataset (or reuses 
 (``simulations/experiments/*.toml``), ``--data`` the dataset (a folder of site folders), ``--out``
 where ``<name>-<timestamp>/`` with ``report.html``, ``metrics.json`` and CSVs goes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,7 @@ from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from simulations.experiment import Experiment, load_experiment  # noqa: E402
+from simulations.experiment import Experiment, load_experiment
 
 DEFAULT_DATA = Path("data/synthetic")
 
@@ -28,22 +26,39 @@ def ensure_data(data_root: Path, generate: bool, log=print) -> bool:
     Returns whether the data are (hemexp's) synthetic data."""
     if not data_root.exists():
         if not generate:
-            raise FileNotFoundError(f"{data_root}: data folder does not exist (give --data, or --generate to make "
-                                    "the built-in synthetic dataset there)")
+            raise FileNotFoundError(
+                f"{data_root}: data folder does not exist (give --data, or --generate to make "
+                "the built-in synthetic dataset there)"
+            )
         from simulations.synthetic import generate_dataset
+
         log(f"generating the synthetic 12-site dataset in {data_root} (once; reused by later runs)")
         log(generate_dataset(data_root, progress=True).describe())
     return (data_root / "dataset.json").is_file()
 
 
-def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, generate: bool = True,
-                   experiment_text: str = "", threads: int = 1) -> Path:
+def run_experiment(
+    exp: Experiment,
+    data_root: Path,
+    out_root: Path,
+    log=print,
+    generate: bool = True,
+    experiment_text: str = "",
+    threads: int = 1,
+) -> Path:
     """Everything ``simulate.py`` does; returns the report's path."""
     import torch
 
     from simulations.engine import SimulationEngine
-    from simulations.report import (environment, plot_overlays, plot_site_shift, slug, summarise, text_summary,
-                                    write_report)
+    from simulations.report import (
+        environment,
+        plot_overlays,
+        plot_site_shift,
+        slug,
+        summarise,
+        text_summary,
+        write_report,
+    )
     from simulations.runner import Runner, describe_sites, iterate_cases
 
     t0 = time.perf_counter()
@@ -52,8 +67,10 @@ def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, 
     out_dir = out_root / f"{exp.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     figures = out_dir / "figures"
     figures.mkdir(parents=True)
-    log(f"experiment {exp.name}: {len(exp.scenarios)} scenario(s) x {len(exp.seeds)} seed(s) x {len(exp.methods)} "
-        f"method(s); output {out_dir}")
+    log(
+        f"experiment {exp.name}: {len(exp.scenarios)} scenario(s) x {len(exp.seeds)} seed(s) x {len(exp.methods)} "
+        f"method(s); output {out_dir}"
+    )
     torch.set_num_threads(threads)
     federated = any(m.kind == "federated" for m in exp.methods)
     with SimulationEngine(out_dir / "engine") if federated else nullcontext() as engine:
@@ -71,8 +88,9 @@ def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, 
                 runner.run_method(case, method)
             if "overlays" not in pictures:
                 examples = [(e.site_id, e.data[_hematoma_slice(e.data)]) for e in case.evaluate[:8] if len(e.data)]
-                pictures["overlays"] = plot_overlays(_overlay_model(runner, case.name, exp), examples,
-                                                     figures / f"{slug(case.name)}_overlays.png")
+                pictures["overlays"] = plot_overlays(
+                    _overlay_model(runner, case.name, exp), examples, figures / f"{slug(case.name)}_overlays.png"
+                )
     report = write_report(out_dir, exp, runner.results, extra, environment(), synthetic, experiment_text)
     log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
     log(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {report}")
@@ -81,6 +99,7 @@ def run_experiment(exp: Experiment, data_root: Path, out_root: Path, log=print, 
 
 def _hematoma_slice(ds) -> int:
     import numpy as np
+
     pixels = ds.hematoma_pixels()
     return int(np.argmax(pixels)) if len(pixels) else 0
 
@@ -98,12 +117,21 @@ def _overlay_model(runner, scenario: str, exp: Experiment):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="default", help="a bundled experiment's name or a TOML file")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of site folders (default: %(default)s, "
-                   "generated there when missing)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder of site folders (default: %(default)s, generated there when missing)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs"), help="reports go to OUT/<experiment>-<timestamp>/")
     p.add_argument("--seeds", type=int, nargs="+", help="override the experiment's seeds")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the local and pooled baselines (the "
-                   "tiny model runs fastest on one; a busy second core makes small convolutions much slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the local and pooled baselines (the "
+        "tiny model runs fastest on one; a busy second core makes small convolutions much slower)",
+    )
     p.add_argument("--no-generate", action="store_true", help="fail instead of generating missing data")
     args = p.parse_args(argv)
     try:
@@ -113,12 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.seeds:
         from dataclasses import replace
+
         exp = replace(exp, seeds=tuple(args.seeds))
     text = Path(exp.source).read_text() if exp.source else ""
     generate = not args.no_generate and args.data == DEFAULT_DATA
     try:
-        run_experiment(exp, args.data, args.out, generate=generate, experiment_text=text, threads=args.threads,
-                       log=lambda s: print(s, flush=True))
+        run_experiment(
+            exp,
+            args.data,
+            args.out,
+            generate=generate,
+            experiment_text=text,
+            threads=args.threads,
+            log=lambda s: print(s, flush=True),
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,15 +14,17 @@ studies of which source cache make up each site, and how its scanner differs (``
 - scanner shift (any split, ``shift`` in 0..1): each site gets its own noise, blur, HU offset and
   resolution loss, scaled by the severity.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from client.cache import SiteCache
+from client.data.cache import SiteCache
 from common.config import MARKERS
 
 #: Every virtual site gets at least this many patients (one for test, the rest for training).
@@ -36,15 +38,17 @@ class AcquisitionShift:
     noise_hu: float = 0.0
     blur_px: float = 0.0
     offset_hu: float = 0.0
-    resolution: float = 1.0   # 1 = native; 0.5 = half the pixels along each axis, then back up
+    resolution: float = 1.0  # 1 = native; 0.5 = half the pixels along each axis, then back up
 
     @property
     def is_identity(self) -> bool:
         return self.noise_hu == 0 and self.blur_px == 0 and self.offset_hu == 0 and self.resolution == 1.0
 
     def describe(self) -> str:
-        return (f"noise {self.noise_hu:.1f} HU, blur {self.blur_px:.2f} px, offset {self.offset_hu:+.1f} HU, "
-                f"resolution x{self.resolution:.2f}")
+        return (
+            f"noise {self.noise_hu:.1f} HU, blur {self.blur_px:.2f} px, offset {self.offset_hu:+.1f} HU, "
+            f"resolution x{self.resolution:.2f}"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,24 @@ class SitePlan:
 
     def digest(self, sources: Sequence[SiteCache]) -> str:
         """What identifies the plan's cache: source cache keys, studies and shift."""
-        h = hashlib.sha256(repr((self.site_id, [sources[s].index["key"] for s in sorted({s for s, _ in self.studies})],
-                                 self.studies, self.shift)).encode())
+        h = hashlib.sha256(
+            repr(
+                (
+                    self.site_id,
+                    [sources[s].index["key"] for s in sorted({s for s, _ in self.studies})],
+                    self.studies,
+                    self.shift,
+                )
+            ).encode()
+        )
         return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class Patient:
-    key: tuple[int, str]            # (source index, patient pseudonym)
+    key: tuple[int, str]  # (source index, patient pseudonym)
     studies: tuple[tuple[int, int], ...]
-    label_class: str                # first positive marker, "none", or "unlabelled"
+    label_class: str  # first positive marker, "none", or "unlabelled"
 
 
 def patient_class(labels: Sequence[float | None]) -> str:
@@ -87,8 +99,10 @@ def pool_patients(sources: Sequence[SiteCache]) -> list[Patient]:
     for s, cache in enumerate(sources):
         for i, study in enumerate(cache.studies):
             grouped.setdefault((s, study["patient"]), []).append((s, i))
-    return [Patient(key, tuple(st), patient_class(sources[st[0][0]].studies[st[0][1]]["labels"]))
-            for key, st in sorted(grouped.items())]
+    return [
+        Patient(key, tuple(st), patient_class(sources[st[0][0]].studies[st[0][1]]["labels"]))
+        for key, st in sorted(grouped.items())
+    ]
 
 
 def natural_plans(sources: Sequence[SiteCache]) -> list[SitePlan]:
@@ -108,8 +122,10 @@ def site_column_plans(sources: Sequence[SiteCache]) -> tuple[list[SitePlan], lis
             else:
                 missing += 1
         if missing:
-            problems.append(f"{cache.index['site_id']}: {missing} stud{'y' if missing == 1 else 'ies'} without a value "
-                            "in labels.csv's site column; left out of the site-column split")
+            problems.append(
+                f"{cache.index['site_id']}: {missing} stud{'y' if missing == 1 else 'ies'} without a value "
+                "in labels.csv's site column; left out of the site-column split"
+            )
     if not groups:
         raise ValueError("split 'site-column': no study has a value in labels.csv's 'site' column")
     return [SitePlan(name, tuple(st)) for name, st in sorted(groups.items())], problems
@@ -126,8 +142,10 @@ def _deal(patients: Sequence[Patient], owner: np.ndarray, n_sites: int) -> list[
             donor = int(np.argmax(np.bincount(owner, minlength=n_sites)))
             owner[np.flatnonzero(owner == donor)[-1]] = site
     width = len(str(n_sites))
-    return [SitePlan(f"virtual-{k + 1:0{width}d}", tuple(st for p, o in zip(patients, owner) if o == k for st in p.studies))
-            for k in range(n_sites)]
+    return [
+        SitePlan(f"virtual-{k + 1:0{width}d}", tuple(st for p, o in zip(patients, owner) if o == k for st in p.studies))
+        for k in range(n_sites)
+    ]
 
 
 def iid_plans(sources: Sequence[SiteCache], n_sites: int, seed: int) -> list[SitePlan]:
@@ -172,17 +190,26 @@ def acquisition_shifts(n_sites: int, severity: float, seed: int) -> list[Acquisi
         return [AcquisitionShift() for _ in range(n_sites)]
     rng = np.random.default_rng(10_007 + seed)
     u = rng.uniform(size=(n_sites, 4))
-    return [AcquisitionShift(noise_hu=round(20 * severity * a, 2), blur_px=round(1.5 * severity * b, 3),
-                             offset_hu=round(15 * severity * (2 * c - 1), 2), resolution=round(1 - 0.5 * severity * d, 3))
-            for a, b, c, d in u]
+    return [
+        AcquisitionShift(
+            noise_hu=round(20 * severity * a, 2),
+            blur_px=round(1.5 * severity * b, 3),
+            offset_hu=round(15 * severity * (2 * c - 1), 2),
+            resolution=round(1 - 0.5 * severity * d, 3),
+        )
+        for a, b, c, d in u
+    ]
 
 
-def with_shift_and_faults(plans: list[SitePlan], severity: float, seed: int, bad_sites: int,
-                          fault: Mapping[str, Any]) -> list[SitePlan]:
+def with_shift_and_faults(
+    plans: list[SitePlan], severity: float, seed: int, bad_sites: int, fault: Mapping[str, Any]
+) -> list[SitePlan]:
     """The plans with their scanner shifts, and the first ``bad_sites`` of them faulty."""
     shifts = acquisition_shifts(len(plans), severity, seed)
-    return [SitePlan(p.site_id, p.studies, shift, dict(fault) if i < bad_sites else {})
-            for i, (p, shift) in enumerate(zip(plans, shifts))]
+    return [
+        SitePlan(p.site_id, p.studies, shift, dict(fault) if i < bad_sites else {})
+        for i, (p, shift) in enumerate(zip(plans, shifts))
+    ]
 
 
 def degrade(images: np.ndarray, shift: AcquisitionShift, window: tuple[float, float], seed: int) -> np.ndarray:
@@ -193,7 +220,7 @@ def degrade(images: np.ndarray, shift: AcquisitionShift, window: tuple[float, fl
     if shift.is_identity or not len(images):
         return images
     grey_per_hu = 255.0 / (window[1] - window[0])
-    inside = images > 0   # offset and noise act on the head; the stripped background stays air
+    inside = images > 0  # offset and noise act on the head; the stripped background stays air
     x = images.astype(np.float32)
     if shift.resolution < 1.0:
         small = ndimage.zoom(x, (1, shift.resolution, shift.resolution), order=1)

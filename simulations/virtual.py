@@ -1,22 +1,23 @@
 """Virtual sites as ordinary site caches, and the partition manifest the ClientApp reads.
 
 A plan that is one whole source cache without shift is used in place (nothing copied); any other
-plan is written once as a new cache (same files and index as ``client.cache``, the source studies'
+plan is written once as a new cache (same files and index as ``client.data.cache``, the source studies'
 pseudonyms kept, slices degraded by the plan's scanner shift) under ``<root>/<site>-<digest>/``
 and reused by every method and seed of the experiment.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from client.cache import CACHE_FORMAT, SiteCache, open_cache
-from client.partitions import Partition, write_partitions
+from client.data.cache import CACHE_FORMAT, SiteCache, open_cache
+from client.simulation.partitions import Partition, write_partitions
 from simulations.splits import SitePlan, degrade
 
 
@@ -41,21 +42,34 @@ def plan_cache(plan: SitePlan, sources: Sequence[SiteCache], root: Path) -> Site
     tmp.mkdir(parents=True)
     first = sources[plan.studies[0][0]].index
     studies, n = [], 0
-    with open(tmp / "images.u8", "wb") as fi, open(tmp / "masks.u8", "wb") as fm, open(tmp / "slice_labels.f4", "wb") as fl:
+    with (
+        open(tmp / "images.u8", "wb") as fi,
+        open(tmp / "masks.u8", "wb") as fm,
+        open(tmp / "slice_labels.f4", "wb") as fl,
+    ):
         for k, (s, i) in enumerate(plan.studies):
             cache = sources[s]
             entry = cache.studies[i]
             rows = slice(entry["start"], entry["stop"])
             window = tuple(cache.index["preprocess"]["window"])
-            fi.write(np.ascontiguousarray(degrade(np.asarray(cache.images[rows]), plan.shift, window, seed=k)).tobytes())
+            fi.write(
+                np.ascontiguousarray(degrade(np.asarray(cache.images[rows]), plan.shift, window, seed=k)).tobytes()
+            )
             fm.write(np.ascontiguousarray(cache.masks[rows]).tobytes())
             fl.write(np.ascontiguousarray(cache.slice_labels[rows]).tobytes())
             m = entry["stop"] - entry["start"]
             studies.append({**entry, "start": n, "stop": n + m, "source": cache.index["site_id"]})
             n += m
-    index = {**{k: first[k] for k in ("preprocess", "labels", "markers", "size")}, "format": CACHE_FORMAT,
-             "key": plan.digest(sources), "site_id": plan.site_id, "n_slices": n, "n_studies": len(studies),
-             "studies": studies, "shift": plan.shift.__dict__}
+    index = {
+        **{k: first[k] for k in ("preprocess", "labels", "markers", "size")},
+        "format": CACHE_FORMAT,
+        "key": plan.digest(sources),
+        "site_id": plan.site_id,
+        "n_slices": n,
+        "n_studies": len(studies),
+        "studies": studies,
+        "shift": plan.shift.__dict__,
+    }
     (tmp / "index.json").write_text(json.dumps(index))
     if target.exists():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,4 +80,6 @@ def plan_cache(plan: SitePlan, sources: Sequence[SiteCache], root: Path) -> Site
 
 def write_manifest(path: Path, plans: Sequence[SitePlan], caches: Sequence[SiteCache]) -> Path:
     """The partition manifest of one federated run: node ``partition-id`` i = ``plans[i]``."""
-    return write_partitions(path, [Partition(p.site_id, str(c.path.resolve()), dict(p.fault)) for p, c in zip(plans, caches)])
+    return write_partitions(
+        path, [Partition(p.site_id, str(c.path.resolve()), dict(p.fault)) for p, c in zip(plans, caches)]
+    )

@@ -1,6 +1,6 @@
-"""Deployment (DESIGN.md §5, docs/deploy.md): ``flwr-client start`` rules, and one real TLS federation.
+"""Deployment (docs/design.md §5, docs/deploy.md): ``flwr-client start`` rules, and one real TLS federation.
 
-The unit tests cover the pure validation and command building of ``client.supernode``. The
+The unit tests cover the pure validation and command building of ``client.site_tools.supernode``. The
 integration test runs the coordinator's and sites' steps of docs/deploy.md on loopback: certificates
 from ``server.certs``, a real ``flower-superlink`` with TLS and SuperNode authentication, two site
 keys registered with ``flwr supernode register``, two SuperNodes started through ``flwr-client start``,
@@ -10,6 +10,7 @@ one round per stage with a checkpoint, its counts round a secure sum (``privacy.
 each site's key must outlive the ClientApp process that made it). Every process is started in its
 own session and stopped (with its children) in ``finally``.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -19,14 +20,23 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import flwr_client_main
-from client.supernode import (StartError, StartOptions, build_command, check_reachable, is_loopback, node_config,
-                              parse_address, validate)
+from client.site_tools.cli import flwr_client_main
+from client.site_tools.supernode import (
+    StartError,
+    StartOptions,
+    build_command,
+    check_reachable,
+    is_loopback,
+    node_config,
+    parse_address,
+    validate,
+)
 from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_SITE_ID
 from server.certs import make_ca, make_server_cert, make_site_keys
-from tests.conftest import write_site
 from simulations.engine import BIN, flwr_env, free_port, stop_process_group, wait_for_port
-from tests.server.fakes import REPO
+from tests.helpers.data import write_site
+from tests.helpers.flower import REPO
+
 
 def site_folder(tmp_path: Path) -> Path:
     site = tmp_path / "site-x"
@@ -36,12 +46,15 @@ def site_folder(tmp_path: Path) -> Path:
 
 # --- unit: validation and the command line -----------------------------------------------------
 
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "localhost", "LOCALHOST", "::1"])
 def test_loopback_hosts(host):
     assert is_loopback(host)
 
 
-@pytest.mark.parametrize("host", ["10.0.0.5", "192.168.1.2", "superlink.example.org", "0.0.0.0", "::", "localhost.evil.org"])
+@pytest.mark.parametrize(
+    "host", ["10.0.0.5", "192.168.1.2", "superlink.example.org", "0.0.0.0", "::", "localhost.evil.org"]
+)
 def test_non_loopback_hosts(host):
     assert not is_loopback(host)
 
@@ -57,13 +70,24 @@ def test_parse_address():
 
 def test_insecure_refused_off_loopback(tmp_path):
     opts = StartOptions(superlink="10.1.2.3:9092", data=site_folder(tmp_path), cache_dir=tmp_path / "c", insecure=True)
-    with pytest.raises(StartError, match=r"--insecure refused: the SuperLink 10\.1\.2\.3:9092 is not on this machine's loopback"):
+    with pytest.raises(
+        StartError, match=r"--insecure refused: the SuperLink 10\.1\.2\.3:9092 is not on this machine's loopback"
+    ):
         validate(opts)
 
 
 def test_insecure_refused_off_loopback_cli(tmp_path, capsys):
-    rc = flwr_client_main(["start", "--superlink", "superlink.example.org:9092", "--data", str(site_folder(tmp_path)),
-                           "--insecure", "--no-prepare"])
+    rc = flwr_client_main(
+        [
+            "start",
+            "--superlink",
+            "superlink.example.org:9092",
+            "--data",
+            str(site_folder(tmp_path)),
+            "--insecure",
+            "--no-prepare",
+        ]
+    )
     assert rc == 2
     assert "--insecure refused" in capsys.readouterr().err
 
@@ -73,8 +97,14 @@ def test_tls_needs_root_certificates(tmp_path):
     with pytest.raises(StartError, match="--root-certificates CA.crt is required"):
         validate(StartOptions(superlink="10.1.2.3:9092", data=site, cache_dir=tmp_path / "c"))
     with pytest.raises(StartError, match="no such file"):
-        validate(StartOptions(superlink="10.1.2.3:9092", data=site, cache_dir=tmp_path / "c",
-                              root_certificates=tmp_path / "missing.crt"))
+        validate(
+            StartOptions(
+                superlink="10.1.2.3:9092",
+                data=site,
+                cache_dir=tmp_path / "c",
+                root_certificates=tmp_path / "missing.crt",
+            )
+        )
 
 
 def test_site_folder_checked(tmp_path):
@@ -89,8 +119,11 @@ def test_auth_key_needs_tls(tmp_path):
     key = tmp_path / "k"
     key.write_text("x")
     with pytest.raises(StartError, match="--auth-key needs TLS"):
-        validate(StartOptions(superlink="127.0.0.1:9092", data=site_folder(tmp_path), cache_dir=tmp_path,
-                              insecure=True, auth_key=key))
+        validate(
+            StartOptions(
+                superlink="127.0.0.1:9092", data=site_folder(tmp_path), cache_dir=tmp_path, insecure=True, auth_key=key
+            )
+        )
 
 
 def test_command_line_tls(tmp_path):
@@ -100,8 +133,13 @@ def test_command_line_tls(tmp_path):
     ca.write_text("x")
     key.write_text("x")
     site = site_folder(tmp_path / "with space")
-    opts = StartOptions(superlink="superlink.example.org:9092", data=site, cache_dir=tmp_path / "cache",
-                        root_certificates=ca, auth_key=key)
+    opts = StartOptions(
+        superlink="superlink.example.org:9092",
+        data=site,
+        cache_dir=tmp_path / "cache",
+        root_certificates=ca,
+        auth_key=key,
+    )
     assert validate(opts) == ("superlink.example.org", 9092)
     cmd = build_command(opts, "site-x")
     assert cmd[:3] == ["flower-supernode", "--superlink", "superlink.example.org:9092"]
@@ -110,13 +148,22 @@ def test_command_line_tls(tmp_path):
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(key.resolve())
     # what flower-supernode will hand the ClientApp, parsed by Flower's own parser
     parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])
-    assert parsed == {NODE_DATA_PATH: str(site.resolve()), NODE_SITE_ID: "site-x",
-                      NODE_CACHE_DIR: str((tmp_path / "cache").resolve())}
+    assert parsed == {
+        NODE_DATA_PATH: str(site.resolve()),
+        NODE_SITE_ID: "site-x",
+        NODE_CACHE_DIR: str((tmp_path / "cache").resolve()),
+    }
 
 
 def test_command_line_insecure_loopback(tmp_path):
-    opts = StartOptions(superlink="127.0.0.1:9092", data=site_folder(tmp_path), cache_dir=tmp_path, insecure=True,
-                        device="cpu", clientappio_port=9999)
+    opts = StartOptions(
+        superlink="127.0.0.1:9092",
+        data=site_folder(tmp_path),
+        cache_dir=tmp_path,
+        insecure=True,
+        device="cpu",
+        clientappio_port=9999,
+    )
     validate(opts)
     cmd = build_command(opts, "s")
     assert "--insecure" in cmd and "--root-certificates" not in cmd
@@ -134,8 +181,17 @@ def test_unreachable_superlink_message(tmp_path, capsys):
     port = free_port()  # nothing listens there
     with pytest.raises(StartError, match=rf"cannot reach the SuperLink at 127\.0\.0\.1:{port}"):
         check_reachable("127.0.0.1", port, timeout=2)
-    rc = flwr_client_main(["start", "--superlink", f"127.0.0.1:{port}", "--data", str(site_folder(tmp_path)),
-                           "--insecure", "--no-prepare"])
+    rc = flwr_client_main(
+        [
+            "start",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(site_folder(tmp_path)),
+            "--insecure",
+            "--no-prepare",
+        ]
+    )
     assert rc == 3
     assert f"cannot reach the SuperLink at 127.0.0.1:{port}" in capsys.readouterr().err
 
@@ -159,6 +215,7 @@ def test_certificates(tmp_path):
 
 
 # --- integration: a TLS federation with SuperNode authentication on loopback --------------------
+
 
 def _wait_for(predicate, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
@@ -187,43 +244,104 @@ def test_tls_federation_on_loopback(tmp_path):
     port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n')
+        f'root-certificates = "{certs / "ca.crt"}"\n'
+    )
     env = flwr_env(home)
 
     with ExitStack() as stack:
+
         def launch(cmd: list[str], name: str) -> tuple[subprocess.Popen, Path]:
             log = tmp_path / f"{name}.log"
             fh = stack.enter_context(log.open("w"))
-            proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
             stack.callback(stop_process_group, proc)
             return proc, log
 
         superlink, sl_log = launch(
-            [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-             "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
-             "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")], "superlink")
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(certs / "ca.crt"),
+                "--ssl-certfile",
+                str(certs / "server.crt"),
+                "--ssl-keyfile",
+                str(certs / "server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                str(tmp_path / "state.db"),
+            ],
+            "superlink",
+        )
         wait_for_port(port, superlink, sl_log)
 
         for name in [*sites[:2], "outsider"]:  # the rogue's key is never registered
-            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / name / f"{name}.pub"), "test"],
-                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            reg = subprocess.run(
+                [str(BIN / "flwr"), "supernode", "register", str(certs / name / f"{name}.pub"), "test"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
 
         nodes = {}
         for name in sites:
             nodes[name] = launch(
-                [str(BIN / "flwr-client"), "start", "--superlink", f"127.0.0.1:{port}", "--data", str(data / name),
-                 "--cache-dir", str(tmp_path / "cache"), "--root-certificates", str(certs / "ca.crt"),
-                 "--auth-key", str(certs / name / name), "--prepare-size", "32", "--device", "cpu",
-                 "--clientappio-port", str(free_port())], name)
+                [
+                    str(BIN / "flwr-client"),
+                    "start",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--data",
+                    str(data / name),
+                    "--cache-dir",
+                    str(tmp_path / "cache"),
+                    "--root-certificates",
+                    str(certs / "ca.crt"),
+                    "--auth-key",
+                    str(certs / name / name),
+                    "--prepare-size",
+                    "32",
+                    "--device",
+                    "cpu",
+                    "--clientappio-port",
+                    str(free_port()),
+                ],
+                name,
+            )
 
         nodes["outsider"] = launch(
-            [str(BIN / "flwr-client"), "start", "--superlink", f"127.0.0.1:{port}", "--data", str(data / "outsider"),
-             "--cache-dir", str(tmp_path / "cache"), "--root-certificates", str(tmp_path / "other-ca" / "ca.crt"),
-             "--auth-key", str(certs / "outsider" / "outsider"), "--no-prepare", "--device", "cpu",
-             "--clientappio-port", str(free_port())], "outsider")
+            [
+                str(BIN / "flwr-client"),
+                "start",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(data / "outsider"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--root-certificates",
+                str(tmp_path / "other-ca" / "ca.crt"),
+                "--auth-key",
+                str(certs / "outsider" / "outsider"),
+                "--no-prepare",
+                "--device",
+                "cpu",
+                "--clientappio-port",
+                str(free_port()),
+            ],
+            "outsider",
+        )
 
         # the unregistered SuperNode is refused by the SuperLink and gives up
         rogue, rogue_log = nodes["rogue"]
@@ -237,15 +355,23 @@ def test_tls_federation_on_loopback(tmp_path):
         assert "SSL/TLS handshake error" in text and "CERTIFICATE_VERIFY_FAILED" in text, text[-3000:]
         assert "SuperNode ID:" not in text, text[-3000:]
         for name in sites[:2]:
-            _wait_for(lambda: "SuperNode ID:" in nodes[name][1].read_text(), 60, f"{name} did not connect")
+            _wait_for(lambda log=nodes[name][1]: "SuperNode ID:" in log.read_text(), 60, f"{name} did not connect")
             assert "cache built" in nodes[name][1].read_text()  # prepared before joining
 
         # stage 2 with secure counts: the site's key must outlive the ClientApp process that made it
-        overrides = (f"rounds.stage1=1 rounds.stage2=1 train.local-steps=1 train.batch-size=4 model.image-size=32 "
-                     f"strategy.fraction-evaluate=0.0 rounds.timeout=120.0 privacy.secure-counts=true "
-                     f"output.dir='{tmp_path / 'runs'}' output.name='deploy'")
-        done = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "test", "--stream", "-c", overrides],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        overrides = (
+            f"rounds.stage1=1 rounds.stage2=1 train.local-steps=1 train.batch-size=4 model.image-size=32 "
+            f"strategy.fraction-evaluate=0.0 rounds.timeout=120.0 privacy.secure-counts=true "
+            f"output.dir='{tmp_path / 'runs'}' output.name='deploy'"
+        )
+        done = subprocess.run(
+            [str(BIN / "flwr"), "run", str(REPO), "test", "--stream", "-c", overrides],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-4000:]
         assert "run finished" in output, output[-4000:]

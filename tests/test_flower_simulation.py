@@ -5,6 +5,7 @@ overrides, the FAB build and install, the SuperLink's subprocess isolation and t
 The test starts its own SuperLink on a free port with its own ``FLWR_HOME`` (``simulations.engine``,
 what ``simulate.py`` uses) and stops it, and everything it started, at the end. Tiny preset, 32x32 images, one round per stage.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.records import model_from_run_config
 from simulations.engine import SimulationEngine
 from simulations.sites import prepare_caches
-from tests.conftest import write_site
-from tests.server.fakes import run_config
+from tests.helpers.data import write_site
+from tests.helpers.flower import run_config
 
 N_SITES = 12
 
@@ -28,9 +29,16 @@ def test_flwr_run_twelve_sites(tmp_path):
     data = tmp_path / "data"
     for i in range(N_SITES):
         write_site(data / f"site-{i + 1:02d}", n_studies=4, shape=(3, 40, 40), seed=10 * i)
-    overrides = {"data.root": str(data), "output.dir": str(tmp_path / "runs"), "output.name": "sim",
-                 "model.image-size": 32, "rounds.stage1": 1, "rounds.stage2": 1, "train.local-steps": 1,
-                 "train.batch-size": 4}
+    overrides = {
+        "data.root": str(data),
+        "output.dir": str(tmp_path / "runs"),
+        "output.name": "sim",
+        "model.image-size": 32,
+        "rounds.stage1": 1,
+        "rounds.stage2": 1,
+        "train.local-steps": 1,
+        "train.batch-size": 4,
+    }
     prepare_caches(data, model_from_run_config(run_config(**overrides))[1], progress=False)
 
     with SimulationEngine(tmp_path / "engine") as engine:  # its own SuperLink on a free port, stopped after

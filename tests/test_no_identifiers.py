@@ -8,6 +8,7 @@ number, institution, physicians, study date and time, study ID) and the patient 
 names (the site's own MRNs in the data contract). The only place a folder name may appear is the
 site's own ``check`` report for its IT staff, which names bad files by path; it is not tested here.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 
 from simulations.simulate import main
-from tests.conftest import head_phantom, write_series
-from tests.simulations.test_simulate import BASELINES, TINY
+from tests.helpers.data import head_phantom, write_series
+from tests.helpers.experiments import BASELINES, TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,28 +39,35 @@ PHI = {
     "PatientAddress": "12 Qzwyx Lane",
 }
 EXPERIMENT = TINY.format(
-    seeds="[0]", extra_scenarios='[[scenarios]]\nname = "virtual"\nsplit = "iid"\nn_sites = 2\nshift = 0.5\n',
-    methods=BASELINES + '[[methods]]\nname = "fedavg"\nkind = "federated"\n')
+    seeds="[0]",
+    extra_scenarios='[[scenarios]]\nname = "virtual"\nsplit = "iid"\nn_sites = 2\nshift = 0.5\n',
+    methods=BASELINES + '[[methods]]\nname = "fedavg"\nkind = "federated"\n',
+)
 
 
 def write_identified_site(root: Path, site: int, n_studies: int = 4) -> list[str]:
     """A site whose DICOM headers carry ``PHI`` (made unique per patient) and whose folders are MRNs."""
     import nibabel as nib
 
-    from client.dicom import read_study
+    from client.ingest.dicom import read_study
 
     identifiers = []
     rows = ["patient_id,study_id,hypodensity,irregular_margin,blend_sign,fluid_level,expansion,location"]
     for i in range(n_studies):
         mrn, accession_folder = f"MRN{site}{i}88213", f"ACCF{site}{i}5521"
-        phi = {k: (f"{v}{site}{i}" if k not in ("PatientBirthDate", "StudyDate", "StudyTime") else v) for k, v in PHI.items()}
+        phi = {
+            k: (f"{v}{site}{i}" if k not in ("PatientBirthDate", "StudyDate", "StudyTime") else v)
+            for k, v in PHI.items()
+        }
         hu = head_phantom((3, 40, 40), seed=10 * site + i)
         study_dir = root / "dicom" / mrn / accession_folder
         write_series(study_dir, hu, seed=i, phi=phi)
         mask = ((hu > 60) & (hu < 80)).astype(np.uint8)
         (root / "masks" / mrn).mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(mask, read_study(study_dir).geometry.affine_ras()),
-                 str(root / "masks" / mrn / f"{accession_folder}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(mask, read_study(study_dir).geometry.affine_ras()),
+            str(root / "masks" / mrn / f"{accession_folder}.nii.gz"),
+        )
         rows.append(f"{mrn},{accession_folder},{i % 2},{(i + 1) % 2},0,{i % 2},,putamen")
         identifiers += [mrn, accession_folder] + [str(v) for v in phi.values()]
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
@@ -92,8 +100,23 @@ def test_no_identifier_in_anything_written_or_printed(tmp_path, capfd):
     strings = [i for i in identifiers if i not in dates and i != PHI["StudyTime"]]
 
     site_cache = tmp_path / "site-cache"
-    prep = subprocess.run([sys.executable, "-m", "client.cli", "prepare", str(data / "site-01"), "--cache-dir",
-                           str(site_cache), "--size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    prep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client.site_tools.cli",
+            "prepare",
+            str(data / "site-01"),
+            "--cache-dir",
+            str(site_cache),
+            "--size",
+            "32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert prep.returncode == 0, prep.stdout + prep.stderr
 
     exp = tmp_path / "phi.toml"
@@ -107,7 +130,9 @@ def test_no_identifier_in_anything_written_or_printed(tmp_path, capfd):
     written = [run, data / ".cache", site_cache]
     leaks = scan(written, [prep.stdout, prep.stderr, printed.out, printed.err], strings)
     assert not leaks, "\n".join(leaks[:20])
-    text_files = [p for d in written for p in d.rglob("*") if p.suffix in (".json", ".csv", ".html", ".log", ".toml", ".txt")]
+    text_files = [
+        p for d in written for p in d.rglob("*") if p.suffix in (".json", ".csv", ".html", ".log", ".toml", ".txt")
+    ]
     assert text_files
     date_leaks = scan(text_files, [printed.out, printed.err], sorted(dates))
     assert not date_leaks, "\n".join(date_leaks[:20])

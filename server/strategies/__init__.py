@@ -4,10 +4,12 @@
 per stage, because server-side optimiser state (FedAdam's moments) is per array and the two stages
 exchange different arrays. Strategies aggregate and return; they never write files.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
@@ -38,8 +40,10 @@ class StrategyConfig:
         if self.name not in STRATEGIES:
             raise KeyError(f"unknown strategy {self.name!r}; valid strategies: {sorted(STRATEGIES)}")
         if self.imbalance_head and self.name in ROBUST:
-            raise ValueError(f"strategy.imbalance-head averages every site's head rows, which would undo "
-                             f"{self.name}'s robustness to outlying sites; use it with {sorted(set(STRATEGIES) - ROBUST)}")
+            raise ValueError(
+                f"strategy.imbalance-head averages every site's head rows, which would undo "
+                f"{self.name}'s robustness to outlying sites; use it with {sorted(set(STRATEGIES) - ROBUST)}"
+            )
 
 
 #: Strategies that bound the influence of outlying sites (the positive-weighted head would not).
@@ -59,16 +63,24 @@ STRATEGIES: dict[str, tuple[type, Callable[[StrategyConfig], dict[str, Any]]]] =
 }
 
 
-def build_strategy(cfg: StrategyConfig, *, local_keys: Iterable[str] = (), head_keys: tuple[str, str] = ("", "")) -> Strategy:
+def build_strategy(
+    cfg: StrategyConfig, *, local_keys: Iterable[str] = (), head_keys: tuple[str, str] = ("", "")
+) -> Strategy:
     """A new strategy named by ``cfg.name``; ``local_keys``: FedBN's normalisation keys;
     ``head_keys``: (weight, bias) of the final classifier layer, used when ``cfg.imbalance_head``."""
     if cfg.name not in STRATEGIES:
         raise KeyError(f"unknown strategy {cfg.name!r}; valid strategies: {sorted(STRATEGIES)}")
     cls, extra = STRATEGIES[cfg.name]
-    kw: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                              min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-                              min_available_nodes=cfg.min_available_nodes, train_metrics_aggr_fn=aggregate_metrics,
-                              evaluate_metrics_aggr_fn=aggregate_metrics, **extra(cfg))
+    kw: dict[str, Any] = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+        train_metrics_aggr_fn=aggregate_metrics,
+        evaluate_metrics_aggr_fn=aggregate_metrics,
+        **extra(cfg),
+    )
     if cls is FedBN:
         kw["local_keys"] = local_keys
     if cfg.imbalance_head:
@@ -76,5 +88,14 @@ def build_strategy(cfg: StrategyConfig, *, local_keys: Iterable[str] = (), head_
     return cls(**kw)
 
 
-__all__ = ["ROBUST", "STRATEGIES", "StrategyConfig", "build_strategy", "FedBN", "PositiveWeightedHead", "with_imbalance_head",
-           "positive_weighted_rows", "aggregate_metrics"]
+__all__ = [
+    "ROBUST",
+    "STRATEGIES",
+    "StrategyConfig",
+    "build_strategy",
+    "FedBN",
+    "PositiveWeightedHead",
+    "with_imbalance_head",
+    "positive_weighted_rows",
+    "aggregate_metrics",
+]

@@ -1,9 +1,10 @@
 """How reply metrics combine: counts are summed, everything else is a weighted mean.
 
 Flower's default (``aggregate_metricrecords``) averages every metric, lists included, which would
-turn each site's label counts into a meaningless average (STYLE.md §4). Both functions here have
+turn each site's label counts into a meaningless average (docs/design.md §8). Both functions here have
 the signature Flower's strategies take as ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``.
 """
+
 from __future__ import annotations
 
 import math

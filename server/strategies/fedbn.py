@@ -5,6 +5,7 @@ statistics; FedBN lets each site keep its own. The server never sends the normal
 and sets ``local-norm`` in the config; a site then takes them from its own disk and leaves them
 out of its reply (``client.client_app``), so they never leave the site. Aggregation is FedAvg's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -26,10 +27,14 @@ class FedBN(FedAvg):
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[LOCAL_NORM] = True
         return super().configure_train(server_round, self._shared(arrays), config, grid)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[LOCAL_NORM] = True
         return super().configure_evaluate(server_round, self._shared(arrays), config, grid)

@@ -9,6 +9,7 @@ replaced by the average of the sites' rows weighted by each site's positive coun
 It is a mixin so that any Flower strategy gains the option: ``with_imbalance_head(FedAvg)``.
 Server-side optimisers (FedAdam, FedYogi) then apply to every array but the head rows.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -31,17 +32,25 @@ class PositiveWeightedHead:
     def _head_rows(self, replies: list[Message]) -> tuple[dict[str, list[np.ndarray]], np.ndarray] | None:
         ok = [m for m in replies if not m.has_error()]
         ok = [m for m in ok if float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) > 0]
-        if not ok or not self.head_keys or any(k not in ok[0].content.array_records[self.arrayrecord_key] for k in self.head_keys):
+        if (
+            not ok
+            or not self.head_keys
+            or any(k not in ok[0].content.array_records[self.arrayrecord_key] for k in self.head_keys)
+        ):
             return None
         if any(LABEL_POS not in next(iter(m.content.metric_records.values())) for m in ok):
             # e.g. privacy.secure-counts: the sites keep their counts; the base aggregate stands
             log(WARNING, "imbalance-aware head: a reply has no %r; the head keeps the base aggregate", LABEL_POS)
             return None
-        rows = {k: [m.content.array_records[self.arrayrecord_key][k].numpy().copy() for m in ok] for k in self.head_keys}
+        rows = {
+            k: [m.content.array_records[self.arrayrecord_key][k].numpy().copy() for m in ok] for k in self.head_keys
+        }
         positives = np.asarray([next(iter(m.content.metric_records.values()))[LABEL_POS] for m in ok], dtype=float)
         return rows, positives
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         head = self._head_rows(replies)  # read first: robust strategies pop arrays while aggregating
         arrays, metrics = super().aggregate_train(server_round, replies)

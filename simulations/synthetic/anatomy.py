@@ -5,6 +5,7 @@ slices agree and the same patient can be re-scanned in another position (follow-
 are in mm; the head frame is LPS with its origin near the third ventricle (x left, y posterior,
 z superior). Tissue values follow typical non-contrast head CT (grey ~40, white ~27, CSF ~5 HU).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -113,8 +114,7 @@ def _waves(rng: np.random.Generator, n: int, wavelength: tuple[float, float]) ->
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     k = 2 * np.pi / rng.uniform(*wavelength, size=n)
     ph = rng.uniform(0, 2 * np.pi, size=n)
-    return tuple((float(d[0] * kk), float(d[1] * kk), float(d[2] * kk), float(p))
-                 for d, kk, p in zip(dirs, k, ph))
+    return tuple((float(d[0] * kk), float(d[1] * kk), float(d[2] * kk), float(p)) for d, kk, p in zip(dirs, k, ph))
 
 
 def sample_anatomy(rng: np.random.Generator) -> HeadAnatomy:
@@ -230,8 +230,7 @@ def brain_distances(anat: HeadAnatomy, xh, yh, zh) -> dict[str, np.ndarray]:
     d_bs = _radial_sd(x, y, z, (0.0, 14.0 * sy, -32.0 * sz), (14.0, 14.0, 30.0 * sz))
     d_brain = _smin(_smin(d_cb, d_cbl, 6.0), d_bs, 4.0)
     d_face = _radial_sd(x, y, z, (0.0, -38.0 * sy, -50.0 * sz), (60.0 * sx, 58.0 * sy, 30.0 * sz))
-    return {"cerebrum": d_cb, "cerebellum": d_cbl, "brainstem": d_bs, "brain": d_brain,
-            "face": d_face}
+    return {"cerebrum": d_cb, "cerebellum": d_cbl, "brainstem": d_bs, "brain": d_brain, "face": d_face}
 
 
 def make_head(anat: HeadAnatomy, grid: ScanGrid, pose: HeadPose) -> HeadVolume:
@@ -250,33 +249,35 @@ def make_head(anat: HeadAnatomy, grid: ScanGrid, pose: HeadPose) -> HeadVolume:
     x, z = xh[None], zh[:, None, None]
 
     hu = np.full(grid.shape, AIR_HU, dtype=np.float32)
-    _paint(hu, _soft(d_ext, h), 45.0)                              # skin
-    _paint(hu, _soft(d_ext + 2.0, h), -100.0)                      # subcutaneous fat
+    _paint(hu, _soft(d_ext, h), 45.0)  # skin
+    _paint(hu, _soft(d_ext + 2.0, h), -100.0)  # subcutaneous fat
     # Galea plus temporalis: thicker laterally, around the level of the temples.
-    temporal = anat.temporal_muscle_mm * np.clip(np.abs(x) / (55.0 * anat.scale[0]) - 0.5, 0, 1) \
+    temporal = (
+        anat.temporal_muscle_mm
+        * np.clip(np.abs(x) / (55.0 * anat.scale[0]) - 0.5, 0, 1)
         * np.exp(-(((z - 5.0) / 30.0) ** 2))
+    )
     _paint(hu, _soft(d_ic - anat.skull_mm - 1.5 - temporal, h), 45.0)
-    _paint(hu, _soft(d["face"] + 8.0, h), 40.0)                    # facial soft tissue
+    _paint(hu, _soft(d["face"] + 8.0, h), 40.0)  # facial soft tissue
     _paint(hu, _soft(d_ic - anat.skull_mm, h), anat.hu_cortical_bone)
     _paint(hu, _soft(d_ic - anat.skull_mm + 1.8, h), anat.hu_diploe)
-    _paint(hu, _soft(d_ic - 1.5, h), anat.hu_cortical_bone)        # inner table
+    _paint(hu, _soft(d_ic - 1.5, h), anat.hu_cortical_bone)  # inner table
     outside_ic = np.clip(d_ic / 2.0, 0, 1)
     sx, sy, sz = anat.scale
-    for side in (-1.0, 1.0):                                       # orbits, globes
+    for side in (-1.0, 1.0):  # orbits, globes
         c = (side * 32.0 * sx, -62.0 * sy, -30.0 * sz)
         _paint_ellipsoid(hu, xh, yh, zh, c, (15.0, 20.0, 13.0), 500.0, h, outside_ic)
         _paint_ellipsoid(hu, xh, yh, zh, c, (13.0, 18.0, 11.0), -90.0, h, outside_ic)
-        _paint_ellipsoid(hu, xh, yh, zh, (c[0], c[1] - 8.0, c[2]), (11.5, 11.5, 11.5), 12.0, h,
-                         outside_ic)
-    _paint_ellipsoid(hu, xh, yh, zh, (0.0, -52.0 * sy, -36.0 * sz), (10.0, 20.0, 12.0), -900.0,
-                     h, outside_ic)                                # ethmoid / sphenoid air
+        _paint_ellipsoid(hu, xh, yh, zh, (c[0], c[1] - 8.0, c[2]), (11.5, 11.5, 11.5), 12.0, h, outside_ic)
+    _paint_ellipsoid(
+        hu, xh, yh, zh, (0.0, -52.0 * sy, -36.0 * sz), (10.0, 20.0, 12.0), -900.0, h, outside_ic
+    )  # ethmoid / sphenoid air
 
-    _paint(hu, _soft(d_ic, h), anat.hu_csf)                        # extra-axial CSF
+    _paint(hu, _soft(d_ic, h), anat.hu_csf)  # extra-axial CSF
     f_brain = _soft(d_brain, h)
     _paint(hu, f_brain, anat.hu_white)
     _paint(hu, f_brain * _soft(d["cerebellum"], h), anat.hu_grey - 4.0)
-    _paint(hu, f_brain * _soft(d["brainstem"], h) * np.clip((-16.0 - z) / 6.0, 0, 1),
-           anat.hu_white + 4.0)
+    _paint(hu, f_brain * _soft(d["brainstem"], h) * np.clip((-16.0 - z) / 6.0, 0, 1), anat.hu_white + 4.0)
     _paint_cortex(hu, anat, d, xh, yh, zh, h)
     _paint_deep_structures(hu, anat, xh, yh, zh, h, f_brain)
     return HeadVolume(hu=hu, d_brain=d_brain, d_ic=d_ic, d_ext=d_ext)
@@ -293,8 +294,7 @@ def _paint_cortex(hu, anat: HeadAnatomy, d, xh, yh, zh, h) -> None:
         z = zh[idx[0]]
         depth = -d["brain"][idx]
         in_cbl = d["cerebellum"][idx] < 0
-        n = np.where(in_cbl, _wave_field(anat.folia_waves, x, y, z),
-                     _wave_field(anat.sulcal_waves, x, y, z))
+        n = np.where(in_cbl, _wave_field(anat.folia_waves, x, y, z), _wave_field(anat.sulcal_waves, x, y, z))
         taper = np.clip(1.0 - depth / depth_max, 0.0, 1.0)
         w = (0.12 + 0.25 * anat.atrophy) * taper
         ribbon = np.clip(1.0 - depth / (depth_max + 4.0), 0.0, 1.0) * 0.5 + 0.05
@@ -321,24 +321,27 @@ def _paint_deep_structures(hu, anat: HeadAnatomy, xh, yh, zh, h, f_brain) -> Non
     v = anat.ventricle_scale
     sv = float(np.sqrt(v))
     for s in (-1.0, 1.0):
-        if anat.atrophy > 0.35:                                    # periventricular hypodensity
-            _paint_ellipsoid(hu, xh, yh, zh, (s * 13.0 * sv, 0.0, 18.0), (10.0 * v, 26.0, 10.0),
-                             wm - 6.0 * anat.atrophy, h, f_brain)
+        if anat.atrophy > 0.35:  # periventricular hypodensity
+            _paint_ellipsoid(
+                hu, xh, yh, zh, (s * 13.0 * sv, 0.0, 18.0), (10.0 * v, 26.0, 10.0), wm - 6.0 * anat.atrophy, h, f_brain
+            )
         _paint_ellipsoid(hu, xh, yh, zh, (s * 24.0, -2.0, 2.0), (6.0, 15.0, 10.0), g - 2.0, h)
         _paint_ellipsoid(hu, xh, yh, zh, (s * 18.0, 0.0, 0.0), (4.0, 8.0, 6.0), g - 5.0, h)
         _paint_ellipsoid(hu, xh, yh, zh, (s * 13.0, -14.0, 12.0), (5.0, 9.0, 9.0), g - 2.0, h)
         _paint_ellipsoid(hu, xh, yh, zh, (s * 10.0, 13.0, 4.0), (9.0, 14.0, 9.0), g - 3.0, h)
     for s in (-1.0, 1.0):
-        parts = (((s * 11.0 * sv, -22.0, 14.0), (4.0, 12.0, 8.0)),   # frontal horn
-                 ((s * 12.0 * sv, 2.0, 19.0), (5.0, 20.0, 5.0)),     # body
-                 ((s * 19.0 * sv, 28.0, 12.0), (7.0, 10.0, 8.0)),    # atrium
-                 ((s * 17.0 * sv, 41.0, 8.0), (3.5, 9.0, 4.5)),      # occipital horn
-                 ((s * 29.0, 2.0, -14.0), (2.5, 13.0, 3.5)))         # temporal horn
+        parts = (
+            ((s * 11.0 * sv, -22.0, 14.0), (4.0, 12.0, 8.0)),  # frontal horn
+            ((s * 12.0 * sv, 2.0, 19.0), (5.0, 20.0, 5.0)),  # body
+            ((s * 19.0 * sv, 28.0, 12.0), (7.0, 10.0, 8.0)),  # atrium
+            ((s * 17.0 * sv, 41.0, 8.0), (3.5, 9.0, 4.5)),  # occipital horn
+            ((s * 29.0, 2.0, -14.0), (2.5, 13.0, 3.5)),
+        )  # temporal horn
         for c, a in parts:
             _paint_ellipsoid(hu, xh, yh, zh, c, (a[0] * v, a[1] * min(v, 1.2), a[2] * v), csf, h)
         if anat.plexus_calcified:
             _paint_ellipsoid(hu, xh, yh, zh, (s * 19.0 * sv, 30.0, 12.0), (2.5, 2.5, 2.5), 180.0, h)
-    _paint_ellipsoid(hu, xh, yh, zh, (0.0, 5.0, 0.0), (1.5 * v, 13.0, 9.0), csf, h)   # third
-    _paint_ellipsoid(hu, xh, yh, zh, (0.0, 36.0, -36.0), (6.0, 4.0, 6.0), csf, h)     # fourth
+    _paint_ellipsoid(hu, xh, yh, zh, (0.0, 5.0, 0.0), (1.5 * v, 13.0, 9.0), csf, h)  # third
+    _paint_ellipsoid(hu, xh, yh, zh, (0.0, 36.0, -36.0), (6.0, 4.0, 6.0), csf, h)  # fourth
     if anat.pineal_calcified:
         _paint_ellipsoid(hu, xh, yh, zh, (0.0, 22.0, 6.0), (2.0, 2.0, 2.0), 160.0, h)

@@ -4,23 +4,28 @@ Planning is separate from rendering so that any single study can be re-rendered 
 (tests compare a re-rendered volume with what was written) and every random draw is keyed by
 (seed, site, patient, purpose) rather than by the order in which studies happen to be made.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Mapping
 
 import numpy as np
 
 from common.config import LABELS, MARKERS
-from simulations.synthetic.phi import (PatientIdentity, make_accession, make_identity,
-                                       make_physician, make_study_time)
+from simulations.synthetic.phi import PatientIdentity, make_accession, make_identity, make_physician, make_study_time
 from simulations.synthetic.profiles import LOCATIONS, SiteProfile
 
 #: Log-odds of expansion at follow-up: a base rate plus each marker's effect (markers predict
 #: expansion: that is why they are studied).
-EXPANSION_LOGIT: dict[str, float] = {"base": -2.2, "hypodensity": 0.9, "irregular_margin": 0.7,
-                                     "blend_sign": 1.0, "fluid_level": 0.8}
+EXPANSION_LOGIT: dict[str, float] = {
+    "base": -2.2,
+    "hypodensity": 0.9,
+    "irregular_margin": 0.7,
+    "blend_sign": 1.0,
+    "fluid_level": 0.8,
+}
 
 
 @dataclass(frozen=True)
@@ -32,17 +37,17 @@ class StudyPlan:
     patient_number: int
     patient: PatientIdentity
     study_id: str
-    kind: str                              # "baseline" or "followup"
+    kind: str  # "baseline" or "followup"
     acquired: datetime
     accession: str
     referring_physician: str
     location: str
-    markers: Mapping[str, bool]            # the patient's baseline markers (intended)
-    growth_ratio: float                    # follow-up volume / baseline volume (intended)
+    markers: Mapping[str, bool]  # the patient's baseline markers (intended)
+    growth_ratio: float  # follow-up volume / baseline volume (intended)
     table_offset: tuple[float, float, float]
     has_scout: bool
-    partner_study_id: str | None           # the follow-up of a baseline, or vice versa
-    missing_labels: frozenset[str]         # label columns left empty for this study
+    partner_study_id: str | None  # the follow-up of a baseline, or vice versa
+    missing_labels: frozenset[str]  # label columns left empty for this study
 
     @property
     def is_followup(self) -> bool:
@@ -67,9 +72,11 @@ def plan_site(profile: SiteProfile, site_number: int, seed: int) -> SitePlan:
     follow-up depends on them through ``EXPANSION_LOGIT``.
     """
     rng = np.random.default_rng([seed, site_number, 0x517E])
-    table = (round(float(rng.uniform(-5, 5)), 1), round(float(rng.choice([0.0, -120.0, -160.0])
-                                                                 + rng.uniform(-5, 5)), 1),
-             round(float(rng.uniform(-300, 100)), 1))
+    table = (
+        round(float(rng.uniform(-5, 5)), 1),
+        round(float(rng.choice([0.0, -120.0, -160.0]) + rng.uniform(-5, 5)), 1),
+        round(float(rng.uniform(-300, 100)), 1),
+    )
     taken: set[str] = set()
     study_numbers = rng.permutation(np.arange(1, 10000))
     next_study = iter(int(n) for n in study_numbers)
@@ -86,20 +93,43 @@ def plan_site(profile: SiteProfile, site_number: int, seed: int) -> SitePlan:
         base_id = f"ST{next(next_study):04d}"
         fu_id = f"ST{next(next_study):04d}" if has_fu else None
         missing = frozenset(l for l in LABELS if rng.random() < profile.missing_label_rate)
-        common = dict(seed=seed, site_number=site_number, patient_number=p, patient=ident,
-                      location=location, markers=markers, table_offset=table)
-        studies.append(StudyPlan(
-            **common, study_id=base_id, kind="baseline", acquired=when,
-            accession=make_accession(rng, site_number, when),
-            referring_physician=make_physician(rng),
-            growth_ratio=1.0, has_scout=bool(rng.random() < profile.scout_rate),
-            partner_study_id=fu_id, missing_labels=missing))
+        common = dict(
+            seed=seed,
+            site_number=site_number,
+            patient_number=p,
+            patient=ident,
+            location=location,
+            markers=markers,
+            table_offset=table,
+        )
+        studies.append(
+            StudyPlan(
+                **common,
+                study_id=base_id,
+                kind="baseline",
+                acquired=when,
+                accession=make_accession(rng, site_number, when),
+                referring_physician=make_physician(rng),
+                growth_ratio=1.0,
+                has_scout=bool(rng.random() < profile.scout_rate),
+                partner_study_id=fu_id,
+                missing_labels=missing,
+            )
+        )
         if has_fu:
             fu_when = when + timedelta(hours=float(rng.uniform(6.0, 36.0)))
-            studies.append(StudyPlan(
-                **common, study_id=fu_id, kind="followup", acquired=fu_when,
-                accession=make_accession(rng, site_number, fu_when),
-                referring_physician=make_physician(rng), growth_ratio=ratio,
-                has_scout=bool(rng.random() < profile.scout_rate), partner_study_id=base_id,
-                missing_labels=frozenset()))
+            studies.append(
+                StudyPlan(
+                    **common,
+                    study_id=fu_id,
+                    kind="followup",
+                    acquired=fu_when,
+                    accession=make_accession(rng, site_number, fu_when),
+                    referring_physician=make_physician(rng),
+                    growth_ratio=ratio,
+                    has_scout=bool(rng.random() < profile.scout_rate),
+                    partner_study_id=base_id,
+                    missing_labels=frozenset(),
+                )
+            )
     return SitePlan(profile=profile, studies=tuple(studies))

@@ -1,6 +1,6 @@
 """Intracerebral hematomas in 3-D, with the four expansion markers built to their definitions.
 
-Each marker is made independently of the others and of the hematoma's size (DESIGN.md §1):
+Each marker is made independently of the others and of the hematoma's size (docs/design.md §1):
 - hypodensity: hypodense island(s) >= 30 HU darker than the clot median, enclosed by at least
   two pixels of dense clot in-plane and by dense clot above and below;
 - irregular_margin: two to four lobules on the border (a smooth ellipsoid otherwise);
@@ -10,10 +10,12 @@ Each marker is made independently of the others and of the hematoma's size (DESI
   dense layer is dependent (posterior, +y, larger row index r) whatever the head's tilt.
 Sizes are proportional to the hematoma so they stay visible when a slice is shrunk to 64x64.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -23,8 +25,11 @@ from simulations.synthetic.anatomy import HeadAnatomy, HeadPose, HeadVolume, Sca
 
 #: Volume range (ml) by location: infratentorial bleeds are smaller.
 VOLUME_RANGE_ML: dict[str, tuple[float, float]] = {
-    "putamen": (5.0, 60.0), "thalamus": (5.0, 35.0), "subcortical": (5.0, 60.0),
-    "cerebellum": (5.0, 30.0), "brainstem": (5.0, 12.0),
+    "putamen": (5.0, 60.0),
+    "thalamus": (5.0, 35.0),
+    "subcortical": (5.0, 60.0),
+    "cerebellum": (5.0, 30.0),
+    "brainstem": (5.0, 12.0),
 }
 #: Smallest volume of a hematoma that carries a marker (markers need room to be seen).
 MARKER_MIN_VOLUME_ML = 12.0
@@ -67,13 +72,17 @@ class HematomaSpec:
         return float(np.cbrt(3.0 * self.target_ml * 1000.0 / (4.0 * np.pi)))
 
 
-def _centre_for(rng: np.random.Generator, location: str, anat: HeadAnatomy, r_eq: float
-                ) -> tuple[tuple[float, float, float], float]:
+def _centre_for(
+    rng: np.random.Generator, location: str, anat: HeadAnatomy, r_eq: float
+) -> tuple[tuple[float, float, float], float]:
     """Head-frame centre of a bleed at ``location`` (either side) and its long axis (deg)."""
     sx, sy, sz = anat.scale
     side = float(rng.choice([-1.0, 1.0]))
-    jitter = lambda sd: float(rng.normal(0, sd))
-    yaw = 90.0                                   # long axis antero-posterior
+
+    def jitter(sd: float) -> float:
+        return float(rng.normal(0, sd))
+
+    yaw = 90.0  # long axis antero-posterior
     if location == "putamen":
         c = (side * 24.0 + jitter(2), -2.0 + jitter(3), 2.0 + jitter(3))
     elif location == "thalamus":
@@ -98,8 +107,9 @@ def _centre_for(rng: np.random.Generator, location: str, anat: HeadAnatomy, r_eq
     return (float(c[0] * sx), float(c[1] * sy), float(c[2] * sz)), float(yaw + rng.normal(0, 12))
 
 
-def sample_hematoma_spec(rng: np.random.Generator, location: str, markers: Mapping[str, bool],
-                         anat: HeadAnatomy) -> HematomaSpec:
+def sample_hematoma_spec(
+    rng: np.random.Generator, location: str, markers: Mapping[str, bool], anat: HeadAnatomy
+) -> HematomaSpec:
     """Draw a hematoma at ``location`` carrying exactly the requested markers."""
     lo, hi = VOLUME_RANGE_ML[location]
     if any(markers.values()):
@@ -111,7 +121,7 @@ def sample_hematoma_spec(rng: np.random.Generator, location: str, markers: Mappi
     axes = r_eq * e / np.cbrt(e.prod())
     lobes: list[tuple[float, float, float, float]] = []
     if markers.get("irregular_margin"):
-        axes = axes * 0.9          # lobules add the rest of the volume
+        axes = axes * 0.9  # lobules add the rest of the volume
         n = int(rng.integers(2, 5))
         start = rng.uniform(0, 2 * np.pi)
         angles = start + np.arange(n) * (2 * np.pi / n) + rng.uniform(-0.3, 0.3, n)
@@ -120,16 +130,23 @@ def sample_hematoma_spec(rng: np.random.Generator, location: str, markers: Mappi
             d /= np.linalg.norm(d)
             rad = float(rng.uniform(0.43, 0.56) * r_eq)
             lobes.append((float(d[0]), float(d[1]), float(d[2]), rad))
-    texture = tuple((float(k[0]), float(k[1]), float(k[2]), float(rng.uniform(0, 2 * np.pi)))
-                    for k in rng.normal(0, 2 * np.pi / 14.0, size=(3, 3)))
+    texture = tuple(
+        (float(k[0]), float(k[1]), float(k[2]), float(rng.uniform(0, 2 * np.pi)))
+        for k in rng.normal(0, 2 * np.pi / 14.0, size=(3, 3))
+    )
     blend_angle = rng.uniform(-55.0, 55.0) + (180.0 if rng.random() < 0.5 else 0.0)
     # An island needs dense clot around it: leave room when other density markers are present.
-    crowded = bool(markers.get("hypodensity")) and (bool(markers.get("blend_sign"))
-                                                     or bool(markers.get("fluid_level")))
+    crowded = bool(markers.get("hypodensity")) and (bool(markers.get("blend_sign")) or bool(markers.get("fluid_level")))
     return HematomaSpec(
-        location=location, centre=centre, axes=tuple(float(a) for a in axes), yaw_deg=yaw,
-        pitch_deg=float(rng.normal(0, 8)), target_ml=vol, lobes=tuple(lobes),
-        clot_hu=float(rng.uniform(62.0, 78.0)), texture=texture,
+        location=location,
+        centre=centre,
+        axes=tuple(float(a) for a in axes),
+        yaw_deg=yaw,
+        pitch_deg=float(rng.normal(0, 8)),
+        target_ml=vol,
+        lobes=tuple(lobes),
+        clot_hu=float(rng.uniform(62.0, 78.0)),
+        texture=texture,
         markers={m: bool(markers.get(m, False)) for m in MARKERS},
         island_rel_radius=float(rng.uniform(0.32, 0.45)),
         island_delta_hu=float(rng.uniform(30.0, 42.0)),
@@ -185,8 +202,9 @@ def _z_erode(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: HeadVolume,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def make_hematoma(
+    spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: HeadVolume, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Render a hematoma into a head: HU change to add, true mask, and what was realised.
 
     Returns ``(hu_delta, mask, info)``: float32 and bool arrays of ``grid.shape``; ``info`` has
@@ -199,15 +217,18 @@ def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: Head
     ext = max(spec.axes) * (1.25 if spec.lobes else 1.0) + (2.0 * r_eq if spec.lobes else 0.0)
     ext += spec.oedema_mm * 3 + 2 * h
     cs = pose.to_scanner(np.array(spec.centre))
-    ci = (np.array([cs[2], cs[1], cs[0]]) - np.array(grid.origin)[::-1]) / np.array(
-        [grid.slice_spacing, h, h])
+    ci = (np.array([cs[2], cs[1], cs[0]]) - np.array(grid.origin)[::-1]) / np.array([grid.slice_spacing, h, h])
     half = np.array([ext / grid.slice_spacing, ext / h, ext / h])
     lo = np.maximum(np.floor(ci - half).astype(int), 0)
     hi = np.minimum(np.ceil(ci + half).astype(int) + 1, np.array(grid.shape))
     hu_delta = np.zeros(grid.shape, dtype=np.float32)
     mask = np.zeros(grid.shape, dtype=bool)
-    info: dict[str, Any] = {"location": spec.location, "volume_ml": 0.0,
-                            "markers": {m: False for m in MARKERS}, "slices": {}}
+    info: dict[str, Any] = {
+        "location": spec.location,
+        "volume_ml": 0.0,
+        "markers": {m: False for m in MARKERS},
+        "slices": {},
+    }
     if np.any(hi <= lo):
         return hu_delta, mask, info
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -218,9 +239,11 @@ def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: Head
     xs = grid.xs()[sl[2]][None, None, :]
     t = np.deg2rad(pose.tilt_deg)
     dx, dy, dz = xs - pose.centre[0], ys - pose.centre[1], zs - pose.centre[2]
-    ph = (np.cos(t) * dx + np.sin(t) * dy - spec.centre[0],
-          -np.sin(t) * dx + np.cos(t) * dy - spec.centre[1],
-          dz - spec.centre[2])
+    ph = (
+        np.cos(t) * dx + np.sin(t) * dy - spec.centre[0],
+        -np.sin(t) * dx + np.cos(t) * dy - spec.centre[1],
+        dz - spec.centre[2],
+    )
     rot = _rotation(spec.yaw_deg, spec.pitch_deg)
     q = [rot[0, i] * ph[0] + rot[1, i] * ph[1] + rot[2, i] * ph[2] for i in range(3)]
     a = spec.axes
@@ -231,9 +254,8 @@ def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: Head
         u = np.array([ux, uy, uz])
         reach = 1.0 / np.sqrt((ux / a[0]) ** 2 + (uy / a[1]) ** 2 + (uz / a[2]) ** 2)
         lc = u * (reach + 0.3 * rad)
-        sd = np.minimum(sd, np.sqrt((q[0] - lc[0]) ** 2 + (q[1] - lc[1]) ** 2
-                                    + (q[2] - lc[2]) ** 2) - rad)
-    sd = np.maximum(sd, head.d_ic[sl] + 1.0)                     # stays inside the skull
+        sd = np.minimum(sd, np.sqrt((q[0] - lc[0]) ** 2 + (q[1] - lc[1]) ** 2 + (q[2] - lc[2]) ** 2) - rad)
+    sd = np.maximum(sd, head.d_ic[sl] + 1.0)  # stays inside the skull
     sd = np.broadcast_to(sd, tuple(b - a_ for a_, b in zip(lo, hi)))
     frac = np.clip(0.5 - sd / h, 0.0, 1.0).astype(np.float32)
     m = sd <= 0.0
@@ -269,11 +291,11 @@ def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: Head
     island = np.zeros(m.shape, dtype=bool)
     if spec.markers.get("hypodensity"):
         island = _place_islands(spec, m, clot, grid, rng)
-        if island.sum(axis=(1, 2)).max(initial=0) >= 3:      # visible: >= 3 pixels on a slice
+        if island.sum(axis=(1, 2)).max(initial=0) >= 3:  # visible: >= 3 pixels on a slice
             dark = float(np.median(clot[m])) - spec.island_delta_hu
             clot = np.where(island, dark, clot)
             realised["hypodensity"] = True
-        else:                                                # no room: the study is negative
+        else:  # no room: the study is negative
             island[:] = False
 
     tissue = head.hu[sl]
@@ -285,28 +307,38 @@ def make_hematoma(spec: HematomaSpec, grid: ScanGrid, pose: HeadPose, head: Head
 
     area = m.sum(axis=(1, 2))
     best = int(np.argmax(area))
-    slices = {"largest": lo[0] + best, "irregular_margin": lo[0] + best,
-              "fluid_level": lo[0] + best, "hypodensity": lo[0] + best, "blend_sign": lo[0] + best}
+    slices = {
+        "largest": lo[0] + best,
+        "irregular_margin": lo[0] + best,
+        "fluid_level": lo[0] + best,
+        "hypodensity": lo[0] + best,
+        "blend_sign": lo[0] + best,
+    }
     if island.any():
         slices["hypodensity"] = lo[0] + int(np.argmax(island.sum(axis=(1, 2))))
     if blend_w is not None:
-        slices["blend_sign"] = lo[0] + int(np.argmax((m & (blend_w > 0.5)).sum(axis=(1, 2))
-                                                     * (area > 0)))
-    info.update(volume_ml=float(m.sum() * grid.voxel_ml), markers=realised,
-                slices={k: int(v) for k, v in slices.items()},
-                centre_index=tuple(float(v) for v in ci), radius_eq_mm=r_eq,
-                clot_hu=spec.clot_hu, island_voxels=int(island.sum()))
+        slices["blend_sign"] = lo[0] + int(np.argmax((m & (blend_w > 0.5)).sum(axis=(1, 2)) * (area > 0)))
+    info.update(
+        volume_ml=float(m.sum() * grid.voxel_ml),
+        markers=realised,
+        slices={k: int(v) for k, v in slices.items()},
+        centre_index=tuple(float(v) for v in ci),
+        radius_eq_mm=r_eq,
+        clot_hu=spec.clot_hu,
+        island_voxels=int(island.sum()),
+    )
     return hu_delta, mask, info
 
 
-def _place_islands(spec: HematomaSpec, m: np.ndarray, clot: np.ndarray, grid: ScanGrid,
-                   rng: np.random.Generator) -> np.ndarray:
+def _place_islands(
+    spec: HematomaSpec, m: np.ndarray, clot: np.ndarray, grid: ScanGrid, rng: np.random.Generator
+) -> np.ndarray:
     """Hypodense island(s) inside the dense clot, with dense clot all around them."""
     h, dz = grid.pixel_spacing, grid.slice_spacing
     dense = m & (clot >= spec.clot_hu - 10.0)
     core = np.zeros_like(dense)
     # At least one pixel (two at fine matrices) of dense clot around the island in-plane.
-    for it in ((2, 1) if h < 2.5 else (1,)):
+    for it in (2, 1) if h < 2.5 else (1,):
         core = _z_erode(_inplane_erode(dense, it))
         if core.any():
             break
@@ -318,8 +350,12 @@ def _place_islands(spec: HematomaSpec, m: np.ndarray, clot: np.ndarray, grid: Sc
     # Round, not shaped by the core: no wider than the room around its centre.
     r_i = max(min(spec.island_rel_radius * spec.radius_eq, float(dist.max())), 1.5 * h)
     kk, rr, cc = np.ogrid[: core.shape[0], : core.shape[1], : core.shape[2]]
-    ball = lambda c, r: (((rr - c[1]) * h) ** 2 + ((cc - c[2]) * h) ** 2) / r**2 \
-        + ((kk - c[0]) * dz) ** 2 / max(r, 0.6 * dz) ** 2 <= 1.0
+
+    def ball(c, r: float) -> np.ndarray:
+        return (((rr - c[1]) * h) ** 2 + ((cc - c[2]) * h) ** 2) / r**2 + ((kk - c[0]) * dz) ** 2 / max(
+            r, 0.6 * dz
+        ) ** 2 <= 1.0
+
     island = ball(centre, r_i) & core
     if spec.second_island:
         far = core & ~ndimage.binary_dilation(island, iterations=2)

@@ -4,11 +4,12 @@ Marker tiles are crops around the hematoma on the slice that shows the marker be
 tile is the full slice, so head position, tilt, noise and sharpness differences show too. All
 tiles use the same window (0..80 HU), which is how the paper's model sees them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -25,11 +26,12 @@ class Tile:
     image: np.ndarray
     mask: np.ndarray
     caption: str
-    purity: int            # 2: the only marker of its study, 1: with others, 0: negative
+    purity: int  # 2: the only marker of its study, 1: with others, 0: negative
 
 
-def make_tile(hu: np.ndarray, mask: np.ndarray, k: int, pixel_mm: float, radius_mm: float,
-              caption: str, purity: int, crop: bool) -> Tile:
+def make_tile(
+    hu: np.ndarray, mask: np.ndarray, k: int, pixel_mm: float, radius_mm: float, caption: str, purity: int, crop: bool
+) -> Tile:
     """Cut the tile for slice ``k``; a crop is centred on the mask and padded with air."""
     img, m = hu[k], mask[k]
     if crop and m.any():
@@ -37,21 +39,27 @@ def make_tile(hu: np.ndarray, mask: np.ndarray, k: int, pixel_mm: float, radius_
         r0, c0 = int(round(rr.mean())), int(round(cc.mean()))
         half = int(np.ceil(max(1.8 * radius_mm, 25.0) / pixel_mm))
         pad = ((half, half), (half, half))
-        img = np.pad(img, pad, constant_values=AIR_HU)[r0: r0 + 2 * half + 1, c0: c0 + 2 * half + 1]
-        m = np.pad(m, pad)[r0: r0 + 2 * half + 1, c0: c0 + 2 * half + 1]
+        img = np.pad(img, pad, constant_values=AIR_HU)[r0 : r0 + 2 * half + 1, c0 : c0 + 2 * half + 1]
+        m = np.pad(m, pad)[r0 : r0 + 2 * half + 1, c0 : c0 + 2 * half + 1]
     return Tile(image=img.astype(np.float32), mask=m.copy(), caption=caption, purity=purity)
 
 
-def save_montage(path: Path, tiles: Mapping[str, Mapping[str, Tile]],
-                 row_labels: Mapping[str, str], window: tuple[float, float] = (0.0, 80.0)) -> None:
+def save_montage(
+    path: Path,
+    tiles: Mapping[str, Mapping[str, Tile]],
+    row_labels: Mapping[str, str],
+    window: tuple[float, float] = (0.0, 80.0),
+) -> None:
     """Write the grid as PNG (matplotlib, Agg backend: works without a display)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sites: Sequence[str] = list(row_labels)
-    fig, axes = plt.subplots(len(sites), len(COLUMNS), figsize=(2.0 * len(COLUMNS) + 1.2,
-                                                                2.0 * len(sites)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(sites), len(COLUMNS), figsize=(2.0 * len(COLUMNS) + 1.2, 2.0 * len(sites)), squeeze=False
+    )
     for i, site in enumerate(sites):
         for j, col in enumerate(COLUMNS):
             ax = axes[i][j]
@@ -60,11 +68,9 @@ def save_montage(path: Path, tiles: Mapping[str, Mapping[str, Tile]],
             t = tiles.get(site, {}).get(col)
             if t is None:
                 ax.set_facecolor("black")
-                ax.text(0.5, 0.5, "none", color="white", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=8)
+                ax.text(0.5, 0.5, "none", color="white", ha="center", va="center", transform=ax.transAxes, fontsize=8)
             else:
-                ax.imshow(t.image, cmap="gray", vmin=window[0], vmax=window[1],
-                          interpolation="nearest")
+                ax.imshow(t.image, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
                 if t.mask.any():
                     ax.contour(t.mask.astype(float), levels=[0.5], colors="red", linewidths=0.6)
                 ax.set_xlabel(t.caption, fontsize=6)

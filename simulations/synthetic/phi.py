@@ -4,6 +4,7 @@ Every patient gets a plausible name, medical record number, birth date and so on
 patient and reproducible from the seed, so that the PHI handling of the reader can be tested
 (nothing of this may reach a cache, a message or a report; docs/conventions.md).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,36 +12,144 @@ from datetime import date, datetime, timedelta
 
 import numpy as np
 
-_FEMALE = ("JANE", "MARY", "ANNA", "LINDA", "SUSAN", "KAREN", "HELEN", "RUTH", "EMMA", "GRACE",
-           "CLARA", "ALICE", "JUDITH", "NORA", "MARTHA", "SOFIA", "HANNA", "IRENE", "LUCY",
-           "YUKI", "KEIKO", "MEI", "AMARA", "FATIMA", "ELENA", "ROSA", "INGRID", "AGNES")
-_MALE = ("JOHN", "JAMES", "ROBERT", "MICHAEL", "WILLIAM", "DAVID", "RICHARD", "THOMAS",
-         "CHARLES", "GEORGE", "EDWARD", "HENRY", "PETER", "PAUL", "FRANK", "HIROSHI", "TAKESHI",
-         "WEI", "OMAR", "KOFI", "LARS", "PEDRO", "IVAN", "ARTHUR", "WALTER", "SAMUEL")
-_LAST = ("DOE", "SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "MILLER", "DAVIS", "WILSON",
-         "ANDERSON", "TAYLOR", "MOORE", "JACKSON", "MARTIN", "LEE", "THOMPSON", "WHITE", "HARRIS",
-         "CLARK", "LEWIS", "ROBINSON", "WALKER", "YOUNG", "ALLEN", "KING", "WRIGHT", "SCOTT",
-         "GREEN", "BAKER", "ADAMS", "NELSON", "HILL", "CAMPBELL", "MITCHELL", "ROBERTS", "CARTER",
-         "PHILLIPS", "EVANS", "TURNER", "TORRES", "PARKER", "COLLINS", "EDWARDS", "STEWART",
-         "MORRIS", "MURPHY", "COOK", "ROGERS", "TANAKA", "SATO", "SUZUKI", "NAKAMURA", "CHEN",
-         "WANG", "NOVAK", "KOWALSKI", "MULLER", "SCHMIDT", "ROSSI", "GARCIA", "OKAFOR", "HANSEN")
+_FEMALE = (
+    "JANE",
+    "MARY",
+    "ANNA",
+    "LINDA",
+    "SUSAN",
+    "KAREN",
+    "HELEN",
+    "RUTH",
+    "EMMA",
+    "GRACE",
+    "CLARA",
+    "ALICE",
+    "JUDITH",
+    "NORA",
+    "MARTHA",
+    "SOFIA",
+    "HANNA",
+    "IRENE",
+    "LUCY",
+    "YUKI",
+    "KEIKO",
+    "MEI",
+    "AMARA",
+    "FATIMA",
+    "ELENA",
+    "ROSA",
+    "INGRID",
+    "AGNES",
+)
+_MALE = (
+    "JOHN",
+    "JAMES",
+    "ROBERT",
+    "MICHAEL",
+    "WILLIAM",
+    "DAVID",
+    "RICHARD",
+    "THOMAS",
+    "CHARLES",
+    "GEORGE",
+    "EDWARD",
+    "HENRY",
+    "PETER",
+    "PAUL",
+    "FRANK",
+    "HIROSHI",
+    "TAKESHI",
+    "WEI",
+    "OMAR",
+    "KOFI",
+    "LARS",
+    "PEDRO",
+    "IVAN",
+    "ARTHUR",
+    "WALTER",
+    "SAMUEL",
+)
+_LAST = (
+    "DOE",
+    "SMITH",
+    "JOHNSON",
+    "WILLIAMS",
+    "BROWN",
+    "JONES",
+    "MILLER",
+    "DAVIS",
+    "WILSON",
+    "ANDERSON",
+    "TAYLOR",
+    "MOORE",
+    "JACKSON",
+    "MARTIN",
+    "LEE",
+    "THOMPSON",
+    "WHITE",
+    "HARRIS",
+    "CLARK",
+    "LEWIS",
+    "ROBINSON",
+    "WALKER",
+    "YOUNG",
+    "ALLEN",
+    "KING",
+    "WRIGHT",
+    "SCOTT",
+    "GREEN",
+    "BAKER",
+    "ADAMS",
+    "NELSON",
+    "HILL",
+    "CAMPBELL",
+    "MITCHELL",
+    "ROBERTS",
+    "CARTER",
+    "PHILLIPS",
+    "EVANS",
+    "TURNER",
+    "TORRES",
+    "PARKER",
+    "COLLINS",
+    "EDWARDS",
+    "STEWART",
+    "MORRIS",
+    "MURPHY",
+    "COOK",
+    "ROGERS",
+    "TANAKA",
+    "SATO",
+    "SUZUKI",
+    "NAKAMURA",
+    "CHEN",
+    "WANG",
+    "NOVAK",
+    "KOWALSKI",
+    "MULLER",
+    "SCHMIDT",
+    "ROSSI",
+    "GARCIA",
+    "OKAFOR",
+    "HANSEN",
+)
 
 
 @dataclass(frozen=True)
 class PatientIdentity:
     """A fake patient as a hospital information system would know them."""
 
-    patient_id: str          # PatientID, also the site's folder name and labels.csv id
-    name: str                # PatientName, DICOM PN ("LAST^FIRST^MIDDLE")
-    sex: str                 # PatientSex, M / F
-    birth_date: date         # PatientBirthDate
-    other_id: str            # OtherPatientIDs (e.g. a national insurance number)
+    patient_id: str  # PatientID, also the site's folder name and labels.csv id
+    name: str  # PatientName, DICOM PN ("LAST^FIRST^MIDDLE")
+    sex: str  # PatientSex, M / F
+    birth_date: date  # PatientBirthDate
+    other_id: str  # OtherPatientIDs (e.g. a national insurance number)
 
     def age_at(self, when: datetime) -> str:
         """PatientAge as DICOM writes it (``067Y``)."""
         d = when.date()
-        years = d.year - self.birth_date.year - ((d.month, d.day) < (self.birth_date.month,
-                                                                      self.birth_date.day))
+        years = d.year - self.birth_date.year - ((d.month, d.day) < (self.birth_date.month, self.birth_date.day))
         return f"{years:03d}Y"
 
 

@@ -4,6 +4,7 @@ Order follows the physics loosely: beam-hardening (cupping, posterior-fossa stre
 the projections, the reconstruction kernel then shapes both resolution and noise texture, the
 calibration offset shifts everything, and pixels outside the reconstruction circle carry no data.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ def fov_outside(grid: ScanGrid, fov_mm: float) -> np.ndarray:
     return x * x + y * y > (fov_mm / 2.0) ** 2
 
 
-def apply_scanner(hu: np.ndarray, head: HeadVolume, grid: ScanGrid, pose: HeadPose,
-                  profile: SiteProfile, rng: np.random.Generator) -> np.ndarray:
+def apply_scanner(
+    hu: np.ndarray, head: HeadVolume, grid: ScanGrid, pose: HeadPose, profile: SiteProfile, rng: np.random.Generator
+) -> np.ndarray:
     """The reconstructed image the site's scanner would store, in HU (float32 [k, r, c]).
 
     Cupping (``profile.cupping_hu``) brightens the cortex next to the skull and darkens the

@@ -1,4 +1,5 @@
 """Render one planned study: patient anatomy, hematoma, scanner, annotator."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ class RenderedStudy:
     info: dict[str, Any]
 
 
-def sample_grid_pose(rng: np.random.Generator, profile: SiteProfile,
-                     table_offset: tuple[float, float, float]) -> tuple[ScanGrid, HeadPose]:
+def sample_grid_pose(
+    rng: np.random.Generator, profile: SiteProfile, table_offset: tuple[float, float, float]
+) -> tuple[ScanGrid, HeadPose]:
     """The scan grid (site protocol, table position) and where the head lies on it.
 
     Spacings and the origin are rounded to what the DICOM header will say, so the header, the
@@ -55,8 +57,11 @@ def sample_grid_pose(rng: np.random.Generator, profile: SiteProfile,
     sx, sy = profile.head_shift_mm
     cx, cy = grid.centre_xy
     shift = rng.normal(0.0, profile.head_shift_sd_mm, size=2).clip(-12.0, 12.0)
-    centre = (cx + sx + float(shift[0]), cy + sy + float(shift[1]),
-              z0 - Z_COVERAGE_MM[0] + float(rng.uniform(-4.0, 4.0)))
+    centre = (
+        cx + sx + float(shift[0]),
+        cy + sy + float(shift[1]),
+        z0 - Z_COVERAGE_MM[0] + float(rng.uniform(-4.0, 4.0)),
+    )
     tilt = float(np.clip(profile.tilt_deg + rng.normal(0.0, profile.tilt_sd_deg), -25.0, 25.0))
     return grid, HeadPose(centre=centre, tilt_deg=tilt)
 
@@ -91,11 +96,10 @@ def render_study(profile: SiteProfile, plan: StudyPlan) -> RenderedStudy:
     head = make_head(anat, grid, pose)
     delta, true_mask, info = make_hematoma(spec, grid, pose, head, rng)
     hu = apply_scanner(head.hu + delta, head, grid, pose, profile, rng)
-    outside = fov_outside(grid, profile.fov_mm) if profile.fov_circle else np.zeros(
-        grid.shape[1:], dtype=bool)
+    outside = fov_outside(grid, profile.fov_mm) if profile.fov_circle else np.zeros(grid.shape[1:], dtype=bool)
     mask = annotate_mask(true_mask, profile.annotator_bias_px)
     mask[:, outside] = False
-    info = dict(info, atrophy=anat.atrophy, tilt_deg=pose.tilt_deg,
-                annotated_ml=float(mask.sum() * grid.voxel_ml))
-    return RenderedStudy(plan=plan, grid=grid, pose=pose, hu=hu, mask=mask, true_mask=true_mask,
-                         outside_fov=outside, info=info)
+    info = dict(info, atrophy=anat.atrophy, tilt_deg=pose.tilt_deg, annotated_ml=float(mask.sum() * grid.voxel_ml))
+    return RenderedStudy(
+        plan=plan, grid=grid, pose=pose, hu=hu, mask=mask, true_mask=true_mask, outside_fov=outside, info=info
+    )

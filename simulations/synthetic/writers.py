@@ -1,23 +1,24 @@
-"""Writing a site folder in the data contract (DESIGN.md §4): DICOM, masks, labels, site.toml.
+"""Writing a site folder in the data contract (docs/design.md §4): DICOM, masks, labels, site.toml.
 
 The only module of the generator that touches pydicom, nibabel or the file system layout.
 Everything written is a pure function of the rendered study, so the same seed gives the same
 bytes (gzip headers carry no timestamp; UIDs are hashes of the seed and the study).
 """
+
 from __future__ import annotations
 
 import csv
 import gzip
 import json
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, UID,
-                         generate_uid)
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from common.config import AIR_HU, LABELS
@@ -25,8 +26,7 @@ from simulations.synthetic.profiles import SiteProfile, parse_mask_layout
 from simulations.synthetic.study import RenderedStudy
 
 #: labels.csv columns: the contract's, then the extras this generator knows.
-LABEL_COLUMNS: tuple[str, ...] = ("patient_id", "study_id") + LABELS + ("location",
-                                                                       "followup_study_id")
+LABEL_COLUMNS: tuple[str, ...] = ("patient_id", "study_id") + LABELS + ("location", "followup_study_id")
 #: RAS = diag(-1, -1, 1) @ LPS (docs/conventions.md).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -47,8 +47,7 @@ def study_uid(plan, *parts: object) -> UID:
     return generate_uid(entropy_srcs=[key])
 
 
-def hu_to_stored(hu: np.ndarray, profile: SiteProfile, outside: np.ndarray | None = None
-                 ) -> np.ndarray:
+def hu_to_stored(hu: np.ndarray, profile: SiteProfile, outside: np.ndarray | None = None) -> np.ndarray:
     """Stored values: round((HU - RescaleIntercept) / RescaleSlope), padding outside the FOV."""
     lo, hi = profile.stored_range
     v = np.rint((hu - profile.rescale_intercept) / profile.rescale_slope)
@@ -61,8 +60,15 @@ def hu_to_stored(hu: np.ndarray, profile: SiteProfile, outside: np.ndarray | Non
     return v.astype("<i2" if profile.pixel_representation else "<u2")
 
 
-def _base_dataset(profile: SiteProfile, r: RenderedStudy, series_uid: UID, series_number: int,
-                  image_type: list[str], description: str, when_offset_s: int) -> Dataset:
+def _base_dataset(
+    profile: SiteProfile,
+    r: RenderedStudy,
+    series_uid: UID,
+    series_number: int,
+    image_type: list[str],
+    description: str,
+    when_offset_s: int,
+) -> Dataset:
     plan = r.plan
     when = plan.acquired
     da, tm = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
@@ -117,8 +123,7 @@ def _base_dataset(profile: SiteProfile, r: RenderedStudy, series_uid: UID, serie
     ds.HighBit = profile.bits_stored - 1
     ds.PixelRepresentation = profile.pixel_representation
     if profile.pixel_padding_value is not None:
-        ds.add_new(0x00280120, "SS" if profile.pixel_representation else "US",
-                   int(profile.pixel_padding_value))
+        ds.add_new(0x00280120, "SS" if profile.pixel_representation else "US", int(profile.pixel_padding_value))
     a, b = profile.window
     ds.WindowCenter = _ds((a + b) / 2.0)
     ds.WindowWidth = _ds(b - a)
@@ -149,8 +154,15 @@ def write_dicom_study(study_dir: Path, profile: SiteProfile, r: RenderedStudy) -
     names = _file_names(rng, k_n + 1, profile.file_extension)
     stored = hu_to_stored(r.hu, profile, r.outside_fov if profile.fov_circle else None)
     series_uid = study_uid(plan, "series", 2)
-    ds = _base_dataset(profile, r, series_uid, 2, ["ORIGINAL", "PRIMARY", "AXIAL"],
-                       f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel_name}", 30)
+    ds = _base_dataset(
+        profile,
+        r,
+        series_uid,
+        2,
+        ["ORIGINAL", "PRIMARY", "AXIAL"],
+        f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel_name}",
+        30,
+    )
     ds.SliceThickness = _ds(profile.slice_thickness_mm)
     ds.SpacingBetweenSlices = _ds(grid.slice_spacing)
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
@@ -183,16 +195,17 @@ def _write_scout(path: Path, profile: SiteProfile, r: RenderedStudy) -> None:
     """A lateral localizer: a projection through the head, sagittal orientation, own series."""
     grid, plan = r.grid, r.plan
     k_n, rows, cols = grid.shape
-    mu = np.clip((r.hu + 1000.0) / 1000.0, 0.0, None)        # attenuation relative to water
-    path_mm = mu.sum(axis=2) * grid.pixel_spacing               # (K, R): z by y
+    mu = np.clip((r.hu + 1000.0) / 1000.0, 0.0, None)  # attenuation relative to water
+    path_mm = mu.sum(axis=2) * grid.pixel_spacing  # (K, R): z by y
     n_rows = max(16, int(round((k_n - 1) * grid.slice_spacing / grid.pixel_spacing)) + 1)
-    img = ndimage.zoom(path_mm, (n_rows / k_n, 1.0), order=1)[::-1]   # row 0 = most superior
+    img = ndimage.zoom(path_mm, (n_rows / k_n, 1.0), order=1)[::-1]  # row 0 = most superior
     img = -1000.0 + img * 8.0
     stored = hu_to_stored(img, profile)
     z_top = grid.zs()[-1]
     dz_row = (k_n - 1) * grid.slice_spacing / max(n_rows - 1, 1)
-    ds = _base_dataset(profile, r, study_uid(plan, "series", 1), 1,
-                       ["ORIGINAL", "PRIMARY", "LOCALIZER"], "TOPOGRAM LAT", 0)
+    ds = _base_dataset(
+        profile, r, study_uid(plan, "series", 1), 1, ["ORIGINAL", "PRIMARY", "LOCALIZER"], "TOPOGRAM LAT", 0
+    )
     sop = study_uid(plan, "sop", 1, 0)
     ds.SOPInstanceUID = sop
     ds.file_meta.MediaStorageSOPInstanceUID = sop
@@ -245,10 +258,11 @@ def write_labels(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def _toml_str(s: str) -> str:
-    return json.dumps(s)   # a JSON string is a valid TOML basic string
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
 
 
 def write_site_toml(path: Path, profile: SiteProfile) -> None:
     a, b = profile.window
-    path.write_text(f"site_id = {_toml_str(profile.site_id)}\nname = {_toml_str(profile.name)}\n"
-                    f"window = [{a:g}, {b:g}]\n")
+    path.write_text(
+        f"site_id = {_toml_str(profile.site_id)}\nname = {_toml_str(profile.name)}\nwindow = [{a:g}, {b:g}]\n"
+    )

@@ -1,4 +1,5 @@
 """The ClientApp's handlers called directly with a Message and a Context (no Flower process)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,18 +9,32 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from client.cache import build_site_cache
 from client.client_app import SiteError, SiteRunConfig, app, partition_site
-from client.dataset import SliceDataset, split_slices
-from client.partitions import Partition, write_partitions
+from client.data.cache import build_site_cache
+from client.data.dataset import SliceDataset, split_slices
+from client.simulation.partitions import Partition, write_partitions
 from common.config import LABELS
 from common.losses import label_counts
 from common.model import build_joint_model, half_state_dict, norm_state_keys
-from common.records import (ARRAYS, CONFIG, FROZEN_UNET, LABEL_NEG, LABEL_POS, METRICS, NUM_EXAMPLES, SITE, SITE_ID,
-                            EvaluateInstruction, TrainInstruction, arrays_digest, model_from_run_config, state_to_record)
+from common.records import (
+    ARRAYS,
+    CONFIG,
+    FROZEN_UNET,
+    LABEL_NEG,
+    LABEL_POS,
+    METRICS,
+    NUM_EXAMPLES,
+    SITE,
+    SITE_ID,
+    EvaluateInstruction,
+    TrainInstruction,
+    arrays_digest,
+    model_from_run_config,
+    state_to_record,
+)
 from simulations.sites import discover_sites
-from tests.conftest import write_site
-from tests.server.fakes import make_context, make_message, run_config
+from tests.helpers.data import write_site
+from tests.helpers.flower import make_context, make_message, run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,9 +64,16 @@ def call(handler_type: str, content: RecordDict, node: dict, run: dict = RUN):
 def train_message(model, stage: int, **kw) -> RecordDict:
     half = "unet" if stage == 1 else "classifier"
     unet = state_to_record(half_state_dict(model, "unet"))
-    order = TrainInstruction(server_round=1, stage=stage, lr=1e-3, local_steps=2, run_name="t",
-                             unet_digest=arrays_digest(unet) if stage == 2 else "",
-                             pos_weight=(2.0, 1.0, 1.0, 3.0) if stage == 2 else None, **kw)
+    order = TrainInstruction(
+        server_round=1,
+        stage=stage,
+        lr=1e-3,
+        local_steps=2,
+        run_name="t",
+        unet_digest=arrays_digest(unet) if stage == 2 else "",
+        pos_weight=(2.0, 1.0, 1.0, 3.0) if stage == 2 else None,
+        **kw,
+    )
     content = RecordDict({ARRAYS: state_to_record(half_state_dict(model, half)), CONFIG: order.to_record()})
     if stage == 2:
         content[FROZEN_UNET] = unet
@@ -88,8 +110,12 @@ def test_stage2_reuses_the_stored_unet(site, model):
     assert not call(MessageType.TRAIN, first, site).has_error()
     later = RecordDict({k: first[k] for k in (ARRAYS, CONFIG)})  # no FROZEN_UNET this time
     assert not call(MessageType.TRAIN, later, site).has_error()
-    unknown = RecordDict({ARRAYS: first[ARRAYS], CONFIG: TrainInstruction(
-        server_round=2, stage=2, lr=1e-3, unet_digest="f" * 32, run_name="t").to_record()})
+    unknown = RecordDict(
+        {
+            ARRAYS: first[ARRAYS],
+            CONFIG: TrainInstruction(server_round=2, stage=2, lr=1e-3, unet_digest="f" * 32, run_name="t").to_record(),
+        }
+    )
     with pytest.raises(SiteError, match="not stored at this site"):
         call(MessageType.TRAIN, unknown, site)
 
@@ -110,8 +136,9 @@ def test_evaluate_replies_with_scalars_only(site, model):
     for stage in (1, 2):
         unet = state_to_record(half_state_dict(model, "unet"))
         half = "unet" if stage == 1 else "classifier"
-        order = EvaluateInstruction(server_round=1, stage=stage, run_name="t",
-                                    unet_digest=arrays_digest(unet) if stage == 2 else "")
+        order = EvaluateInstruction(
+            server_round=1, stage=stage, run_name="t", unet_digest=arrays_digest(unet) if stage == 2 else ""
+        )
         content = RecordDict({ARRAYS: state_to_record(half_state_dict(model, half)), CONFIG: order.to_record()})
         if stage == 2:
             content[FROZEN_UNET] = unet
@@ -148,8 +175,9 @@ def test_simulation_partition_is_the_ith_site(tmp_path):
 def test_simulation_partition_from_a_manifest_trains_on_that_cache(site, model, tmp_path):
     """``data.partitions``: node partition i trains on the i-th manifest entry's prebuilt cache."""
     cache, _ = build_site_cache(Path(site["data-path"]), Path(site["cache-dir"]), PREPROCESS)
-    manifest = write_partitions(tmp_path / "parts.json", [Partition("virtual-a", "/nowhere"),
-                                                          Partition("virtual-b", str(cache.path))])
+    manifest = write_partitions(
+        tmp_path / "parts.json", [Partition("virtual-a", "/nowhere"), Partition("virtual-b", str(cache.path))]
+    )
     run = {**RUN, "data.partitions": str(manifest)}
     reply = app(make_message(train_message(model, 1), MessageType.TRAIN), make_context({"partition-id": 1}, run))
     assert not reply.has_error()
@@ -159,5 +187,7 @@ def test_simulation_partition_from_a_manifest_trains_on_that_cache(site, model, 
         app(make_message(train_message(model, 1), MessageType.TRAIN), make_context({"partition-id": 2}, run))
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(SiteError, match="not a readable partition manifest"):
-        app(make_message(train_message(model, 1), MessageType.TRAIN),
-            make_context({"partition-id": 0}, {**RUN, "data.partitions": str(tmp_path / "bad.json")}))
+        app(
+            make_message(train_message(model, 1), MessageType.TRAIN),
+            make_context({"partition-id": 0}, {**RUN, "data.partitions": str(tmp_path / "bad.json")}),
+        )

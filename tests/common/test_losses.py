@@ -1,4 +1,5 @@
 """Losses against independent numpy formulas; NaN labels are masked out exactly."""
+
 from __future__ import annotations
 
 import numpy as np

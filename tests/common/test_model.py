@@ -1,4 +1,5 @@
 """The joint model: shapes per preset, lossless wavelet pooling, stage-2 freezing, halves."""
+
 from __future__ import annotations
 
 import warnings
@@ -132,7 +133,7 @@ class TestMaskedInput(BaseModelTester):
 def test_paper_preset_size_and_small_forward() -> None:
     model = build_joint_model(PRESETS["paper"], seed=0).eval()
     n = count_parameters(model)
-    assert 29e6 < n < 31.5e6, n  # DESIGN.md §6: 30.3 M (less the unused EfficientNet head conv)
+    assert 29e6 < n < 31.5e6, n  # docs/design.md §6: 30.3 M (less the unused EfficientNet head conv)
     assert count_parameters(model, ["unet"]) + count_parameters(model, ["classifier"]) == n
     with torch.no_grad():
         mask_logits, marker_logits = model(torch.rand(1, 1, 64, 64))
@@ -145,7 +146,7 @@ class TestWaveletPool:
         assert y.shape == (2, 12, 8, 6)
 
     def test_lossless(self) -> None:
-        with warnings.catch_warnings():  # pytorch_wavelets imports pkg_resources (DESIGN.md §6)
+        with warnings.catch_warnings():  # pytorch_wavelets imports pkg_resources (docs/design.md §6)
             warnings.simplefilter("ignore")
             from pytorch_wavelets import DWTInverse
 
@@ -283,7 +284,8 @@ class TestPresets:
 
 
 def test_every_batchnorm_tracks_its_statistics_at_momentum_0_1() -> None:
-    from common.model import BATCHNORM_MOMENTUM, build_joint_model as build
+    from common.model import BATCHNORM_MOMENTUM
+    from common.model import build_joint_model as build
     from common.presets import get_preset as preset
 
     model = build(preset("tiny"), seed=0)

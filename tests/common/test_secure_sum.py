@@ -1,11 +1,20 @@
 """The pairwise-masking secure sum (common.secure_sum): exact totals, masked vectors that look like noise."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common.secure_sum import (MODULUS, SecureSumError, expand_mask, generate_key_pair, mask_vector, pair_seed,
-                               public_key_of, unmask_sum)
+from common.secure_sum import (
+    MODULUS,
+    SecureSumError,
+    expand_mask,
+    generate_key_pair,
+    mask_vector,
+    pair_seed,
+    public_key_of,
+    unmask_sum,
+)
 
 #: Flower node ids are random 64-bit integers in deployment.
 NODES = (3, 17, 2**63 + 5, 2**64 - 1, 1_000_000_007)
@@ -34,9 +43,9 @@ def test_pair_seed_is_symmetric_and_bound_to_session_and_pair():
     (a_priv, a_pub), (b_priv, b_pub), (_, c_pub) = generate_key_pair(), generate_key_pair(), generate_key_pair()
     seed = pair_seed(a_priv, b_pub, "s", 1, 2)
     assert seed == pair_seed(b_priv, a_pub, "s", 2, 1) and len(seed) == 32
-    assert seed != pair_seed(a_priv, b_pub, "t", 1, 2)      # another session
-    assert seed != pair_seed(a_priv, b_pub, "s", 1, 3)      # another pair of node ids
-    assert seed != pair_seed(a_priv, c_pub, "s", 1, 2)      # another peer key
+    assert seed != pair_seed(a_priv, b_pub, "t", 1, 2)  # another session
+    assert seed != pair_seed(a_priv, b_pub, "s", 1, 3)  # another pair of node ids
+    assert seed != pair_seed(a_priv, c_pub, "s", 1, 2)  # another peer key
     assert public_key_of(a_priv) == a_pub
 
 
@@ -46,10 +55,10 @@ def test_a_masked_vector_looks_uniform():
     values = {1: counts, 2: [1] * 4000, 3: [2] * 4000}
     masked = masked_all(values)[1]
     assert not np.any(masked == np.asarray(counts))
-    assert abs(masked.mean() / MODULUS - 0.5) < 0.02          # uniform mean 1/2, sd 0.0046 here
+    assert abs(masked.mean() / MODULUS - 0.5) < 0.02  # uniform mean 1/2, sd 0.0046 here
     hist, _ = np.histogram(masked, bins=16, range=(0, MODULUS))
     chi2 = ((hist - 250) ** 2 / 250).sum()
-    assert chi2 < 45                                           # 15 dof: P(chi2 > 45) ~ 1e-4
+    assert chi2 < 45  # 15 dof: P(chi2 > 45) ~ 1e-4
     # zeros and sevens are masked alike: no visible difference between the halves
     assert abs(masked[:2000].mean() - masked[2000:].mean()) / MODULUS < 0.05
     # the same counts masked in another session share nothing
@@ -78,7 +87,7 @@ def test_refusals():
     with pytest.raises(SecureSumError, match="does not hold this site's public key"):
         mask_vector([1, 2], 1, keys[1][0], {1: peers[2], 2: peers[2]}, "s")
     with pytest.raises(SecureSumError, match="does not hold this site's public key"):
-        mask_vector([1, 2], 3, keys[1][0], peers, "s")     # listed under another node id
+        mask_vector([1, 2], 3, keys[1][0], peers, "s")  # listed under another node id
     for bad in ([-1, 2], [MODULUS, 0], [[1, 2]], [0.5]):
         with pytest.raises(SecureSumError):
             mask_vector(bad, 1, keys[1][0], peers, "s")

@@ -1,9 +1,10 @@
 """Robustness to faulty sites: the server rejects non-finite updates, and the robust strategies
-bound what one or two attackers (client.faults) do to the aggregate, where FedAvg is pulled away.
+bound what one or two attackers (client.simulation.faults) do to the aggregate, where FedAvg is pulled away.
 
 Strategy checks build replies by hand from the model's real stage halves and check the aggregate
 numerically; one in-process run (FakeGrid, real ClientApp) has a site sending NaN.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,19 +14,18 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MessageType
 
-from client.cache import build_site_cache
 from client.client_app import app as client_app
-from client.faults import corrupt_update
-from client.partitions import Partition, write_partitions
+from client.data.cache import build_site_cache
+from client.simulation.faults import corrupt_update
+from client.simulation.partitions import Partition, write_partitions
 from common.checkpoint import load_checkpoint
 from common.model import build_joint_model, half_state_dict, load_half_state_dict
 from common.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, model_from_run_config
 from server.checkpoints import round_checkpoints
 from server.server_app import non_finite_arrays, run_federation
 from server.strategies import StrategyConfig, build_strategy
-from tests.conftest import write_site
-from tests.server.fakes import FakeGrid, make_context, run_config, set_task_identity
-from tests.server.test_strategies import make_reply
+from tests.helpers.data import write_site
+from tests.helpers.flower import FakeGrid, make_context, make_reply, run_config, set_task_identity
 
 IMAGE = 32
 RC = run_config(**{"model.image-size": IMAGE})
@@ -40,9 +40,15 @@ def _task_identity():
 
 
 def test_non_finite_arrays_names_the_floating_arrays_with_nan_or_inf():
-    record = ArrayRecord({"a": Array(np.ones(3, np.float32)), "b": Array(np.array([1.0, np.nan], np.float32)),
-                          "c": Array(np.array([np.inf], np.float64)), "d": Array(np.array([5], np.int64)),
-                          "e": Array(np.array([-np.inf, 0.0], np.float16))})
+    record = ArrayRecord(
+        {
+            "a": Array(np.ones(3, np.float32)),
+            "b": Array(np.array([1.0, np.nan], np.float32)),
+            "c": Array(np.array([np.inf], np.float64)),
+            "d": Array(np.array([5], np.int64)),
+            "e": Array(np.array([-np.inf, 0.0], np.float16)),
+        }
+    )
     assert non_finite_arrays(record) == ["b", "c", "e"]
     assert non_finite_arrays(ArrayRecord({"a": Array(np.zeros(2, np.float32))})) == []
 
@@ -65,14 +71,20 @@ def honest_states(glob: dict[str, torch.Tensor], n: int = N_HONEST, seed: int = 
     drift = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in glob.items() if v.is_floating_point()}
     out = []
     for _ in range(n):
-        out.append({k: (v + drift[k] + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 3)
-                    for k, v in glob.items()})
+        out.append(
+            {
+                k: (v + drift[k] + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 3)
+                for k, v in glob.items()
+            }
+        )
     return out
 
 
 def replies_of(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> list:
-    return [make_reply({k: v.numpy() for k, v in s.items()}, {NUM_EXAMPLES: n, TRAIN_LOSS: 0.1}, node_id=100 + i)
-            for i, (s, n) in enumerate(zip(states, sizes))]
+    return [
+        make_reply({k: v.numpy() for k, v in s.items()}, {NUM_EXAMPLES: n, TRAIN_LOSS: 0.1}, node_id=100 + i)
+        for i, (s, n) in enumerate(zip(states, sizes))
+    ]
 
 
 def aggregate(name: str, states, sizes, **kw) -> dict[str, np.ndarray]:
@@ -161,7 +173,9 @@ def test_krum_with_num_malicious_2_of_12_picks_an_honest_site(halves, half):
     states, sizes = honest + attackers, [20] * 10 + [1000, 1000]
     chosen = aggregate("krum", states, sizes, num_malicious=2)
     keys = floats(glob)
-    matches = [i for i, s in enumerate(states) if all(np.allclose(chosen[k], s[k].numpy(), rtol=1e-6, atol=1e-7) for k in keys)]
+    matches = [
+        i for i, s in enumerate(states) if all(np.allclose(chosen[k], s[k].numpy(), rtol=1e-6, atol=1e-7) for k in keys)
+    ]
     assert len(matches) == 1 and matches[0] < 10
     # Krum's pick is one site's half: its distance to the honest mean is that site's own scatter.
     honest_avg = {k: stack(honest, k).mean(axis=0) for k in keys}
@@ -188,12 +202,29 @@ def caches(tmp_path_factory) -> list[str]:
 def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(caches, tmp_path, caplog):
     """site-02 sends NaN every round: each round logs and records the rejection, and the global
     half equals FedAvg of site-01 and site-03 (weighted by num-examples)."""
-    manifest = write_partitions(tmp_path / "parts.json", [
-        Partition("site-01", caches[0]), Partition("site-02", caches[1], {"kind": "nan"}), Partition("site-03", caches[2])])
-    rc = run_config(**{"data.partitions": str(manifest), "output.dir": str(tmp_path / "runs"), "output.name": "run",
-                       "model.image-size": IMAGE, "train.local-steps": 1, "train.batch-size": 4,
-                       "rounds.stage1": 1, "rounds.stage2": 1})
-    grid = FakeGrid({100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(N_SITES)})
+    manifest = write_partitions(
+        tmp_path / "parts.json",
+        [
+            Partition("site-01", caches[0]),
+            Partition("site-02", caches[1], {"kind": "nan"}),
+            Partition("site-03", caches[2]),
+        ],
+    )
+    rc = run_config(
+        **{
+            "data.partitions": str(manifest),
+            "output.dir": str(tmp_path / "runs"),
+            "output.name": "run",
+            "model.image-size": IMAGE,
+            "train.local-steps": 1,
+            "train.batch-size": 4,
+            "rounds.stage1": 1,
+            "rounds.stage2": 1,
+        }
+    )
+    grid = FakeGrid(
+        {100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(N_SITES)}
+    )
     with caplog.at_level(logging.WARNING, logger="flwr"):
         history = run_federation(grid, rc)
     for rnd in (1, 2):
@@ -205,8 +236,11 @@ def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(cache
         assert sorted(entry["train"]["sites"]) == ["site-01", "site-02", "site-03"]  # its metrics are still recorded
     checkpoints = [load_checkpoint(p).state_dict for p in round_checkpoints(tmp_path / "runs" / "run")]
     for rnd, prefix in ((1, "unet."), (2, "classifier.")):
-        replies = {s.message.metadata.dst_node_id: s.reply for s in grid.log
-                   if s.message.metadata.message_type == MessageType.TRAIN and s.message.content[CONFIG][SERVER_ROUND] == rnd}
+        replies = {
+            s.message.metadata.dst_node_id: s.reply
+            for s in grid.log
+            if s.message.metadata.message_type == MessageType.TRAIN and s.message.content[CONFIG][SERVER_ROUND] == rnd
+        }
         honest = [replies[100], replies[102]]
         weights = [float(r.content[METRICS][NUM_EXAMPLES]) for r in honest]
         state = checkpoints[rnd - 1]
@@ -221,13 +255,29 @@ def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(cache
 
 def test_too_few_finite_updates_skip_the_round(halves, tmp_path, caches):
     """With min-train-nodes 2 and two of three sites sending NaN, the round keeps the previous model."""
-    manifest = write_partitions(tmp_path / "parts.json", [
-        Partition("site-01", caches[0], {"kind": "nan", "value": "inf"}), Partition("site-02", caches[1], {"kind": "nan"}),
-        Partition("site-03", caches[2])])
-    rc = run_config(**{"data.partitions": str(manifest), "output.dir": str(tmp_path / "runs"), "output.name": "run",
-                       "model.image-size": IMAGE, "train.local-steps": 1, "train.batch-size": 4,
-                       "rounds.stage1": 1, "rounds.stage2": 0})
-    grid = FakeGrid({100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(N_SITES)})
+    manifest = write_partitions(
+        tmp_path / "parts.json",
+        [
+            Partition("site-01", caches[0], {"kind": "nan", "value": "inf"}),
+            Partition("site-02", caches[1], {"kind": "nan"}),
+            Partition("site-03", caches[2]),
+        ],
+    )
+    rc = run_config(
+        **{
+            "data.partitions": str(manifest),
+            "output.dir": str(tmp_path / "runs"),
+            "output.name": "run",
+            "model.image-size": IMAGE,
+            "train.local-steps": 1,
+            "train.batch-size": 4,
+            "rounds.stage1": 1,
+            "rounds.stage2": 0,
+        }
+    )
+    grid = FakeGrid(
+        {100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(N_SITES)}
+    )
     history = run_federation(grid, rc)
     entry = history.rounds[0]
     assert sorted(r["site"] for r in entry["rejected"]) == ["site-01", "site-02"] and entry["skipped"] is True

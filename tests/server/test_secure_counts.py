@@ -3,6 +3,7 @@ FakeGrid. The server's totals equal the plain sum computed independently from ea
 no message the server receives holds any site's own counts; a site lost between the key exchange
 and the masked counts makes the server start again with the others; conflicting options fail early.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,12 +15,32 @@ from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from client.client_app import SiteConfig, SiteError, SiteRunConfig, open_site, partition_site, site_label_counts
 from client.client_app import app as client_app
-from common.records import (CONFIG, LABEL_NEG, LABEL_POS, MASKED_COUNTS, METRICS, PEER_KEYS, PEER_NODES, POS_WEIGHT,
-                            SECURE, SECURE_KEYS, SECURE_MASK, SECURE_PHASE, SECURE_SESSION, SERVER_ROUND)
+from common.records import (
+    CONFIG,
+    LABEL_NEG,
+    LABEL_POS,
+    MASKED_COUNTS,
+    METRICS,
+    PEER_KEYS,
+    PEER_NODES,
+    POS_WEIGHT,
+    SECURE,
+    SECURE_KEYS,
+    SECURE_MASK,
+    SECURE_PHASE,
+    SECURE_SESSION,
+    SERVER_ROUND,
+)
 from common.secure_sum import MODULUS
 from server.server_app import ServerRunConfig, run_federation
-from tests.server.fakes import (FakeGrid, make_context, make_message, run_config, set_task_identity,
-                                write_prepared_sites)
+from tests.helpers.flower import (
+    FakeGrid,
+    make_context,
+    make_message,
+    run_config,
+    set_task_identity,
+    write_prepared_sites,
+)
 
 N_SITES = 3
 NODES = [2**63 + 11, 40, 2**40 + 3]  # Flower node ids are random 64-bit integers; not in site order
@@ -40,14 +61,27 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def config(data_root: Path, out: Path, **overrides) -> dict:
-    return run_config(**{"data.root": str(data_root), "output.dir": str(out), "output.name": "run",
-                         "model.image-size": 32, "train.local-steps": 1, "train.batch-size": 4,
-                         "rounds.stage1": 0, "rounds.stage2": 1, "strategy.fraction-evaluate": 0.0,
-                         "privacy.secure-counts": True, **overrides})
+    return run_config(
+        **{
+            "data.root": str(data_root),
+            "output.dir": str(out),
+            "output.name": "run",
+            "model.image-size": 32,
+            "train.local-steps": 1,
+            "train.batch-size": 4,
+            "rounds.stage1": 0,
+            "rounds.stage2": 1,
+            "strategy.fraction-evaluate": 0.0,
+            "privacy.secure-counts": True,
+            **overrides,
+        }
+    )
 
 
 def make_grid(rc: dict) -> FakeGrid:
-    return FakeGrid({node: (client_app, make_context({"partition-id": i}, rc, node_id=node)) for i, node in enumerate(NODES)})
+    return FakeGrid(
+        {node: (client_app, make_context({"partition-id": i}, rc, node_id=node)) for i, node in enumerate(NODES)}
+    )
 
 
 def plain_counts(data_root: Path, rc: dict, partitions) -> tuple[list, list, list]:
@@ -66,8 +100,11 @@ def received(grid: FakeGrid):
 
 
 def queries(grid: FakeGrid, phase: str):
-    return [s for s in grid.log if s.message.metadata.message_type == MessageType.QUERY
-            and s.message.content[CONFIG][SECURE_PHASE] == phase]
+    return [
+        s
+        for s in grid.log
+        if s.message.metadata.message_type == MessageType.QUERY and s.message.content[CONFIG][SECURE_PHASE] == phase
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +144,16 @@ def test_no_site_counts_reach_the_server(secure_run, data_root):
                     if isinstance(value, list):
                         assert key == MASKED_COUNTS and tuple(value) not in own
                         assert all(0 <= v < MODULUS for v in value)
-    masked = {r.metadata.src_node_id: r.content[METRICS][MASKED_COUNTS] for r in replies if MASKED_COUNTS in r.content[METRICS]}
+    masked = {
+        r.metadata.src_node_id: r.content[METRICS][MASKED_COUNTS]
+        for r in replies
+        if MASKED_COUNTS in r.content[METRICS]
+    }
     assert sorted(masked) == sorted(NODES)
     for node, (pos, neg, slices) in zip(NODES, per_site):  # NODES[i] holds partition i
-        assert not any(a == b for a, b in zip(masked[node], pos + neg + [slices]) if b)  # no nonzero count shows through
+        assert not any(
+            a == b for a, b in zip(masked[node], pos + neg + [slices]) if b
+        )  # no nonzero count shows through
     # the train replies carry no counts either, and the round still aggregated
     train = [s.reply for s in grid.log if s.message.metadata.message_type == MessageType.TRAIN]
     assert len(train) == N_SITES and all(LABEL_POS not in r.content[METRICS] for r in train)
@@ -137,11 +180,18 @@ def test_dropout_between_the_steps_restarts(data_root, tmp_path, caplog):
     assert counts["neg"] == np.sum([n for _, n, _ in per_site], axis=0).tolist()
     sessions = [s.message.content[CONFIG][SECURE_SESSION] for s in queries(grid, SECURE_MASK)]
     assert sorted(set(sessions)) == ["counts-1-1", "counts-1-2"]
-    assert sorted(s.message.metadata.dst_node_id for s in queries(grid, SECURE_KEYS)
-                  if s.message.content[CONFIG][SECURE_SESSION] == "counts-1-2") == sorted([NODES[0], NODES[2]])
-    assert any("site-02" in r.getMessage() and "do not cancel" in r.getMessage() and "Restarting" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
-    assert {"phase": "secure counts: masked counts", "site": "site-02"}.items() <= history.rounds[0]["failures"][0].items()
+    assert sorted(
+        s.message.metadata.dst_node_id
+        for s in queries(grid, SECURE_KEYS)
+        if s.message.content[CONFIG][SECURE_SESSION] == "counts-1-2"
+    ) == sorted([NODES[0], NODES[2]])
+    assert any(
+        "site-02" in r.getMessage() and "do not cancel" in r.getMessage() and "Restarting" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    assert {"phase": "secure counts: masked counts", "site": "site-02"}.items() <= history.rounds[0]["failures"][
+        0
+    ].items()
 
 
 def test_repeated_dropouts_give_up_without_counts(data_root, tmp_path, caplog):
@@ -160,20 +210,29 @@ def test_repeated_dropouts_give_up_without_counts(data_root, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         history = run_federation(grid, rc)
     assert "label-counts" not in history.rounds[0]
-    assert all(POS_WEIGHT not in s.message.content[CONFIG] for s in grid.log
-               if s.message.metadata.message_type == MessageType.TRAIN)
+    assert all(
+        POS_WEIGHT not in s.message.content[CONFIG]
+        for s in grid.log
+        if s.message.metadata.message_type == MessageType.TRAIN
+    )
     assert any("needed" in r.getMessage() for r in caplog.records)
 
 
 def test_imbalance_head_with_secure_counts_refused(data_root, tmp_path):
     rc = config(data_root, tmp_path, **{"strategy.imbalance-head": True})
-    with pytest.raises(ValueError, match=r"strategy.imbalance-head .* privacy.secure-counts .* switch one of the two off"):
+    with pytest.raises(
+        ValueError, match=r"strategy.imbalance-head .* privacy.secure-counts .* switch one of the two off"
+    ):
         ServerRunConfig.from_run_config(rc)
     assert ServerRunConfig.from_run_config(config(data_root, tmp_path)).secure_counts is True
-    assert ServerRunConfig.from_run_config(config(data_root, tmp_path, **{"privacy.secure-counts": False})).secure_counts is False
+    assert (
+        ServerRunConfig.from_run_config(config(data_root, tmp_path, **{"privacy.secure-counts": False})).secure_counts
+        is False
+    )
 
 
 # --- the site's side, called directly -------------------------------------------------------------
+
 
 def _ask(rc: dict, node: int, config_values: dict, context=None, secure: RecordDict | None = None):
     content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 1, **config_values})})
@@ -188,8 +247,11 @@ def test_site_refuses_plain_counts_when_secure(data_root, tmp_path):
     with pytest.raises(SiteError, match="only masked"):
         _ask(rc, 5, {})
     with pytest.raises(SiteError, match="privacy.secure-counts is off"):
-        _ask(config(data_root, tmp_path, **{"privacy.secure-counts": False}), 5, {SECURE_PHASE: SECURE_KEYS,
-                                                                                  SECURE_SESSION: "s"})
+        _ask(
+            config(data_root, tmp_path, **{"privacy.secure-counts": False}),
+            5,
+            {SECURE_PHASE: SECURE_KEYS, SECURE_SESSION: "s"},
+        )
 
 
 def test_site_masks_once_and_never_alone(data_root, tmp_path):

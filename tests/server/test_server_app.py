@@ -4,6 +4,7 @@ Covers the stage schedule (only the trained half crosses), the counts round and 
 a checkpoint per round, resume, sites failing or going silent mid-run, and a record of every message
 both ways showing that only model arrays, label counts and metrics cross.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,12 +21,23 @@ from client.client_app import app as client_app
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.losses import pos_weight_from_counts
 from common.model import build_joint_model
-from common.records import (ARRAYS, CONFIG, FROZEN_UNET, LABEL_NEG, LABEL_POS, METRICS, POS_WEIGHT, SERVER_ROUND,
-                            SITE_ID, STAGE, model_from_run_config)
+from common.records import (
+    ARRAYS,
+    CONFIG,
+    FROZEN_UNET,
+    LABEL_NEG,
+    LABEL_POS,
+    METRICS,
+    POS_WEIGHT,
+    SERVER_ROUND,
+    SITE_ID,
+    STAGE,
+    model_from_run_config,
+)
 from server.checkpoints import round_checkpoints
 from server.server_app import run_federation
-from tests.conftest import PHI
-from tests.server.fakes import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
+from tests.helpers.data import PHI
+from tests.helpers.flower import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
 
 N_SITES = 3
 IMAGE = 32
@@ -47,14 +59,28 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def config(data_root: Path, out: Path, **overrides) -> dict:
-    return run_config(**{"data.root": str(data_root), "output.dir": str(out), "output.name": "run",
-                         "model.image-size": IMAGE, "train.local-steps": 1, "train.batch-size": 4,
-                         "rounds.stage1": 2, "rounds.stage2": 2, **overrides})
+    return run_config(
+        **{
+            "data.root": str(data_root),
+            "output.dir": str(out),
+            "output.name": "run",
+            "model.image-size": IMAGE,
+            "train.local-steps": 1,
+            "train.batch-size": 4,
+            "rounds.stage1": 2,
+            "rounds.stage2": 2,
+            **overrides,
+        }
+    )
 
 
 def make_grid(rc: dict) -> FakeGrid:
-    return FakeGrid({100 + i: (client_app, make_context({"partition-id": i, "num-partitions": N_SITES}, rc, node_id=100 + i))
-                     for i in range(N_SITES)})
+    return FakeGrid(
+        {
+            100 + i: (client_app, make_context({"partition-id": i, "num-partitions": N_SITES}, rc, node_id=100 + i))
+            for i in range(N_SITES)
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +95,12 @@ def fedavg_run(data_root, tmp_path_factory):
 
 
 def train_deliveries(grid: FakeGrid, server_round: int):
-    return [s for s in grid.log if s.message.metadata.message_type == MessageType.TRAIN
-            and s.message.content[CONFIG][SERVER_ROUND] == server_round]
+    return [
+        s
+        for s in grid.log
+        if s.message.metadata.message_type == MessageType.TRAIN
+        and s.message.content[CONFIG][SERVER_ROUND] == server_round
+    ]
 
 
 def test_each_stage_exchanges_only_its_half(fedavg_run):
@@ -93,8 +123,10 @@ def test_frozen_unet_sent_once_per_site(fedavg_run):
     grid = fedavg_run["grid"]
     with_unet = [s for s in grid.log if FROZEN_UNET in s.message.content]
     assert sorted(s.message.metadata.dst_node_id for s in with_unet) == [100 + i for i in range(N_SITES)]
-    assert all(s.message.content[CONFIG][SERVER_ROUND] == 3 and s.message.metadata.message_type == MessageType.TRAIN
-               for s in with_unet)
+    assert all(
+        s.message.content[CONFIG][SERVER_ROUND] == 3 and s.message.metadata.message_type == MessageType.TRAIN
+        for s in with_unet
+    )
 
 
 def test_counts_round_gives_the_global_pos_weight(fedavg_run):
@@ -122,7 +154,10 @@ def test_checkpoint_every_round_loadable(fedavg_run):
     states = [load_checkpoint(p) for p in paths]
     assert [c.meta["round"] for c in states] == [1, 2, 3, 4] and [c.meta["stage"] for c in states] == [1, 1, 2, 2]
     init = build_joint_model(model_from_run_config(rc)[0], seed=int(rc["seed"])).state_dict()
-    changed = lambda a, b, half: any(not torch.equal(a[k], b[k]) for k in a if k.startswith(half) and a[k].is_floating_point())  # noqa: E731
+
+    def changed(a, b, half: str) -> bool:
+        return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(half) and a[k].is_floating_point())
+
     assert changed(states[0].state_dict, init, "unet.") and changed(states[1].state_dict, states[0].state_dict, "unet.")
     assert not changed(states[1].state_dict, init, "classifier.")  # stage 1 leaves the classifier alone
     assert not changed(states[3].state_dict, states[1].state_dict, "unet.")  # stage 2 leaves the U-Net alone
@@ -150,7 +185,12 @@ def test_only_arrays_counts_and_metrics_cross(fedavg_run, data_root):
     """Every message both ways: model arrays (no image-shaped, no uint8), counts, scalars; no identifier."""
     grid = fedavg_run["grid"]
     model_keys = set(build_joint_model(model_from_run_config(fedavg_run["rc"])[0]).state_dict())
-    identifiers = [f"P{i:03d}" for i in range(5)] + [f"S{i:03d}" for i in range(5)] + list(PHI.values()) + ["DOE^PATIENT", str(data_root)]
+    identifiers = (
+        [f"P{i:03d}" for i in range(5)]
+        + [f"S{i:03d}" for i in range(5)]
+        + list(PHI.values())
+        + ["DOE^PATIENT", str(data_root)]
+    )
     texts = []
     for sent in grid.log:
         for msg in (sent.message, sent.reply):
@@ -192,7 +232,7 @@ def test_site_failing_or_silent_mid_run(data_root, tmp_path):
         if msg.metadata.dst_node_id == 101 and rnd == 2:
             grid.nodes[101][1].node_config["partition-id"] = 99  # its data is gone
         if msg.metadata.dst_node_id == 101 and rnd == 3:
-            grid.nodes[101][1].node_config["partition-id"] = 1   # back again
+            grid.nodes[101][1].node_config["partition-id"] = 1  # back again
         if rnd >= 3:
             grid.silent.add(102)
 

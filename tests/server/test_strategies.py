@@ -3,18 +3,29 @@
 ``StrategyChecks`` holds what every strategy must do; each subclass names one strategy and adds
 the check of its own aggregation rule.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from scipy import stats
 
-from common.records import ARRAYS, CONFIG, LABEL_NEG, LABEL_POS, LOCAL_NORM, METRICS, NUM_EXAMPLES, PROXIMAL_MU, TRAIN_LOSS
+from common.records import (
+    ARRAYS,
+    CONFIG,
+    LABEL_NEG,
+    LABEL_POS,
+    LOCAL_NORM,
+    METRICS,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    TRAIN_LOSS,
+)
 from server.strategies import ROBUST, STRATEGIES, StrategyConfig, aggregate_metrics, build_strategy
-from tests.server.fakes import FakeGrid, set_task_identity
+from tests.helpers.flower import FakeGrid, make_reply, set_task_identity
 
 RNG = np.random.default_rng(0)
 N_SITES = 5
@@ -30,18 +41,6 @@ POSITIVES = [[3, 0, 1, 0], [0, 0, 4, 0], [5, 0, 0, 0], [1, 0, 2, 0], [0, 0, 3, 0
 @pytest.fixture(autouse=True)
 def _task_identity():
     set_task_identity()
-
-
-def make_reply(arrays: dict[str, np.ndarray] | None, metrics: dict, node_id: int, error: str | None = None) -> Message:
-    """A train reply as the ServerApp receives it."""
-    meta = Metadata(run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=1, reply_to_message_id="",
-                    group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
-    if error is not None:
-        return Message(metadata=meta, error=Error(code=2, reason=error))
-    content = RecordDict({METRICS: MetricRecord(metrics)})
-    if arrays is not None:
-        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    return Message(metadata=meta, content=content)
 
 
 def site_replies(extra: dict[str, np.ndarray] | None = None) -> list[Message]:
@@ -64,8 +63,9 @@ class StrategyChecks:
     kwargs: dict = {}
 
     def strategy(self, **kw):
-        return build_strategy(StrategyConfig(name=self.name, **{**self.kwargs, **kw}),
-                              local_keys=NORM_KEYS, head_keys=(HEAD_W, HEAD_B))
+        return build_strategy(
+            StrategyConfig(name=self.name, **{**self.kwargs, **kw}), local_keys=NORM_KEYS, head_keys=(HEAD_W, HEAD_B)
+        )
 
     def aggregate(self, replies=None, **kw) -> tuple[dict[str, np.ndarray], MetricRecord]:
         strategy = self.strategy(**kw)
@@ -191,8 +191,8 @@ class TestFedAdam(StrategyChecks):
         b1, b2, eta, tau = strategy.beta_1, strategy.beta_2, 0.01, 1e-3
         for key in SHAPES:
             delta = np.average(stacked(key), axis=0, weights=SIZES)  # current arrays are zero
-            m, v = (1 - b1) * delta, (1 - b2) * delta ** 2
-            eta_norm = eta * math.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)
+            m, v = (1 - b1) * delta, (1 - b2) * delta**2
+            eta_norm = eta * math.sqrt(1 - b2**2) / (1 - b1**2)
             np.testing.assert_allclose(arrays[key], eta_norm * m / (np.sqrt(v) + tau), rtol=1e-4, atol=1e-7)
 
 
@@ -205,7 +205,7 @@ class TestFedYogi(StrategyChecks):
         for key in SHAPES:
             avg = np.average(stacked(key), axis=0, weights=SIZES)
             assert np.all(np.sign(arrays[key]) == np.sign(avg))
-            assert np.all(np.abs(arrays[key]) <= 0.01 / (1 - 0.9 ** 2) + 1e-6)
+            assert np.all(np.abs(arrays[key]) <= 0.01 / (1 - 0.9**2) + 1e-6)
 
 
 class TestFedBN(StrategyChecks):
@@ -232,8 +232,10 @@ def test_registry_lists_the_valid_names():
 
 
 def test_metrics_nan_skipped_and_counts_summed():
-    records = [RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: n, "auc": a, LABEL_POS: [p, 0], LABEL_NEG: [1, 2]})})
-               for n, a, p in ((10, 0.8, 1), (30, math.nan, 0), (20, 0.5, 2), (0, 0.1, 5))]
+    records = [
+        RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: n, "auc": a, LABEL_POS: [p, 0], LABEL_NEG: [1, 2]})})
+        for n, a, p in ((10, 0.8, 1), (30, math.nan, 0), (20, 0.5, 2), (0, 0.1, 5))
+    ]
     out = aggregate_metrics(records, NUM_EXAMPLES)
     assert out["auc"] == pytest.approx(np.average([0.8, 0.5], weights=[10, 20]))
     assert out[LABEL_POS] == [8, 0] and out[LABEL_NEG] == [4, 8] and out[NUM_EXAMPLES] == 60

@@ -3,6 +3,7 @@
 Slow-ish (about a minute or two on 2 cores): tiny preset, 64x64 slices, one easy generated site
 (every marker at 50 % prevalence, low noise, no missing labels, no annotator bias).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.cache import SECRET_FILE, build_site_cache
-from client.dataset import make_loader, SliceDataset, split_slices
-from client.evaluate import evaluate
-from client.train import TrainConfig, train_stage
+from client.data.cache import SECRET_FILE, build_site_cache
+from client.data.dataset import SliceDataset, make_loader, split_slices
+from client.training.evaluate import evaluate
+from client.training.train import TrainConfig, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import MARKERS, PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
@@ -32,8 +33,17 @@ EPOCHS_STAGE1, EPOCHS_STAGE2 = 5, 8
 @pytest.fixture(scope="module")
 def easy_site(tmp_path_factory) -> Path:
     base = default_profiles(1, seed=3, matrix=64)[0]
-    profile = replace(base, prevalence=(0.5, 0.5, 0.5, 0.5), noise_sigma_hu=3.0, missing_label_rate=0.0,
-                      annotator_bias_px=0, n_patients=30, followup_rate=0.0, cupping_hu=0.0, streak_hu=0.0)
+    profile = replace(
+        base,
+        prevalence=(0.5, 0.5, 0.5, 0.5),
+        noise_sigma_hu=3.0,
+        missing_label_rate=0.0,
+        annotator_bias_px=0,
+        n_patients=30,
+        followup_rate=0.0,
+        cupping_hu=0.0,
+        streak_hu=0.0,
+    )
     site = tmp_path_factory.mktemp("easy") / "site-01"
     generate_site(site, profile, site_number=1, seed=3, progress=False)
     return site
@@ -52,15 +62,29 @@ def trained(easy_site, tmp_path_factory):
     train_ds, test_ds = SliceDataset(cache, split["train"]), SliceDataset(cache, split["test"])
     model = build_joint_model(cfg, seed=0)
     losses = {1: [], 2: []}
-    pos, neg = label_counts(train_ds.labels()[:, :len(MARKERS)])
+    pos, neg = label_counts(train_ds.labels()[:, : len(MARKERS)])
     pos_weight = pos_weight_from_counts(pos, neg)
     for stage, epochs in ((1, EPOCHS_STAGE1), (2, EPOCHS_STAGE2)):
         tc = TrainConfig(batch_size=16, epochs=epochs, lr=1e-2 if stage == 1 else 3e-3, seed=stage)
         loader = make_loader(train_ds, 16, shuffle=True, seed=stage, balanced=True, stage=stage)
-        train_stage(model, loader, stage, tc, "cpu", pos_weight if stage == 2 else None,
-                    on_step=lambda step, loss, s=stage: losses[s].append(loss))
+        train_stage(
+            model,
+            loader,
+            stage,
+            tc,
+            "cpu",
+            pos_weight if stage == 2 else None,
+            on_step=lambda step, loss, s=stage: losses[s].append(loss),
+        )
     ckpt = save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint.pt", model, cfg, pre, {"method": "test"})
-    return {"model": model, "losses": losses, "test": evaluate(model, test_ds), "ckpt": ckpt, "cache": cache, "split": split}
+    return {
+        "model": model,
+        "losses": losses,
+        "test": evaluate(model, test_ds),
+        "ckpt": ckpt,
+        "cache": cache,
+        "split": split,
+    }
 
 
 def test_losses_fall_in_both_stages(trained) -> None:
@@ -79,21 +103,30 @@ def test_segmentation_and_markers_beat_chance_on_held_out_patients(trained) -> N
 
 
 def test_predict_gives_a_volume_close_to_the_reference(trained, easy_site, tmp_path) -> None:
-    from client.site import discover_studies
-    from client.dicom import read_study
-    from client.masks import read_mask
+    from client.ingest.dicom import read_study
+    from client.ingest.dicom_layout import discover_studies
+    from client.ingest.masks import read_mask
 
     refs, _ = discover_studies(easy_site)
-    test_patients = {s["patient"] for s in trained["cache"].studies
-                     if np.isin(np.arange(s["start"], s["stop"]), trained["split"]["test"]).any()}
-    from client.cache import pseudonym, site_secret
+    test_patients = {
+        s["patient"]
+        for s in trained["cache"].studies
+        if np.isin(np.arange(s["start"], s["stop"]), trained["split"]["test"]).any()
+    }
+    from client.data.cache import pseudonym, site_secret
+
     secret = site_secret(trained["cache"].path.parent)
     held_out = [r for r in refs if pseudonym(secret, "patient", r.patient_id) in test_patients]
     assert held_out
     errors = []
     for ref in held_out[:4]:
         out = tmp_path / ref.study_id
-        assert hemexp_main(["predict", str(ref.dicom_dir), "--model", str(trained["ckpt"]), "--out", str(out), "--device", "cpu"]) == 0
+        assert (
+            hemexp_main(
+                ["predict", str(ref.dicom_dir), "--model", str(trained["ckpt"]), "--out", str(out), "--device", "cpu"]
+            )
+            == 0
+        )
         result = json.loads((out / "prediction.json").read_text())
         assert set(result["markers"]) == set(MARKERS) and (out / "overlay.png").stat().st_size > 1000
         geometry = read_study(ref.dicom_dir).geometry

@@ -1,4 +1,5 @@
 """``simulations/simulate.py`` end to end: a tiny experiment through Flower's simulation engine."""
+
 from __future__ import annotations
 
 import json
@@ -11,45 +12,24 @@ import pytest
 
 from simulations.report import mean_sd
 from simulations.simulate import main
-from tests.conftest import write_site
+from tests.helpers.data import write_site
+from tests.helpers.experiments import BASELINES, TINY
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ("site-01", "site-02", "site-03")
-
-TINY = """
-name = "tiny"
-description = "test"
-seeds = {seeds}
-[budget]
-rounds_stage1 = 1
-rounds_stage2 = 1
-local_steps = 2
-batch_size = 4
-[run_config]
-"model.preset" = "tiny"
-"model.image-size" = 32
-[[scenarios]]
-name = "natural"
-split = "natural"
-{extra_scenarios}
-{methods}
-"""
-BASELINES = """
-[[methods]]
-name = "local"
-kind = "local"
-[[methods]]
-name = "pooled"
-kind = "pooled"
-"""
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("simulate") / "data"
     for i, site in enumerate(SITES):
-        write_site(root / site, n_studies=5, shape=(3, 40, 40), seed=10 * i,
-                   labels=[[str((i + k) % 2), str(k % 2), "0", str((k + 1) % 2), ""] for k in range(5)])
+        write_site(
+            root / site,
+            n_studies=5,
+            shape=(3, 40, 40),
+            seed=10 * i,
+            labels=[[str((i + k) % 2), str(k % 2), "0", str((k + 1) % 2), ""] for k in range(5)],
+        )
     return root
 
 
@@ -73,7 +53,7 @@ def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys, m
     assert main(["--experiment", str(_experiment(tmp_path, "[0]", methods)), "--data", str(data), "--out", "runs"]) == 0
     (out,) = (tmp_path / "runs").iterdir()
     printed = capsys.readouterr().out
-    assert "[ROUND 2/2]" in printed and "report:" in printed        # Flower's rounds shown as progress
+    assert "[ROUND 2/2]" in printed and "report:" in printed  # Flower's rounds shown as progress
     doc = json.loads((out / "metrics.json").read_text())
     rows = doc["rows"]
     assert set(rows[0]) == {"scenario", "method", "seed", "site", "marker", "metric", "value"}
@@ -105,8 +85,19 @@ def test_seeds_give_mean_and_spread_and_leave_one_out_scores_only_the_held_out_s
     rows = doc["rows"]
     assert {r["seed"] for r in rows} == {0, 1}
     pooled = [s for s in doc["summary"] if s["scenario"] == "natural" and s["method"] == "pooled"][0]
-    per_seed = [np.mean([r["value"] for r in rows if r["scenario"] == "natural" and r["method"] == "pooled"
-                         and r["seed"] == seed and r["metric"] == "dice"]) for seed in (0, 1)]
+    per_seed = [
+        np.mean(
+            [
+                r["value"]
+                for r in rows
+                if r["scenario"] == "natural"
+                and r["method"] == "pooled"
+                and r["seed"] == seed
+                and r["metric"] == "dice"
+            ]
+        )
+        for seed in (0, 1)
+    ]
     assert (pooled["dice"], pooled["dice_sd"]) == pytest.approx(mean_sd(per_seed)[:2])
     assert pooled["seeds"] == 2
     held = [r for r in rows if r["scenario"] == "loso/without-site-02"]
@@ -125,8 +116,13 @@ def test_command_line_errors(tmp_path, capsys):
 
 def test_runs_as_a_script_from_any_folder(tmp_path):
     """``python simulations/simulate.py --help`` imports the project, not the folder's own modules."""
-    done = subprocess.run([sys.executable, str(REPO / "simulations" / "simulate.py"), "--help"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "simulations" / "simulate.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0 and "--experiment" in done.stdout
 
 

@@ -1,4 +1,5 @@
 """Splits of a dataset into sites, virtual caches, leave-one-site-out, scanner shift, experiment files."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -6,15 +7,25 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from client.cache import build_site_cache, open_cache
-from client.dataset import SliceDataset
+from client.data.cache import build_site_cache, open_cache
+from client.data.dataset import SliceDataset
 from common.config import MARKERS, PreprocessConfig
 from simulations.experiment import EXPERIMENTS_DIR, Scenario, load_experiment, parse_experiment
 from simulations.runner import make_cases
-from simulations.splits import (MIN_PATIENTS_PER_SITE, AcquisitionShift, degrade, dirichlet_plans, iid_plans,
-                                natural_plans, patient_class, pool_patients, quantity_plans, site_column_plans)
+from simulations.splits import (
+    MIN_PATIENTS_PER_SITE,
+    AcquisitionShift,
+    degrade,
+    dirichlet_plans,
+    iid_plans,
+    natural_plans,
+    patient_class,
+    pool_patients,
+    quantity_plans,
+    site_column_plans,
+)
 from simulations.virtual import plan_cache
-from tests.conftest import write_site
+from tests.helpers.data import write_site
 
 PRE = PreprocessConfig(size=32)
 FRACTIONS = (0.6, 0.2, 0.2)
@@ -31,12 +42,18 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("splits")
     caches = []
     for s in range(3):
-        site = write_site(root / "data" / f"site-{s + 1:02d}", n_studies=8, shape=(3, 36, 36), seed=20 * s,
-                          labels=[_labels(i + s) for i in range(8)])
+        site = write_site(
+            root / "data" / f"site-{s + 1:02d}",
+            n_studies=8,
+            shape=(3, 36, 36),
+            seed=20 * s,
+            labels=[_labels(i + s) for i in range(8)],
+        )
         text = site.joinpath("labels.csv").read_text().splitlines()
         # a pooled dataset's `site` column: studies 0-3 from "north", 4-6 "south", study 7 unknown
-        rows = [text[0] + ",site"] + [r + "," + ("north" if i < 4 else "south" if i < 7 else "")
-                                      for i, r in enumerate(text[1:])]
+        rows = [text[0] + ",site"] + [
+            r + "," + ("north" if i < 4 else "south" if i < 7 else "") for i, r in enumerate(text[1:])
+        ]
         site.joinpath("labels.csv").write_text("\n".join(rows) + "\n")
         caches.append(build_site_cache(site, root / "cache", PRE)[0])
     return {"caches": caches, "root": root}
@@ -66,8 +83,15 @@ def test_natural_and_site_column(sources):
     assert len(problems) == 3 and "1 study without a value in labels.csv's site column" in problems[0]
 
 
-@pytest.mark.parametrize("make", [lambda c: iid_plans(c, 4, seed=3), lambda c: dirichlet_plans(c, 4, 0.2, seed=3),
-                                  lambda c: quantity_plans(c, 4, 0.5, seed=3)], ids=["iid", "dirichlet", "quantity"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: iid_plans(c, 4, seed=3),
+        lambda c: dirichlet_plans(c, 4, 0.2, seed=3),
+        lambda c: quantity_plans(c, 4, 0.5, seed=3),
+    ],
+    ids=["iid", "dirichlet", "quantity"],
+)
 def test_pooled_splits_deal_whole_patients(sources, make):
     caches = sources["caches"]
     plans = make(caches)
@@ -87,6 +111,7 @@ def test_dirichlet_small_alpha_skews_labels_more_than_iid(sources):
             counts = Counter(patients[pt] for pt in _patients_of(p, caches))
             shares.append(max(counts.values()) / sum(counts.values()))
         return float(np.mean(shares))
+
     skewed = np.mean([skew(dirichlet_plans(caches, 2, 0.05, seed=s)) for s in range(8)])
     iid = np.mean([skew(iid_plans(caches, 2, seed=s)) for s in range(8)])
     assert skewed > iid + 0.1
@@ -110,8 +135,10 @@ def test_degrade_in_grey_levels():
     assert degrade(img, AcquisitionShift(), (0, 80), 0) is img
     shifted = degrade(img, AcquisitionShift(offset_hu=8.0), (0, 80), 0).astype(int)
     inside = img > 0
-    np.testing.assert_array_equal(shifted[inside], np.clip(np.rint(img[inside] + 8 * 255 / 80), 0, 255))  # 8 HU = 25.5 grey
-    assert np.all(shifted[~inside] == 0)                                   # stripped background stays air
+    np.testing.assert_array_equal(
+        shifted[inside], np.clip(np.rint(img[inside] + 8 * 255 / 80), 0, 255)
+    )  # 8 HU = 25.5 grey
+    assert np.all(shifted[~inside] == 0)  # stripped background stays air
     noisy = degrade(img, AcquisitionShift(noise_hu=10.0), (0, 80), 1).astype(float) - img
     assert noisy[inside].std() == pytest.approx(10 * 255 / 80, rel=0.1)
     low = degrade(img, AcquisitionShift(resolution=0.5), (0, 80), 0).astype(float)
@@ -127,11 +154,13 @@ def test_virtual_cache_holds_the_plan(sources, tmp_path):
     for entry, (s, i) in zip(cache.studies, plan.studies):
         src = caches[s].studies[i]
         assert entry["patient"] == src["patient"] and entry["labels"] == src["labels"]
-        got = np.asarray(cache.images[entry["start"]:entry["stop"]])
-        want = degrade(np.asarray(caches[s].images[src["start"]:src["stop"]]), shifted.shift, (0.0, 80.0), 0)
+        got = np.asarray(cache.images[entry["start"] : entry["stop"]])
+        want = degrade(np.asarray(caches[s].images[src["start"] : src["stop"]]), shifted.shift, (0.0, 80.0), 0)
         assert np.array_equal(got > 0, want > 0)
-        np.testing.assert_array_equal(cache.masks[entry["start"]:entry["stop"]], caches[s].masks[src["start"]:src["stop"]])
-    assert plan_cache(shifted, caches, tmp_path).path == cache.path           # reused, not rewritten
+        np.testing.assert_array_equal(
+            cache.masks[entry["start"] : entry["stop"]], caches[s].masks[src["start"] : src["stop"]]
+        )
+    assert plan_cache(shifted, caches, tmp_path).path == cache.path  # reused, not rewritten
     assert plan_cache(natural_plans(caches)[1], caches, tmp_path).path == caches[1].path  # whole source: in place
     assert open_cache(cache.path).n_slices == cache.n_slices
 
@@ -151,8 +180,14 @@ def test_cases_are_patient_disjoint_inside_every_site(sources, tmp_path):
 
 def test_leave_one_site_out_never_trains_on_the_held_out_site(sources, tmp_path):
     caches = sources["caches"]
-    cases = make_cases(Scenario(split="natural", leave_out="all"), caches, seed=0, fractions=FRACTIONS, work=tmp_path,
-                       log=lambda s: None)
+    cases = make_cases(
+        Scenario(split="natural", leave_out="all"),
+        caches,
+        seed=0,
+        fractions=FRACTIONS,
+        work=tmp_path,
+        log=lambda s: None,
+    )
     assert [c.held_out for c in cases] == ["site-01", "site-02", "site-03"]
     for case in cases:
         assert case.held_out not in [p.site_id for p in case.plans]
@@ -167,13 +202,23 @@ def test_leave_one_site_out_never_trains_on_the_held_out_site(sources, tmp_path)
 
 def test_bundled_experiments_parse():
     names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
-    assert {"default", "covariate_shift", "robustness", "leave_one_site_out", "paper_split_preprocessing",
-            "paper_location_finetune", "paper_classifier_loss", "paper_masked_input"} <= set(names)
+    assert {
+        "default",
+        "covariate_shift",
+        "robustness",
+        "leave_one_site_out",
+        "paper_split_preprocessing",
+        "paper_location_finetune",
+        "paper_classifier_loss",
+        "paper_masked_input",
+    } <= set(names)
     for name in names:
         exp = load_experiment(name)
         assert exp.methods and exp.seeds
         for row in exp.paper.get("rows", []):
-            assert row["method"] in {m.name for m in exp.methods} or row["method"].split(":")[0] in {m.name for m in exp.methods}
+            assert row["method"] in {m.name for m in exp.methods} or row["method"].split(":")[0] in {
+                m.name for m in exp.methods
+            }
 
 
 def test_experiment_errors(tmp_path):

@@ -1,5 +1,6 @@
 """The synthetic multi-site generator: files in the data contract, exact round trips, markers
 built to their definitions, sites that really differ."""
+
 from __future__ import annotations
 
 import csv
@@ -31,11 +32,11 @@ HEADER = ["patient_id", "study_id", *LABELS, "location", "followup_study_id"]
 
 # ---------------------------------------------------------------- fixtures and readers
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "data"
-    summary = generate_dataset(out, n_sites=N_SITES, seed=SEED, matrix=MATRIX,
-                               studies_scale=SCALE, progress=False)
+    summary = generate_dataset(out, n_sites=N_SITES, seed=SEED, matrix=MATRIX, studies_scale=SCALE, progress=False)
     return out, summary
 
 
@@ -100,6 +101,7 @@ def nifti_volume_ml(path: Path) -> float:
 
 # ---------------------------------------------------------------- layout and labels
 
+
 def test_layout_matches_the_data_contract(dataset, profiles):
     out, summary = dataset
     assert (out / "montage.png").stat().st_size > 10_000
@@ -156,6 +158,7 @@ def test_site_sizes_differ_several_fold(dataset):
 
 # ---------------------------------------------------------------- DICOM
 
+
 def test_dicom_tags_phi_and_file_names(dataset, profiles):
     out, summary = dataset
     name_of: dict[str, set[str]] = {}
@@ -202,7 +205,7 @@ def test_dicom_tags_phi_and_file_names(dataset, profiles):
 
 def test_slice_order_is_not_in_file_names_or_instance_numbers(dataset):
     out, _ = dataset
-    site = out / "site-03"                                   # scrambled instance numbers
+    site = out / "site-03"  # scrambled instance numbers
     row = read_labels(site)[0]
     sdir = site / "dicom" / row["patient_id"] / row["study_id"]
     by_name = [pydicom.dcmread(f) for f in sorted(sdir.iterdir())]
@@ -212,9 +215,11 @@ def test_slice_order_is_not_in_file_names_or_instance_numbers(dataset):
     axial, _ = read_study(sdir)
     inst = [int(d.InstanceNumber) for d in axial]
     assert inst != sorted(inst) and inst != sorted(inst, reverse=True)
-    scouts = sum(len(read_study(out / "site-02" / "dicom" / r["patient_id"] / r["study_id"])[1])
-                 for r in read_labels(out / "site-02"))
-    assert scouts == len(read_labels(out / "site-02"))     # site-02 always adds a localizer
+    scouts = sum(
+        len(read_study(out / "site-02" / "dicom" / r["patient_id"] / r["study_id"])[1])
+        for r in read_labels(out / "site-02")
+    )
+    assert scouts == len(read_labels(out / "site-02"))  # site-02 always adds a localizer
 
 
 def test_hu_and_mask_round_trip(dataset, profiles):
@@ -239,9 +244,9 @@ def test_hu_and_mask_round_trip(dataset, profiles):
 
 
 def test_the_site_reader_reads_every_study_back(dataset, profiles):
-    """client.site (the code a hospital runs) finds no problem and gets our arrays back:
+    """client.ingest.layouts (the code a hospital runs) finds no problem and gets our arrays back:
     HU within rounding (it turns everything below air into air), masks voxel for voxel."""
-    from client.site import iter_studies
+    from client.ingest.layouts import iter_studies
 
     out, summary = dataset
     for i, (prof, ssum) in enumerate(zip(profiles, summary.sites), start=1):
@@ -271,10 +276,11 @@ def test_masks_use_the_site_axis_order(dataset, profiles):
         assert img.get_data_dtype() == np.uint8
         assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
         codes.add(nib.aff2axcodes(img.affine))
-    assert len(codes) == len(profiles)                      # three sites, three layouts
+    assert len(codes) == len(profiles)  # three sites, three layouts
 
 
 # ---------------------------------------------------------------- determinism
+
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     snap = {}
@@ -292,22 +298,20 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 def test_same_seed_same_bytes_other_seed_other_data(dataset, tmp_path):
     out, _ = dataset
     again = tmp_path / "again"
-    generate_dataset(again, n_sites=N_SITES, seed=SEED, matrix=MATRIX, studies_scale=SCALE,
-                     progress=False)
+    generate_dataset(again, n_sites=N_SITES, seed=SEED, matrix=MATRIX, studies_scale=SCALE, progress=False)
     a, b = _snapshot(out), _snapshot(again)
     assert a.keys() == b.keys()
     assert all(a[k] == b[k] for k in a)
     other = tmp_path / "other"
-    generate_dataset(other, n_sites=1, seed=SEED + 1, matrix=MATRIX, studies_scale=0.1,
-                     progress=False)
+    generate_dataset(other, n_sites=1, seed=SEED + 1, matrix=MATRIX, studies_scale=0.1, progress=False)
     labels = [(d / "site-01" / "labels.csv").read_bytes() for d in (other, out)]
     assert labels[0] != labels[1]
     with pytest.raises(FileExistsError):
-        generate_dataset(other, n_sites=1, seed=SEED, matrix=MATRIX, studies_scale=0.1,
-                         progress=False)
+        generate_dataset(other, n_sites=1, seed=SEED, matrix=MATRIX, studies_scale=0.1, progress=False)
 
 
 # ---------------------------------------------------------------- site shift
+
 
 def test_profiles_differ_and_noise_is_measurable(dataset, profiles):
     allp = default_profiles(12, 0, 128)
@@ -327,16 +331,16 @@ def test_profiles_differ_and_noise_is_measurable(dataset, profiles):
         hu = to_hu(axial)
         mid = hu[len(hu) // 2]
         air = (mid > -1100) & (mid < -900) & (mid != AIR_HU)
-        air = ndimage.binary_erosion(air, iterations=2)     # away from skin blur and FOV edge
-        measured[prof.site_id] = mid[air].std() / 0.5       # air carries half the head's noise
+        air = ndimage.binary_erosion(air, iterations=2)  # away from skin blur and FOV edge
+        measured[prof.site_id] = mid[air].std() / 0.5  # air carries half the head's noise
     for prof in profiles:
         assert measured[prof.site_id] == pytest.approx(prof.noise_sigma_hu, rel=0.3)
 
 
 # ---------------------------------------------------------------- markers, noise-free
 
-def _render_case(seed: int, location: str, markers: dict[str, bool], tilt: float = 0.0,
-                 n: int = 96):
+
+def _render_case(seed: int, location: str, markers: dict[str, bool], tilt: float = 0.0, n: int = 96):
     rng = np.random.default_rng(seed)
     anat = sample_anatomy(rng)
     ps = 230.0 / n
@@ -368,8 +372,7 @@ def test_hypodensity_is_an_enclosed_black_hole():
         enclosed = []
         for k in range(len(m)):
             lab, n = ndimage.label(dark[k])
-            enclosed += [(lab == i).sum() for i in range(1, n + 1)
-                         if not ((lab == i) & ~inner[k]).any()]
+            enclosed += [(lab == i).sum() for i in range(1, n + 1) if not ((lab == i) & ~inner[k]).any()]
         assert max(enclosed, default=0) >= 3
         hu0, m0, _ = _render_case(100 + s, LOCS[s % 4], {})
         assert not (m0 & _inplane_erode(m0) & (hu0 <= np.median(hu0[m0]) - 28)).any()
@@ -378,7 +381,7 @@ def test_hypodensity_is_an_enclosed_black_hole():
 def _solidity(m2: np.ndarray) -> float:
     """Area over convex-hull area (pixel corners, so a filled ellipse scores about 0.95)."""
     pts = np.argwhere(m2).astype(float)
-    corners = np.concatenate([pts + d for d in ([.5, .5], [.5, -.5], [-.5, .5], [-.5, -.5])])
+    corners = np.concatenate([pts + d for d in ([0.5, 0.5], [0.5, -0.5], [-0.5, 0.5], [-0.5, -0.5])])
     return len(pts) / ConvexHull(corners).volume
 
 
@@ -400,7 +403,7 @@ def test_blend_sign_has_a_darker_part_reaching_the_border():
         dark = core & (hu[k] <= bright - 18)
         assert dark.sum() >= 0.1 * core.sum()
         ring = core & ~_inplane_erode(core[None])[0]
-        assert (dark & ring).any()                          # the darker part reaches the edge
+        assert (dark & ring).any()  # the darker part reaches the edge
         hu0, m0, info0 = _render_case(300 + s, LOCS[s % 4], {})
         k0 = info0["slices"]["largest"]
         core0 = _inplane_erode(m0)[k0]
@@ -409,7 +412,7 @@ def test_blend_sign_has_a_darker_part_reaching_the_border():
 
 def test_fluid_level_is_horizontal_with_dense_layer_posterior():
     for s in range(8):
-        tilt = (-15.0, 0.0, 12.0, 20.0)[s % 4]               # gravity ignores the head's tilt
+        tilt = (-15.0, 0.0, 12.0, 20.0)[s % 4]  # gravity ignores the head's tilt
         hu, m, info = _render_case(400 + s, LOCS[s % 4], {"fluid_level": True}, tilt=tilt)
         k = info["slices"]["largest"]
         core = _inplane_erode(m)[k]
@@ -419,7 +422,7 @@ def test_fluid_level_is_horizontal_with_dense_layer_posterior():
         light_rows = rows[vals < mid]
         dense_rows = rows[vals >= mid]
         assert vals.max() - vals.min() >= 25
-        assert light_rows.max() <= dense_rows.min() + 1     # one straight, row-aligned level
+        assert light_rows.max() <= dense_rows.min() + 1  # one straight, row-aligned level
         half = np.median(rows)
         assert vals[rows > half].mean() - vals[rows <= half].mean() > 10
         hu0, m0, info0 = _render_case(400 + s, LOCS[s % 4], {}, tilt=tilt)
@@ -430,6 +433,7 @@ def test_fluid_level_is_horizontal_with_dense_layer_posterior():
 
 
 # ---------------------------------------------------------------- markers, as written
+
 
 def test_written_markers_are_measurable_against_negatives(dataset, profiles):
     """On the noisy files: fluid-level positives are denser posteriorly, hypodensity positives

@@ -1,0 +1,165 @@
+"""Training data from site caches: patient-wise splits and a torch Dataset over memory maps.
+
+The dataset reads only the cache, never DICOM (docs/design.md §8). Splits are patient-disjoint by
+default (the paper's §5.1.1: a random slice split leaks one patient into train and test).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
+
+from client.data.cache import SiteCache
+from common.config import LABELS
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Slices with less brain than this share of their pixels carry nothing to learn.
+MIN_BRAIN_FRACTION = 0.02
+
+
+def brain_slices(cache: SiteCache, min_fraction: float = MIN_BRAIN_FRACTION) -> np.ndarray:
+    """Indices of the cache's slices that show brain."""
+    keep = [np.arange(s["start"], s["stop"])[np.asarray(s["brain_fraction"]) >= min_fraction] for s in cache.studies]
+    return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+
+
+def _rank(key: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
+    """Deterministically assign each distinct group (a patient) to a split by ``fractions``.
+
+    Every split with a positive fraction gets at least one group when there are enough groups,
+    so a small site still has a test patient.
+    """
+    distinct = sorted(set(groups), key=lambda g: _rank(g, seed))
+    n = len(distinct)
+    counts = np.floor(np.asarray(fractions, dtype=float) / sum(fractions) * n).astype(int)
+    for i in np.argsort(-np.asarray(fractions)):  # hand out the rest, largest fraction first
+        if counts.sum() >= n:
+            break
+        counts[i] += 1
+    for i, f in enumerate(fractions):
+        if f > 0 and counts[i] == 0 and n >= len(fractions):
+            donor = int(np.argmax(counts))
+            counts[donor] -= 1
+            counts[i] += 1
+    bounds = np.cumsum(counts)
+    return {g: SPLITS[int(np.searchsorted(bounds, i, side="right"))] for i, g in enumerate(distinct)}
+
+
+def split_slices(cache: SiteCache, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
+                 by: str = "patient", min_brain: float = MIN_BRAIN_FRACTION) -> dict[str, np.ndarray]:
+    """Slice indices per split. ``by="patient"`` (default) keeps every patient in one split;
+    ``by="slice"`` splits slices at random (only to show the leakage effect)."""
+    if by not in ("patient", "slice"):
+        raise ValueError(f"split by must be 'patient' or 'slice', got {by!r}")
+    idx = brain_slices(cache, min_brain)
+    if by == "slice":
+        keys = [f"{cache.path.name}:{i}" for i in idx]
+    else:
+        patient_of_slice = np.asarray([s["patient"] for s in cache.studies])[cache.slice_study()]
+        keys = list(patient_of_slice[idx])
+    assignment = assign_groups(keys, fractions, seed)
+    split_of = np.asarray([assignment[k] for k in keys]) if len(keys) else np.zeros(0, dtype=str)
+    return {name: idx[split_of == name] for name in SPLITS}
+
+
+class SliceDataset(Dataset):
+    """Slices of one site cache: uint8 image, uint8 mask, labels (NaN = unknown), mask known."""
+
+    def __init__(self, cache: SiteCache, indices: np.ndarray):
+        self.cache = cache
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._known = cache.mask_known()
+        self._study = cache.slice_study()
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = int(self.indices[i])
+        return {
+            "image": torch.from_numpy(np.array(self.cache.images[j])),
+            "mask": torch.from_numpy(np.array(self.cache.masks[j])),
+            "labels": torch.from_numpy(np.array(self.cache.slice_labels[j])),
+            "mask_known": torch.tensor(bool(self._known[j])),
+            "study": torch.tensor(int(self._study[j])),
+        }
+
+    def labels(self) -> np.ndarray:
+        """Slice labels ``[N, len(LABELS)]`` of this dataset's slices (NaN = unknown)."""
+        return np.asarray(self.cache.slice_labels[self.indices]) if len(self) else np.zeros((0, len(LABELS)), np.float32)
+
+    def hematoma_pixels(self) -> np.ndarray:
+        """Reference hematoma pixels per slice (0 where the study has no mask)."""
+        per_slice = np.concatenate([np.asarray(s["mask_pixels"]) for s in self.cache.studies]) if self.cache.studies else np.zeros(0)
+        return per_slice[self.indices] if len(self) else np.zeros(0, dtype=np.int64)
+
+    def voxel_ml(self) -> np.ndarray:
+        """Volume of one model-resolution voxel in ml, per slice (for hematoma volumes)."""
+        per_study = np.asarray([s["pixel_mm"][0] * s["pixel_mm"][1] * s["slice_mm"] / 1000.0 for s in self.cache.studies])
+        return per_study[self._study[self.indices]] if len(self) else np.zeros(0)
+
+    def study_labels(self) -> dict[str, np.ndarray]:
+        """Study-level labels (LABELS order, NaN = not annotated) of the studies in this dataset."""
+        keys = self.study_keys()
+        out = {}
+        for i, s in enumerate(self.cache.studies):
+            key = f"{self.cache.path.name}/{s['study']}"
+            out[key] = np.asarray([np.nan if v is None else v for v in s["labels"]], dtype=np.float32)
+        return {k: out[k] for k in np.unique(keys)}
+
+    def study_keys(self) -> np.ndarray:
+        """A study key per slice, unique across sites (cache name + study pseudonym)."""
+        names = np.asarray([f"{self.cache.path.name}/{s['study']}" for s in self.cache.studies])
+        return names[self._study[self.indices]] if len(self) else np.zeros(0, dtype=str)
+
+
+def parts_of(ds: Dataset) -> list[SliceDataset]:
+    """The site datasets inside a (possibly pooled) dataset."""
+    return list(ds.datasets) if isinstance(ds, ConcatDataset) else [ds]
+
+
+def dataset_labels(ds: Dataset) -> np.ndarray:
+    parts = parts_of(ds)
+    return np.concatenate([p.labels() for p in parts]) if parts else np.zeros((0, len(LABELS)), np.float32)
+
+
+def dataset_study_keys(ds: Dataset) -> np.ndarray:
+    parts = parts_of(ds)
+    return np.concatenate([p.study_keys() for p in parts]) if parts else np.zeros(0, dtype=str)
+
+
+def balanced_weights(positive: np.ndarray) -> np.ndarray:
+    """Sampling weight per slice so that the ``positive`` slices make up about half of the draws.
+
+    Rare events (a marker, or hematoma pixels at all) otherwise appear in too few batches.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n = int(positive.sum()), positive.size
+    if n_pos in (0, n):
+        return np.ones(n)
+    return np.where(positive, 0.5 / n_pos, 0.5 / (n - n_pos)) * n
+
+
+def stage_positives(ds: Dataset, stage: int) -> np.ndarray:
+    """What balanced sampling balances: hematoma slices in stage 1, marker-positive slices in stage 2."""
+    if stage == 1:
+        return np.concatenate([p.hematoma_pixels() for p in parts_of(ds)]) > 0
+    labels = dataset_labels(ds)
+    return np.nan_to_num(labels, nan=0.0).max(axis=1) > 0 if labels.size else np.zeros(0, bool)
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, balanced: bool = False, stage: int = 2) -> DataLoader:
+    """A deterministic loader (seeded generator); ``balanced`` samples the stage's positives more often."""
+    g = torch.Generator().manual_seed(seed)
+    if balanced and shuffle and len(ds):
+        w = balanced_weights(stage_positives(ds, stage))
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(ds), replacement=True, generator=g)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)

@@ -1,0 +1,1 @@
+"""Simulation only: partition manifests and injected faults for virtual sites. A deployed site never loads it."""

@@ -1,0 +1,1 @@
+"""``flwr-client``: the commands a hospital's IT runs (check, prepare, start a SuperNode)."""

@@ -1,0 +1,429 @@
+"""DP-SGD at the site (Opacus): the private half, Poisson batches, the noise for a budget, the ledger.
+
+With ``privacy.dp`` every site trains the half of the round (the U-Net in stage 1, the classifier in
+stage 2 with the U-Net frozen) by DP-SGD: per-slice gradients (Opacus' ``GradSampleModule`` hooks on
+that half only, so the state-dict keys stay as they are), each clipped to ``privacy.max-grad-norm``,
+Gaussian noise of ``noise_multiplier * max_grad_norm`` added to their sum, batches drawn by Poisson
+sampling (each usable training slice with probability batch / n). The balanced sampler cannot be
+used: the privacy analysis needs every slice drawn with the same probability.
+
+The guarantee is per slice, not per patient: a patient contributes many slices (docs/privacy.md).
+
+Accounting (RDP, Opacus' ``RDPAccountant``) covers the whole run, both stages together, at each
+site. Each Flower message runs in a fresh process, so the accountant's history lives on the site's
+disk (``privacy.json`` in the site's per-run folder, ``client_app.SiteStore``), written after a
+round's training and before its reply. A site whose next round would exceed its budget does not
+train: it replies with num-examples 0 and ``PRIVACY_EXHAUSTED`` = 1.
+
+What is not covered: the label counts a site reports (and a local pos-weight derived from them),
+num-examples, and the evaluation on the site's own test patients. The training loss is not sent
+under DP (the reply carries NaN), because it is computed from the training slices without noise.
+Noise and sampling draw from fresh OS entropy, never from the run's public seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common.logger import log
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from client.training.train import TrainConfig, TrainResult, train_stage
+from common.config import LABELS
+from common.presets import ModelConfig
+from common.records import (
+    PRIVACY_DELTA,
+    PRIVACY_EPSILON,
+    PRIVACY_EXHAUSTED,
+    PrivacyConfig,
+    TrainInstruction,
+    privacy_from_run_config,
+    run_value,
+)
+
+#: The site's accountant history and plan, in its per-run folder.
+PRIVACY_FILE = "privacy.json"
+#: How far below the target epsilon the derived noise multiplier may land (Opacus' default).
+EPSILON_TOLERANCE = 0.01
+_MAX_SIGMA = 1e6
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    """Poisson sampling probability of each slice: batch / n (1 when the batch holds them all)."""
+    if n <= 0 or batch_size <= 0:
+        raise ValueError(f"sample rate needs n > 0 and batch size > 0, got n={n}, batch size={batch_size}")
+    return min(1.0, batch_size / n)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Poisson batches per epoch: n / batch, rounded down, at least 1 (Opacus draws 1 / q)."""
+    return max(1, n // batch_size)
+
+
+def round_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
+    """Noisy steps of one round over n usable slices (``train_stage``'s count: epochs, capped)."""
+    if n <= 0:
+        return 0
+    total = epochs * steps_per_epoch(n, batch_size)
+    return min(total, max_steps) if max_steps > 0 else total
+
+
+def epsilon_spent(history: Iterable[Sequence[float]], delta: float) -> float:
+    """Epsilon of a composition of ``(noise_multiplier, sample_rate, steps)`` phases (RDP accountant)."""
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(float(s), float(q), int(k)) for s, q, k in history if int(k) > 0]
+    return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
+
+
+def noise_for_budget(
+    target_epsilon: float, delta: float, phases: Iterable[tuple[float, int]], tolerance: float = EPSILON_TOLERANCE
+) -> float:
+    """The smallest noise multiplier (within ``tolerance`` in epsilon) whose run of ``phases``
+    ``(sample_rate, steps)`` spends at most ``target_epsilon``: Opacus' ``get_noise_multiplier``
+    search, over several phases (the two stages sample from different slices)."""
+    phases = [(float(q), int(k)) for q, k in phases if int(k) > 0]
+    if not phases:
+        raise ValueError("no training steps planned: nothing to derive a noise multiplier for")
+
+    def eps(sigma: float) -> float:
+        return epsilon_spent([(sigma, q, k) for q, k in phases], delta)
+
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        sigma_high *= 2
+        eps_high = eps(sigma_high)
+        if sigma_high > _MAX_SIGMA:
+            raise ValueError(f"privacy.target-epsilon {target_epsilon} is too small for the planned steps")
+    while target_epsilon - eps_high > tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        e = eps(sigma)
+        if e < target_epsilon:
+            sigma_high, eps_high = sigma, e
+        else:
+            sigma_low = sigma
+    return sigma_high
+
+
+def usable_slices(ds: Dataset, stage: int, model_cfg: ModelConfig) -> np.ndarray:
+    """Which training slices a stage learns from (as ``client_app.usable_examples`` counts them):
+    with a reference mask (stage 1), with an annotated label of the model's outputs (stage 2).
+    DP-SGD samples from these only, so that every non-empty batch has something to learn from."""
+    if not len(ds):
+        return np.zeros(0, bool)
+    if stage == 1:
+        return np.asarray(ds.cache.mask_known()[ds.indices], bool)
+    cols = [LABELS.index(name) for name in model_cfg.output_names]
+    return (~np.isnan(ds.labels()[:, cols])).any(axis=1)
+
+
+# --- Opacus glue for one train_stage call ----------------------------------------------------
+
+
+class _CollateWithEmpty:
+    """``default_collate``, and for an empty Poisson batch the same dict with a 0-length batch axis."""
+
+    def __init__(self, template: Mapping[str, Tensor]) -> None:
+        self.template = template
+
+    def __call__(self, batch: list) -> dict[str, Tensor]:
+        if batch:
+            return default_collate(batch)
+        return {k: torch.as_tensor(v).new_empty((0, *torch.as_tensor(v).shape)) for k, v in self.template.items()}
+
+
+def _entropy_seed() -> int:
+    return secrets.randbits(63)
+
+
+class DPSGD:
+    """DP-SGD for one ``train_stage`` call: pass it as ``train_stage(..., privacy=DPSGD(...))``.
+
+    ``attach`` puts Opacus' per-sample hooks on the half being trained, wraps the optimizer in a
+    ``DPOptimizer`` and replaces the loader by Poisson batches over its dataset (sample rate
+    batch / n); ``detach`` removes the hooks again. ``steps`` counts the noisy steps taken.
+    ``seed`` fixes noise and sampling: tests and benchmarks only (a known seed voids the guarantee).
+    """
+
+    def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int | None = None) -> None:
+        if noise_multiplier < 0 or not max_grad_norm > 0:
+            raise ValueError(
+                f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}"
+            )
+        self.noise_multiplier, self.max_grad_norm, self.seed = float(noise_multiplier), float(max_grad_norm), seed
+        self.steps = 0
+        self.sample_rate = math.nan
+        self._hooks = None
+
+    def make_loader(self, ds: Dataset, batch_size: int) -> DataLoader:
+        """Poisson batches: each slice of ``ds`` in each batch with probability batch / n."""
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        n = len(ds)
+        self.sample_rate = sample_rate(n, batch_size)
+        g = torch.Generator().manual_seed(self.seed if self.seed is not None else _entropy_seed())
+        sampler = UniformWithReplacementSampler(
+            num_samples=n, sample_rate=self.sample_rate, generator=g, steps=steps_per_epoch(n, batch_size)
+        )
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=_CollateWithEmpty(ds[0]))
+
+    def attach(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        anchor: list[Tensor] | None = None,
+        proximal_mu: float = 0.0,
+    ):
+        """Make ``module``'s training private; returns ``(dp_optimizer, poisson_loader)``.
+
+        FedProx's proximal gradient mu (w - w_global) is added after the noise: it depends on the
+        weights only, so it costs no privacy (through the loss it would be dropped by Opacus).
+        """
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+
+        if len(loader.dataset) == 0:
+            raise ValueError("DP-SGD needs at least one training slice")
+        modes = {m: m.training for m in module.modules()}
+        module.train()  # the validator refuses a module in eval mode; train_stage sets the modes itself
+        errors = ModuleValidator.validate(module, strict=False)
+        for m, training in modes.items():
+            m.training = training
+        if errors:
+            raise ValueError(
+                f"the model cannot be trained privately (set privacy.dp, which forces model.norm='group'): {errors[0]}"
+            )
+        batch_size = int(loader.batch_size or 1)
+        dp_loader = self.make_loader(loader.dataset, batch_size)
+        self._hooks = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        device = params[0].device if params else torch.device("cpu")
+        noise = torch.Generator(device=device).manual_seed(self.seed + 1 if self.seed is not None else _entropy_seed())
+        dp_opt = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=min(batch_size, len(loader.dataset)),
+            loss_reduction="mean",
+            generator=noise,
+        )
+
+        def after_noise(opt) -> None:
+            self.steps += 1
+            if anchor is not None and proximal_mu > 0:
+                for p, a in zip(opt.params, anchor):
+                    p.grad.add_(p.detach() - a, alpha=proximal_mu)
+
+        dp_opt.attach_step_hook(after_noise)
+        return dp_opt, dp_loader
+
+    def empty_step(self, optimizer) -> None:
+        """The step of an empty Poisson batch: noise only (skipping it would tell the batch was empty)."""
+        optimizer.zero_grad(set_to_none=True)
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
+
+    def detach(self) -> None:
+        """Remove the hooks and Opacus' attributes from the parameters (idempotent)."""
+        if self._hooks is not None:
+            module = self._hooks._module
+            self._hooks.cleanup()
+            for p in module.parameters():
+                if hasattr(p, "summed_grad"):
+                    delattr(p, "summed_grad")
+            self._hooks = None
+
+
+# --- the site's budget over a run ------------------------------------------------------------
+
+
+@dataclass
+class PrivacyLedger:
+    """A site's DP plan and its RDP history for one run (JSON in the site's per-run folder)."""
+
+    noise_multiplier: float
+    delta: float
+    target_epsilon: float
+    max_grad_norm: float
+    derived: bool  # noise_multiplier derived from target_epsilon (privacy.noise-multiplier = 0)
+    planned: list[list[float]] = field(default_factory=list)  # [[sample rate, steps], ...] per stage
+    history: list[list[float]] = field(default_factory=list)  # [[noise multiplier, sample rate, steps], ...]
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # {"round", "stage", "steps", "epsilon"}
+
+    def epsilon(self, more: Iterable[Sequence[float]] = ()) -> float:
+        return epsilon_spent([*self.history, *more], self.delta)
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyLedger | None:
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+
+
+def plan_ledger(cfg: PrivacyConfig, delta: float, phases: list[tuple[float, int]]) -> PrivacyLedger:
+    """The run's plan at a site: its noise multiplier, the given one or the one that spends
+    ``target_epsilon`` over the planned ``(sample rate, steps)`` of both stages."""
+    derived = cfg.noise_multiplier == 0
+    sigma = noise_for_budget(cfg.target_epsilon, delta, phases) if derived else cfg.noise_multiplier
+    return PrivacyLedger(sigma, delta, cfg.target_epsilon, cfg.max_grad_norm, derived, [list(p) for p in phases])
+
+
+@dataclass
+class SitePrivacy:
+    """DP-SGD at one site for one train round: its slices, its ledger, and whether it may train."""
+
+    config: PrivacyConfig
+    ledger: PrivacyLedger
+    path: Path
+    train_set: Dataset
+    stage: int
+    server_round: int
+    steps: int  # noisy steps this round would take
+    sample_rate: float
+    exhausted: bool = False
+
+    @classmethod
+    def open(
+        cls,
+        run_config: Mapping[str, Any],
+        store_dir: Path,
+        train: Dataset,
+        order: TrainInstruction,
+        cfg: TrainConfig,
+        model_cfg: ModelConfig,
+    ) -> SitePrivacy | None:
+        """None when ``privacy.dp`` is off. On a site's first round of a run the plan is made and
+        kept; later rounds (fresh processes) read it back."""
+        pc = privacy_from_run_config(run_config)
+        if not pc.dp:
+            return None
+        usable = {s: usable_slices(train, s, model_cfg) for s in (1, 2)}
+        path = Path(store_dir) / PRIVACY_FILE
+        ledger = PrivacyLedger.load(path)
+        if ledger is None:
+            delta = pc.delta or 1.0 / max(len(train), 1)
+            epochs, max_steps = (
+                int(run_value(run_config, "train.local-epochs")),
+                int(run_value(run_config, "train.local-steps")),
+            )
+            rounds = {1: int(run_value(run_config, "rounds.stage1")), 2: int(run_value(run_config, "rounds.stage2"))}
+            phases = [
+                (
+                    sample_rate(int(u.sum()), cfg.batch_size),
+                    rounds[s] * round_steps(int(u.sum()), cfg.batch_size, epochs, max_steps),
+                )
+                for s, u in usable.items()
+                if u.sum() and rounds[s]
+            ]
+            ledger = (
+                plan_ledger(pc, delta, phases)
+                if phases
+                else PrivacyLedger(
+                    pc.noise_multiplier, delta, pc.target_epsilon, pc.max_grad_norm, pc.noise_multiplier == 0
+                )
+            )
+            log(
+                INFO,
+                "privacy: DP-SGD with noise multiplier %.4g, clipping %.3g, delta %.3g: budget epsilon %.3g for "
+                "the run (per slice)",
+                ledger.noise_multiplier,
+                ledger.max_grad_norm,
+                ledger.delta,
+                ledger.target_epsilon,
+            )
+        _check_unchanged(ledger, pc)
+        if cfg.balanced:
+            log(INFO, "privacy: train.balanced is not used under DP-SGD (Poisson sampling draws every slice alike)")
+        idx = np.flatnonzero(usable[order.stage])
+        n = int(idx.size)
+        steps = round_steps(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
+        q = sample_rate(n, cfg.batch_size) if n else 0.0
+        out = cls(pc, ledger, path, Subset(train, idx.tolist()), order.stage, order.server_round, steps, q)
+        if steps and ledger.epsilon([(ledger.noise_multiplier, q, steps)]) > ledger.target_epsilon * (1 + 1e-9):
+            out.exhausted = True
+        return out
+
+    def train(self, model, cfg: TrainConfig, device, pos_weight: Tensor | None, seed: int | None = None) -> TrainResult:
+        """Train the stage's half by DP-SGD and record the spend; or do nothing when the round
+        would exceed the budget (or there is nothing to learn from). The loss is not released."""
+        if self.exhausted:
+            log(
+                WARNING,
+                "privacy budget spent (epsilon %.3f of %.3f): this round's %d steps would exceed it; "
+                "not training in round %d",
+                self.ledger.epsilon(),
+                self.ledger.target_epsilon,
+                self.steps,
+                self.server_round,
+            )
+            return TrainResult(math.nan, 0, 0, 0.0)
+        if not self.steps:
+            return TrainResult(math.nan, 0, 0, 0.0)
+        dp = DPSGD(self.ledger.noise_multiplier, self.ledger.max_grad_norm, seed=seed)
+        loader = DataLoader(self.train_set, batch_size=cfg.batch_size)
+        result = train_stage(model, loader, self.stage, cfg, device, pos_weight, privacy=dp)
+        self.ledger.history.append([self.ledger.noise_multiplier, dp.sample_rate, dp.steps])
+        eps = self.ledger.epsilon()
+        self.ledger.rounds.append({"round": self.server_round, "stage": self.stage, "steps": dp.steps, "epsilon": eps})
+        self.ledger.save(self.path)  # before the reply leaves: every release is accounted for
+        log(
+            INFO,
+            "privacy: round %d, stage %d: %d noisy steps, epsilon %.3f of %.3f spent",
+            self.server_round,
+            self.stage,
+            dp.steps,
+            eps,
+            self.ledger.target_epsilon,
+        )
+        return TrainResult(math.nan, result.num_examples, result.steps, result.seconds)
+
+    def metrics(self) -> dict[str, float | int]:
+        """What the reply says about privacy: numbers only."""
+        return {
+            PRIVACY_EPSILON: float(self.ledger.epsilon()),
+            PRIVACY_DELTA: float(self.ledger.delta),
+            PRIVACY_EXHAUSTED: int(self.exhausted),
+        }
+
+
+def _check_unchanged(ledger: PrivacyLedger, pc: PrivacyConfig) -> None:
+    """A run's budget is fixed at its first round: a changed setting would make the history lie."""
+    changed = [
+        key
+        for key, same in (
+            ("privacy.target-epsilon", ledger.target_epsilon == pc.target_epsilon),
+            ("privacy.max-grad-norm", ledger.max_grad_norm == pc.max_grad_norm),
+            ("privacy.delta", not pc.delta or ledger.delta == pc.delta),
+            (
+                "privacy.noise-multiplier",
+                ledger.derived if pc.noise_multiplier == 0 else ledger.noise_multiplier == pc.noise_multiplier,
+            ),
+        )
+        if not same
+    ]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} changed since this site's first round of the run; "
+            "a run keeps its privacy settings (start a new run: another output.name)"
+        )

@@ -1,0 +1,279 @@
+"""Local two-stage training: the one loop behind site training, pooled and local-only baselines.
+
+Stage 1 trains the U-Net on the hematoma masks (Dice + BCE); stage 2 trains the marker
+classifier with the U-Net frozen (eval mode, no gradients) on weighted BCE (paper §4, formula 2).
+The positive-class weights are passed in, so a federated run can use the global counts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from common.config import LABELS, check_known_keys
+from common.losses import segmentation_loss, weighted_bce
+from common.model import JointModel, freeze_unet, to_input, unfreeze_unet
+
+
+class PrivateTraining(Protocol):
+    """What the loop needs of a differentially private optimiser (``client.training.privacy.DPSGD``
+    implements it): the loop never names the privacy module, so privacy can build on the loop."""
+
+    def attach(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        anchor: list[Tensor] | None,
+        proximal_mu: float,
+    ) -> tuple[torch.optim.Optimizer, DataLoader]: ...
+
+    def empty_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def detach(self) -> None: ...
+
+
+STAGES = (1, 2)
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one local training call (parsed once from run config or CLI).
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term mu/2 ||w - w_global||^2 to the loss.
+    ``max_steps`` > 0 caps the optimizer steps per call (0: whole epochs).
+    """
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    augment: bool = True
+    hflip: bool = True
+    rotate_degrees: float = 10.0
+    intensity_jitter: float = 0.1
+    balanced: bool = True
+    proximal_mu: float = 0.0
+    max_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {list(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {list(SCHEDULES)}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        return cls(**check_known_keys(cls, d, "training"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training call reports: mean loss, samples seen (not batches), steps, throughput."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_examples / self.seconds if self.seconds > 0 else float("nan")
+
+
+def output_columns(model: JointModel) -> list[int]:
+    """Columns of the cache's LABELS array that the model's logits predict, in output order."""
+    return [LABELS.index(name) for name in model.output_names]
+
+
+def augment_batch(image: Tensor, mask: Tensor, cfg: TrainConfig, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Left-right flips, small rotations and intensity jitter on a float batch [B, 1, H, W].
+
+    No up-down flip: the fluid level's denser layer is dependent (posterior), a flip would put
+    it anteriorly and turn a positive into an anatomically impossible image.
+    """
+    b = image.shape[0]
+    if cfg.hflip:
+        flip = torch.rand(b, generator=g) < 0.5
+        image = torch.where(flip[:, None, None, None], image.flip(-1), image)
+        mask = torch.where(flip[:, None, None, None], mask.flip(-1), mask)
+    if cfg.rotate_degrees > 0:
+        angle = (torch.rand(b, generator=g) * 2 - 1) * math.radians(cfg.rotate_degrees)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        grid = F.affine_grid(theta.to(image), list(image.shape), align_corners=False)
+        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        mask = F.grid_sample(mask, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if cfg.intensity_jitter > 0:
+        scale = 1 + (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * cfg.intensity_jitter
+        shift = (torch.rand(b, 1, 1, 1, generator=g) * 2 - 1) * cfg.intensity_jitter * 0.5
+        image = ((image * scale.to(image) + shift.to(image)) * (image > 0)).clamp(0, 1)  # background stays 0
+    return image, mask
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def proximal_term(params: list[Tensor], anchor: list[Tensor], mu: float) -> Tensor:
+    """FedProx: mu/2 * ||w - w_global||^2 over the trained parameters."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
+def stage_loss(
+    model: JointModel,
+    batch: dict[str, Tensor],
+    stage: int,
+    pos_weight: Tensor | None,
+    device: torch.device,
+    cfg: TrainConfig | None = None,
+    g: torch.Generator | None = None,
+    per_sample: bool = False,
+) -> Tensor | None:
+    """The loss of one batch for a stage, or None when the batch has nothing to learn from.
+
+    ``per_sample``: a mean of per-slice losses, so that each slice's gradient depends on that
+    slice alone (DP-SGD clips per slice; the default Dice pools the batch)."""
+    if batch["image"].shape[0] == 0:  # DP-SGD's Poisson batches can be empty
+        return None
+    image = to_input(batch["image"])
+    mask = batch["mask"].unsqueeze(1).float()
+    if cfg is not None and cfg.augment and g is not None:
+        image, mask = augment_batch(image, mask, cfg, g)
+    image, mask = image.to(device), mask.to(device)
+    if stage == 1:
+        known = batch["mask_known"].to(device)
+        if not bool(known.any()):
+            return None
+        return segmentation_loss(model.segment(image[known]), mask[known], per_sample=per_sample)
+    labels = batch["labels"][:, output_columns(model)].to(device)
+    if bool(torch.isnan(labels).all()):
+        return None
+    given_mask = mask if model.cfg.masked_input and bool(batch["mask_known"].all()) else None
+    _, logits = model(image, given_mask)
+    return weighted_bce(logits, labels, pos_weight, per_sample=per_sample)
+
+
+def trainable_half(model: JointModel, stage: int) -> torch.nn.Module:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    return model.unet if stage == 1 else model.classifier
+
+
+def train_stage(
+    model: JointModel,
+    loader: DataLoader,
+    stage: int,
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    pos_weight: Tensor | None = None,
+    progress: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+    privacy: PrivateTraining | None = None,
+) -> TrainResult:
+    """Train one stage for ``cfg.epochs`` over ``loader`` (or ``cfg.max_steps`` steps).
+
+    Stage 2 freezes the U-Net (bit-identical afterwards); stage 1 trains the U-Net only.
+    Deterministic by ``cfg.seed``: stochastic layers (dropout, EfficientNet's drop-connect)
+    draw from torch's global generator, which is forked and seeded here and restored after.
+    ``privacy`` (a :class:`PrivateTraining`, e.g. ``client.training.privacy.DPSGD``): DP-SGD on the trained half, Poisson batches drawn from
+    ``loader.dataset``, per-slice losses; every step is a noisy one, an empty batch included.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            return _train_stage(model, loader, stage, cfg, device, pos_weight, progress, on_step, privacy)
+        finally:
+            if privacy is not None:
+                privacy.detach()
+
+
+def _train_stage(
+    model: JointModel,
+    loader: DataLoader,
+    stage: int,
+    cfg: TrainConfig,
+    device: torch.device | str,
+    pos_weight: Tensor | None,
+    progress: bool,
+    on_step: Callable[[int, float], None] | None,
+    privacy: PrivateTraining | None = None,
+) -> TrainResult:
+    device = torch.device(device)
+    model.to(device)
+    if stage == 2:
+        freeze_unet(model)
+    else:
+        unfreeze_unet(model)
+    half = trainable_half(model, stage)
+    params = [p for p in half.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
+    opt = make_optimizer(params, cfg)
+    if privacy is not None:
+        opt, loader = privacy.attach(half, opt, loader, anchor, cfg.proximal_mu)
+    total = cfg.epochs * len(loader)
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+        if cfg.schedule == "cosine"
+        else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    )
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"stage {stage}", unit="step", leave=False)
+    losses, seen, steps, t0 = [], 0, 0, time.perf_counter()
+    while steps < total:
+        for batch in loader:
+            if steps >= total:
+                break
+            loss = stage_loss(model, batch, stage, pos_weight, device, cfg, g, per_sample=privacy is not None)
+            steps += 1
+            if loss is None:
+                if privacy is not None:
+                    privacy.empty_step(opt)  # skipping would reveal the empty batch; its noise must still go in
+                sched.step()
+                continue
+            if anchor is not None:
+                loss = loss + proximal_term(params, anchor, cfg.proximal_mu)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            seen += int(batch["image"].shape[0])
+            if on_step is not None:
+                on_step(steps, losses[-1])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        if len(loader) == 0:
+            break
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return TrainResult(float(np.mean(losses)) if losses else float("nan"), seen, steps, time.perf_counter() - t0)

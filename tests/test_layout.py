@@ -1,0 +1,120 @@
+"""The package layout's rules (docs/design.md, "Layout"): dependency direction and no import cycle.
+
+Read from the source with ``ast`` (every ``import``, late ones inside functions included), so a cycle
+hidden behind a late or ``TYPE_CHECKING`` import is found too; then every module is imported in a
+fresh interpreter, in two orders.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "client", "server", "simulations")
+#: What each top-level package may import of the project (simulations -> client, server -> common).
+ALLOWED = {
+    "common": {"common"},
+    "client": {"client", "common"},
+    "server": {"server", "common"},
+    "simulations": {"simulations", "client", "server", "common"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules that ``path`` imports anywhere in its body (``from a.b import c`` counts
+    ``a.b.c`` when that is a module, else ``a.b``)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
+            ]
+        else:
+            continue
+        out.update(n for n in names if n.split(".")[0] in PACKAGES)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {
+        name: {m for m in imports_of(path, modules) if m in modules and m != name} for name, path in modules.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    colour: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        colour[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if colour.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in colour and (found := visit(nxt)):
+                return found
+        stack.pop()
+        colour[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in colour and (found := visit(node)):
+            return found
+    return None
+
+
+def test_find_cycle_sees_a_constructed_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_among_project_modules():
+    assert find_cycle(import_graph()) is None
+
+
+def test_dependency_direction():
+    wrong = [
+        f"{mod} imports {dep}"
+        for mod, deps in import_graph().items()
+        for dep in deps
+        if dep.split(".")[0] not in ALLOWED[mod.split(".")[0]]
+    ]
+    assert wrong == []
+
+
+def test_deployed_client_app_does_not_import_simulation_code_at_load():
+    """``client.simulation`` (partition manifests, injected faults) is imported only when a
+    simulation's manifest is in the run config, never when a hospital's SuperNode loads the app."""
+    tree = ast.parse((REPO / "client" / "client_app.py").read_text(encoding="utf-8"))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+    assert not [n for n in names if n.startswith("client.simulation")]
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_every_module_imports_in_a_fresh_interpreter(order):
+    names = sorted(project_modules())
+    if order == "shuffled":
+        random.Random(7).shuffle(names)
+    code = f"import importlib\nfor n in {names!r}:\n    importlib.import_module(n)\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
