@@ -56,7 +56,7 @@ from tests.helpers.flower import FakeGrid, make_context, make_message, run_confi
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 IMAGE = 32
 DP = {
     "privacy.dp": True,
