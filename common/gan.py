@@ -109,9 +109,7 @@ class GanConfig:
 #: step); small: CPU demo (64 px); paper: GPU (128 px, Miyato & Koyama's 128-px generator
 #: at half width, n_dis = 5 as in both papers).
 GAN_PRESETS: dict[str, GanConfig] = {
-    "tiny": GanConfig(
-        z_dim=32, g_channels=(64, 32, 16), d_channels=(16, 32, 64), lr_d=4e-4, n_dis=1, batch_size=16
-    ),
+    "tiny": GanConfig(z_dim=32, g_channels=(64, 32, 16), d_channels=(16, 32, 64), lr_d=4e-4, n_dis=1, batch_size=16),
     "small": GanConfig(
         z_dim=64, g_channels=(128, 64, 32, 16), d_channels=(32, 64, 128, 256), lr_d=4e-4, n_dis=1, batch_size=32
     ),

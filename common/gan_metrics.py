@@ -157,7 +157,9 @@ def save_grid(
                     ax.imshow(images[k].reshape(images.shape[-2:]).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
                 if row == 0 and k == 0:
                     ax.set_title(kind, fontsize=8, loc="left")
-        axes[row, 0].text(-0.1, 0.5, class_names[c], transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
+        axes[row, 0].text(
+            -0.1, 0.5, class_names[c], transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8
+        )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

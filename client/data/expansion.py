@@ -87,7 +87,11 @@ def derive_expansion(cache: SiteCache, rule: ExpansionRule = ExpansionRule()) ->
         given = s["labels"][EXPANSION_COLUMN]
         rows.append(
             ExpansionRow(
-                s["study"], fu["study"], base_ml, fu_ml, expansion_label(base_ml, fu_ml, rule),
+                s["study"],
+                fu["study"],
+                base_ml,
+                fu_ml,
+                expansion_label(base_ml, fu_ml, rule),
                 None if given is None else int(given),
             )
         )
@@ -105,8 +109,7 @@ def format_disagreements(rows: list[ExpansionRow]) -> str:
     compared = sum(1 for r in rows if r.derived is not None and r.given is not None)
     lines = [f"expansion: {len(bad)} of {compared} labelled pairs disagree with the mask volumes"]
     lines += [
-        f"  {r.study}: labels.csv {r.given}, derived {r.derived} "
-        f"({r.baseline_ml:.1f} ml -> {r.followup_ml:.1f} ml)"
+        f"  {r.study}: labels.csv {r.given}, derived {r.derived} ({r.baseline_ml:.1f} ml -> {r.followup_ml:.1f} ml)"
         for r in bad
     ]
     return "\n".join(lines)
