@@ -111,7 +111,7 @@ class GanConfig:
 GAN_PRESETS: dict[str, GanConfig] = {
     "tiny": GanConfig(z_dim=32, g_channels=(64, 32, 16), d_channels=(16, 32, 64), lr_d=4e-4, n_dis=1, batch_size=16),
     "small": GanConfig(
-        z_dim=64, g_channels=(128, 64, 32, 16), d_channels=(32, 64, 128, 256), lr_d=4e-4, n_dis=1, batch_size=32
+        z_dim=64, g_channels=(128, 64, 32, 16), d_channels=(16, 32, 64, 128), lr_d=4e-4, n_dis=1, batch_size=32
     ),
     "paper": GanConfig(),
 }

@@ -56,3 +56,13 @@ def memory_cache(
         "studies": studies,
     }
     return SiteCache(Path("site-test-cache"), index, images, masks, slice_labels.astype(np.float32))
+
+
+def synthetic_caches(root: Path, size: int = 64) -> list[SiteCache]:
+    """Site caches of a generated dataset's sites, kept in ``root/.cache-tests`` so that tests of
+    several modules share one build (a second call is a cache hit)."""
+    from client.data.cache import build_site_cache
+    from common.config import PreprocessConfig
+
+    cfg = PreprocessConfig(size=size)
+    return [build_site_cache(site, root / ".cache-tests", cfg)[0] for site in sorted(root.glob("site-*"))]

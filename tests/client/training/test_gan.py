@@ -112,3 +112,28 @@ def test_class_counts():
     assert class_counts(9, 0.5) == (5, 4) and class_counts(4, 0.0) == (4, 0)
     with pytest.raises(ValueError):
         class_counts(4, 1.5)
+
+
+@pytest.mark.slow
+def test_site_pipeline_crops_train_generate_augment_and_measure(synthetic_root, tmp_path):
+    """A generated site end to end: training-split crops, a few GAN steps, augmentation, figures."""
+    from client.data.dataset import split_slices
+    from common.gan import get_gan_preset
+    from common.gan_metrics import memorisation, save_grid
+    from tests.helpers.cache import synthetic_caches
+
+    cache = synthetic_caches(synthetic_root)[0]
+    cfg = get_gan_preset("tiny", batch_size=8)
+    splits = split_slices(cache, seed=0)
+    train, held_out = HematomaCrops(cache, splits["train"], cfg), HematomaCrops(cache, splits["test"], cfg)
+    assert len(train) and set(train.labels()) == {0, 1}
+    x, y = train.tensors()
+    G, D = build_gan(cfg, seed=0)
+    assert len(train_gan(G, D, x, y, cfg, steps=2, seed=0).g_losses) == 2
+    mixed = augment_with_generated(SliceDataset(cache, splits["train"]), train, G, ratio=0.25, seed=0)
+    assert mixed[len(mixed) - 1]["image"].shape == (64, 64)
+    fake, classes = generate(G, [0, 1], 8, seed=0)
+    assert memorisation(fake, x, held_out.tensors()[0]).ratio > 0
+    grid = {c: fake[classes == c] for c in (0, 1)}
+    real = {c: x[y == c][:8] for c in (0, 1)}
+    assert save_grid(tmp_path / "grid.png", grid, real, ["no hypodensity", "hypodensity"]).stat().st_size > 0
