@@ -143,7 +143,8 @@ class GeneratedSlices(Dataset):
         self.carriers, self.images, self.classes = carriers, images, classes.to(torch.int64)
         rng = np.random.default_rng(seed)
         self.carrier_of = rng.integers(0, max(len(carriers), 1), size=images.shape[0])
-        self._column = LABELS.index(carriers.cfg.marker)
+        self._labels = np.full((images.shape[0], len(LABELS)), np.nan, dtype=np.float32)
+        self._labels[:, LABELS.index(carriers.cfg.marker)] = self.classes.numpy()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -156,16 +157,14 @@ class GeneratedSlices(Dataset):
         return {
             "image": torch.from_numpy(image),
             "mask": torch.from_numpy(np.array(mask)),
-            "labels": torch.from_numpy(self.labels()[i]),
+            "labels": torch.from_numpy(self._labels[i].copy()),
             "mask_known": torch.tensor(True),
             "study": torch.tensor(-1),
         }
 
     def labels(self) -> np.ndarray:
         """``[N, len(LABELS)]``: the generated class in the marker's column, NaN elsewhere."""
-        out = np.full((len(self), len(LABELS)), np.nan, dtype=np.float32)
-        out[:, self._column] = self.classes.numpy()
-        return out
+        return self._labels.copy()
 
     def hematoma_pixels(self) -> np.ndarray:
         """The carrier slices' hematoma pixels (the mask is the carrier's)."""
@@ -192,7 +191,9 @@ def augment_with_generated(
 
     ``carriers`` are crops of the same site's *training* slices (never validation or test ones).
     ``positive_fraction`` of the generated samples show the marker: the default 0.5 evens out a
-    rare positive class. ``ratio = 0`` returns ``real`` unchanged. Deterministic by ``seed``.
+    rare positive class. ``ratio = 0`` returns ``real`` unchanged. A pooled ``real`` (``ConcatDataset``)
+    stays flat: the generated part is appended to its parts, so ``dataset.parts_of`` sees every one.
+    Deterministic by ``seed``.
     """
     if ratio < 0:
         raise ValueError(f"ratio must be >= 0, got {ratio}")
@@ -203,4 +204,5 @@ def augment_with_generated(
     neg, y_neg = generate(G, 0, n_neg, seed)
     pos, y_pos = generate(G, 1, n_pos, seed + 1)
     fake = GeneratedSlices(carriers, torch.cat([neg, pos]), torch.cat([y_neg, y_pos]), seed)
-    return ConcatDataset([real, fake])
+    parts = list(real.datasets) if isinstance(real, ConcatDataset) else [real]  # one flat list of site parts
+    return ConcatDataset([*parts, fake])

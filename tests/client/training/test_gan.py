@@ -106,6 +106,8 @@ def test_augmentation_adds_generated_slices_at_the_ratio_in_slice_format():
     assert dataset_labels(mixed).shape == (len(mixed), len(LABELS))  # the loaders' helpers see both parts
     assert stage_positives(mixed, stage=2).sum() == 1 + 4
     assert augment_with_generated(real, carriers, G, ratio=0.0, seed=0) is real
+    pooled = augment_with_generated(ConcatDataset([real, real]), carriers, G, ratio=0.5, seed=0)
+    assert len(pooled.datasets) == 3 and len(pooled) == 2 * len(real) + 6
 
 
 def test_class_counts():
