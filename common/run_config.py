@@ -237,16 +237,6 @@ class RunConfig:
         return model, pre
 
 
-def run_value(run_config: Mapping[str, Any], key: str) -> Any:
-    """One run-config value; a missing key names itself (every key has a default in pyproject.toml)."""
-    try:
-        return run_config[key]
-    except KeyError:
-        raise KeyError(
-            f"run config has no key {key!r}: every key needs a default in [tool.flwr.app.config] of pyproject.toml"
-        ) from None
-
-
 def run_config_key(group: str, name: str) -> str:
     """The run-config key of a field: ``("train", "lr_stage2")`` -> ``train.lr-stage2``; no group: top-level."""
     key = name.replace("_", "-")
@@ -267,7 +257,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     A missing key is a KeyError, a value of the wrong type or out of range a ValueError; both name the key.
     """
     values = {
-        f: _parse_group(kind, f, run_config) if is_dataclass(kind) else _typed(f, run_value(run_config, f), kind)
+        f: _parse_group(kind, f, run_config) if is_dataclass(kind) else _read(run_config, run_config_key("", f), kind)
         for f, kind in _field_types(RunConfig).items()
     }
     return RunConfig(**values)
@@ -286,11 +276,12 @@ def _field_types(cls: type) -> dict[str, type]:
 
 def _parse_group(cls: type, group: str, run_config: Mapping[str, Any]) -> Any:
     return cls(
-        **{
-            name: _typed(run_config_key(group, name), run_value(run_config, run_config_key(group, name)), kind)
-            for name, kind in _field_types(cls).items()
-        }
+        **{name: _read(run_config, run_config_key(group, name), kind) for name, kind in _field_types(cls).items()}
     )
+
+
+def _read(run_config: Mapping[str, Any], key: str, kind: type) -> Any:
+    return _typed(key, _value(run_config, key), kind)
 
 
 def _typed(key: str, value: Any, kind: type) -> Any:
@@ -306,3 +297,13 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     if kind is float and number:
         return float(value)
     raise ValueError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
+
+
+def _value(run_config: Mapping[str, Any], key: str) -> Any:
+    """One run-config value; a missing key names itself (every key has a default in pyproject.toml)."""
+    try:
+        return run_config[key]
+    except KeyError:
+        raise KeyError(
+            f"run config has no key {key!r}: every key needs a default in [tool.flwr.app.config] of pyproject.toml"
+        ) from None

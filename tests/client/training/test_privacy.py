@@ -12,7 +12,6 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,11 +54,10 @@ from server.federation import run_federation
 from server.replies import idle_reason
 from simulations.sites import prepare_caches
 from tests.helpers.data import write_site
-from tests.helpers.flower import FakeGrid, make_context, make_message, run_config, set_task_identity
+from tests.helpers.flower import REPO, FakeGrid, make_context, make_message, run_config, set_task_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[2]
 IMAGE = 32
 DP = {
     "privacy.dp": True,
