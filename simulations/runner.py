@@ -41,7 +41,7 @@ from common.records import HALF_OF_STAGE, TrainInstruction, model_from_run_confi
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
-from simulations.report import mean_sd
+from simulations.report.tables import mean_sd
 from simulations.sites import prepare_caches
 from simulations.splits import (
     SitePlan,
