@@ -5,17 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from client.preprocessing.morphology import (
-    CROSS,
-    SQUARE,
-    bbox,
-    bbox_area,
-    block_any,
-    dilate3x3,
-    erode3x3,
-    fill_holes,
-    upsample,
-)
+from client.preprocessing import morphology as morph
 
 
 def _random_mask(shape=(3, 23, 17), p=0.3, seed=0) -> np.ndarray:
@@ -25,30 +15,30 @@ def _random_mask(shape=(3, 23, 17), p=0.3, seed=0) -> np.ndarray:
 def test_dilate_and_erode_match_scipy_with_a_3x3_square():
     m = _random_mask()
     for i in range(m.shape[0]):
-        np.testing.assert_array_equal(dilate3x3(m)[i], ndi.binary_dilation(m[i], SQUARE))
-        np.testing.assert_array_equal(erode3x3(m)[i], ndi.binary_erosion(m[i], SQUARE, border_value=1))
+        np.testing.assert_array_equal(morph.dilate3x3(m)[i], ndi.binary_dilation(m[i], morph.SQUARE))
+        np.testing.assert_array_equal(morph.erode3x3(m)[i], ndi.binary_erosion(m[i], morph.SQUARE, border_value=1))
 
 
 def test_fill_holes_matches_scipy():
     for seed in range(5):
         m = _random_mask((31, 29), p=0.55, seed=seed)
-        np.testing.assert_array_equal(fill_holes(m), ndi.binary_fill_holes(m, CROSS))
-    assert not fill_holes(np.zeros((4, 4), bool)).any()
+        np.testing.assert_array_equal(morph.fill_holes(m), ndi.binary_fill_holes(m, morph.CROSS))
+    assert not morph.fill_holes(np.zeros((4, 4), bool)).any()
 
 
 def test_block_any_and_upsample_cover_the_mask():
     m = _random_mask(p=0.05)
-    low = block_any(m, 3)
+    low = morph.block_any(m, 3)
     assert low.shape == (3, 8, 6)
-    back = upsample(low, 3, m.shape[-2:])
+    back = morph.upsample(low, 3, m.shape[-2:])
     assert back.shape == m.shape and not (m & ~back).any()
-    np.testing.assert_array_equal(block_any(m, 1), m)
+    np.testing.assert_array_equal(morph.block_any(m, 1), m)
 
 
 def test_bbox_pads_and_clips():
     m = np.zeros((10, 12), bool)
     m[2:4, 5:9] = True
-    assert bbox(m, 0) == (slice(2, 4), slice(5, 9))
-    assert bbox(m, 3) == (slice(0, 7), slice(2, 12))
-    assert bbox_area(m) == 8
-    assert bbox(np.zeros((3, 3), bool), 1) is None and bbox_area(np.zeros((3, 3), bool)) == 0
+    assert morph.bbox(m, 0) == (slice(2, 4), slice(5, 9))
+    assert morph.bbox(m, 3) == (slice(0, 7), slice(2, 12))
+    assert morph.bbox_area(m) == 8
+    assert morph.bbox(np.zeros((3, 3), bool), 1) is None and morph.bbox_area(np.zeros((3, 3), bool)) == 0
