@@ -42,7 +42,7 @@ from common.run_config import TrainOptions, model_from_run_config, parse_run_con
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
-from simulations.report import mean_sd
+from simulations.report.tables import mean_sd
 from simulations.sites import prepare_caches
 from simulations.splits import (
     SitePlan,

@@ -1,4 +1,4 @@
-"""The package layout's rules (docs/design.md, "Layout"): dependency direction and no import cycle.
+"""The package layout's rules (docs/design.md §3): dependency direction and no import cycle.
 
 Read from the source with ``ast`` (every ``import``, late ones inside functions included), so a cycle
 hidden behind a late or ``TYPE_CHECKING`` import is found too; then every module is imported in a
