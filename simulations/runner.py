@@ -8,7 +8,7 @@ leave-one-site-out fold, on all patients of the held-out site. Results are long-
 timings, handed to ``simulations.report``.
 
 Local-only and pooled training run in this process with the ClientApp's own training code and
-configuration (``SiteRunConfig.train_config``: same optimiser, augmentation, balanced sampling and
+configuration (``SiteRunConfig.train_config``: same optimiser, augmentation, sampling and
 per-round seeds); federated methods run on Flower's simulation engine (``simulations.engine``).
 """
 
@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +231,8 @@ def train_rounds(
             local_steps=steps_per_round,
             local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))),
         )
-        cfg = site_run.train_config(order)
-        loader = make_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage)
+        cfg = replace(site_run.train_config(order), marker_sampling=str(run_value(rc, "train.marker-sampling")))
+        loader = make_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(stage), stage=stage)
         if len(ds):
             train_stage(model, loader, stage, cfg, "cpu", weight if stage == 2 else None)
         if after_round is not None:
@@ -411,7 +411,7 @@ class Runner:
                     local_steps=method.finetune_steps or steps,
                 )
             )
-            train_stage(tuned, make_loader(train_loc, cfg.batch_size, True, cfg.seed, cfg.balanced, stage=1), 1, cfg)
+            train_stage(tuned, make_loader(train_loc, cfg.batch_size, True, cfg.seed, cfg.oversample(1), stage=1), 1, cfg)
             after = evaluate(tuned, test_loc, "cpu", self.eval_batch)
             for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):
                 self.results.rows += [

@@ -12,8 +12,8 @@ Layout of ``CACHE_DIR/<site_id>-<key16>/`` (format version in ``index.json``):
 - ``slice_labels.f4`` float32 ``[N, len(LABELS)]`` slice labels (NaN = not annotated / unknown)
 - ``index.json``: key, preprocessing config, labels, ``n_slices``, image size and per study:
   pseudonyms, slice range, mask known, study labels, model-pixel size in mm, location, the
-  ``site`` column of a pooled dataset (``group``), and per
-  slice the brain fraction and the number of hematoma pixels.
+  ``site`` column of a pooled dataset (``group``), the patient's ``patient_order`` (see
+  ``patient_orders``), and per slice the brain fraction and the number of hematoma pixels.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from client.ingest.site_settings import read_site_settings
 from client.ingest.study import StudyRecord, label_vector_or_missing
 from common.config import LABELS, MARKERS, PreprocessConfig
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 #: Where `flwr-client prepare` and a SuperNode without ``cache-dir`` keep the site cache.
 DEFAULT_CACHE = Path.home() / ".cache" / "hemexp"
 SECRET_FILE = ".pseudonym-key"
@@ -78,6 +78,20 @@ def slice_labels(study_labels: np.ndarray, mask: np.ndarray | None, n_slices: in
     out = np.zeros((n_slices, len(LABELS)), dtype=np.float32)
     out[holds] = study_labels
     return out
+
+
+def patient_orders(patient_ids: list[str]) -> list[int]:
+    """Per study, its patient's rank among the site's distinct patients, ordered by an unkeyed hash.
+
+    What the patient-wise split ranks (``client.data.dataset.split_slices``): it depends on the
+    data only, never on the random pseudonym key, so every copy of a site's data splits alike.
+    The number names nobody: the ids are discarded, and the hash order hides the order of the ids
+    (admission numbers sort by date). The hash is never stored (a public hash of a guessable id
+    could be reversed by trying ids).
+    """
+    ranked = sorted(set(patient_ids), key=lambda pid: hashlib.sha256(f"patient:{pid}".encode()).digest())
+    rank = {pid: i for i, pid in enumerate(ranked)}
+    return [rank[pid] for pid in patient_ids]
 
 
 @dataclass(frozen=True)
@@ -169,7 +183,7 @@ def build_site_cache(site_dir: Path | str, cache_root: Path | str, cfg: Preproce
     tmp.mkdir(parents=True)
     walk = iter_studies(site_dir)
     problems: list[Problem] = list(next(walk))
-    studies, n = [], 0
+    studies, patient_ids, n = [], [], 0
     if progress:
         from tqdm import tqdm
         walk = tqdm(walk, desc=f"cache {site.site_id}", unit="study")
@@ -190,7 +204,10 @@ def build_site_cache(site_dir: Path | str, cache_root: Path | str, cfg: Preproce
             entry["brain_fraction"] = [round(float(v), 4) for v in out.brain_fraction]
             entry["mask_pixels"] = [int(v) for v in masks.reshape(k, -1).sum(axis=1, dtype=np.int64)]
             studies.append(entry)
+            patient_ids.append(record.ref.patient_id)
             n += k
+    for entry, order in zip(studies, patient_orders(patient_ids)):
+        entry["patient_order"] = order
     index = {"format": CACHE_FORMAT, "key": key, "site_id": site.site_id, "preprocess": cfg.to_dict(),
              "labels": list(LABELS), "markers": list(MARKERS), "size": cfg.size, "n_slices": n,
              "n_studies": len(studies), "studies": studies}

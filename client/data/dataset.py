@@ -6,7 +6,8 @@ default (the paper's §5.1.1: a random slice split leaks one patient into train 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+import hmac
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,17 +27,28 @@ def brain_slices(cache: SiteCache, min_fraction: float = MIN_BRAIN_FRACTION) -> 
     return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
 
 
-def _rank(key: str, seed: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+def split_key(seed: int, site: str) -> bytes:
+    """The key of a site's split: derived from the run's seed and the site id, nothing secret.
+
+    Anyone with the same data and seed gets the same split; a site id in the key keeps the
+    splits of different sites independent (patient ranks repeat from site to site).
+    """
+    return hashlib.sha256(f"hemexp-split:{seed}:{site}".encode()).digest()
 
 
-def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
+def _rank(group: str, key: bytes) -> int:
+    return int.from_bytes(hmac.new(key, group.encode(), hashlib.sha256).digest()[:8], "big")
+
+
+def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int, site: str = "") -> dict[str, str]:
     """Deterministically assign each distinct group (a patient) to a split by ``fractions``.
 
-    Every split with a positive fraction gets at least one group when there are enough groups,
-    so a small site still has a test patient.
+    Groups are ranked by a keyed hash (``split_key(seed, site)``), so the assignment depends on
+    the seed, the site and the group names only. Every split with a positive fraction gets at
+    least one group when there are enough groups, so a small site still has a test patient.
     """
-    distinct = sorted(set(groups), key=lambda g: _rank(g, seed))
+    key = split_key(seed, site)
+    distinct = sorted(set(groups), key=lambda g: _rank(g, key))
     n = len(distinct)
     counts = np.floor(np.asarray(fractions, dtype=float) / sum(fractions) * n).astype(int)
     for i in np.argsort(-np.asarray(fractions)):  # hand out the rest, largest fraction first
@@ -52,19 +64,32 @@ def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) 
     return {g: SPLITS[int(np.searchsorted(bounds, i, side="right"))] for i, g in enumerate(distinct)}
 
 
+def study_split_ids(cache: SiteCache) -> list[str]:
+    """Per study, the name its patient is split by: source site and ``patient_order``.
+
+    Not the pseudonym: that is keyed by the site's random secret, so a split ranking pseudonyms
+    differs on every fresh copy of the data. A virtual site's studies keep their source's name.
+    """
+    site = cache.index["site_id"]
+    return [f"{s.get('source', site)}#{s['patient_order']}" for s in cache.studies]
+
+
 def split_slices(cache: SiteCache, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
                  by: str = "patient", min_brain: float = MIN_BRAIN_FRACTION) -> dict[str, np.ndarray]:
     """Slice indices per split. ``by="patient"`` (default) keeps every patient in one split;
-    ``by="slice"`` splits slices at random (only to show the leakage effect)."""
+    ``by="slice"`` splits slices at random (only to show the leakage effect).
+
+    Membership depends on the seed, the site id and the data only (``assign_groups``).
+    """
     if by not in ("patient", "slice"):
         raise ValueError(f"split by must be 'patient' or 'slice', got {by!r}")
     idx = brain_slices(cache, min_brain)
     if by == "slice":
-        keys = [f"{cache.path.name}:{i}" for i in idx]
+        keys = [str(i) for i in idx]
     else:
-        patient_of_slice = np.asarray([s["patient"] for s in cache.studies])[cache.slice_study()]
+        patient_of_slice = np.asarray(study_split_ids(cache))[cache.slice_study()] if cache.studies else np.zeros(0, str)
         keys = list(patient_of_slice[idx])
-    assignment = assign_groups(keys, fractions, seed)
+    assignment = assign_groups(keys, fractions, seed, site=cache.index["site_id"])
     split_of = np.asarray([assignment[k] for k in keys]) if len(keys) else np.zeros(0, dtype=str)
     return {name: idx[split_of == name] for name in SPLITS}
 
@@ -119,6 +144,18 @@ class SliceDataset(Dataset):
         names = np.asarray([f"{self.cache.path.name}/{s['study']}" for s in self.cache.studies])
         return names[self._study[self.indices]] if len(self) else np.zeros(0, dtype=str)
 
+    def patient_keys(self) -> np.ndarray:
+        """A patient key per slice, unique across sites and the same on every copy of the data
+        (site id + ``study_split_ids``), so that a bootstrap over patients is reproducible."""
+        site = self.cache.index["site_id"]
+        names = np.asarray([f"{site}/{k}" for k in study_split_ids(self.cache)])
+        return names[self._study[self.indices]] if len(self) else np.zeros(0, dtype=str)
+
+    @property
+    def min_mask_pixels(self) -> int:
+        """Pixels a mask needs on a slice for the slice to hold hematoma (the cache's preprocessing)."""
+        return int(self.cache.index["preprocess"]["min_mask_pixels"])
+
 
 def parts_of(ds: Dataset) -> list[SliceDataset]:
     """The site datasets inside a (possibly pooled) dataset."""
@@ -133,6 +170,11 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
 def dataset_study_keys(ds: Dataset) -> np.ndarray:
     parts = parts_of(ds)
     return np.concatenate([p.study_keys() for p in parts]) if parts else np.zeros(0, dtype=str)
+
+
+def dataset_patient_keys(ds: Dataset) -> np.ndarray:
+    parts = parts_of(ds)
+    return np.concatenate([p.patient_keys() for p in parts]) if parts else np.zeros(0, dtype=str)
 
 
 def balanced_weights(positive: np.ndarray) -> np.ndarray:
