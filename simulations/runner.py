@@ -232,7 +232,9 @@ def train_rounds(
             local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))),
         )
         cfg = replace(site_run.train_config(order), marker_sampling=str(run_value(rc, "train.marker-sampling")))
-        loader = make_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(stage), stage=stage)
+        loader = make_loader(
+            ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(stage), stage=stage
+        )
         if len(ds):
             train_stage(model, loader, stage, cfg, "cpu", weight if stage == 2 else None)
         if after_round is not None:
@@ -411,7 +413,9 @@ class Runner:
                     local_steps=method.finetune_steps or steps,
                 )
             )
-            train_stage(tuned, make_loader(train_loc, cfg.batch_size, True, cfg.seed, cfg.oversample(1), stage=1), 1, cfg)
+            train_stage(
+                tuned, make_loader(train_loc, cfg.batch_size, True, cfg.seed, cfg.oversample(1), stage=1), 1, cfg
+            )
             after = evaluate(tuned, test_loc, "cpu", self.eval_batch)
             for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):
                 self.results.rows += [

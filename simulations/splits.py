@@ -100,8 +100,12 @@ def pool_patients(sources: Sequence[SiteCache]) -> list[Patient]:
     for s, cache in enumerate(sources):
         for i, study in enumerate(cache.studies):
             grouped.setdefault((s, study["patient"]), []).append((s, i))
-    ordered = sorted(grouped.items(), key=lambda kv: (kv[0][0], sources[kv[0][0]].studies[kv[1][0][1]]["patient_order"]))
-    return [Patient(key, tuple(st), patient_class(sources[st[0][0]].studies[st[0][1]]["labels"])) for key, st in ordered]
+    ordered = sorted(
+        grouped.items(), key=lambda kv: (kv[0][0], sources[kv[0][0]].studies[kv[1][0][1]]["patient_order"])
+    )
+    return [
+        Patient(key, tuple(st), patient_class(sources[st[0][0]].studies[st[0][1]]["labels"])) for key, st in ordered
+    ]
 
 
 def natural_plans(sources: Sequence[SiteCache]) -> list[SitePlan]:

@@ -3,6 +3,7 @@
 The dataset reads only the cache, never DICOM (docs/design.md §8). Splits are patient-disjoint by
 default (the paper's §5.1.1: a random slice split leaks one patient into train and test).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,13 @@ def study_split_ids(cache: SiteCache) -> list[str]:
     return [f"{s.get('source', site)}#{s['patient_order']}" for s in cache.studies]
 
 
-def split_slices(cache: SiteCache, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
-                 by: str = "patient", min_brain: float = MIN_BRAIN_FRACTION) -> dict[str, np.ndarray]:
+def split_slices(
+    cache: SiteCache,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    by: str = "patient",
+    min_brain: float = MIN_BRAIN_FRACTION,
+) -> dict[str, np.ndarray]:
     """Slice indices per split. ``by="patient"`` (default) keeps every patient in one split;
     ``by="slice"`` splits slices at random (only to show the leakage effect).
 
@@ -87,7 +93,9 @@ def split_slices(cache: SiteCache, fractions: Sequence[float] = (0.6, 0.2, 0.2),
     if by == "slice":
         keys = [str(i) for i in idx]
     else:
-        patient_of_slice = np.asarray(study_split_ids(cache))[cache.slice_study()] if cache.studies else np.zeros(0, str)
+        patient_of_slice = (
+            np.asarray(study_split_ids(cache))[cache.slice_study()] if cache.studies else np.zeros(0, str)
+        )
         keys = list(patient_of_slice[idx])
     assignment = assign_groups(keys, fractions, seed, site=cache.index["site_id"])
     split_of = np.asarray([assignment[k] for k in keys]) if len(keys) else np.zeros(0, dtype=str)
@@ -118,16 +126,24 @@ class SliceDataset(Dataset):
 
     def labels(self) -> np.ndarray:
         """Slice labels ``[N, len(LABELS)]`` of this dataset's slices (NaN = unknown)."""
-        return np.asarray(self.cache.slice_labels[self.indices]) if len(self) else np.zeros((0, len(LABELS)), np.float32)
+        return (
+            np.asarray(self.cache.slice_labels[self.indices]) if len(self) else np.zeros((0, len(LABELS)), np.float32)
+        )
 
     def hematoma_pixels(self) -> np.ndarray:
         """Reference hematoma pixels per slice (0 where the study has no mask)."""
-        per_slice = np.concatenate([np.asarray(s["mask_pixels"]) for s in self.cache.studies]) if self.cache.studies else np.zeros(0)
+        per_slice = (
+            np.concatenate([np.asarray(s["mask_pixels"]) for s in self.cache.studies])
+            if self.cache.studies
+            else np.zeros(0)
+        )
         return per_slice[self.indices] if len(self) else np.zeros(0, dtype=np.int64)
 
     def voxel_ml(self) -> np.ndarray:
         """Volume of one model-resolution voxel in ml, per slice (for hematoma volumes)."""
-        per_study = np.asarray([s["pixel_mm"][0] * s["pixel_mm"][1] * s["slice_mm"] / 1000.0 for s in self.cache.studies])
+        per_study = np.asarray(
+            [s["pixel_mm"][0] * s["pixel_mm"][1] * s["slice_mm"] / 1000.0 for s in self.cache.studies]
+        )
         return per_study[self._study[self.indices]] if len(self) else np.zeros(0)
 
     def study_labels(self) -> dict[str, np.ndarray]:
@@ -197,11 +213,15 @@ def stage_positives(ds: Dataset, stage: int) -> np.ndarray:
     return np.nan_to_num(labels, nan=0.0).max(axis=1) > 0 if labels.size else np.zeros(0, bool)
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, balanced: bool = False, stage: int = 2) -> DataLoader:
+def make_loader(
+    ds: Dataset, batch_size: int, shuffle: bool, seed: int, balanced: bool = False, stage: int = 2
+) -> DataLoader:
     """A deterministic loader (seeded generator); ``balanced`` samples the stage's positives more often."""
     g = torch.Generator().manual_seed(seed)
     if balanced and shuffle and len(ds):
         w = balanced_weights(stage_positives(ds, stage))
-        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(ds), replacement=True, generator=g)
+        sampler = WeightedRandomSampler(
+            torch.as_tensor(w, dtype=torch.double), num_samples=len(ds), replacement=True, generator=g
+        )
         return DataLoader(ds, batch_size=batch_size, sampler=sampler)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)

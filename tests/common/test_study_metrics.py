@@ -15,6 +15,7 @@ from common.study_metrics import (
     brier,
     choose_thresholds,
     concat_outputs,
+    dice_interval,
     ece,
     fit_temperature,
     fit_temperature_from_stats,
@@ -95,7 +96,7 @@ def test_patient_bootstrap_covers_a_known_auc_at_about_the_nominal_rate() -> Non
     trials, hits = 120, 0
     for t in range(trials):
         y, s, patients = _clustered(rng, 20, 20, d)
-        ci = bootstrap_ci(lambda idx: auroc(y[idx], s[idx]), patients, y, n_boot=200, seed=t)
+        ci = bootstrap_ci(lambda idx, y=y, s=s: auroc(y[idx], s[idx]), patients, y, n_boot=200, seed=t)
         hits += ci.low <= true_auc <= ci.high
     assert 0.88 <= hits / trials <= 0.99
 
@@ -150,7 +151,9 @@ def test_paired_difference_of_macro_auroc() -> None:
     assert same.estimate == same.low == same.high == 0.0
     diff = paired_difference(good, noise, n_boot=300)
     assert diff.low > 0 and diff.estimate == pytest.approx(
-        np.mean([roc_auc_score(y[:, c], good.logits[:, c]) - roc_auc_score(y[:, c], noise.logits[:, c]) for c in (0, 1)])
+        np.mean(
+            [roc_auc_score(y[:, c], good.logits[:, c]) - roc_auc_score(y[:, c], noise.logits[:, c]) for c in (0, 1)]
+        )
     )
     with pytest.raises(ValueError, match="labels differ"):
         paired_difference(good, _outputs(1 - y, noise.logits, names=("a", "b")), n_boot=10)
@@ -194,3 +197,10 @@ def test_study_outputs_round_trip_json() -> None:
     back = StudyOutputs.from_dict(out.to_dict())
     np.testing.assert_array_equal(back.labels, out.labels)
     assert back.stratum.tolist() == ["0", "0", "1"] and back.names == out.names
+
+
+def test_dice_interval_is_the_mean_per_study_dice_resampled_by_patient() -> None:
+    counts = np.array([[8, 2, 2], [0, 0, 0], [1, 3, 0], [5, 0, 5]])  # Dice 0.8, 1 (nothing to find), 0.4, 2/3
+    ci = dice_interval(counts, np.array(["a", "a", "b", "c"]), n_boot=200)
+    assert ci.estimate == pytest.approx(np.mean([0.8, 1.0, 0.4, 2 / 3]))
+    assert 0.4 <= ci.low <= ci.estimate <= ci.high <= 1.0
