@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run.train_config(order)
     privacy = SitePrivacy.open(run.config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
     loader = make_loader(
-        data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=order.stage
+        data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(order.stage), stage=order.stage
     )
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = (
