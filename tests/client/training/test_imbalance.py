@@ -9,6 +9,7 @@ from torch.utils.data import RandomSampler, TensorDataset
 
 from client.data.dataset import make_loader
 from client.training.train import TrainConfig
+from common.run_config import parse_run_config
 from simulations.experiment import load_experiment
 from simulations.runner import full_run_config, stage2_weight
 
@@ -45,4 +46,4 @@ def test_the_unweighted_arm_applies_no_weight_and_no_oversampling() -> None:
         loader = make_loader(ds, 4, shuffle=True, seed=0, balanced=cfg.oversample(2), stage=2)
         assert isinstance(loader.sampler, RandomSampler)  # every slice alike, no WeightedRandomSampler
         if rc["train.pos-weight"] == "none":
-            assert stage2_weight(rc, None, ds) is None
+            assert stage2_weight(parse_run_config(rc).train, None, ds) is None
