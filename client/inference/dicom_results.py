@@ -25,12 +25,14 @@ from common.config import MARKERS
 
 #: Private coding scheme of the markers and their probabilities.
 SCHEME = "99HEMEXP"
-MARKER_MEANINGS = {
-    "hypodensity": "Hypodensity within hematoma",
-    "irregular_margin": "Irregular hematoma margin",
-    "blend_sign": "Blend sign",
-    "fluid_level": "Fluid level within hematoma",
-    "expansion": "Hematoma expansion",
+#: Output -> (code value, meaning). Code values stay within 16 characters (a short CodeValue):
+#: highdicom writes longer ones as LongCodeValue, which some readers (highdicom's own) do not expect.
+MARKER_CODES = {
+    "hypodensity": ("HYPODENSITY", "Hypodensity within hematoma"),
+    "irregular_margin": ("IRREG-MARGIN", "Irregular hematoma margin"),
+    "blend_sign": ("BLEND-SIGN", "Blend sign"),
+    "fluid_level": ("FLUID-LEVEL", "Fluid level within hematoma"),
+    "expansion": ("EXPANSION", "Hematoma expansion"),
 }
 MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9901, 9902
@@ -40,13 +42,13 @@ MANUFACTURER = "hemexp project"
 
 
 def finding_code(label: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(label.upper().replace("_", "-"), SCHEME, MARKER_MEANINGS[label])
+    value, meaning = MARKER_CODES[label]
+    return hd.sr.CodedConcept(value, SCHEME, meaning)
 
 
 def probability_code(label: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(
-        f"{label.upper().replace('_', '-')}-P", SCHEME, f"Probability of {MARKER_MEANINGS[label]}"
-    )
+    value, meaning = MARKER_CODES[label]
+    return hd.sr.CodedConcept(f"{value}-P", SCHEME, f"Probability of {meaning[0].lower()}{meaning[1:]}")
 
 
 #: Type 2 attributes of the Patient and General Study modules that highdicom copies: they must be
@@ -153,9 +155,7 @@ def build_sr(
     key = sources[pred.shown_slice]
     key_image = hd.sr.SourceImageForMeasurement(key.SOPClassUID, key.SOPInstanceUID)
     outputs = sr_outputs(result)
-    volume = hd.sr.Measurement(
-        name=codes.SCT.Volume, value=result["volume_ml"], unit=MILLILITER, algorithm_id=algorithm_id
-    )
+    volume = hd.sr.Measurement(name=codes.SCT.Volume, value=result["volume_ml"], unit=MILLILITER)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=TRACKING_ID),
         referenced_segment=hd.sr.ReferencedSegment(
