@@ -135,8 +135,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from client.inference.serve import Destination, NodeConfig, serve_forever
     from common.runtime import resolve_device
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name UIDs
+    # Only the node's own lines at INFO: pynetdicom's and highdicom's name UIDs.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("hemexp").setLevel(logging.INFO)
     if args.audit_log:
         handler = logging.FileHandler(args.audit_log)
         handler.setFormatter(logging.Formatter("%(message)s"))

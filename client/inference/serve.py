@@ -101,7 +101,7 @@ def refusal(ds: Dataset) -> str | None:
     modality = str(ds.get("Modality", "") or "missing")
     if sop_class != CTImageStorage or modality != "CT":
         name = getattr(ds.get("SOPClassUID"), "name", sop_class) or "unknown"
-        return f"not a CT image ({name}, Modality {modality}): only axial CT Image Storage series are scored"
+        return f"not CT ({name}, Modality {modality})"
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
         if not ds.get(keyword):
             return f"missing {keyword}: the instance cannot be placed in a series"
@@ -186,10 +186,15 @@ class Node:
             series = self.spool.pseudonymise("series", str(ds.get("SeriesInstanceUID", "")))
             if series not in self._refused:  # one line per refused series, not one per instance
                 self._refused.add(series)
-                log.warning("refused series=%s from %s: %s", series, event.assoc.requestor.ae_title, reason)
+                log.warning(
+                    "refused series=%s from %s: %s; only axial CT Image Storage series are scored",
+                    series,
+                    event.assoc.requestor.ae_title,
+                    reason,
+                )
             answer = Dataset()
             answer.Status = STATUS_SOP_CLASS_NOT_SUPPORTED
-            answer.ErrorComment = reason[:64]
+            answer.ErrorComment = f"hemexp scores CT only: {reason}"[:64]  # LO: 64 characters
             return answer
         try:
             self.spool.add(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), event.encoded_dataset())
@@ -197,6 +202,15 @@ class Node:
             log.error("cannot spool an instance: %s", type(exc).__name__)
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
+
+    def _on_rejected(self, event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "refused association from %s (%s) calling %s: not an allowed calling/called AE title",
+            requestor.ae_title,
+            requestor.address,
+            event.assoc.acceptor.ae_title,
+        )
 
     # -- worker ----------------------------------------------------------------------------------
 
@@ -269,7 +283,9 @@ class Node:
             shutil.rmtree(folder, ignore_errors=True)
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self._server = ae.start_server(
-            (cfg.host, cfg.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            (cfg.host, cfg.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)],
         )
         self._threads = [threading.Thread(target=t, daemon=True, name=t.__name__) for t in (self._watch, self._work)]
         for t in self._threads:
