@@ -258,9 +258,9 @@ def run_prediction(
     checkpoint path."""
     scoring = model if isinstance(model, ScoringModel) else load_scoring_model(model, device)
     ckpt = scoring.ckpt
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     pred = predict_study(study_dir, ckpt, scoring.device, model=scoring.model, window=window)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a study that cannot be read leaves no folder
     top = max(pred.markers, key=pred.markers.get)
     cam = grad_cam(scoring.model, pred.slices[pred.shown_slice], list(ckpt.labels).index(top), scoring.device)
     draw_overlay(pred, cam, out_dir / "overlay.png", top)
