@@ -6,12 +6,10 @@ Every process the test starts is stopped by it; every wait is bounded."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,48 +19,10 @@ from pydicom.uid import MRImageStorage
 
 from client.inference.serve import Destination, Spool, refusal
 from tests.helpers.clinic import leaks, write_study
+from tests.helpers.dicom_net import LOOPBACK, free_port, listening, need, stop, storescu, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
-LOOPBACK = "127.0.0.1"
 SEG_CLASS, SR_CLASS = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} not found: apt-get install -y dcmtk dicom3tools (README, 'Fresh machine')")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := check():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((LOOPBACK, port)) == 0
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -97,11 +57,6 @@ def node(tmp_path, pacs, clinic_checkpoint) -> Iterator[dict]:
     finally:
         stop(proc)
         log.close()
-
-
-def storescu(port: int, folder: Path, calling: str = "MODALITY") -> subprocess.CompletedProcess:
-    cmd = [need("storescu"), "-v", "-aet", calling, "-aec", "HEMEXP", LOOPBACK, str(port), "+sd", str(folder)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 def audit_lines(path: Path) -> list[str]:
