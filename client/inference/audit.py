@@ -18,6 +18,8 @@ from client.ingest.dicom import StudyError
 
 #: A reason cut at its first ": " keeps the kind and drops the detail (UIDs, file names, paths).
 _DETAIL = re.compile(r"(: | \(| from ).*$", re.S)
+#: Paths and UIDs in the message of an error that is not a ``StudyError``.
+_PATH_OR_UID = re.compile(r"\S*/\S*|\d+(?:\.\d+){3,}")
 
 
 class Pseudonymiser:
@@ -33,7 +35,9 @@ class Pseudonymiser:
 def public_reason(exc: BaseException) -> str:
     """Why a study was not scored, free of paths, UIDs and file names."""
     if not isinstance(exc, StudyError):
-        return f"{type(exc).__name__}: {_DETAIL.sub('', str(exc).splitlines()[0] if str(exc) else '')}".rstrip(": ")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        text = _DETAIL.sub("", _PATH_OR_UID.sub("", first).strip(" :"))
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     head = exc.reason.split(": ")[0]
     kinds = Counter(_DETAIL.sub("", p.reason) for p in exc.problems if p.path != exc.path)
     if not kinds:

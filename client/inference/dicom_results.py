@@ -16,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from client.inference.predict import StudyPrediction
 from common.config import MARKERS
 
 #: Private coding scheme of the markers and their probabilities.
@@ -85,8 +85,9 @@ def algorithm_text(algorithm: dict[str, str]) -> tuple[str, str]:
     return algorithm["name"], f"{algorithm['version']} sha256:{algorithm['checkpoint_sha256'][:16]}"
 
 
-def build_seg(pred: StudyPrediction, sources: list[pydicom.Dataset], algorithm: dict[str, str]) -> hd.seg.Segmentation:
-    """One binary segment (Morphologically abnormal structure / Hemorrhage), one frame per source slice."""
+def build_seg(mask: np.ndarray, sources: list[pydicom.Dataset], algorithm: dict[str, str]) -> hd.seg.Segmentation:
+    """One binary segment (Morphologically abnormal structure / Hemorrhage); ``mask`` is ``[K, R, C]``
+    on the source grid, frame k on ``sources[k]``."""
     name, version = algorithm_text(algorithm)
     description = hd.seg.SegmentDescription(
         segment_number=1,
@@ -106,7 +107,7 @@ def build_seg(pred: StudyPrediction, sources: list[pydicom.Dataset], algorithm: 
     )
     return hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=pred.source_mask().astype(bool),
+        pixel_array=np.asarray(mask).astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
         series_instance_uid=generate_uid(),
@@ -145,14 +146,15 @@ def sr_outputs(result: dict) -> list[str]:
 
 
 def build_sr(
-    pred: StudyPrediction, result: dict, seg: hd.seg.Segmentation, sources: list[pydicom.Dataset]
+    result: dict, seg: hd.seg.Segmentation, sources: list[pydicom.Dataset], key_slice: int
 ) -> hd.sr.Comprehensive3DSR:
     """TID 1500: one volumetric ROI group on the SEG's segment, holding the hematoma volume and, per
-    output, its probability (referencing the key slice) and the present/absent call at its threshold."""
+    output, its probability (referencing ``sources[key_slice]``) and the present/absent call at its
+    threshold. ``result`` is the study's prediction.json."""
     name, version = algorithm_text(result["algorithm"])
     thresholds = ", ".join(f"{k}={v:g}" for k, v in result["thresholds"].items())
     algorithm_id = hd.sr.AlgorithmIdentification(name, version, parameters=[f"thresholds {thresholds}"])
-    key = sources[pred.shown_slice]
+    key = sources[key_slice]
     key_image = hd.sr.SourceImageForMeasurement(key.SOPClassUID, key.SOPInstanceUID)
     outputs = sr_outputs(result)
     volume = hd.sr.Measurement(name=codes.SCT.Volume, value=result["volume_ml"], unit=MILLILITER)
@@ -195,12 +197,15 @@ def build_sr(
     )
 
 
-def write_results(pred: StudyPrediction, result: dict, seg_path: Path, sr_path: Path) -> tuple[Path, Path]:
-    """Write the SEG and the SR of one prediction (``result`` is its ``prediction.json``)."""
-    sources = read_headers(pred.sources)
-    seg = build_seg(pred, sources, result["algorithm"])
+def write_results(
+    mask: np.ndarray, source_paths: tuple[Path, ...], key_slice: int, result: dict, seg_path: Path, sr_path: Path
+) -> tuple[Path, Path]:
+    """Write the SEG and the SR of one prediction: ``mask`` on the source grid, ``source_paths`` the
+    file of each slice, ``result`` its prediction.json."""
+    sources = read_headers(source_paths)
+    seg = build_seg(mask, sources, result["algorithm"])
     seg.save_as(seg_path, enforce_file_format=True)
-    build_sr(pred, result, seg, sources).save_as(sr_path, enforce_file_format=True)
+    build_sr(result, seg, sources, key_slice).save_as(sr_path, enforce_file_format=True)
     return seg_path, sr_path
 
 

@@ -280,5 +280,5 @@ def run_prediction(
     if dicom:
         from client.inference.dicom_results import write_results
 
-        write_results(pred, result, out_dir / SEG_FILE, out_dir / SR_FILE)
+        write_results(pred.source_mask(), pred.sources, pred.shown_slice, result, out_dir / SEG_FILE, out_dir / SR_FILE)
     return result
