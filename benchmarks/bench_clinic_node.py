@@ -39,7 +39,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg = get_preset(args.preset)
-        ckpt = save_checkpoint(root / "ckpt.pt", build_joint_model(cfg, seed=0), cfg, PreprocessConfig(cfg.image_size))
+        ckpt = save_checkpoint(
+            root / "ckpt.pt", build_joint_model(cfg, seed=0), cfg, PreprocessConfig(size=cfg.image_size)
+        )
         studies = []
         for i in range(args.studies):
             hu = head_phantom((args.slices, 512, 512), seed=i)
