@@ -1,4 +1,4 @@
-"""Robustness to faulty sites: the server rejects non-finite updates, and the robust strategies
+"""Robustness to faulty sites: the server rejects non-finite updates (server.validation), and the robust strategies
 bound what one or two attackers (client.simulation.faults) do to the aggregate, where FedAvg is pulled away.
 
 Strategy checks build replies by hand from the model's real stage halves and check the aggregate
@@ -24,8 +24,8 @@ from common.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, 
 from common.run_config import model_from_run_config
 from server.checkpoints import round_checkpoints
 from server.federation import run_federation
-from server.replies import non_finite_arrays
 from server.strategies import build_strategy
+from server.validation import ArraySpec, Problem, check_arrays
 from tests.helpers.data import write_site
 from tests.helpers.flower import FakeGrid, make_context, make_reply, run_config, set_task_identity, strategy_options
 
@@ -41,7 +41,7 @@ def _task_identity():
     set_task_identity()
 
 
-def test_non_finite_arrays_names_the_floating_arrays_with_nan_or_inf():
+def test_check_arrays_names_the_floating_arrays_with_nan_or_inf():
     record = ArrayRecord(
         {
             "a": Array(np.ones(3, np.float32)),
@@ -51,8 +51,9 @@ def test_non_finite_arrays_names_the_floating_arrays_with_nan_or_inf():
             "e": Array(np.array([-np.inf, 0.0], np.float16)),
         }
     )
-    assert non_finite_arrays(record) == ["b", "c", "e"]
-    assert non_finite_arrays(ArrayRecord({"a": Array(np.zeros(2, np.float32))})) == []
+    specs = {k: ArraySpec(tuple(a.shape), str(a.dtype)) for k, a in record.items()}
+    assert check_arrays(record, specs) == [Problem("array-non-finite", k) for k in ("b", "c", "e")]
+    assert check_arrays(ArrayRecord({"a": Array(np.zeros(2, np.float32))}), {"a": ArraySpec((2,), "float32")}) == []
 
 
 # --- robust strategies on the model's real halves ------------------------------------------
@@ -230,12 +231,12 @@ def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(cache
     with caplog.at_level(logging.WARNING, logger="flwr"):
         history = run_federation(grid, rc)
     for rnd in (1, 2):
-        assert "train: site-02 (node 101) sent non-finite values in" in caplog.text
+        assert "train: site-02 (node 101) reply rejected: rule array-non-finite, key " in caplog.text
         entry = history.rounds[rnd - 1]
         assert [(r["site"], r["node"], r["phase"]) for r in entry["rejected"]] == [("site-02", 101, "train")]
-        assert entry["rejected"][0]["reason"].startswith("non-finite values in ") and entry["rejected"][0]["arrays"]
+        assert entry["rejected"][0]["rule"] == "array-non-finite" and entry["rejected"][0]["n_problems"] > 1
         assert entry["failures"] == [] and not entry.get("skipped")
-        assert sorted(entry["train"]["sites"]) == ["site-01", "site-02", "site-03"]  # its metrics are still recorded
+        assert sorted(entry["train"]["sites"]) == ["site-01", "site-03"]  # nothing of a rejected reply is kept
     checkpoints = [load_checkpoint(p).state_dict for p in round_checkpoints(tmp_path / "runs" / "run")]
     for rnd, prefix in ((1, "unet."), (2, "classifier.")):
         replies = {
