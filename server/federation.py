@@ -45,7 +45,7 @@ from common.records import (
 from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
 from server.counts import count_labels
 from server.history import History
-from server.replies import Messenger, idle_reason, metrics_dict
+from server.replies import Messenger, idle_reason, metrics_dict, with_metric
 from server.server_config import ServerRunConfig, resolve_run_dir
 from server.strategies import build_strategy
 from server.validation import array_specs, bound_examples, counts_schema, evaluate_schema, train_schema
@@ -183,15 +183,17 @@ class Federation:
         site_of = self.messenger.site_of
         claimed = {site_of(r): float(r.content[METRICS][NUM_EXAMPLES]) for r in replies}
         caps = bound_examples(claimed, self.declared, self.cfg.strategy.max_examples_factor)
+        bounded = []
         for r in replies:
             site = site_of(r)
             if site in caps:
-                r.content[METRICS][NUM_EXAMPLES] = int(caps[site])
+                r = with_metric(r, NUM_EXAMPLES, int(caps[site]))
                 log(WARNING, "train: %s num-examples above its bound; weighted by %d", site, int(caps[site]))
                 entry.setdefault("capped", []).append(
                     {"site": site, "node": r.metadata.src_node_id, "key": NUM_EXAMPLES, "weight": int(caps[site])}
                 )
-        return [r for r in replies if float(r.content[METRICS][NUM_EXAMPLES]) > 0]
+            bounded.append(r)
+        return [r for r in bounded if float(r.content[METRICS][NUM_EXAMPLES]) > 0]
 
     def _aggregate_train(self, rnd: int, half: str, strategy: Strategy, replies: list[Message], entry: dict) -> dict:
         cfg = self.cfg

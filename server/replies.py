@@ -157,6 +157,12 @@ def with_record(msg: Message, name: str, record: ArrayRecord) -> Message:
     )
 
 
+def with_metric(reply: Message, key: str, value: int | float) -> Message:
+    """A copy of ``reply`` with one metric changed; the site's reply itself stays as it came."""
+    metrics = MetricRecord({**dict(reply.content[METRICS].items()), key: value})
+    return Message(metadata=reply.metadata, content=RecordDict({**dict(reply.content.items()), METRICS: metrics}))
+
+
 def metrics_dict(record: MetricRecord) -> dict[str, Any]:
     """A MetricRecord as plain JSON-able values (NaN as None)."""
     return {
