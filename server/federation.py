@@ -33,9 +33,11 @@ from torch import nn
 from common.losses import pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.records import (
+    CONFIG,
     HALF_OF_STAGE,
     METRICS,
     NUM_EXAMPLES,
+    SECURE_PHASE,
     EvaluateInstruction,
     TrainInstruction,
     arrays_digest,
@@ -269,7 +271,8 @@ class Federation:
         n_labels = len(self.cfg.model.output_names)
 
         def exchange(phase: str, msgs: list[Message]) -> list[Message]:
-            schema = counts_schema(phase, n_labels, self.cfg.strategy.max_reply_mb)
+            step = str(msgs[0].content[CONFIG].get(SECURE_PHASE, "")) if msgs else ""
+            schema = counts_schema(step, n_labels, self.cfg.strategy.max_reply_mb)
             good = self.messenger.exchange(phase, msgs, entry, schema=schema)
             self.declared.update(
                 {

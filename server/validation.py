@@ -34,6 +34,8 @@ from common.records import (
     PRIVACY_EXHAUSTED,
     PUBLIC_KEY,
     SECURE,
+    SECURE_KEYS,
+    SECURE_MASK,
     SITE,
     SITE_ID,
     STEPS,
@@ -220,22 +222,20 @@ def evaluate_schema(output_names: Sequence[str], max_reply_mb: float) -> ReplySc
     )
 
 
-def counts_schema(phase: str, n_labels: int, max_reply_mb: float) -> ReplySchema:
-    """The counts round's replies: plain counts, or a secure counts step (``server.secure_counts``)."""
+def counts_schema(secure_phase: str, n_labels: int, max_reply_mb: float) -> ReplySchema:
+    """The counts round's replies: plain counts (``secure_phase`` ""), or the secure counts step
+    ``SECURE_KEYS`` / ``SECURE_MASK`` the query asked for (``server.secure_counts``)."""
     size = default_max_bytes(None, max_reply_mb)
-    if phase.endswith("keys"):
+    if secure_phase == SECURE_KEYS:
         return ReplySchema(MessageType.QUERY, {}, frozenset(), max_bytes=size, secure_keys=True)
-    if phase.endswith("mask"):
+    if secure_phase == SECURE_MASK:
         return ReplySchema(
             MessageType.QUERY, {MASKED_COUNTS: _masked(n_labels)}, frozenset({MASKED_COUNTS}), max_bytes=size
         )
-    return ReplySchema(
-        MessageType.QUERY,
-        counts_metric_rules(n_labels),
-        frozenset(counts_metric_rules(n_labels)),
-        max_bytes=size,
-        counts_within_examples=True,
-    )
+    if secure_phase:
+        raise ValueError(f"no reply schema for secure counts step {secure_phase!r}")
+    rules = counts_metric_rules(n_labels)
+    return ReplySchema(MessageType.QUERY, rules, frozenset(rules), max_bytes=size, counts_within_examples=True)
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -16,6 +16,8 @@ from common.records import (
     NUM_EXAMPLES,
     PUBLIC_KEY,
     SECURE,
+    SECURE_KEYS,
+    SECURE_MASK,
     SITE,
     SITE_ID,
     STEPS,
@@ -71,7 +73,7 @@ def test_an_honest_reply_of_each_phase_passes():
             SITE: ConfigRecord({SITE_ID: "site-01"}),
         }
     )
-    assert check_reply(counts, MessageType.QUERY, counts_schema("count labels", N_LABELS, 0)) == []
+    assert check_reply(counts, MessageType.QUERY, counts_schema("", N_LABELS, 0)) == []
 
 
 @pytest.mark.parametrize(
@@ -158,18 +160,20 @@ def test_secure_counts_steps():
     keys = RecordDict(
         {METRICS: MetricRecord(), SECURE: ConfigRecord({PUBLIC_KEY: b"k" * 31}), SITE: ConfigRecord({SITE_ID: "s1"})}
     )
-    assert check_reply(keys, MessageType.QUERY, counts_schema("secure counts: keys", N_LABELS, 0)) == [
+    assert check_reply(keys, MessageType.QUERY, counts_schema(SECURE_KEYS, N_LABELS, 0)) == [
         Problem("public-key", PUBLIC_KEY)
     ]
     keys[SECURE][PUBLIC_KEY] = b"k" * 32
-    assert check_reply(keys, MessageType.QUERY, counts_schema("secure counts: keys", N_LABELS, 0)) == []
+    assert check_reply(keys, MessageType.QUERY, counts_schema(SECURE_KEYS, N_LABELS, 0)) == []
     masked = RecordDict(
         {METRICS: MetricRecord({MASKED_COUNTS: [0, 1, 2, 3, 2**32]}), SITE: ConfigRecord({SITE_ID: "s1"})}
     )
-    mask_schema = counts_schema("secure counts: mask", N_LABELS, 0)
+    mask_schema = counts_schema(SECURE_MASK, N_LABELS, 0)
     assert check_reply(masked, MessageType.QUERY, mask_schema) == [Problem("out-of-range", MASKED_COUNTS)]
     masked[METRICS][MASKED_COUNTS] = [0, 1, 2, 3, 2**32 - 1]
     assert check_reply(masked, MessageType.QUERY, mask_schema) == []
+    with pytest.raises(ValueError, match="no reply schema for secure counts step 'shuffle'"):
+        counts_schema("shuffle", N_LABELS, 0)
 
 
 # --- the num-examples bound ------------------------------------------------------------------
