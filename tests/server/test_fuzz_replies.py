@@ -47,6 +47,10 @@ class Draft:
     message_type: str
     records: dict[str, dict[str, Any]]
     kinds: dict[str, type] = field(default_factory=dict)
+    request_type: str = ""
+
+    def __post_init__(self) -> None:
+        self.request_type = self.request_type or self.message_type
 
     def build(self, msg: Message) -> Message:
         content = RecordDict()
@@ -102,7 +106,7 @@ def mutate(draft: Draft, name: str, data: st.DataObject) -> None:
         if SITE in recs and METRICS not in recs:
             recs[SITE] = {SITE_ID: 1}
     elif name == "message-type":
-        others = [t for t in (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY) if t != draft.message_type]
+        others = [t for t in (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY) if t != draft.request_type]
         draft.message_type = data.draw(st.sampled_from(others))
     elif name == "arrays":
         mutate_arrays(draft, data)
@@ -127,8 +131,8 @@ def mutate(draft: Draft, name: str, data: st.DataObject) -> None:
 def mutate_arrays(draft: Draft, data: st.DataObject) -> None:
     """Train: one array dropped, added, reshaped, retyped or poisoned; other phases: an ARRAYS record at all."""
     arrays = draft.records.get(ARRAYS)
-    if arrays is None:
-        draft.records[ARRAYS] = {"w": np.zeros(3, np.float32)}
+    if draft.request_type != MessageType.TRAIN or not arrays:  # no arrays belong here, or all dropped already
+        draft.records.setdefault(ARRAYS, {})[data.draw(texts)] = np.zeros(3, np.float32)
         return
     key = data.draw(st.sampled_from(sorted(arrays)))
     how = data.draw(st.sampled_from(["drop", "extra", "shape", "dtype", "nan"]))
