@@ -148,12 +148,14 @@ def evaluate_metric_rules(output_names: Sequence[str]) -> dict[str, Callable[[An
         NUM_EXAMPLES: _count,
         "n_slices": _count,
         "n_studies": _count,
+        "n_studies_fallback": _count,
         "volume_mae_ml": _bounded(0.0, 1e6, nan_ok=True),
     }
     for key in ("dice", "iou", "fscore", "dice_per_study", "macro_auc_study"):
         rules[key] = _score
-    for name in output_names:
-        rules[f"auc_slice/{name}"] = rules[f"auc_study/{name}"] = _score
+    for name in output_names:  # AUROC, AUPRC, Brier score and ECE all lie in [0, 1]
+        for metric in ("auc_slice", "auc_study", "auprc_study", "brier_study", "ece_study"):
+            rules[f"{metric}/{name}"] = _score
     return rules
 
 

@@ -153,6 +153,8 @@ def test_evaluate_scores_in_zero_one_and_studies_within_slices():
     assert problems(**{"auc_study/a": 1.5}) == [Problem("out-of-range", "auc_study/a")]
     assert problems(**{"auc_slice/a": float("-inf")}) == [Problem("not-finite", "auc_slice/a")]
     assert problems(**{"auc_slice/zz": 0.5}) == [Problem("metric-unexpected", "auc_slice/zz")]
+    assert problems(**{"brier_study/a": 0.2, "ece_study/a": 0.1, "auprc_study/a": 0.9, "n_studies_fallback": 1}) == []
+    assert problems(**{"ece_study/a": -0.1}) == [Problem("out-of-range", "ece_study/a")]
     assert problems(n_slices=3, n_studies=4) == [Problem("counts-exceed-examples", "n_studies")]
 
 
