@@ -83,8 +83,9 @@ def train(msg: Message, context: Context) -> Message:
     state = half_state_dict(model.cpu(), order.half)
     if local_keys:
         store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
-    if site.fault:  # simulation manifests only: a site that corrupts what it sends
-        from client.simulation.faults import corrupt_update, fault_seed
+    examples = usable_examples(data.train, order.stage, run.model) if result.num_examples else 0
+    if site.fault:  # simulation manifests only: a site that corrupts what it sends or claims
+        from client.simulation.faults import corrupt_update, fault_seed, reported_examples
 
         state = corrupt_update(
             record_to_state(msg.content[ARRAYS]),
@@ -92,9 +93,10 @@ def train(msg: Message, context: Context) -> Message:
             site.fault,
             fault_seed(run.seed, order.server_round, site.site_id),
         )
+        examples = reported_examples(examples, site.fault)
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
+            NUM_EXAMPLES: examples,
             TRAIN_LOSS: float(result.loss),
             STEPS: int(result.steps),
             TRAIN_SECONDS: float(result.seconds),

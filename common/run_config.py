@@ -141,8 +141,16 @@ class StrategyOptions:
     tau: float
     trim_beta: float
     num_malicious: int
+    #: No site is weighted by more than this times the median of the others' num-examples, nor by more
+    #: than it declared in the counts round; 0: no bound (server.validation.bound_examples).
+    max_examples_factor: float
+    #: The size bound of a reply in MiB; 0: the half being trained plus 1 MiB (server.validation).
+    max_reply_mb: float
 
     def __post_init__(self) -> None:
+        for key, value in (("max-examples-factor", self.max_examples_factor), ("max-reply-mb", self.max_reply_mb)):
+            if not value >= 0:
+                raise ValueError(f"strategy.{key} must be >= 0 (0: no bound / the default), got {value}")
         if self.name not in STRATEGY_NAMES:
             raise KeyError(f"strategy.name: unknown strategy {self.name!r}; valid strategies: {sorted(STRATEGY_NAMES)}")
         if self.imbalance_head and self.name in ROBUST_STRATEGIES:

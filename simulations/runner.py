@@ -459,7 +459,7 @@ class Runner:
                     per_site, scenario=case.name, method=method.name, seed=case.seed, round=r["round"], stage=r["stage"]
                 )
             )
-            for f in r.get("failures", []):
+            for f in r.get("failures", []) + r.get("rejected", []):  # the report lists both
                 self.results.failures.append(
                     {"scenario": case.name, "method": method.name, "seed": case.seed, "round": r["round"], **f}
                 )
