@@ -61,7 +61,7 @@ class WaveletPool(nn.Module):
 
     The four sub-bands stay as channels, grouped per input channel: output channel
     ``4 * c + k`` is sub-band ``k`` (0: LL, 1: LH, 2: HL, 3: HH, pytorch_wavelets' order) of
-    input channel ``c``. The transform is one fixed grouped stride-2 convolution, so it runs in
+    input channel ``c``. The transform is one fixed stride-2 convolution per channel, so it runs in
     whatever precision autocast picks (pytorch_wavelets' DWT fails under bf16 autocast), exports
     to ONNX and quantises like any convolution. The kernel is a non-persistent buffer: a
     constant, not a weight to ship.
@@ -77,9 +77,10 @@ class WaveletPool(nn.Module):
         left, right = _zero_mode_padding(x.shape[-1], taps)
         if top or bottom or left or right:
             x = nn.functional.pad(x, (left, right, top, bottom))
-        c = x.shape[1]
-        weight = self.kernel.to(x.dtype).repeat(c, 1, 1, 1)
-        return nn.functional.conv2d(x, weight, stride=2, groups=c)
+        b, c, h, w = x.shape
+        # every channel is one image to the 4 filters: [B*C, 1, H, W] -> [B*C, 4, h, w] -> [B, 4C, h, w]
+        y = nn.functional.conv2d(x.reshape(b * c, 1, h, w), self.kernel.to(x.dtype), stride=2)
+        return y.reshape(b, 4 * c, y.shape[-2], y.shape[-1])
 
     @staticmethod
     def split_bands(y: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,8 @@
 The study goes through exactly the training preprocessing (the config stored in the checkpoint).
 Slice scores are combined per marker by the maximum over the slices that hold predicted hematoma
 (a marker needs to show on one slice); when no slice holds predicted hematoma, over all brain
-slices. Nothing written here carries a patient identifier: no names, ids, dates or folder names.
+slices. So the classifier runs only on the slices that rule uses (``client.inference.fast``); the
+other brain slices have no slice score. Nothing written here carries a patient identifier: no names, ids, dates or folder names.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from client.data.dataset import MIN_BRAIN_FRACTION
+from client.inference.fast import InferenceOptions, SliceScorer, hematoma_pixels, make_scorer, score_slices
 from client.ingest.dicom import read_study
 from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
@@ -29,7 +31,7 @@ class StudyPrediction:
     hematoma_slices: list[int]
     brain_slices: list[int]
     key_slice: int | None
-    slice_scores: np.ndarray  # [k, n_out] (NaN for slices without brain)
+    slice_scores: np.ndarray  # [k, n_out] (NaN for slices the classifier did not score)
     mask_probability: np.ndarray  # [k, S, S] float32
     slices: np.ndarray  # [k, S, S] uint8 model input
     combine: str
@@ -43,18 +45,12 @@ class StudyPrediction:
             "key_slice": self.key_slice,
             "n_slices": int(self.slices.shape[0]),
             "brain_slices": self.brain_slices,
-            "slice_scores": {str(k): [round(float(v), 4) for v in self.slice_scores[k]] for k in self.brain_slices},
+            "slice_scores": {
+                str(k): [round(float(v), 4) for v in self.slice_scores[k]]
+                for k in self.brain_slices
+                if not np.isnan(self.slice_scores[k]).any()
+            },
         }
-
-
-@torch.inference_mode()
-def _run(model: JointModel, slices: np.ndarray, device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    probs, masks = [], []
-    for i in range(0, len(slices), batch_size):
-        mask_logits, logits = model(to_input(slices[i : i + batch_size], device))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        masks.append(torch.sigmoid(mask_logits.float())[:, 0].cpu().numpy())
-    return np.concatenate(probs), np.concatenate(masks)
 
 
 def predict_study(
@@ -64,10 +60,17 @@ def predict_study(
     batch_size: int = 16,
     model: JointModel | None = None,
     window: tuple[float, float] | None = None,
+    options: InferenceOptions | None = None,
+    scorer: SliceScorer | None = None,
 ) -> StudyPrediction:
-    """Score one study; raises ``client.ingest.dicom.StudyError`` for a study that cannot be read."""
+    """Score one study; raises ``client.ingest.dicom.StudyError`` for a study that cannot be read.
+
+    ``options`` picks the scoring path (default: PyTorch, classifier on hematoma slices only);
+    ``scorer``, a ready one (e.g. an ONNX Runtime session kept open between studies)."""
     device = torch.device(device)
+    options = options or InferenceOptions(batch_size=batch_size)
     model = model or build_from_checkpoint(ckpt, device)
+    scorer = scorer or make_scorer(model, device, options)
     cfg = ckpt.preprocess.with_window(window)
     study = read_study(study_dir)
     pre = preprocess_volume(study.volume, None, cfg)
@@ -75,8 +78,11 @@ def predict_study(
     brain = [int(i) for i in np.flatnonzero(pre.brain_fraction >= MIN_BRAIN_FRACTION)] or list(range(k))
     scores = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
     mask_prob = np.zeros(pre.slices.shape, dtype=np.float32)
-    scores[brain], mask_prob[brain] = _run(model, pre.slices[brain], device, batch_size)
-    pixels = (mask_prob > 0.5).reshape(k, -1).sum(axis=1)
+    scored = score_slices(
+        scorer, pre.slices[brain], cfg.min_mask_pixels, model.cfg.masked_input, options.classify, options.batch_size
+    )
+    scores[brain], mask_prob[brain] = scored.scores, scored.mask_probability
+    pixels = hematoma_pixels(mask_prob)
     hematoma = [i for i in brain if pixels[i] > cfg.min_mask_pixels]
     use = hematoma or brain
     markers = {name: float(np.max(scores[use, j])) for j, name in enumerate(ckpt.labels)}
@@ -110,19 +116,21 @@ def grad_cam(model: JointModel, slice_u8: np.ndarray, output: int, device: torch
     device = torch.device(device)
     layer = last_conv(model.classifier)
     store: dict[str, torch.Tensor] = {}
-    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("act", o))
-    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("grad", go[0]))
+
+    def cut(m: torch.nn.Module, i: tuple, o: torch.Tensor) -> torch.Tensor:
+        # the backward pass stops at this layer: the gradient is wanted here, not in the 20 layers before
+        store["act"] = o.detach().requires_grad_(True)
+        return store["act"]
+
+    hook = layer.register_forward_hook(cut)
     try:
         model.eval()
         with torch.enable_grad():
-            x = to_input(slice_u8[None], device).requires_grad_(True)
-            _, logits = model(x)
-            model.zero_grad(set_to_none=True)
-            logits[0, output].backward()
+            _, logits = model(to_input(slice_u8[None], device))
+            (grad,) = torch.autograd.grad(logits[0, output], store["act"])
     finally:
-        h1.remove()
-        h2.remove()
-    act, grad = store["act"][0], store["grad"][0]
+        hook.remove()
+    act, grad = store["act"][0].detach(), grad[0]
     cam = torch.relu((grad.mean(dim=(1, 2))[:, None, None] * act).sum(0))[None, None]
     cam = torch.nn.functional.interpolate(cam, size=slice_u8.shape, mode="bilinear", align_corners=False)[0, 0]
     cam = cam.detach().cpu().numpy()
@@ -157,13 +165,16 @@ def run_prediction(
     out_dir: Path | str,
     device: str = "cpu",
     window: tuple[float, float] | None = None,
+    options: InferenceOptions | None = None,
 ) -> dict:
-    """Write ``prediction.json`` and ``overlay.png`` into ``out_dir``; returns the JSON dict."""
+    """Write ``prediction.json`` and ``overlay.png`` into ``out_dir``; returns the JSON dict.
+
+    ``options``: the scoring path (``client.inference.fast``); the default is the fast PyTorch one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(ckpt_path)
     model = build_from_checkpoint(ckpt, device)
-    pred = predict_study(study_dir, ckpt, device, model=model, window=window)
+    pred = predict_study(study_dir, ckpt, device, model=model, window=window, options=options)
     top = max(pred.markers, key=pred.markers.get)
     k = pred.key_slice if pred.key_slice is not None else pred.brain_slices[len(pred.brain_slices) // 2]
     cam = grad_cam(model, pred.slices[k], list(ckpt.labels).index(top), device)
