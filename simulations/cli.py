@@ -92,17 +92,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from client.inference.fast import options_for
     from client.inference.predict import run_prediction
     from client.ingest.dicom import StudyError
     from common.runtime import resolve_device
 
+    device = resolve_device(args.device)
     try:
         result = run_prediction(
             args.study_dir,
             args.model,
             args.out,
-            str(resolve_device(args.device)),
+            str(device),
             tuple(args.window) if args.window else None,
+            options_for(device, args.backend, tuple(args.int8), args.calibration),
         )
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: ONNX Runtime on a CPU")
+    p.add_argument("--int8", nargs="+", choices=("segment", "classify"), default=[], help="parts run as int8 (onnx)")
+    p.add_argument("--calibration", type=Path, default=None, help="site cache folder that calibrates --int8")
     p.set_defaults(func=run_predict)
     return parser
 

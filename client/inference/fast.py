@@ -165,6 +165,16 @@ def score_slices(
     return SliceScores(scores, mask_probability, chosen)
 
 
+def options_for(
+    device: torch.device | str, backend: str = "auto", int8: tuple[str, ...] = (), calibration: Path | None = None
+) -> InferenceOptions:
+    """``hemexp predict``'s choice: "auto" is ONNX Runtime on the CPU (PyTorch's CPU kernels are slower
+    on EfficientNet) and PyTorch on a GPU."""
+    if backend == "auto":
+        backend = "onnx" if torch.device(device).type == "cpu" else "torch"
+    return InferenceOptions(backend=backend, int8=int8, calibration=calibration)
+
+
 def make_scorer(model: JointModel, device: torch.device | str, options: InferenceOptions) -> SliceScorer:
     """The back end ``options`` asks for (ONNX models exported and cached on first use)."""
     if options.backend == "torch":
