@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from client.data.cache import build_site_cache
-from client.inference.fast import REFERENCE, InferenceOptions, SegmentPart, make_scorer, scale_slices
-from client.inference.predict import grad_cam, predict_study
+from client.inference.backends import make_scorer
+from client.inference.fast import REFERENCE, InferenceOptions, SegmentPart, scale_slices
+from client.inference.predict import StudyPrediction, grad_cam, predict_study
 from client.ingest.dicom import read_study
 from client.preprocessing.pipeline import preprocess_volume
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
@@ -77,6 +78,11 @@ def shift_mask_head(model: JointModel, slices: np.ndarray, n_hematoma: int, min_
         model.unet.segmentation_head[0].bias -= float(v[n - 1] + v[n]) / 2
 
 
+def scored(pred: StudyPrediction) -> int:
+    """Slices the classifier ran on."""
+    return int((~np.isnan(pred.slice_scores).any(axis=1)).sum())
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a > 0.5, b > 0.5
     return 2 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
@@ -118,7 +124,7 @@ def bench_preset(name: str, args: argparse.Namespace, study: Path, warm: Path, t
         delta = max(abs(pred.markers[k] - ref.markers[k]) for k in ref.markers)
         print(
             f"  {label:42s} {statistics.median(r[0] for r in runs):6.2f} s wall "
-            f"{statistics.median(r[1] for r in runs):6.2f} s CPU  classified {len(pred.hematoma_slices) or len(pred.brain_slices):2d}"
+            f"{statistics.median(r[1] for r in runs):6.2f} s CPU  classified {scored(pred):2d}"
             f"/{len(pred.brain_slices)} slices  max|dp| {delta:.4f}  mask Dice vs plain "
             f"{dice(pred.mask_probability, ref.mask_probability):.4f}  (set-up {t_make:.1f} s)",
             flush=True,

@@ -92,7 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from client.inference.fast import options_for
+    from client.inference.backends import options_for
     from client.inference.predict import run_prediction
     from client.ingest.dicom import StudyError
     from common.runtime import resolve_device

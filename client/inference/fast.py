@@ -163,24 +163,3 @@ def score_slices(
     scores = np.full((len(x), probs.shape[1]), np.nan, dtype=np.float32)
     scores[chosen] = probs
     return SliceScores(scores, mask_probability, chosen)
-
-
-def options_for(
-    device: torch.device | str, backend: str = "auto", int8: tuple[str, ...] = (), calibration: Path | None = None
-) -> InferenceOptions:
-    """``hemexp predict``'s choice: "auto" is ONNX Runtime on the CPU (PyTorch's CPU kernels are slower
-    on EfficientNet) and PyTorch on a GPU."""
-    if backend == "auto":
-        backend = "onnx" if torch.device(device).type == "cpu" else "torch"
-    return InferenceOptions(backend=backend, int8=int8, calibration=calibration)
-
-
-def make_scorer(model: JointModel, device: torch.device | str, options: InferenceOptions) -> SliceScorer:
-    """The back end ``options`` asks for (ONNX models exported and cached on first use)."""
-    if options.backend == "torch":
-        return TorchScorer(model, device, options.channels_last)
-    if torch.device(device).type != "cpu":
-        raise ValueError("the ONNX back end runs on the CPU; use backend='torch' on a GPU")
-    from client.inference.onnx_runtime import OnnxScorer
-
-    return OnnxScorer.for_model(model, options)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from client.data.dataset import MIN_BRAIN_FRACTION
-from client.inference.fast import InferenceOptions, SliceScorer, hematoma_pixels, make_scorer, score_slices
+from client.inference.backends import make_scorer
+from client.inference.fast import InferenceOptions, SliceScorer, hematoma_pixels, score_slices
 from client.ingest.dicom import read_study
 from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
