@@ -133,7 +133,7 @@ class Acceleration:
 
 
 def fed_loader(loader: DataLoader, workers: int) -> DataLoader:
-    """``loader`` read by ``workers`` processes into pinned memory, the same batches in the same order
+    """``loader`` read by ``workers`` processes (into pinned memory for a GPU), the same batches in the same order
     (the sampler, and its generator, stays in this process); ``loader`` itself when ``workers`` is 0."""
     if workers <= 0 or loader.num_workers > 0:
         return loader
@@ -143,7 +143,7 @@ def fed_loader(loader: DataLoader, workers: int) -> DataLoader:
         sampler=loader.sampler,
         drop_last=loader.drop_last,
         num_workers=workers,
-        pin_memory=True,
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )
 
