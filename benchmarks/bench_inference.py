@@ -106,9 +106,7 @@ def bench_preset(name: str, args: argparse.Namespace, study: Path, warm: Path, t
     print(f"\n{name} ({mcfg.image_size} px), {torch.get_num_threads()} threads")
     print(f"  {'read DICOM + preprocess':42s} {t_pre:6.2f} s wall {c_pre:6.2f} s CPU")
     ref = None
-    for label, options in steps(cache.path):
-        if args.steps and label not in [s for s, _ in steps(cache.path)][: args.steps]:
-            continue
+    for label, options in steps(cache.path)[args.skip : args.steps or None]:
         t_make, _, scorer = clock(lambda options=options: make_scorer(model, "cpu", options))
         predict_study(warm, ckpt, model=model, options=options, scorer=scorer)
         runs = [
@@ -143,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hematoma-slices", type=int, default=8)
     ap.add_argument("--steps", type=int, default=0, help="only the first N steps (0: all)")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N steps (agreement is then to the first run)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint instead of random weights")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
