@@ -32,22 +32,17 @@ import numpy as np
 import torch
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from client.client_app import (
-    SiteConfig,
-    SiteRunConfig,
-    open_site,
-    partition_site,
-    site_label_counts,
-    usable_examples,
-)
 from client.data.dataset import make_loader
+from client.federation.node import SiteNode, partition_site
+from client.federation.site_data import open_site, site_label_counts, usable_examples
+from client.federation.site_run import SiteRunConfig
 from client.training.evaluate import evaluate
 from client.training.train import train_stage
 from common.losses import pos_weight_from_counts
 from common.model import build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import PRESETS, get_preset
 from common.records import HALF_OF_STAGE, TrainInstruction, record_bytes, state_to_record
-from server.server_app import ServerRunConfig
+from server.server_config import ServerRunConfig
 from simulations.engine import SimulationEngine
 from simulations.sites import discover_sites, prepare_caches
 
@@ -62,8 +57,8 @@ BIN = Path(sys.executable).parent
 def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
     """The federated run's local work, in one process, without Flower. Returns seconds."""
     server, site_run = ServerRunConfig.from_run_config(rc), SiteRunConfig.from_run_config(rc)
-    root = Path(str(rc["data.root"]))
-    sites = [open_site(SiteConfig(partition_site(root, i), f"p{i}", root / ".cache"), site_run) for i in range(n_sites)]
+    root = Path(site_run.config.data.root)
+    sites = [open_site(SiteNode(partition_site(root, i), f"p{i}", root / ".cache"), site_run) for i in range(n_sites)]
     glob = build_joint_model(server.model, seed=server.seed)
     models = [build_joint_model(server.model, seed=server.seed) for _ in sites]
     counts = [site_label_counts(s.train, server.model) for s in sites]
@@ -173,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             rc = dict(get_fused_config_from_dir(REPO, overrides))
             n_sites = len(discover_sites(args.data))
             t0 = time.perf_counter()
-            prepare_caches(args.data, SiteRunConfig.from_run_config(rc).preprocess, progress=False)
+            site_run = SiteRunConfig.from_run_config(rc)
+            prepare_caches(args.data, site_run.preprocess, progress=False)
             print(f"site caches ready ({time.perf_counter() - t0:.1f} s, not timed below)")
             cpus = os.cpu_count() or 1
             torch.set_num_threads(cpus if args.parallel else args.threads)
@@ -187,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         figures["overhead"] = {
             "sites": n_sites,
             "rounds": [server.rounds_stage1, server.rounds_stage2],
-            "preset": rc["model.preset"],
+            "preset": site_run.config.model.preset,
             "image_size": server.model.image_size,
             "local_steps": server.local_steps,
-            "batch_size": rc["train.batch-size"],
+            "batch_size": site_run.batch_size,
             "torch_threads": torch.get_num_threads(),
             "parallel_sites": args.parallel,
             **local,

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from client.preprocessing.brain_mask import brain_mask
 from client.preprocessing.pipeline import (
     apply_window,
-    brain_mask,
     centre_brain,
     denoise,
     preprocess_volume,

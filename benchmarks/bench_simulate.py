@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.bench_federation import local_equivalent
 from simulations.experiment import load_experiment
-from simulations.report import text_summary
+from simulations.report.tables import text_summary
 from simulations.runner import full_run_config
 from simulations.simulate import run_experiment
 

@@ -1,6 +1,6 @@
 """Training losses: Dice + BCE for the mask, weighted BCE for the markers (paper formula 2).
 
-Labels are float arrays with ``NaN`` for "not annotated" (docs/conventions.md): such entries
+Labels are float arrays with ``NaN`` for "not annotated" (docs/design.md §8): such entries
 are masked out of the loss, never read as 0. No device is chosen here: tensors stay where
 the caller put them.
 """

@@ -17,16 +17,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.common.logger import log
-
-from common.config import PreprocessConfig
-from common.presets import ModelConfig, get_preset
 
 # --- record names inside a message's RecordDict ---------------------------------------------
 #: The half of the current stage (Flower strategies' default ``arrayrecord_key``).
@@ -234,101 +229,3 @@ def arrays_digest(record: ArrayRecord) -> str:
         h.update(f"{key}\0{a.dtype}\0{a.shape}\0".encode())
         h.update(a.data)
     return h.hexdigest()[:32]
-
-
-# --- run config (``[tool.flwr.app.config]``) read by both sides ------------------------------
-
-
-def run_value(run_config: Mapping[str, Any], key: str) -> Any:
-    """One run-config value; a missing key names itself (every key has a default in pyproject.toml)."""
-    try:
-        return run_config[key]
-    except KeyError:
-        raise KeyError(
-            f"run config has no key {key!r}: every key needs a default in [tool.flwr.app.config] of pyproject.toml"
-        ) from None
-
-
-def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, PreprocessConfig]:
-    """The architecture and the preprocessing every site and the server share.
-
-    ``model.image-size`` 0 keeps the preset's size; the preprocessing size always equals it.
-    ``model.classifier`` (wavelet | vgg), ``model.masked-input`` and ``model.norm`` (batch | group,
-    group for DP-SGD) override the preset. With ``privacy.dp`` the norm is always group (Opacus
-    cannot privatise BatchNorm, whose statistics mix the slices of a batch), at every site and
-    the server alike.
-    """
-    size = int(run_value(run_config, "model.image-size"))
-    norm = str(run_value(run_config, "model.norm"))
-    if privacy_from_run_config(run_config).dp and norm != "group":
-        log(INFO, "privacy.dp: model.norm %r replaced by 'group' (GroupNorm; DP-SGD cannot use BatchNorm)", norm)
-        norm = "group"
-    overrides: dict[str, Any] = {
-        "classifier": str(run_value(run_config, "model.classifier")),
-        "masked_input": bool(run_value(run_config, "model.masked-input")),
-        "norm": norm,
-    }
-    if size:
-        overrides["image_size"] = size
-    model = get_preset(str(run_value(run_config, "model.preset")), **overrides)
-    pre = PreprocessConfig(
-        size=model.image_size,
-        denoise=bool(run_value(run_config, "preprocess.denoise")),
-        strip_skull=bool(run_value(run_config, "preprocess.strip-skull")),
-        centre=bool(run_value(run_config, "preprocess.centre")),
-    )
-    return model, pre
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """DP-SGD at the site (``privacy.*`` in run config; docs/privacy.md). Off by default.
-
-    ``noise_multiplier`` 0: derived at each site from ``target_epsilon`` over the run's planned
-    steps; ``target_epsilon``: the site's whole budget for the run, both stages together;
-    ``delta`` 0: 1 / (the site's training slices); ``max_grad_norm``: the per-slice clipping bound C.
-    """
-
-    dp: bool = False
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 8.0
-    delta: float = 0.0
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.noise_multiplier >= 0:
-            raise ValueError(
-                f"privacy.noise-multiplier must be >= 0 (0: derived from privacy.target-epsilon), "
-                f"got {self.noise_multiplier}"
-            )
-        if not self.target_epsilon > 0:
-            raise ValueError(f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
-        if not 0 <= self.delta < 1:
-            raise ValueError(f"privacy.delta must be in [0, 1) (0: 1 / training slices), got {self.delta}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
-
-
-def privacy_from_run_config(run_config: Mapping[str, Any]) -> PrivacyConfig:
-    """The ``privacy.*`` DP-SGD keys, checked (a bad value is a ValueError naming its key)."""
-    v = lambda key: run_value(run_config, key)  # noqa: E731
-    return PrivacyConfig(
-        dp=bool(v("privacy.dp")),
-        noise_multiplier=float(v("privacy.noise-multiplier")),
-        target_epsilon=float(v("privacy.target-epsilon")),
-        delta=float(v("privacy.delta")),
-        max_grad_norm=float(v("privacy.max-grad-norm")),
-    )
-
-
-#: Where stage 2's marker weights come from (``train.pos-weight``).
-POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
-
-
-def pos_weight_mode(run_config: Mapping[str, Any]) -> str:
-    """``global``: the server's neg/pos of every site's summed counts (the imbalance-aware default);
-    ``local``: each site's own neg/pos (what global replaces); ``none``: unweighted BCE."""
-    mode = str(run_value(run_config, "train.pos-weight"))
-    if mode not in POS_WEIGHT_MODES:
-        raise ValueError(f"train.pos-weight must be one of {list(POS_WEIGHT_MODES)}, got {mode!r}")
-    return mode

@@ -184,7 +184,7 @@ def run_pooled(
         "per_site": {k: scalar_metrics(v) for k, v in per_site.items()},
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    from simulations.plots import plot_curves
+    from simulations.report.figures import plot_curves
 
     plot_curves(history, out_dir / "curves.png")
     return metrics

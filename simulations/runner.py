@@ -28,21 +28,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from client.client_app import SiteRunConfig
 from client.data.cache import SiteCache
 from client.data.dataset import SliceDataset, brain_slices, make_loader, split_slices
+from client.federation.site_run import SiteRunConfig
 from client.training.evaluate import evaluate
 from client.training.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
 from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
-from common.records import HALF_OF_STAGE, TrainInstruction, model_from_run_config, run_value
+from common.records import HALF_OF_STAGE, TrainInstruction
+from common.run_config import TrainOptions, model_from_run_config, parse_run_config
 from common.runtime import resolve_device
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
-from simulations.report import mean_sd
+from simulations.report.tables import mean_sd
 from simulations.sites import prepare_caches
 from simulations.splits import (
     SitePlan,
@@ -198,12 +199,12 @@ def describe_sites(case: Case) -> list[dict[str, Any]]:
 # --- training under the budget (local-only and pooled) ----------------------------------------
 
 
-def stage2_weight(rc: dict, model: JointModel, ds: Dataset) -> torch.Tensor | None:
+def stage2_weight(train: TrainOptions, model: JointModel, ds: Dataset) -> torch.Tensor | None:
     """neg/pos of the training slices this model sees (a pooled model: all sites' = the federation's
     global weight; a local model: its own site's), or none with ``train.pos-weight = none``."""
-    if str(run_value(rc, "train.pos-weight")) == "none" or not len(ds):
+    if train.pos_weight == "none" or not len(ds):
         return None
-    max_w = float(run_value(rc, "train.max-pos-weight"))
+    max_w = train.max_pos_weight
     return stage_pos_weight(model, ds, max_w if max_w > 0 else None)
 
 
@@ -220,10 +221,11 @@ def train_rounds(
     ``rounds.stage2`` of stage 2, each a fresh optimiser for ``steps_per_round`` steps at the
     round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``)."""
     site_run = SiteRunConfig.from_run_config({**rc, "seed": seed})
-    lr1 = float(run_value(rc, "train.lr"))
-    lr2 = float(run_value(rc, "train.lr-stage2")) or lr1
-    r1, r2 = int(run_value(rc, "rounds.stage1")), int(run_value(rc, "rounds.stage2"))
-    weight = stage2_weight(rc, model, ds)
+    cfg = site_run.config
+    lr1 = cfg.train.lr
+    lr2 = cfg.train.lr_stage2 or lr1
+    r1, r2 = cfg.rounds.stage1, cfg.rounds.stage2
+    weight = stage2_weight(cfg.train, model, ds)
     for rnd in range(1, r1 + r2 + 1):
         stage = 1 if rnd <= r1 else 2
         order = TrainInstruction(
@@ -233,10 +235,10 @@ def train_rounds(
             local_steps=steps_per_round,
             local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))),
         )
-        cfg = site_run.train_config(order)
-        loader = make_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage)
+        train = site_run.train_config(order)
+        loader = make_loader(ds, train.batch_size, shuffle=True, seed=train.seed, balanced=train.balanced, stage=stage)
         if len(ds):
-            train_stage(model, loader, stage, cfg, device, weight if stage == 2 else None)
+            train_stage(model, loader, stage, train, device, weight if stage == 2 else None)
         if after_round is not None:
             after_round(rnd, stage)
 
@@ -334,8 +336,9 @@ class Runner:
     def run_local(self, case: Case, method: Method, rc: dict) -> None:
         """Each site alone, its share of the budget; scored at its own test patients (or, in a
         leave-one-site-out fold, every local model at the held-out site: mean and best)."""
-        model_cfg, _ = model_from_run_config(rc)
-        steps = int(run_value(rc, "train.local-steps"))
+        cfg = parse_run_config(rc)
+        model_cfg, _ = cfg.architecture()
+        steps = cfg.train.local_steps
         trains, evals = self._resplit(case, method)
         models: dict[str, JointModel] = {}
         for plan in case.plans:
@@ -382,11 +385,12 @@ class Runner:
 
     def run_pooled(self, case: Case, method: Method, rc: dict) -> None:
         """All sites' training patients in one place; the whole federation's budget (sites x steps)."""
-        model_cfg, _ = model_from_run_config(rc)
+        cfg = parse_run_config(rc)
+        model_cfg, _ = cfg.architecture()
         trains, evals = self._resplit(case, method)
         ds = pooled(trains)
         model = build_joint_model(model_cfg, seed=case.seed)
-        steps = int(run_value(rc, "train.local-steps")) * len(trains)
+        steps = cfg.train.local_steps * len(trains)
         self.log(f"  {method.name}: {len(ds)} training slices from {len(trains)} sites, {steps} steps per round")
         train_rounds(
             model,
@@ -405,26 +409,27 @@ class Runner:
     def run_location_finetune(self, case: Case, method: Method, rc: dict) -> None:
         """Paper §5.1.2: a U-Net trained on every location, then fine-tuned on one location's
         patients; Dice per location before and after (rows ``site = location:<name>``)."""
-        model_cfg, _ = model_from_run_config(rc)
+        cfg = parse_run_config(rc)
+        model_cfg, _ = cfg.architecture()
         ds = pooled(case.train)
         base = build_joint_model(model_cfg, seed=case.seed)
-        steps = int(run_value(rc, "train.local-steps")) * len(case.train)
+        steps = cfg.train.local_steps * len(case.train)
         train_rounds(base, ds, {**rc, "rounds.stage2": 0}, steps, case.seed, device=self.device)
         site_run = SiteRunConfig.from_run_config({**rc, "seed": case.seed})
         for location, (train_loc, test_loc) in location_subsets(case).items():
             key = dict(scenario=case.name, seed=case.seed, site=f"location:{location}")
             before = evaluate(base, test_loc, self.device, self.eval_batch)
             tuned = copy.deepcopy(base)
-            cfg = site_run.train_config(
+            tune = site_run.train_config(
                 TrainInstruction(
                     server_round=1,
                     stage=1,
-                    lr=float(run_value(rc, "train.lr")),
+                    lr=site_run.config.train.lr,
                     local_steps=method.finetune_steps or steps,
                 )
             )
-            loader = make_loader(train_loc, cfg.batch_size, True, cfg.seed, cfg.balanced, stage=1)
-            train_stage(tuned, loader, 1, cfg, self.device)
+            loader = make_loader(train_loc, tune.batch_size, True, tune.seed, tune.balanced, stage=1)
+            train_stage(tuned, loader, 1, tune, self.device)
             after = evaluate(tuned, test_loc, self.device, self.eval_batch)
             for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):
                 self.results.rows += [
@@ -447,7 +452,8 @@ class Runner:
             "output.dir": str(run_dir),
             "output.name": name,
         }
-        total = int(run_value(rc, "rounds.stage1")) + int(run_value(rc, "rounds.stage2"))
+        cfg = parse_run_config(rc)
+        total = cfg.rounds.stage1 + cfg.rounds.stage2
         self.log(f"  {method.name}: flwr run on {len(case.plans)} virtual SuperNodes ({total} rounds)")
         self.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=self._flower_progress(method.name))
         history = json.loads((run_dir / name / "history.json").read_text())
@@ -479,7 +485,7 @@ class Runner:
                         }
                     )
         model = build_from_checkpoint(load_checkpoint(run_dir / name / "global.pt"))
-        if str(run_value(rc, "strategy.name")) == "fedbn":
+        if cfg.strategy.name == "fedbn":
             per_site = {
                 e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, self.device, self.eval_batch)
                 for e in case.evaluate

@@ -50,15 +50,10 @@ def run_experiment(
     import torch
 
     from simulations.engine import SimulationEngine
-    from simulations.report import (
-        environment,
-        plot_overlays,
-        plot_site_shift,
-        slug,
-        summarise,
-        text_summary,
-        write_report,
-    )
+    from simulations.report.figures import plot_overlays, plot_site_shift
+    from simulations.report.files import environment
+    from simulations.report.html import write_report
+    from simulations.report.tables import slug, summarise, text_summary
     from simulations.runner import Runner, describe_sites, iterate_cases
 
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from common.checkpoint import build_from_checkpoint, load_checkpoint
-from common.records import model_from_run_config
+from common.run_config import model_from_run_config
 from simulations.engine import SimulationEngine
 from simulations.sites import prepare_caches
 from tests.helpers.data import write_site

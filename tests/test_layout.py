@@ -1,4 +1,4 @@
-"""The package layout's rules (docs/design.md, "Layout"): dependency direction and no import cycle.
+"""The package layout's rules (docs/design.md §3): dependency direction and no import cycle.
 
 Read from the source with ``ast`` (every ``import``, late ones inside functions included), so a cycle
 hidden behind a late or ``TYPE_CHECKING`` import is found too; then every module is imported in a
@@ -35,11 +35,13 @@ def project_modules() -> dict[str, Path]:
     return {module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
 
 
-def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+def imports_of(path: Path, modules: dict[str, Path], load_time: bool = False) -> set[str]:
     """Project modules that ``path`` imports anywhere in its body (``from a.b import c`` counts
-    ``a.b.c`` when that is a module, else ``a.b``)."""
+    ``a.b.c`` when that is a module, else ``a.b``); ``load_time``: only those its loading runs
+    (not the imports inside functions nor under ``if TYPE_CHECKING``)."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in load_time_nodes(tree) if load_time else ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -50,6 +52,33 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
             continue
         out.update(n for n in names if n.split(".")[0] in PACKAGES)
     return out
+
+
+def load_time_nodes(tree: ast.AST):
+    """The nodes of ``tree`` that run when the module is loaded: no function body, no ``if TYPE_CHECKING``."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in [child, *load_time_nodes(child)])
+            continue
+        yield node
+        yield from load_time_nodes(node)
+
+
+def loaded_with(module: str, modules: dict[str, Path]) -> set[str]:
+    """Every project module that importing ``module`` loads: its load-time imports, theirs, and the
+    packages above each of them (``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in modules:
+            continue
+        seen.add(name)
+        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        todo += parents + sorted(imports_of(modules[name], modules, load_time=True))
+    return seen
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -100,14 +129,33 @@ def test_dependency_direction():
     assert wrong == []
 
 
+def test_load_time_imports_leave_out_functions_and_type_checking(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "import client.a\n"
+        "if TYPE_CHECKING:\n    import client.b\n"
+        "else:\n    import client.c\n"
+        "try:\n    import client.d\nexcept ImportError:\n    pass\n"
+        "def f():\n    import client.e\n"
+        "class C:\n    import client.f\n    def g(self):\n        import client.h\n"
+    )
+    modules = {f"client.{x}": tmp_path / "m.py" for x in "abcdefh"}
+    assert imports_of(tmp_path / "m.py", modules, load_time=True) == {"client.a", "client.c", "client.d", "client.f"}
+    assert "client.e" in imports_of(tmp_path / "m.py", modules)
+
+
 def test_deployed_client_app_does_not_import_simulation_code_at_load():
     """``client.simulation`` (partition manifests, injected faults) is imported only when a
-    simulation's manifest is in the run config, never when a hospital's SuperNode loads the app."""
-    tree = ast.parse((REPO / "client" / "client_app.py").read_text(encoding="utf-8"))
-    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
-    assert not [n for n in names if n.startswith("client.simulation")]
+    simulation's manifest is in the run config, never when a hospital's SuperNode loads the app:
+    neither by ``client.client_app`` nor by anything it loads, read from the source and seen in a
+    fresh interpreter."""
+    loaded = loaded_with("client.client_app", project_modules())
+    assert {"client.client_app", "client.federation.node", "client", "common.records"} <= loaded
+    assert sorted(m for m in loaded if m.startswith("client.simulation")) == []
+    code = "import sys\nimport client.client_app\nprint(sorted(m for m in sys.modules if m.startswith('client.simulation')))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])

@@ -3,7 +3,7 @@
 The only module of the project that imports pydicom. It follows nnU-Net's reader contract:
 ``read_study(folder) -> StudyVolume(volume, geometry, problems)``; everything downstream sees numpy
 arrays and the :class:`Geometry` dataclass. Conventions (axis order, LPS/RAS) are in
-docs/conventions.md.
+docs/design.md §8.
 """
 
 from __future__ import annotations

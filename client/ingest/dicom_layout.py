@@ -1,4 +1,4 @@
-"""The DICOM site layout (docs/design.md, "Site data contract")::
+"""The DICOM site layout (docs/design.md §4)::
 
 SITE_DIR/dicom/<patient_id>/<study_id>/*.dcm    one axial CT series per study folder
 SITE_DIR/masks/<patient_id>/<study_id>.nii.gz   optional hematoma mask (any axis order)

@@ -4,7 +4,7 @@ A fault comes from one entry of a simulation's partition manifest (``client.simu
 ``{"site_id": ..., "cache": ..., "fault": {...}}``), never from a deployment node's
 ``node_config``: a real site has no setting that makes it misbehave. A virtual site with a fault
 trains honestly on its partition and then corrupts either its training data (``label-flip``) or
-the update it sends (every other kind). The server-side defences are in ``server.server_app``
+the update it sends (every other kind). The server-side defences are in ``server.replies``
 (non-finite updates are rejected) and ``server.strategies`` (FedMedian, FedTrimmedAvg, Krum);
 ``docs/robustness.md`` says which bounds which.
 

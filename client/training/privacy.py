@@ -11,7 +11,7 @@ The guarantee is per slice, not per patient: a patient contributes many slices (
 
 Accounting (RDP, Opacus' ``RDPAccountant``) covers the whole run, both stages together, at each
 site. Each Flower message runs in a fresh process, so the accountant's history lives on the site's
-disk (``privacy.json`` in the site's per-run folder, ``client_app.SiteStore``), written after a
+disk (``privacy.json`` in the site's per-run folder, ``client.federation.store.SiteStore``), written after a
 round's training and before its reply. A site whose next round would exceed its budget does not
 train: it replies with num-examples 0 and ``PRIVACY_EXHAUSTED`` = 1.
 
@@ -41,15 +41,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from client.training.train import TrainConfig, TrainResult, train_stage
 from common.config import LABELS
 from common.presets import ModelConfig
-from common.records import (
-    PRIVACY_DELTA,
-    PRIVACY_EPSILON,
-    PRIVACY_EXHAUSTED,
-    PrivacyConfig,
-    TrainInstruction,
-    privacy_from_run_config,
-    run_value,
-)
+from common.records import PRIVACY_DELTA, PRIVACY_EPSILON, PRIVACY_EXHAUSTED, TrainInstruction
+from common.run_config import PrivacyOptions, RunConfig
 
 #: The site's accountant history and plan, in its per-run folder.
 PRIVACY_FILE = "privacy.json"
@@ -120,7 +113,7 @@ def noise_for_budget(
 
 
 def usable_slices(ds: Dataset, stage: int, model_cfg: ModelConfig) -> np.ndarray:
-    """Which training slices a stage learns from (as ``client_app.usable_examples`` counts them):
+    """Which training slices a stage learns from (as ``client.federation.site_data.usable_examples`` counts them):
     with a reference mask (stage 1), with an annotated label of the model's outputs (stage 2).
     DP-SGD samples from these only, so that every non-empty batch has something to learn from."""
     if not len(ds):
@@ -281,7 +274,7 @@ class PrivacyLedger:
         tmp.replace(path)
 
 
-def plan_ledger(cfg: PrivacyConfig, delta: float, phases: list[tuple[float, int]]) -> PrivacyLedger:
+def plan_ledger(cfg: PrivacyOptions, delta: float, phases: list[tuple[float, int]]) -> PrivacyLedger:
     """The run's plan at a site: its noise multiplier, the given one or the one that spends
     ``target_epsilon`` over the planned ``(sample rate, steps)`` of both stages."""
     derived = cfg.noise_multiplier == 0
@@ -293,7 +286,7 @@ def plan_ledger(cfg: PrivacyConfig, delta: float, phases: list[tuple[float, int]
 class SitePrivacy:
     """DP-SGD at one site for one train round: its slices, its ledger, and whether it may train."""
 
-    config: PrivacyConfig
+    config: PrivacyOptions
     ledger: PrivacyLedger
     path: Path
     train_set: Dataset
@@ -306,7 +299,7 @@ class SitePrivacy:
     @classmethod
     def open(
         cls,
-        run_config: Mapping[str, Any],
+        run: RunConfig,
         store_dir: Path,
         train: Dataset,
         order: TrainInstruction,
@@ -315,7 +308,7 @@ class SitePrivacy:
     ) -> SitePrivacy | None:
         """None when ``privacy.dp`` is off. On a site's first round of a run the plan is made and
         kept; later rounds (fresh processes) read it back."""
-        pc = privacy_from_run_config(run_config)
+        pc = run.privacy
         if not pc.dp:
             return None
         usable = {s: usable_slices(train, s, model_cfg) for s in (1, 2)}
@@ -323,11 +316,8 @@ class SitePrivacy:
         ledger = PrivacyLedger.load(path)
         if ledger is None:
             delta = pc.delta or 1.0 / max(len(train), 1)
-            epochs, max_steps = (
-                int(run_value(run_config, "train.local-epochs")),
-                int(run_value(run_config, "train.local-steps")),
-            )
-            rounds = {1: int(run_value(run_config, "rounds.stage1")), 2: int(run_value(run_config, "rounds.stage2"))}
+            epochs, max_steps = run.train.local_epochs, run.train.local_steps
+            rounds = {1: run.rounds.stage1, 2: run.rounds.stage2}
             phases = [
                 (
                     sample_rate(int(u.sum()), cfg.batch_size),
@@ -407,7 +397,7 @@ class SitePrivacy:
         }
 
 
-def _check_unchanged(ledger: PrivacyLedger, pc: PrivacyConfig) -> None:
+def _check_unchanged(ledger: PrivacyLedger, pc: PrivacyOptions) -> None:
     """A run's budget is fixed at its first round: a changed setting would make the history lie."""
     changed = [
         key

@@ -8,50 +8,18 @@ exchange different arrays. Strategies aggregate and return; they never write fil
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
+from common.run_config import StrategyOptions
 from server.strategies.aggregate import aggregate_metrics
 from server.strategies.fedbn import FedBN
 from server.strategies.imbalance import PositiveWeightedHead, positive_weighted_rows, with_imbalance_head
 
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    """The ``strategy.*`` run-config group, typed."""
-
-    name: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_nodes: int = 2
-    min_evaluate_nodes: int = 2
-    min_available_nodes: int = 2
-    accept_failures: bool = True
-    imbalance_head: bool = False
-    proximal_mu: float = 0.0
-    server_lr: float = 1e-2
-    tau: float = 1e-3
-    trim_beta: float = 0.2
-    num_malicious: int = 0
-
-    def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise KeyError(f"unknown strategy {self.name!r}; valid strategies: {sorted(STRATEGIES)}")
-        if self.imbalance_head and self.name in ROBUST:
-            raise ValueError(
-                f"strategy.imbalance-head averages every site's head rows, which would undo "
-                f"{self.name}'s robustness to outlying sites; use it with {sorted(set(STRATEGIES) - ROBUST)}"
-            )
-
-
-#: Strategies that bound the influence of outlying sites (the positive-weighted head would not).
-ROBUST = frozenset({"fedmedian", "fedtrimmedavg", "krum"})
-
-
-#: name -> (Flower strategy class, the keyword arguments it takes beyond the common ones).
-STRATEGIES: dict[str, tuple[type, Callable[[StrategyConfig], dict[str, Any]]]] = {
+#: name -> (Flower strategy class, the keyword arguments it takes beyond the common ones); the names are
+#: ``common.run_config.STRATEGY_NAMES``, the values ``strategy.name`` may take.
+STRATEGIES: dict[str, tuple[type, Callable[[StrategyOptions], dict[str, Any]]]] = {
     "fedavg": (FedAvg, lambda cfg: {}),
     "fedprox": (FedProx, lambda cfg: {"proximal_mu": cfg.proximal_mu}),
     "fedadam": (FedAdam, lambda cfg: {"eta": cfg.server_lr, "tau": cfg.tau}),
@@ -64,7 +32,7 @@ STRATEGIES: dict[str, tuple[type, Callable[[StrategyConfig], dict[str, Any]]]] =
 
 
 def build_strategy(
-    cfg: StrategyConfig, *, local_keys: Iterable[str] = (), head_keys: tuple[str, str] = ("", "")
+    cfg: StrategyOptions, *, local_keys: Iterable[str] = (), head_keys: tuple[str, str] = ("", "")
 ) -> Strategy:
     """A new strategy named by ``cfg.name``; ``local_keys``: FedBN's normalisation keys;
     ``head_keys``: (weight, bias) of the final classifier layer, used when ``cfg.imbalance_head``."""
@@ -89,9 +57,7 @@ def build_strategy(
 
 
 __all__ = [
-    "ROBUST",
     "STRATEGIES",
-    "StrategyConfig",
     "build_strategy",
     "FedBN",
     "PositiveWeightedHead",

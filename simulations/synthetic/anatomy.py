@@ -20,7 +20,7 @@ class ScanGrid:
     """An axial voxel grid in DICOM patient coordinates (LPS, mm), standard orientation.
 
     ``row_dir`` = (1, 0, 0) (increasing column index c), ``col_dir`` = (0, 1, 0) (increasing
-    row index r), slices along +z (docs/conventions.md). ``origin`` is voxel [0, 0, 0].
+    row index r), slices along +z (docs/design.md §8). ``origin`` is voxel [0, 0, 0].
     """
 
     shape: tuple[int, int, int]

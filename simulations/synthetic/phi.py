@@ -2,7 +2,7 @@
 
 Every patient gets a plausible name, medical record number, birth date and so on, different per
 patient and reproducible from the seed, so that the PHI handling of the reader can be tested
-(nothing of this may reach a cache, a message or a report; docs/conventions.md).
+(nothing of this may reach a cache, a message or a report; docs/design.md §8).
 """
 
 from __future__ import annotations

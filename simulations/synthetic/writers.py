@@ -27,7 +27,7 @@ from simulations.synthetic.study import RenderedStudy
 
 #: labels.csv columns: the contract's, then the extras this generator knows.
 LABEL_COLUMNS: tuple[str, ...] = ("patient_id", "study_id") + LABELS + ("location", "followup_study_id")
-#: RAS = diag(-1, -1, 1) @ LPS (docs/conventions.md).
+#: RAS = diag(-1, -1, 1) @ LPS (docs/design.md §8).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 

@@ -9,9 +9,12 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from client.client_app import SiteError, SiteRunConfig, app, partition_site
+from client.client_app import app
 from client.data.cache import build_site_cache
 from client.data.dataset import SliceDataset, split_slices
+from client.federation.errors import SiteError
+from client.federation.node import partition_site
+from client.federation.site_run import SiteRunConfig
 from client.simulation.partitions import Partition, write_partitions
 from common.config import LABELS
 from common.losses import label_counts
@@ -29,9 +32,9 @@ from common.records import (
     EvaluateInstruction,
     TrainInstruction,
     arrays_digest,
-    model_from_run_config,
     state_to_record,
 )
+from common.run_config import model_from_run_config
 from simulations.sites import discover_sites
 from tests.helpers.data import write_site
 from tests.helpers.flower import make_context, make_message, run_config

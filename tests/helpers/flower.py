@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.records import ARRAYS, METRICS
+from common.run_config import StrategyOptions, parse_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = 4242
@@ -40,12 +41,17 @@ def run_config(**overrides: Any) -> dict[str, Any]:
     return dict(get_fused_config_from_dir(REPO, {k.replace("_", "-"): v for k, v in overrides.items()}))
 
 
+def strategy_options(**fields: Any) -> StrategyOptions:
+    """The default run config's ``strategy.*`` group with ``fields`` changed (and checked again)."""
+    return replace(parse_run_config(run_config()).strategy, **fields)
+
+
 def write_prepared_sites(
     root: Path, n_sites: int, run_cfg: dict[str, Any], seed_offset: int = 0, source: int = 40
 ) -> Path:
     """``n_sites`` small site folders under ``root`` (site-01 ...), each already preprocessed into
     ``root/.cache`` with the run config's preprocessing, as ``flwr-client prepare`` leaves a site."""
-    from common.records import model_from_run_config
+    from common.run_config import model_from_run_config
     from simulations.sites import prepare_caches
     from tests.helpers.data import write_site
 

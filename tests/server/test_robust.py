@@ -20,12 +20,14 @@ from client.simulation.faults import corrupt_update
 from client.simulation.partitions import Partition, write_partitions
 from common.checkpoint import load_checkpoint
 from common.model import build_joint_model, half_state_dict, load_half_state_dict
-from common.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, model_from_run_config
+from common.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
+from common.run_config import model_from_run_config
 from server.checkpoints import round_checkpoints
-from server.server_app import non_finite_arrays, run_federation
-from server.strategies import StrategyConfig, build_strategy
+from server.federation import run_federation
+from server.replies import non_finite_arrays
+from server.strategies import build_strategy
 from tests.helpers.data import write_site
-from tests.helpers.flower import FakeGrid, make_context, make_reply, run_config, set_task_identity
+from tests.helpers.flower import FakeGrid, make_context, make_reply, run_config, set_task_identity, strategy_options
 
 IMAGE = 32
 RC = run_config(**{"model.image-size": IMAGE})
@@ -88,7 +90,7 @@ def replies_of(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> list:
 
 
 def aggregate(name: str, states, sizes, **kw) -> dict[str, np.ndarray]:
-    strategy = build_strategy(StrategyConfig(name=name, **kw))
+    strategy = build_strategy(strategy_options(name=name, **kw))
     arrays, _ = strategy.aggregate_train(1, replies_of(states, sizes))
     return {k: v.numpy() for k, v in arrays.items()}
 

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
-from client.client_app import SiteConfig, SiteError, SiteRunConfig, open_site, partition_site, site_label_counts
 from client.client_app import app as client_app
+from client.federation.errors import SiteError
+from client.federation.node import SiteNode, partition_site
+from client.federation.site_data import open_site, site_label_counts
+from client.federation.site_run import SiteRunConfig
 from common.records import (
     CONFIG,
     LABEL_NEG,
@@ -32,7 +35,8 @@ from common.records import (
     SERVER_ROUND,
 )
 from common.secure_sum import MODULUS
-from server.server_app import ServerRunConfig, run_federation
+from server.federation import run_federation
+from server.server_config import ServerRunConfig
 from tests.helpers.flower import (
     FakeGrid,
     make_context,
@@ -89,7 +93,7 @@ def plain_counts(data_root: Path, rc: dict, partitions) -> tuple[list, list, lis
     run = SiteRunConfig.from_run_config(rc)
     out = []
     for i in partitions:
-        data = open_site(SiteConfig(partition_site(data_root, i), f"site-{i + 1:02d}", data_root / ".cache"), run)
+        data = open_site(SiteNode(partition_site(data_root, i), f"site-{i + 1:02d}", data_root / ".cache"), run)
         pos, neg = site_label_counts(data.train, run.model)
         out.append((pos, neg, len(data.train)))
     return out

@@ -32,10 +32,10 @@ from common.records import (
     SERVER_ROUND,
     SITE_ID,
     STAGE,
-    model_from_run_config,
 )
+from common.run_config import model_from_run_config
 from server.checkpoints import round_checkpoints
-from server.server_app import run_federation
+from server.federation import run_federation
 from tests.helpers.data import PHI
 from tests.helpers.flower import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
 

@@ -24,8 +24,9 @@ from common.records import (
     PROXIMAL_MU,
     TRAIN_LOSS,
 )
-from server.strategies import ROBUST, STRATEGIES, StrategyConfig, aggregate_metrics, build_strategy
-from tests.helpers.flower import FakeGrid, make_reply, set_task_identity
+from common.run_config import ROBUST_STRATEGIES, STRATEGY_NAMES
+from server.strategies import STRATEGIES, aggregate_metrics, build_strategy
+from tests.helpers.flower import FakeGrid, make_reply, set_task_identity, strategy_options
 
 RNG = np.random.default_rng(0)
 N_SITES = 5
@@ -64,7 +65,7 @@ class StrategyChecks:
 
     def strategy(self, **kw):
         return build_strategy(
-            StrategyConfig(name=self.name, **{**self.kwargs, **kw}), local_keys=NORM_KEYS, head_keys=(HEAD_W, HEAD_B)
+            strategy_options(name=self.name, **{**self.kwargs, **kw}), local_keys=NORM_KEYS, head_keys=(HEAD_W, HEAD_B)
         )
 
     def aggregate(self, replies=None, **kw) -> tuple[dict[str, np.ndarray], MetricRecord]:
@@ -94,7 +95,7 @@ class StrategyChecks:
             np.testing.assert_allclose(with_error[k], without[k], rtol=1e-6)
 
     def test_imbalance_head_rows_weighted_by_positives(self):
-        if self.name in ROBUST:
+        if self.name in ROBUST_STRATEGIES:
             with pytest.raises(ValueError, match="robustness"):
                 self.strategy(imbalance_head=True)
             return
@@ -121,7 +122,7 @@ class StrategyChecks:
         assert LABEL_POS not in metrics and LABEL_NEG not in metrics
         for k in SHAPES:
             np.testing.assert_allclose(arrays[k], plain[k], rtol=1e-6)
-        if self.name not in ROBUST:
+        if self.name not in ROBUST_STRATEGIES:
             head, _ = self.aggregate(replies, imbalance_head=True)
             for k in SHAPES:
                 np.testing.assert_allclose(head[k], plain[k], rtol=1e-6)
@@ -228,7 +229,12 @@ class TestFedBN(StrategyChecks):
 def test_registry_lists_the_valid_names():
     assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian", "fedtrimmedavg", "krum"}
     with pytest.raises(KeyError, match="fedavg.*fedyogi"):
-        StrategyConfig(name="fedsgd")
+        strategy_options(name="fedsgd")
+
+
+def test_run_config_names_are_the_registry():
+    """``strategy.name`` is checked where the run config is parsed (common), built here (server)."""
+    assert set(STRATEGY_NAMES) == set(STRATEGIES) and ROBUST_STRATEGIES < set(STRATEGIES)
 
 
 def test_metrics_nan_skipped_and_counts_summed():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.report import mean_sd
+from simulations.report.tables import mean_sd
 from simulations.simulate import main
 from tests.helpers.data import write_site
 from tests.helpers.experiments import BASELINES, TINY

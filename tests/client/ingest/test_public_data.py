@@ -122,7 +122,7 @@ def test_ctich_volumes_read_in_hu_on_our_axes(ctich_site) -> None:
         # a standard axial DICOM orientation: columns to the left, rows posterior, slices rising
         assert g.row_dir[0] == pytest.approx(1.0) and g.col_dir[1] == pytest.approx(COS if pid == "050" else 1.0)
         assert float(np.dot(g.slice_step, g.normal)) > 0
-        # every voxel sits where the file's affine puts it (docs/conventions.md index -> LPS)
+        # every voxel sits where the file's affine puts it (docs/design.md §8, index -> LPS)
         k, r, c = np.meshgrid(np.arange(K), np.arange(R), np.arange(C), indexing="ij")
         lps = (
             np.asarray(g.origin)

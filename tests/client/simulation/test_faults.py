@@ -12,9 +12,10 @@ import pytest
 import torch
 from flwr.app import MessageType, RecordDict
 
-from client.client_app import SiteError, app
+from client.client_app import app
 from client.data.cache import build_site_cache
 from client.data.dataset import SliceDataset, make_loader, split_slices, stage_positives
+from client.federation.errors import SiteError
 from client.simulation.faults import (
     FAULT_KINDS,
     FaultError,
@@ -34,10 +35,10 @@ from common.records import (
     LABEL_POS,
     METRICS,
     TrainInstruction,
-    model_from_run_config,
     record_to_state,
     state_to_record,
 )
+from common.run_config import model_from_run_config
 from tests.helpers.data import write_site
 from tests.helpers.flower import make_context, make_message, run_config
 
@@ -357,10 +358,12 @@ def test_client_app_reports_an_invalid_manifest_fault(site, tmp_path):
 
 def test_split_of_a_label_flip_site_keeps_a_true_test_split(site, tmp_path):
     """Only the training split is corrupted: the site scores the global model on true labels."""
-    from client.client_app import SiteConfig, SiteRunConfig, open_site
+    from client.federation.node import SiteNode
+    from client.federation.site_data import open_site
+    from client.federation.site_run import SiteRunConfig
 
     path = site["cache"].path
-    cfg = SiteConfig(Path(path), "site-04", Path(path).parent, cache_path=Path(path), fault={"kind": "label-flip"})
+    cfg = SiteNode(Path(path), "site-04", Path(path).parent, cache_path=Path(path), fault={"kind": "label-flip"})
     data = open_site(cfg, SiteRunConfig.from_run_config(RUN))
     assert isinstance(data.train, LabelFlipped) and type(data.test) is SliceDataset
     idx = split_slices(site["cache"], SiteRunConfig.from_run_config(RUN).split, seed=int(RUN["seed"]))

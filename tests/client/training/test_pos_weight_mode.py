@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from client.client_app import stage2_pos_weight
 from client.data.cache import build_site_cache
 from client.data.dataset import SliceDataset, brain_slices
+from client.federation.site_data import stage2_pos_weight
 from common.config import PreprocessConfig
 from common.model import build_joint_model
 from common.presets import get_preset
-from common.records import TrainInstruction, pos_weight_mode
+from common.records import TrainInstruction
+from common.run_config import parse_run_config
 from tests.helpers.data import write_site
+from tests.helpers.flower import run_config
 
 
 def test_modes(tmp_path) -> None:
@@ -32,4 +34,4 @@ def test_modes(tmp_path) -> None:
 
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="train.pos-weight must be one of"):
-        pos_weight_mode({"train.pos-weight": "sitewise"})
+        parse_run_config(run_config(**{"train.pos-weight": "sitewise"}))

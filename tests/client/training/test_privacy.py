@@ -12,15 +12,17 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import MessageType, RecordDict
 
-from client.client_app import SiteConfig, SiteRunConfig, app, open_site
+from client.client_app import app
 from client.data.cache import build_site_cache
+from client.federation.node import SiteNode
+from client.federation.site_data import open_site
+from client.federation.site_run import SiteRunConfig
 from client.training.privacy import (
     DPSGD,
     PRIVACY_FILE,
@@ -45,18 +47,17 @@ from common.records import (
     TRAIN_LOSS,
     TrainInstruction,
     arrays_digest,
-    model_from_run_config,
-    privacy_from_run_config,
     state_to_record,
 )
-from server.server_app import idle_reason, run_federation
+from common.run_config import model_from_run_config, parse_run_config
+from server.federation import run_federation
+from server.replies import idle_reason
 from simulations.sites import prepare_caches
 from tests.helpers.data import write_site
-from tests.helpers.flower import FakeGrid, make_context, make_message, run_config, set_task_identity
+from tests.helpers.flower import REPO, FakeGrid, make_context, make_message, run_config, set_task_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[2]
 IMAGE = 32
 DP = {
     "privacy.dp": True,
@@ -129,7 +130,7 @@ def test_round_steps_follow_train_stage():
 )
 def test_config_errors_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
-        privacy_from_run_config(run_config(**{"privacy.dp": True, key: value}))
+        parse_run_config(run_config(**{"privacy.dp": True, key: value}))
     with pytest.raises(ValueError, match=message):  # the server and every site stop at the same check
         model_from_run_config(run_config(**{"privacy.dp": True, key: value}))
 
@@ -359,7 +360,7 @@ def changed(reply, model, half: str) -> bool:
 
 def usable_count(node: dict, rc: dict, stage: int) -> int:
     run = SiteRunConfig.from_run_config(rc)
-    data = open_site(SiteConfig.from_context(make_context(node, rc)), run)
+    data = open_site(SiteNode.from_context(make_context(node, rc), run.config.data), run)
     return int(usable_slices(data.train, stage, run.model).sum())
 
 
@@ -368,7 +369,7 @@ def test_dp_training_through_the_handler_in_both_stages(site, tmp_path):
     shutil.copytree(site["cache-dir"], tmp_path / "cache")
     model = build_joint_model(model_from_run_config(rc)[0], seed=0)
     assert model.cfg.norm == "group"
-    epsilons = []
+    run, epsilons = SiteRunConfig.from_run_config(rc), []
     for rnd, stage in ((1, 1), (2, 1), (3, 2)):
         reply = train_call(node, rc, model, stage, rnd, "dp-run")
         metrics = reply.content[METRICS]
@@ -376,7 +377,7 @@ def test_dp_training_through_the_handler_in_both_stages(site, tmp_path):
         assert metrics[NUM_EXAMPLES] == usable_count(node, rc, stage) > 0
         assert metrics[PRIVACY_EXHAUSTED] == 0 and math.isnan(metrics[TRAIN_LOSS])  # the loss is not released
         assert metrics[PRIVACY_DELTA] == pytest.approx(
-            1 / len(open_site(SiteConfig.from_context(make_context(node, rc)), SiteRunConfig.from_run_config(rc)).train)
+            1 / len(open_site(SiteNode.from_context(make_context(node, rc), run.config.data), run).train)
         )
         epsilons.append(metrics[PRIVACY_EPSILON])
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= 8.0  # the run's default budget

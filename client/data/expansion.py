@@ -1,0 +1,115 @@
+"""Hematoma expansion derived from baseline and follow-up mask volumes (docs/gan.md).
+
+A baseline study's cache entry names its follow-up study (``followup``: the follow-up's study
+pseudonym, from labels.csv's ``followup_study_id``). Both studies' masks give a hematoma volume
+(voxel count x model voxel size), and expansion is their growth:
+
+- relative (default): follow-up >= ``ratio`` x baseline. The default 1.3 (>= 30 % growth) is the
+  synthetic generator's rule (``simulations.synthetic.generate.EXPANSION_RATIO``), so derived and
+  written labels agree there; ``ratio = 1.33`` gives the other common clinical definition (33 %).
+- absolute (option): follow-up - baseline >= ``absolute_ml`` (6 ml is the usual choice), OR-ed
+  with the relative rule when set.
+
+Where labels.csv gives an expansion label too, ``disagreements`` lists the studies whose label
+differs from the derived one, by study pseudonym (never a patient id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from client.data.cache import SiteCache
+from common.config import LABELS
+
+#: labels.csv's expansion column in a study's ``labels`` list.
+EXPANSION_COLUMN: int = LABELS.index("expansion")
+
+
+@dataclass(frozen=True)
+class ExpansionRule:
+    """When a hematoma has expanded: relative growth, optionally OR-ed with absolute growth in ml."""
+
+    ratio: float = 1.3
+    absolute_ml: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ratio > 1.0:
+            raise ValueError(f"ratio must be > 1 (growth), got {self.ratio}")
+        if self.absolute_ml is not None and not self.absolute_ml > 0:
+            raise ValueError(f"absolute_ml must be > 0 or None, got {self.absolute_ml}")
+
+
+def expansion_label(baseline_ml: float, followup_ml: float, rule: ExpansionRule = ExpansionRule()) -> int | None:
+    """1 if the hematoma grew by ``rule``, else 0; None without a baseline hematoma (nothing to grow)."""
+    if baseline_ml <= 0:
+        return None
+    grew = followup_ml >= rule.ratio * baseline_ml
+    if rule.absolute_ml is not None:
+        grew = grew or followup_ml - baseline_ml >= rule.absolute_ml
+    return int(grew)
+
+
+def study_volume_ml(study: dict) -> float:
+    """Hematoma volume of a cache study entry: mask pixels x model pixel area x slice spacing."""
+    voxel_ml = study["pixel_mm"][0] * study["pixel_mm"][1] * study["slice_mm"] / 1000.0
+    return float(sum(study["mask_pixels"])) * voxel_ml
+
+
+@dataclass(frozen=True)
+class ExpansionRow:
+    """One baseline / follow-up pair: volumes, the derived label and labels.csv's (None = not given)."""
+
+    study: str
+    followup: str
+    baseline_ml: float
+    followup_ml: float
+    derived: int | None
+    given: int | None
+
+    @property
+    def disagrees(self) -> bool:
+        return self.derived is not None and self.given is not None and self.derived != self.given
+
+
+def derive_expansion(cache: SiteCache, rule: ExpansionRule = ExpansionRule()) -> list[ExpansionRow]:
+    """One row per baseline study whose follow-up is in the cache, both with ground-truth masks.
+
+    Studies whose follow-up is missing (not delivered, rejected) or lacks a mask are left out:
+    their expansion cannot be derived.
+    """
+    by_name = {s["study"]: s for s in cache.studies}
+    rows = []
+    for s in cache.studies:
+        fu = by_name.get(s.get("followup") or "")
+        if fu is None or not (s["has_mask"] and fu["has_mask"]):
+            continue
+        base_ml, fu_ml = study_volume_ml(s), study_volume_ml(fu)
+        given = s["labels"][EXPANSION_COLUMN]
+        rows.append(
+            ExpansionRow(
+                s["study"],
+                fu["study"],
+                base_ml,
+                fu_ml,
+                expansion_label(base_ml, fu_ml, rule),
+                None if given is None else int(given),
+            )
+        )
+    return rows
+
+
+def disagreements(rows: list[ExpansionRow]) -> list[ExpansionRow]:
+    """The pairs whose labels.csv expansion label differs from the derived one."""
+    return [r for r in rows if r.disagrees]
+
+
+def format_disagreements(rows: list[ExpansionRow]) -> str:
+    """A report line per disagreement, by study pseudonym, volumes rounded to 0.1 ml."""
+    bad = disagreements(rows)
+    compared = sum(1 for r in rows if r.derived is not None and r.given is not None)
+    lines = [f"expansion: {len(bad)} of {compared} labelled pairs disagree with the mask volumes"]
+    lines += [
+        f"  {r.study}: labels.csv {r.given}, derived {r.derived} ({r.baseline_ml:.1f} ml -> {r.followup_ml:.1f} ml)"
+        for r in bad
+    ]
+    return "\n".join(lines)

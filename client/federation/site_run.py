@@ -1,0 +1,82 @@
+"""The run config as a site reads it: ``common.run_config.RunConfig`` and what the site derives from it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from client.federation.errors import SiteError
+from client.training.train import TrainConfig
+from common.config import PreprocessConfig
+from common.presets import ModelConfig
+from common.records import TrainInstruction
+from common.run_config import RunConfig, parse_run_config
+
+
+@dataclass(frozen=True)
+class SiteRunConfig:
+    """The run-config values a site needs (the per-round ones come in the ConfigRecord)."""
+
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    batch_size: int
+    eval_batch_size: int
+    weight_decay: float
+    optimizer: str
+    augment: bool
+    balanced: bool
+    split: tuple[float, float, float]
+    seed: int
+    pos_weight: str  # "global" (the server's, from every site's counts) | "local" (this site's) | "none"
+    #: ``privacy.secure-counts``: label counts leave the site only masked (docs/secure-aggregation.md).
+    secure_counts: bool
+    #: The whole run config, for what only one step reads (DP-SGD's plan: ``client.training.privacy``).
+    config: RunConfig
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> SiteRunConfig:
+        """Parsed and checked; a bad key is a SiteError naming it (run-config keys and values come
+        from the server: nothing of the site's in their text)."""
+        try:
+            cfg = parse_run_config(rc)
+        except (KeyError, ValueError) as exc:
+            raise SiteError(str(exc.args[0]) if exc.args else type(exc).__name__) from None
+        return cls.from_config(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> SiteRunConfig:
+        model, pre = cfg.architecture()
+        train = cfg.train
+        return cls(
+            model,
+            pre,
+            train.batch_size,
+            train.eval_batch_size,
+            train.weight_decay,
+            train.optimizer,
+            train.augment,
+            train.balanced,
+            cfg.data.split,
+            cfg.seed,
+            train.pos_weight,
+            cfg.privacy.secure_counts,
+            cfg,
+        )
+
+    def train_config(self, order: TrainInstruction) -> TrainConfig:
+        """The local training of one round: the server's per-round values, the run's others.
+        The learning rate is constant within a round (a cosine would restart every round)."""
+        return TrainConfig(
+            epochs=order.local_epochs,
+            max_steps=order.local_steps,
+            batch_size=self.batch_size,
+            lr=order.lr,
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            schedule="constant",
+            augment=self.augment,
+            balanced=self.balanced,
+            proximal_mu=order.proximal_mu,
+            seed=self.seed + order.server_round,
+        )

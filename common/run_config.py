@@ -1,0 +1,309 @@
+"""The app's run config (``[tool.flwr.app.config]`` of pyproject.toml), typed and checked in one place.
+
+pyproject.toml holds every key and its default (Flower accepts overrides of those keys only); this
+module holds their types and the rules between them. One frozen dataclass per key group, a field per
+key: ``TrainOptions.lr_stage2`` is ``train.lr-stage2``; ``seed`` and ``resume`` sit on ``RunConfig``
+itself. ``parse_run_config`` reads every key once, so the server, every site and the simulation
+refuse a bad value at the same check, with an error naming the key. The dataclasses have no
+defaults of their own: a second copy of pyproject's would drift from it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from logging import INFO
+from typing import Any, get_type_hints
+
+from flwr.common.logger import log
+
+from common.config import PreprocessConfig
+from common.presets import ModelConfig, get_preset
+
+#: ``strategy.name`` values (``server.strategies.STRATEGIES`` builds each one).
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedbn",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
+#: Strategies that bound the influence of outlying sites (the positive-weighted head would not).
+ROBUST_STRATEGIES = frozenset({"fedmedian", "fedtrimmedavg", "krum"})
+#: Where stage 2's marker weights come from (``train.pos-weight``).
+POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """``model.*``: the preset and what the run overrides of it (``RunConfig.architecture`` applies them)."""
+
+    preset: str
+    image_size: int  # 0: the preset's size
+    classifier: str  # wavelet | vgg
+    masked_input: bool
+    norm: str  # batch | group
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """``preprocess.*``: the paper's preprocessing steps, each switchable for its ablation."""
+
+    denoise: bool
+    strip_skull: bool
+    centre: bool
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """``data.*``: where a simulation's sites are (root, cache-dir, partitions) and every site's split."""
+
+    root: str
+    cache_dir: str
+    partitions: str
+    val_fraction: float
+    test_fraction: float
+
+    def __post_init__(self) -> None:
+        val, test = self.val_fraction, self.test_fraction
+        if not (0 <= val and 0 < test and val + test < 1):
+            raise ValueError(f"data.val-fraction ({val}) and data.test-fraction ({test}) must leave a training split")
+
+    @property
+    def split(self) -> tuple[float, float, float]:
+        """(train, val, test) fractions of every site's patients."""
+        return 1.0 - self.val_fraction - self.test_fraction, self.val_fraction, self.test_fraction
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """``train.*``: local training at every site, and stage 2's marker weights."""
+
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    lr_stage2: float  # 0: train.lr
+    local_epochs: int
+    local_steps: int  # 0: whole epochs
+    weight_decay: float
+    optimizer: str
+    augment: bool
+    balanced: bool
+    #: "global": the server's neg/pos of every site's summed counts (the imbalance-aware default);
+    #: "local": each site's own neg/pos (what global replaces); "none": unweighted BCE.
+    pos_weight: str
+    max_pos_weight: float  # 0: no cap
+
+    def __post_init__(self) -> None:
+        if self.pos_weight not in POS_WEIGHT_MODES:
+            raise ValueError(f"train.pos-weight must be one of {list(POS_WEIGHT_MODES)}, got {self.pos_weight!r}")
+
+
+@dataclass(frozen=True)
+class RoundOptions:
+    """``rounds.*``: the schedule (stage-1 rounds, then stage-2 rounds) and the reply timeout."""
+
+    stage1: int
+    stage2: int
+    timeout: float  # seconds; 0: no limit
+
+    def __post_init__(self) -> None:
+        rounds = self.stage1, self.stage2
+        if min(rounds) < 0 or sum(rounds) == 0:
+            raise ValueError(f"rounds.stage1 and rounds.stage2 must be >= 0 and not both 0, got {rounds}")
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """``strategy.*``: the aggregation strategy and its parameters (``server.strategies.build_strategy``)."""
+
+    name: str
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    accept_failures: bool
+    imbalance_head: bool
+    proximal_mu: float
+    server_lr: float
+    tau: float
+    trim_beta: float
+    num_malicious: int
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGY_NAMES:
+            raise KeyError(f"strategy.name: unknown strategy {self.name!r}; valid strategies: {sorted(STRATEGY_NAMES)}")
+        if self.imbalance_head and self.name in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"strategy.imbalance-head averages every site's head rows, which would undo "
+                f"{self.name}'s robustness to outlying sites; use it with {sorted(set(STRATEGY_NAMES) - ROBUST_STRATEGIES)}"
+            )
+
+
+@dataclass(frozen=True)
+class PrivacyOptions:
+    """``privacy.*``: DP-SGD at the site (docs/privacy.md) and the secure counts round.
+
+    ``noise_multiplier`` 0: derived at each site from ``target_epsilon`` over the run's planned
+    steps; ``target_epsilon``: the site's whole budget for the run, both stages together;
+    ``delta`` 0: 1 / (the site's training slices); ``max_grad_norm``: the per-slice clipping bound C;
+    ``secure_counts``: label counts leave a site only masked (docs/secure-aggregation.md).
+    """
+
+    dp: bool
+    noise_multiplier: float
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    secure_counts: bool
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier >= 0:
+            raise ValueError(
+                f"privacy.noise-multiplier must be >= 0 (0: derived from privacy.target-epsilon), "
+                f"got {self.noise_multiplier}"
+            )
+        if not self.target_epsilon > 0:
+            raise ValueError(f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
+        if not 0 <= self.delta < 1:
+            raise ValueError(f"privacy.delta must be in [0, 1) (0: 1 / training slices), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """``output.*``: where the server writes the run (history, checkpoints, the global model)."""
+
+    dir: str
+    name: str  # "": a new timestamped folder (with resume: the latest one)
+    keep_checkpoints: int  # 0: all
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run config, typed: ``seed``, ``resume`` and one options object per key group."""
+
+    seed: int
+    resume: bool
+    model: ModelOptions
+    preprocess: PreprocessOptions
+    data: DataOptions
+    train: TrainOptions
+    rounds: RoundOptions
+    strategy: StrategyOptions
+    privacy: PrivacyOptions
+    output: OutputOptions
+
+    def __post_init__(self) -> None:
+        if self.privacy.secure_counts and self.strategy.imbalance_head:
+            raise ValueError(
+                "strategy.imbalance-head weights each head row by every site's own positive counts, "
+                "which privacy.secure-counts keeps from the server (only their sum is learnt): "
+                "switch one of the two off"
+            )
+
+    def architecture(self) -> tuple[ModelConfig, PreprocessConfig]:
+        """The architecture and the preprocessing every site and the server share.
+
+        ``model.image-size`` 0 keeps the preset's size; the preprocessing size always equals it.
+        ``model.classifier``, ``model.masked-input`` and ``model.norm`` override the preset. With
+        ``privacy.dp`` the norm is always group (Opacus cannot privatise BatchNorm, whose statistics
+        mix the slices of a batch), at every site and the server alike.
+        """
+        norm = self.model.norm
+        if self.privacy.dp and norm != "group":
+            log(INFO, "privacy.dp: model.norm %r replaced by 'group' (GroupNorm; DP-SGD cannot use BatchNorm)", norm)
+            norm = "group"
+        overrides: dict[str, Any] = {
+            "classifier": self.model.classifier,
+            "masked_input": self.model.masked_input,
+            "norm": norm,
+        }
+        if self.model.image_size:
+            overrides["image_size"] = self.model.image_size
+        model = get_preset(self.model.preset, **overrides)
+        pre = PreprocessConfig(
+            size=model.image_size,
+            denoise=self.preprocess.denoise,
+            strip_skull=self.preprocess.strip_skull,
+            centre=self.preprocess.centre,
+        )
+        return model, pre
+
+
+def run_config_key(group: str, name: str) -> str:
+    """The run-config key of a field: ``("train", "lr_stage2")`` -> ``train.lr-stage2``; no group: top-level."""
+    key = name.replace("_", "-")
+    return f"{group}.{key}" if group else key
+
+
+def run_config_keys() -> list[str]:
+    """Every key ``parse_run_config`` reads, in field order (what pyproject's table must hold)."""
+    keys = []
+    for f, kind in _field_types(RunConfig).items():
+        keys += [run_config_key(f, g) for g in _field_types(kind)] if is_dataclass(kind) else [f]
+    return keys
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The run config as Flower hands it over (``context.run_config``), typed and checked.
+
+    A missing key is a KeyError, a value of the wrong type or out of range a ValueError; both name the key.
+    """
+    values = {
+        f: _parse_group(kind, f, run_config) if is_dataclass(kind) else _read(run_config, run_config_key("", f), kind)
+        for f, kind in _field_types(RunConfig).items()
+    }
+    return RunConfig(**values)
+
+
+def model_from_run_config(run_config: Mapping[str, Any]) -> tuple[ModelConfig, PreprocessConfig]:
+    """``parse_run_config(run_config).architecture()``: for callers that need nothing else of the run."""
+    return parse_run_config(run_config).architecture()
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, type]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _parse_group(cls: type, group: str, run_config: Mapping[str, Any]) -> Any:
+    return cls(
+        **{name: _read(run_config, run_config_key(group, name), kind) for name, kind in _field_types(cls).items()}
+    )
+
+
+def _read(run_config: Mapping[str, Any], key: str, kind: type) -> Any:
+    return _typed(key, _value(run_config, key), kind)
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (bool, int, float or str); a value that is not one is refused, never
+    guessed at (``bool("false")`` is True)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return str(value)
+    if kind is bool and (isinstance(value, bool) or (number and value in (0, 1))):
+        return bool(value)
+    if kind is int and number and float(value).is_integer():
+        return int(value)
+    if kind is float and number:
+        return float(value)
+    raise ValueError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
+
+
+def _value(run_config: Mapping[str, Any], key: str) -> Any:
+    """One run-config value; a missing key names itself (every key has a default in pyproject.toml)."""
+    try:
+        return run_config[key]
+    except KeyError:
+        raise KeyError(
+            f"run config has no key {key!r}: every key needs a default in [tool.flwr.app.config] of pyproject.toml"
+        ) from None

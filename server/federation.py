@@ -1,0 +1,267 @@
+"""One federated run on the coordinator: stage-aware, class-imbalance-aware federated training.
+
+Round schedule: ``rounds.stage1`` rounds that exchange only the U-Net, then ``rounds.stage2`` rounds
+that exchange only the classifier (the U-Net frozen at the sites, paper §4). Before the first
+stage-2 round a counts round (``server.counts``) asks every site for its per-label positive/negative
+counts; the server sums them and sends the global ``pos-weight`` = negatives / positives (paper
+formula 2) with every stage-2 round, so every site optimises the same weighted loss.
+
+After every round the server assembles the full global model, has every site evaluate it on its
+own held-out patients, and hands the results to ``server.history`` (per-site and aggregated
+metrics) and ``server.checkpoints`` (one checkpoint per round; ``resume = true`` continues from the
+last one). Failed sites and non-finite updates are handled by ``server.replies``: the round goes on
+with the others.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from common.losses import pos_weight_from_counts
+from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
+from common.records import (
+    HALF_OF_STAGE,
+    METRICS,
+    NUM_EXAMPLES,
+    EvaluateInstruction,
+    TrainInstruction,
+    arrays_digest,
+    record_to_state,
+    state_to_record,
+)
+from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
+from server.counts import count_labels
+from server.history import History
+from server.replies import Messenger, idle_reason, metrics_dict
+from server.server_config import ServerRunConfig, resolve_run_dir
+from server.strategies import build_strategy
+
+
+class Federation:
+    """One federated run: the global model, the schedule, and what the server learns about sites."""
+
+    def __init__(self, grid: Grid, cfg: ServerRunConfig) -> None:
+        self.grid, self.cfg = grid, cfg
+        self.model = build_joint_model(cfg.model, seed=cfg.seed)
+        self.local_keys = norm_state_keys(self.model) if cfg.strategy.name == "fedbn" else set()
+        head = final_layer_keys(self.model)
+        # One strategy per stage: server-side optimiser state is per array, and stages exchange different arrays.
+        self.strategies: dict[int, Strategy] = {
+            s: build_strategy(cfg.strategy, local_keys=self.local_keys, head_keys=head) for s in HALF_OF_STAGE
+        }
+        self.out_dir = resolve_run_dir(cfg)
+        self.history = History(self.out_dir)
+        self.start_round = 0
+        self.messenger = Messenger(grid, cfg.timeout)
+        self.counts: tuple[np.ndarray, np.ndarray] | None = None
+
+    # --- the schedule --------------------------------------------------------------------
+
+    def run(self) -> History:
+        cfg = self.cfg
+        if cfg.resume:
+            self._resume()
+        self.history.run = {**cfg.summary(), "output": str(self.out_dir)}
+        log(
+            INFO,
+            "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s, output %s",
+            cfg.rounds_stage1,
+            cfg.rounds_stage2,
+            cfg.strategy.name,
+            " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
+            self.out_dir,
+        )
+        last = None
+        for rnd in range(self.start_round + 1, cfg.total_rounds + 1):
+            t0 = time.perf_counter()
+            stage = cfg.stage_of(rnd)
+            entry: dict[str, Any] = {"round": rnd, "stage": stage, "failures": [], "rejected": []}
+            log(INFO, "[ROUND %d/%d] stage %d (%s)", rnd, cfg.total_rounds, stage, HALF_OF_STAGE[stage])
+            entry["train"] = self.train_round(rnd, stage, entry)
+            entry["evaluate"] = self.evaluate_round(rnd, stage, entry)
+            entry["seconds"] = time.perf_counter() - t0
+            self.history.add_round(entry)
+            self.history.save()
+            last = save_round_checkpoint(
+                self.out_dir,
+                self.model,
+                cfg.model,
+                cfg.preprocess,
+                {"method": "federated", "strategy": cfg.strategy.name, "round": rnd, "stage": stage, "seed": cfg.seed},
+                keep=cfg.keep_checkpoints,
+            )
+        if last is not None:
+            publish_final(self.out_dir, last)
+        log(INFO, "hemexp: run finished; global model %s", self.out_dir / "global.pt")
+        return self.history
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            log(INFO, "resume: no checkpoint in %s, starting at round 1", self.out_dir)
+            return
+        if ckpt.model_config != self.cfg.model:
+            raise ValueError(
+                f"{self.out_dir}: its checkpoints hold another model config; "
+                "resume with the run's original model.* settings"
+            )
+        self.model.load_state_dict(ckpt.state_dict, strict=True)
+        self.start_round = int(ckpt.meta["round"])
+        self.history = History.load(self.out_dir, up_to_round=self.start_round)
+        log(INFO, "resume: continuing %s after round %d", self.out_dir, self.start_round)
+
+    # --- one round -----------------------------------------------------------------------
+
+    def train_round(self, rnd: int, stage: int, entry: dict) -> dict[str, Any]:
+        cfg, half, strategy, messenger = self.cfg, HALF_OF_STAGE[stage], self.strategies[stage], self.messenger
+        pos_weight = None
+        if stage == 2:
+            if self.counts is None:
+                self.counts = self.count_labels(rnd, entry)
+            if self.counts is not None:
+                weights = tuple(pos_weight_from_counts(*self.counts, max_weight=cfg.max_pos_weight).tolist())
+                entry["label-counts"] = {
+                    "pos": self.counts[0].tolist(),
+                    "neg": self.counts[1].tolist(),
+                    "pos-weight": list(weights),
+                    "pos-weight-mode": cfg.pos_weight,
+                }
+                pos_weight = weights if cfg.pos_weight == "global" else None
+        unet, digest = self._frozen_unet(stage)
+        order = TrainInstruction(
+            server_round=rnd,
+            stage=stage,
+            lr=cfg.lr if stage == 1 else cfg.lr_stage2,
+            local_epochs=cfg.local_epochs,
+            local_steps=cfg.local_steps,
+            pos_weight=pos_weight,
+            unet_digest=digest,
+            run_name=self.out_dir.name,
+        )
+        arrays = state_to_record(half_state_dict(self.model, half))
+        messages = messenger.attach_unet(
+            strategy.configure_train(rnd, arrays, order.to_record(), self.grid), unet, digest
+        )
+        replies = messenger.exchange("train", messages, entry, digest)
+        sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in replies}
+        usable = []
+        for r in replies:
+            if float(r.content[METRICS][NUM_EXAMPLES]) > 0:
+                usable.append(r)
+            else:
+                log(
+                    INFO,
+                    "train: site %s %s in stage %d; left out of the aggregate",
+                    messenger.site_of(r),
+                    idle_reason(r.content[METRICS]),
+                    stage,
+                )
+        usable = messenger.reject_non_finite(usable, entry)
+        aggregated = self._aggregate_train(rnd, half, strategy, usable, entry)
+        return {"aggregated": aggregated, "sites": sites, "sent": len(messages), "received": len(replies)}
+
+    def _aggregate_train(self, rnd: int, half: str, strategy: Strategy, replies: list[Message], entry: dict) -> dict:
+        cfg = self.cfg
+        needed = getattr(strategy, "min_train_nodes", 1)
+        if len(replies) < max(needed, 1) or (entry["failures"] and not cfg.strategy.accept_failures):
+            log(
+                WARNING,
+                "round %d: %d usable repl%s (%d needed), %d failure(s), accept-failures=%s: "
+                "the global %s stays as it was",
+                rnd,
+                len(replies),
+                "y" if len(replies) == 1 else "ies",
+                needed,
+                len(entry["failures"]),
+                cfg.strategy.accept_failures,
+                half,
+            )
+            entry["skipped"] = True
+            return {}
+        try:
+            arrays, metrics = strategy.aggregate_train(rnd, replies)
+        except (InconsistentMessageReplies, AggregationError) as exc:
+            log(WARNING, "round %d: aggregation failed (%s); the global %s stays as it was", rnd, exc, half)
+            entry["skipped"] = True
+            return {}
+        if arrays is not None:
+            state = half_state_dict(self.model, half)
+            state.update(record_to_state(arrays))  # FedBN: the server's norm keys stay as they were
+            load_half_state_dict(self.model, half, state)
+        return metrics_dict(metrics) if metrics is not None else {}
+
+    def evaluate_round(self, rnd: int, stage: int, entry: dict) -> dict[str, Any]:
+        """Every sampled site scores the global model; only the half of this stage is sent."""
+        strategy, messenger = self.strategies[stage], self.messenger
+        unet, digest = self._frozen_unet(stage)
+        order = EvaluateInstruction(server_round=rnd, stage=stage, unet_digest=digest, run_name=self.out_dir.name)
+        arrays = state_to_record(half_state_dict(self.model, HALF_OF_STAGE[stage]))
+        messages = messenger.attach_unet(
+            strategy.configure_evaluate(rnd, arrays, order.to_record(), self.grid), unet, digest
+        )
+        if not messages:
+            return {}
+        replies = messenger.exchange("evaluate", messages, entry, digest)
+        sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in replies}
+        aggregated = None
+        if replies:
+            try:
+                aggregated = strategy.aggregate_evaluate(rnd, replies)
+            except InconsistentMessageReplies as exc:
+                log(WARNING, "round %d: evaluation replies inconsistent (%s)", rnd, exc)
+        out = {"aggregated": metrics_dict(aggregated) if aggregated is not None else {}, "sites": sites}
+        agg = out["aggregated"]
+        log(
+            INFO,
+            "round %d: %d site(s) evaluated: dice %s, macro AUC (study) %s",
+            rnd,
+            len(replies),
+            _fmt(agg.get("dice")),
+            _fmt(agg.get("macro_auc_study")),
+        )
+        return out
+
+    def _frozen_unet(self, stage: int) -> tuple[ArrayRecord | None, str]:
+        """Stage 2: the global U-Net the sites train and evaluate on (FedBN: without its norm layers)."""
+        if stage == 1:
+            return None, ""
+        unet = state_to_record(half_state_dict(self.model, "unet"), exclude=self.local_keys)
+        return unet, arrays_digest(unet)
+
+    def count_labels(self, rnd: int, entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        """The counts round (``server.counts``), its failures logged in this round's ``entry``."""
+        return count_labels(
+            self.grid.get_node_ids(),
+            lambda phase, msgs: self.messenger.exchange(phase, msgs, entry),
+            rnd,
+            len(self.cfg.model.output_names),
+            secure=self.cfg.secure_counts,
+            site_name=self.messenger.site_name,
+        )
+
+
+def final_layer_keys(model: JointModel) -> tuple[str, str]:
+    """State-dict keys (weight, bias) of the classifier's last linear layer: one row per label."""
+    name = [n for n, m in model.classifier.named_modules() if isinstance(m, nn.Linear)][-1]
+    return f"classifier.{name}.weight", f"classifier.{name}.bias"
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> History:
+    """Run the whole schedule on ``grid``; what ``main`` does, callable from tests and benchmarks."""
+    return Federation(grid, ServerRunConfig.from_run_config(run_config)).run()

@@ -1,0 +1,151 @@
+"""The server's side of a message exchange: send, wait, and keep what the replies say about sites.
+
+Sites that fail, time out or vanish are logged with their site id, node id and the reason, and the
+exchange goes on with the others. A train reply holding a NaN or infinite value is rejected before
+aggregation (logged, and listed under the round's ``rejected``): no strategy survives a NaN (the
+median of a column holding one is NaN).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.records import FROZEN_UNET, METRICS, PRIVACY_EPSILON, PRIVACY_EXHAUSTED, SITE, SITE_ID
+from server.history import finite_or_none
+
+#: How often the server asks for replies. Flower's own ``Grid.send_and_receive`` waits 3 s between
+#: pulls, which adds up to 3 s to each of a round's two or three exchanges.
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class Messenger:
+    """Exchanges a round's messages with the sites on ``grid``; learns each node's site id from its
+    replies, and which frozen U-Net each node holds."""
+
+    grid: Grid
+    timeout: float | None  # ``rounds.timeout``; None: wait for every reply
+    sites: dict[int, str] = field(default_factory=dict)  # node id -> site id, learned from replies
+    unet_sent: dict[int, str] = field(default_factory=dict)  # node id -> digest of the frozen U-Net it holds
+
+    def exchange(self, phase: str, messages: list[Message], entry: dict, digest: str = "") -> list[Message]:
+        """Send, wait up to ``rounds.timeout``, return the good replies; log every failure.
+        A site that replied to a stage-2 message holds the U-Net ``digest`` from then on."""
+        if not messages:
+            return []
+        replies = send_and_receive(self.grid, messages, self.timeout)
+        good = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.failure(phase, node, reply.error.reason or f"error code {reply.error.code}", entry)
+            elif SITE in reply.content and METRICS in reply.content:
+                self.sites[node] = str(reply.content[SITE].get(SITE_ID, node))
+                if digest:
+                    self.unet_sent[node] = digest
+                good.append(reply)
+            else:
+                self.failure(phase, node, "malformed reply (no metrics or site record)", entry)
+        answered = {r.metadata.src_node_id for r in replies}
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+            self.failure(phase, node, f"no reply within {self.timeout or 'unlimited'} s (site down or too slow)", entry)
+        return good
+
+    def failure(self, phase: str, node: int, reason: str, entry: dict) -> None:
+        site = self.sites.get(node, "unknown site")
+        log(WARNING, "%s: %s (node %d) failed: %s", phase, site, node, reason)
+        entry["failures"].append({"phase": phase, "site": site, "node": node, "reason": reason})
+        self.unet_sent.pop(node, None)  # it may have lost its copy; send it again next time
+
+    def site_of(self, reply: Message) -> str:
+        return self.sites.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+
+    def site_name(self, node: int) -> str:
+        """How logs name a node: its site id (once known) and node id."""
+        return f"{self.sites.get(node, 'unknown site')} (node {node})"
+
+    def reject_non_finite(self, replies: list[Message], entry: dict) -> list[Message]:
+        """The replies whose arrays are all finite; each other one is logged and listed in ``entry["rejected"]``."""
+        kept = []
+        for r in replies:
+            bad = [k for record in r.content.array_records.values() for k in non_finite_arrays(record)]
+            if not bad:
+                kept.append(r)
+                continue
+            node, reason = r.metadata.src_node_id, f"non-finite values in {len(bad)} array(s)"
+            log(WARNING, "train: %s (node %d) sent %s; update rejected", self.site_of(r), node, reason)
+            entry.setdefault("rejected", []).append(
+                {"phase": "train", "site": self.site_of(r), "node": node, "reason": reason, "arrays": bad[:5]}
+            )
+        return kept
+
+    def attach_unet(self, messages: Iterable[Message], unet: ArrayRecord | None, digest: str) -> list[Message]:
+        """Add the frozen U-Net to the messages of sites not known to hold it already."""
+        messages = list(messages)
+        if unet is None:
+            return messages
+        return [
+            m if self.unet_sent.get(m.metadata.dst_node_id) == digest else with_record(m, FROZEN_UNET, unet)
+            for m in messages
+        ]
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """``Grid.send_and_receive`` with a short pull interval (``POLL_SECONDS``)."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(POLL_SECONDS)
+    return replies
+
+
+def with_record(msg: Message, name: str, record: ArrayRecord) -> Message:
+    """A copy of ``msg`` with one more record (strategies share one RecordDict among messages)."""
+    content = RecordDict({**dict(msg.content.items()), name: record})
+    return Message(
+        content,
+        dst_node_id=msg.metadata.dst_node_id,
+        message_type=msg.metadata.message_type,
+        group_id=msg.metadata.group_id,
+    )
+
+
+def non_finite_arrays(record: ArrayRecord) -> list[str]:
+    """Keys of the floating-point arrays of ``record`` that hold a NaN or an infinity."""
+    bad = []
+    for key, array in record.items():
+        a = array.numpy()
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            bad.append(key)
+    return bad
+
+
+def metrics_dict(record: MetricRecord) -> dict[str, Any]:
+    """A MetricRecord as plain JSON-able values (NaN as None)."""
+    return {
+        k: (list(v) if isinstance(v, list) else finite_or_none(float(v)) if isinstance(v, float) else v)
+        for k, v in record.items()
+    }
+
+
+def idle_reason(metrics: MetricRecord) -> str:
+    """Why a site's train reply has nothing to aggregate (num-examples 0)."""
+    if int(metrics.get(PRIVACY_EXHAUSTED, 0)):
+        return f"did not train: privacy budget spent (epsilon {float(metrics.get(PRIVACY_EPSILON, math.nan)):.3f})"
+    return "had nothing to learn from"

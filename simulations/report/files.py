@@ -1,0 +1,135 @@
+"""The report's data files: ``metrics.json``, the CSVs and ``experiment.toml``, and the environment
+(versions, commit) that makes a run repeatable.
+
+``metrics.json``: ``{"experiment", "rows": [{scenario, method, seed, site, marker, metric, value}],
+"summary", "paper", "curves", "sites", "timings", "failures", "privacy", "environment"}``; NaN is
+written as null.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulations.report.tables import HEADLINE_METRICS, LONG_COLUMNS
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the commit, so that a run can be repeated."""
+    versions = {}
+    for dist in (
+        "torch",
+        "flwr",
+        "segmentation-models-pytorch",
+        "timm",
+        "pytorch-wavelets",
+        "PyWavelets",
+        "pydicom",
+        "opacus",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "nibabel",
+        "hemexp",
+    ):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "command": " ".join(sys.argv),
+    }
+
+
+def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
+    """Write ``rows`` as CSV with these ``columns`` (other keys left out)."""
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def json_safe(o: Any) -> Any:
+    """``o`` with NaN as None and numpy scalars as Python numbers, for strict JSON."""
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, (np.floating, np.integer)):
+        return json_safe(o.item())
+    return o
+
+
+def write_data(
+    out_dir: Path,
+    exp,
+    results,
+    summary: Sequence[dict],
+    paper: Sequence[dict],
+    env: dict[str, Any],
+    experiment_text: str,
+) -> None:
+    """Write ``experiment.toml``, ``metrics.json`` and the CSVs (long table, summary, curves) into ``out_dir``."""
+    rows, curves = results.rows, results.curves
+    (out_dir / "experiment.toml").write_text(experiment_text)
+    doc = {
+        "experiment": {
+            "name": exp.name,
+            "description": exp.description,
+            "seeds": list(exp.seeds),
+            "budget": exp.budget.__dict__,
+            "source": exp.source,
+            "methods": [
+                {"name": m.name, "kind": m.kind, "run_config": exp.method_run_config(m), "split_by": m.split_by}
+                for m in exp.methods
+            ],
+            "scenarios": [dict(s.__dict__) for s in exp.scenarios],
+        },
+        "rows": rows,
+        "summary": summary,
+        "paper": paper,
+        "curves": curves,
+        "sites": results.sites,
+        "timings": results.timings,
+        "failures": results.failures,
+        "privacy": results.privacy,
+        "environment": env,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(doc), indent=1))
+    write_csv(out_dir / "metrics.csv", rows, LONG_COLUMNS)
+    write_csv(
+        out_dir / "summary.csv",
+        summary,
+        ["scenario", "method", "sites", "seeds"] + [k for m in HEADLINE_METRICS for k in (m, f"{m}_sd")],
+    )
+    write_csv(out_dir / "curves.csv", curves, ("scenario", "method", "seed", "round", "stage") + HEADLINE_METRICS)
