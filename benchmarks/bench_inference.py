@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         hu = head_phantom((args.slices, args.matrix, args.matrix))
         hu[:3] = -1000.0  # slices above the vertex: skipped (no brain)
         write_series(tmp / "study", hu, spacing=SPACING)
-        write_series(tmp / "warm", hu[10:13], spacing=SPACING, seed=1)
+        mid = args.slices // 2
+        write_series(tmp / "warm", hu[mid - 1 : mid + 2], spacing=SPACING, seed=1)  # 3 slices to warm up on
         print(f"{args.slices}-slice {args.matrix}x{args.matrix} study, torch {torch.__version__}")
         for name in [args.checkpoint.stem] if args.checkpoint else args.presets:
             bench_preset(name, args, tmp / "study", tmp / "warm", tmp)
