@@ -72,7 +72,9 @@ def shift_mask_head(model: JointModel, slices: np.ndarray, n_hematoma: int, min_
         logits = torch.cat(
             [seg(torch.from_numpy(scale_slices(slices[i : i + 4])))[0] for i in range(0, len(slices), 4)]
         )
-    v = logits.flatten(1).topk(4 * min_pixels, dim=1).values[:, -1].sort(descending=True).values
+    inside = torch.from_numpy(slices > 0).flatten(1)  # the background is alike on every slice: leave it out
+    logits = logits.flatten(1).masked_fill(~inside, float("-inf"))
+    v = logits.topk(4 * min_pixels, dim=1).values[:, -1].sort(descending=True).values
     n = min(max(n_hematoma, 1), len(v) - 1)
     with torch.no_grad():
         model.unet.segmentation_head[0].bias -= float(v[n - 1] + v[n]) / 2
