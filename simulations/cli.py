@@ -92,6 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from client.inference.backends import options_for
     from client.inference.predict import load_scoring_model, run_prediction
     from client.ingest.dicom import StudyError
     from common.runtime import resolve_device
@@ -101,7 +102,9 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     window = tuple(args.window) if args.window else None
     try:
-        model = load_scoring_model(args.model, str(resolve_device(args.device)))
+        device = resolve_device(args.device)
+        options = options_for(device, args.backend, tuple(args.int8), args.calibration)
+        model = load_scoring_model(args.model, str(device), options)
         if args.batch is not None:
             return _run_batch(args, model, window)
         result = run_prediction(args.study_dir, model, args.out, model.device, window, dicom=args.dicom)
@@ -214,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
     p.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: ONNX Runtime on a CPU")
+    p.add_argument("--int8", nargs="+", choices=("segment", "classify"), default=[], help="parts run as int8 (onnx)")
+    p.add_argument("--calibration", type=Path, default=None, help="site cache folder that calibrates --int8")
     p.set_defaults(func=run_predict)
     v = sub.add_parser("serve", help="DICOM node: receive CT series (C-STORE), send back SEG + SR (docs/clinic.md)")
     v.add_argument("--model", type=Path, required=True, help="checkpoint.pt")

@@ -85,14 +85,28 @@ def toml_overrides(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
+def gpu_share(concurrent_sites: int) -> float:
+    """A GPU fraction per virtual site such that ``concurrent_sites`` fit on the visible GPUs at once
+    (at most one GPU each); 0 without CUDA, so a CPU machine asks Ray for none."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return min(1.0, gpus / max(concurrent_sites, 1)) if gpus else 0.0
+
+
 class SimulationEngine:
     """A simulation SuperLink for the duration of a ``with`` block; ``run`` submits one run."""
 
-    def __init__(self, work: Path, cpus_per_site: int = 1, total_cpus: int | None = None) -> None:
+    def __init__(
+        self, work: Path, cpus_per_site: int = 1, total_cpus: int | None = None, gpus_per_site: float | None = None
+    ) -> None:
         """``cpus_per_site``: Ray CPUs (and torch threads) of one virtual SuperNode; ``total_cpus``:
-        Ray's CPUs (default: all), so ``total // per_site`` sites train at a time."""
+        Ray's CPUs (default: all), so ``total // per_site`` sites train at a time. ``gpus_per_site``:
+        Ray's GPU fraction per SuperNode (Flower's ``client-resources-num-gpus``); default
+        ``gpu_share``, so that the sites training at a time share the machine's GPUs."""
         self.work = Path(work)
         self.cpus_per_site, self.total_cpus = cpus_per_site, total_cpus or os.cpu_count() or 1
+        self.gpus_per_site = gpu_share(self.total_cpus // cpus_per_site) if gpus_per_site is None else gpus_per_site
         self.home = self.work / "flwr-home"
         self.port = 0
         self._proc: subprocess.Popen | None = None
@@ -150,6 +164,8 @@ class SimulationEngine:
             f"num-supernodes={num_sites} client-resources-num-cpus={self.cpus_per_site} "
             f"init-args-num-cpus={self.total_cpus}"
         )
+        if self.gpus_per_site > 0:
+            federation += f" client-resources-num-gpus={self.gpus_per_site}"
         cmd = [
             str(BIN / "flwr"),
             "run",
