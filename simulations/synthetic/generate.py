@@ -7,8 +7,9 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,7 @@ def generate_dataset(
     progress: bool = True,
     overwrite: bool = False,
     workers: int | None = None,
+    profile_overrides: Mapping[str, Any] | None = None,
 ) -> GenerationSummary:
     """Write ``n_sites`` synthetic hospitals under ``out`` plus montage.png, montage-difficulty.png,
     README.txt, dataset.json and the ground truth ``.truth/truth.csv`` (outside every site folder:
@@ -287,12 +289,17 @@ def generate_dataset(
     ``matrix`` is the reference image size (sites use 0.75x, 1x or 1.25x of it);
     ``studies_scale`` scales every site's patient count (at least two patients per site);
     ``workers`` processes write sites in parallel (default: one per CPU core, at most one per site).
+    ``profile_overrides`` sets ``SiteProfile`` fields on every site, e.g. ``{"reader_noise": 0}``
+    (labels = truth), ``{"mimic_scale": 0}``, ``{"readers": 2}`` (docs/synthetic-data.md).
     ``overwrite`` replaces site folders left by an earlier run instead of refusing.
     """
     t0 = time.perf_counter()
     out = Path(out)
     _prepare_out(out, overwrite)
-    profiles = [scale_studies(p, studies_scale) for p in default_profiles(n_sites, seed, matrix)]
+    profiles = [
+        replace(scale_studies(p, studies_scale), **dict(profile_overrides or {}))
+        for p in default_profiles(n_sites, seed, matrix)
+    ]
     workers = min(n_sites, os.cpu_count() or 1) if workers is None else workers
     jobs = [(out / p.site_id, p, i, seed) for i, p in enumerate(profiles, start=1)]
     results = _run_sites(jobs, workers, progress)
@@ -322,6 +329,7 @@ def write_dataset_description(
         "seed": summary.seed,
         "matrix": summary.matrix,
         "studies_scale": studies_scale,
+        "workers_do_not_change_output": True,
         "expansion_rule": f"follow-up mask volume >= {EXPANSION_RATIO} x baseline mask volume",
         "labels": "reader calls (simulations.synthetic.readers), not the truth",
         "truth": str(truth_path(out).relative_to(out)),

@@ -142,8 +142,8 @@ def render_mimics(
             d = rng.normal(size=3)
             d[2] *= 0.3
             p = c + d / np.linalg.norm(d) * (clot_radius_mm + rng.uniform(2.0, 10.0))
-            sl, f = _ball(grid, p, rng.uniform(1.0, 1.8))
-            out[sl] += f * (rng.uniform(120.0, 300.0) * mimics["calcification"] - hu[sl]) * (head.d_brain[sl] < 0)
+            sl, f = _ball(grid, p, rng.uniform(1.5, 2.5))
+            out[sl] += f * (rng.uniform(200.0, 500.0) * mimics["calcification"] - hu[sl]) * (head.d_brain[sl] < 0)
     if mimics.get("secondary_bleed", 0) > 0:
         deep = np.argwhere(head.d_brain < -12.0)
         if len(deep):

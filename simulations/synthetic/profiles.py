@@ -19,18 +19,19 @@ LOCATIONS: tuple[str, ...] = ("putamen", "thalamus", "subcortical", "cerebellum"
 #: Reconstruction kernel classes; each maps to a blur (smooth) or an unsharp mask (sharp).
 KERNELS: tuple[str, ...] = ("smooth", "standard", "sharp")
 
-#: Pooled true prevalence of each marker over the default sites (docs/synthetic-data.md, sources):
-#: hypodensity 34.5 % and blend sign 20.3 % as in single-centre cohorts; irregular shape inside the
-#: 9-82 % range of the NCCT-marker meta-analysis; fluid level has no pooled figure in our sources.
+#: Pooled (patient-weighted) true prevalence of each marker over the default sites
+#: (docs/synthetic-data.md, sources): hypodensity 34.5 % and blend sign 20.3 % as in single-centre
+#: cohorts; irregular shape inside the 9-82 % range of the NCCT-marker meta-analysis; fluid level
+#: has no pooled figure in our sources and is set so that a 20 % test split holds >= 30 of each.
 MARKER_PREVALENCE: dict[str, float] = {
     "hypodensity": 0.345,
     "irregular_margin": 0.40,
     "blend_sign": 0.203,
-    "fluid_level": 0.15,
+    "fluid_level": 0.20,
 }
 #: Default ``generate_dataset(studies_scale=...)``: the archetypes' patient counts times this, so
 #: that the pooled 20 % test split holds >= 30 reader-positive studies of every marker.
-DEFAULT_STUDIES_SCALE = 6.0
+DEFAULT_STUDIES_SCALE = 6.5
 #: Share of a site's patients with a follow-up CT (drawn per site in this range).
 FOLLOWUP_RATE_RANGE: tuple[float, float] = (0.45, 0.8)
 #: Per-site reader tendency (threshold shift in evidence units; + strict, - lenient) is drawn
@@ -607,9 +608,9 @@ def _site_matrix(matrix: int, factor: float) -> int:
 
 
 def _prevalence_scale() -> np.ndarray:
-    """Per marker, the factor that brings the archetypes' mean prevalence to ``MARKER_PREVALENCE``
-    (the archetypes keep their between-site pattern)."""
-    mean = np.mean([a[29] for a in _ARCHETYPES], axis=0)
+    """Per marker, the factor that brings the archetypes' patient-weighted prevalence to
+    ``MARKER_PREVALENCE`` (the archetypes keep their between-site pattern)."""
+    mean = np.average([a[29] for a in _ARCHETYPES], axis=0, weights=[a[24] for a in _ARCHETYPES])
     return np.array([MARKER_PREVALENCE[m] for m in MARKERS]) / mean
 
 
