@@ -69,7 +69,9 @@ def _readers(cohort, marker: str, noise: float = 1.0, tendency: float = 0.0, see
     rng = np.random.default_rng([seed, MARKERS.index(marker)])
     truth = np.array([p.markers[marker] for p in cohort])
     sev = np.array([p.severity[marker] for p in cohort])
-    ev = np.array([study_evidence(t, s, mimic_evidence(p.mimics, marker), noise) for t, s, p in zip(truth, sev, cohort)])
+    ev = np.array(
+        [study_evidence(t, s, mimic_evidence(p.mimics, marker), noise) for t, s, p in zip(truth, sev, cohort)]
+    )
     thr, tau = reader_params(marker, noise, tendency)
     a, b = (reader_calls(ev, rng.random(len(ev)), thr, tau) for _ in range(2))
     return truth, sev, a, b
