@@ -9,8 +9,9 @@ true markers, volume and onset time) against the expansion label. A method's res
 as a fraction of that ceiling (``fraction_of_ceiling``); ``score_against_truth`` scores a model's
 study scores against the true marker state instead of the labels.
 
-Studies are named by (site_id, patient_id, study_id) as in labels.csv; ``cache_key_map`` turns the
-pseudonymised study keys of a site cache (what ``client.training.evaluate`` reports) into those.
+Studies are named by (site_id, patient_id, study_id) as in labels.csv; ``pseudonym_map`` and
+``truth_keys`` turn the pseudonymised study keys of the site caches (``client.data.dataset``) into
+those.
 """
 
 from __future__ import annotations
@@ -91,17 +92,17 @@ def fraction_of_ceiling(auroc: float, ceiling: float) -> float:
     return float(auroc / ceiling) if ceiling and np.isfinite(ceiling) else float("nan")
 
 
-def cache_key_map(data_root: Path | str, caches: Mapping[str, Any]) -> dict[str, TruthKey]:
-    """``<cache folder>/<study pseudonym>`` (the study keys of ``client.data.dataset``) ->
-    (site_id, patient_id, study_id), for the caches of ``simulations.sites.prepare_caches``.
-
-    Uses each site's pseudonym key beside its cache: a research-harness view, never a site's."""
+def pseudonym_map(data_root: Path | str, cache_root: Path | str | None = None) -> dict[str, TruthKey]:
+    """Study pseudonym (what a site cache and ``client.data.dataset`` study keys hold, after the
+    ``<cache>/``) -> (site_id, patient_id, study_id). ``cache_root`` defaults to the caches of
+    ``simulations.sites.prepare_caches`` (``DATA_ROOT/.cache``), whose pseudonym key it reads: a
+    research-harness view of synthetic data, never something a site does."""
     from client.data.cache import pseudonym, site_secret
 
-    out: dict[str, TruthKey] = {}
-    labels = read_labels(data_root)
-    for site_id, cache in caches.items():
-        secret = site_secret(Path(cache.path).parent)
-        for s, pid, sid in (k for k in labels if k[0] == site_id):
-            out[f"{Path(cache.path).name}/{pseudonym(secret, 'study', f'{pid}/{sid}')}"] = (s, pid, sid)
-    return out
+    secret = site_secret(Path(cache_root) if cache_root else Path(data_root) / ".cache")
+    return {pseudonym(secret, "study", f"{pid}/{sid}"): (site, pid, sid) for site, pid, sid in read_labels(data_root)}
+
+
+def truth_keys(study_keys: Iterable[str], by_pseudonym: Mapping[str, TruthKey]) -> list[TruthKey]:
+    """Dataset study keys (``<cache>/<pseudonym>``) as truth keys, in the same order."""
+    return [by_pseudonym[str(k).rsplit("/", 1)[-1]] for k in study_keys]
