@@ -374,7 +374,7 @@ def describe(profiles: list[SiteProfile], summary: GenerationSummary) -> str:
         f"{'site':8} {'vendor':10} {'kernel':8} {'noise':>5} {'off':>5} {'mtx':>4} "
         f"{'ps':>5} {'dz':>4} {'cup':>4} {'strk':>4} {'tilt':>5} {'pix':>9} {'slope':>5} "
         f"{'pad':>6} {'order':10} {'ext':4} {'mask':8} {'bias':>4} {'miss':>4} "
-        f"{'window':>10} {'studies':>7} {'fu':>3} {'hyp':>3} {'irr':>3} {'bld':>3} "
+        f"{'window':>10} {'mim':>4} {'tend':>5} {'studies':>7} {'fu':>3} {'hyp':>3} {'irr':>3} {'bld':>3} "
         f"{'flu':>3} {'exp':>3}"
     )
     lines += [head, "-" * len(head)]
@@ -389,7 +389,8 @@ def describe(profiles: list[SiteProfile], summary: GenerationSummary) -> str:
             f"{'-' if p.pixel_padding_value is None else p.pixel_padding_value:>6} "
             f"{p.instance_order:10} {p.file_extension or '-':4} {p.mask_layout:8} "
             f"{p.annotator_bias_px:+4d} {p.missing_label_rate:4.2f} "
-            f"{f'[{p.window[0]:g},{p.window[1]:g}]':>10} {s.studies:7d} {s.followups:3d} "
+            f"{f'[{p.window[0]:g},{p.window[1]:g}]':>10} {p.mimic_scale:4.2f} {p.reader_tendency:+5.2f} "
+            f"{s.studies:7d} {s.followups:3d} "
             f"{pos['hypodensity']:3d} {pos['irregular_margin']:3d} {pos['blend_sign']:3d} "
             f"{pos['fluid_level']:3d} {pos['expansion']:3d}"
         )
@@ -401,8 +402,9 @@ def describe(profiles: list[SiteProfile], summary: GenerationSummary) -> str:
         "rotation (deg); pix = PixelRepresentation and RescaleIntercept; pad =",
         "PixelPaddingValue; order = InstanceNumber order; ext = file extension;",
         "mask = stored axis order of the NIfTI masks; bias = annotator dilation (+) /",
-        "erosion (-) in pixels; miss = share of label cells left empty; hyp..exp =",
-        "positive labels written.",
+        "erosion (-) in pixels; miss = share of label cells left empty; mim = mimic rate",
+        "multiplier; tend = reader threshold shift (+ strict, - lenient); hyp..exp = positive",
+        "labels written (reader calls).",
         "",
     ]
     return "\n".join(lines)
