@@ -109,7 +109,8 @@ def offer_difficulty_tiles(tiles: DifficultyTiles, r, evidence: Mapping[str, flo
             continue
         for col, rank, cap in choices:
             if (m, col) not in tiles or rank < tiles[(m, col)][0]:
-                tiles[(m, col)] = (rank, make_tile(r.hu, r.mask, k, ps, rad, cap, 0, crop=True))
+                # A mimic may lie away from the clot (ventricular blood, a second bleed): whole slice.
+                tiles[(m, col)] = (rank, make_tile(r.hu, r.mask, k, ps, rad, cap, 0, crop=col != "mimic"))
 
 
 def save_difficulty_montage(path: Path, per_site: Sequence[DifficultyTiles], window=(0.0, 80.0)) -> None:
