@@ -106,13 +106,18 @@ def read_markers(profile: SiteProfile, plan: StudyPlan, realised: dict[str, bool
     """The site's reader(s) look at a baseline: per marker the evidence, each reader's call and
     the label (one reader's call, or two readers' calls adjudicated); see ``readers``."""
     out: dict[str, Any] = {}
+    uniforms = np.asarray(plan.reader_uniforms)  # reader 1, reader 2, adjudicator x MARKERS
     for i, m in enumerate(MARKERS):
         thr, tau = reader_params(m, profile.reader_noise, profile.reader_tendency)
         e = study_evidence(realised[m], severity[m], mimic_evidence(plan.truth.mimics, m), profile.reader_noise)
-        calls = [int(reader_calls(np.array([e]), np.array([u[i]]), thr, tau)[0]) for u in plan.reader_uniforms]
-        label = adjudicate([np.array(c) for c in calls[: profile.readers]], np.array(calls[2]))
-        out[m] = {"evidence": e, "reader1": calls[0], "reader2": calls[1] if profile.readers == 2 else None}
-        out[m]["label"] = int(label)
+        calls = reader_calls(np.full(len(uniforms), e), uniforms[:, i], thr, tau)
+        label = adjudicate(list(calls[: profile.readers]), calls[2])
+        out[m] = {
+            "evidence": e,
+            "reader1": int(calls[0]),
+            "reader2": int(calls[1]) if profile.readers == 2 else None,
+            "label": int(label),
+        }
     return out
 
 

@@ -101,5 +101,5 @@ def adjudicate(calls: Sequence[np.ndarray], adjudicator: np.ndarray) -> np.ndarr
     """One reader's calls, or two readers' calls with the adjudicator deciding where they differ."""
     if len(calls) == 1:
         return np.asarray(calls[0])
-    a, b = calls
-    return np.where(a == b, a, adjudicator).astype(np.int8)
+    a, b = (np.asarray(c) for c in calls)
+    return np.where(a == b, a, np.asarray(adjudicator)).astype(np.int8)

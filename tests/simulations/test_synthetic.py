@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from common.config import AIR_HU, LABELS
+from common.config import AIR_HU, LABELS, MARKERS
 from simulations.synthetic import default_profiles, generate_dataset
 from simulations.synthetic.anatomy import HeadPose, ScanGrid, make_head, sample_anatomy
 from simulations.synthetic.cohort import plan_site
@@ -478,3 +478,24 @@ def test_written_markers_are_measurable_against_negatives(dataset, profiles):
     for mk, (pos, neg) in stats.items():
         assert pos and neg, f"no {mk} positives or negatives to compare"
         assert np.mean(pos) > np.mean(neg) + 10, (mk, pos, neg)
+
+
+def test_labels_are_the_readers_calls_and_the_truth_is_kept_apart(dataset):
+    """labels.csv holds reader 1's call (one reader per study), as recorded in the truth file,
+    which also holds the true state; with reader noise on, the two disagree somewhere."""
+    from simulations.synthetic.truth import read_truth
+
+    out, _ = dataset
+    truth = read_truth(out)
+    disagree = 0
+    for site in sorted(out.glob("site-*")):
+        for row in read_labels(site):
+            t = truth[(site.name, row["patient_id"], row["study_id"])]
+            if t["kind"] != "baseline":
+                continue
+            for m in MARKERS:
+                assert t[f"{m}_label"] == t[f"{m}_reader1"] and t[f"{m}_reader2"] == ""
+                if row[m] != "":
+                    assert row[m] == t[f"{m}_label"]
+                    disagree += row[m] != t[f"{m}_true"]
+    assert disagree > 0
