@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     studies, scores = study_scores(pred.scores, dataset_study_keys(test))
     keys = truth_keys(studies, pseudonym_map(data))
     names = list(model.output_names)
+    args.out.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out / "study_scores.npz", keys=np.array(keys), scores=scores, names=np.array(names))
     labels = read_labels(data)
     y = np.array([[float(labels[k][n]) if labels[k].get(n, "") != "" else np.nan for n in names] for k in keys])
     model_auc = roc_auc_per_marker(y, scores, names)
@@ -113,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     counts = marker_count_auroc(data, keys)
     for k, v in counts.items():
         print(f"expansion by {k}: AUROC {v:.3f}")
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "difficulty.json").write_text(json.dumps({"rows": rows, "marker_count": counts}, indent=2))
     return 0
 

@@ -77,11 +77,12 @@ def score_against_truth(
     data_root: Path | str, study_keys: Sequence[TruthKey], scores: Mapping[str, Sequence[float]]
 ) -> dict[str, float]:
     """AUROC of a model's study scores (per marker, in ``study_keys`` order) against the true
-    marker state rather than the readers' labels."""
+    marker state rather than the readers' labels (baselines only: follow-ups carry no markers)."""
     truth = read_truth(data_root)
+    base = set(_baselines(truth, study_keys))
     out = {}
     for m, s in scores.items():
-        pairs = [(int(truth[tuple(k)][f"{m}_true"]), v) for k, v in zip(study_keys, s) if tuple(k) in truth]
+        pairs = [(int(truth[tuple(k)][f"{m}_true"]), v) for k, v in zip(study_keys, s) if tuple(k) in base]
         y, v = (np.array(x) for x in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
         out[m] = _auroc(y, v)
     return out
