@@ -215,9 +215,11 @@ def test_ceiling_table_on_written_data(noiseless):
         assert row["n"] == len(baselines) and row["positives"] == row["true_positives"]
         assert row["ceiling"] == 1.0 or (np.isnan(row["ceiling"]) and row["positives"] in (0, row["n"]))
     assert 0.0 <= table["expansion"]["positives"] <= table["expansion"]["n"]
-    # A model that outputs the true severity scores 1 against the truth; a constant 0.5.
-    scores = {m: [float(truth[k][f"{m}_severity"]) for k in baselines] for m in MARKERS}
-    perfect = score_against_truth(noiseless, baselines, scores)
+    # A model that outputs the true severity scores 1 against the truth; a constant 0.5. Follow-ups
+    # (no markers) among the keys are left out, as in a test split.
+    everything = list(truth)
+    scores = {m: [float(truth[k][f"{m}_severity"] or 0) for k in everything] for m in MARKERS}
+    perfect = score_against_truth(noiseless, everything, scores)
     assert all(v == 1.0 or np.isnan(v) for v in perfect.values())
     flat = score_against_truth(noiseless, baselines, {m: [0.0] * len(baselines) for m in MARKERS})
     assert all(v == 0.5 or np.isnan(v) for v in flat.values())
