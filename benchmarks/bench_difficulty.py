@@ -3,7 +3,7 @@ beside the ceiling (a perfect observer of the truth scored against the readers' 
 same model scored against the truth; expansion beside a marker-count score.
 
 Usage: python -m benchmarks.bench_difficulty [--data data/synthetic] [--experiment default]
-       [--method pooled] [--seed 0] [--out runs/bench_difficulty]
+       [--method pooled] [--seed 0] [--out runs/bench_difficulty] [--local-steps N]
 
 Trains the experiment's pooled method exactly as ``simulations/simulate.py`` does (same caches,
 split, budget and run config) on a dataset written by ``hemexp generate`` (it needs its
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="pooled", help="a pooled method of the experiment")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_difficulty"))
+    ap.add_argument("--local-steps", type=int, help="steps per site per round (default: the experiment's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     exp = load_experiment(args.experiment)
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg, _ = model_from_run_config(rc)
     model = build_joint_model(model_cfg, seed=case.seed)
     ds = pooled(case.train)
-    train_rounds(model, ds, rc, int(run_value(rc, "train.local-steps")) * len(case.train), case.seed)
+    steps = args.local_steps or int(run_value(rc, "train.local-steps"))
+    train_rounds(model, ds, rc, steps * len(case.train), case.seed)
     t_train = time.perf_counter() - t0 - t_cache
     test = pooled([e.data for e in case.evaluate])
     pred = predict_dataset(model, test)
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     marker_cols = [n for n in names if n in MARKERS]
     vs_truth = score_against_truth(data, keys, {m: scores[:, names.index(m)] for m in marker_cols})
     print(
-        f"\n{exp.name}/{method.name}, seed {case.seed}: {len(keys)} test studies "
+        f"\n{exp.name}/{method.name}, seed {case.seed}, {steps} steps x {len(case.train)} sites per round: "
+        f"{len(keys)} test studies "
         f"(caches {t_cache:.0f} s, training {t_train:.0f} s)\n"
     )
     head = f"{'label':18s} {'n':>4s} {'pos':>4s} {'true+':>5s} {'model':>6s} {'ceiling':>7s} {'share':>6s} {'vs truth':>8s}"
