@@ -14,15 +14,24 @@ from client.site_tools.cli import add_check_command, add_prepare_command, dispat
 
 def run_generate(args: argparse.Namespace) -> int:
     from simulations.synthetic import generate_dataset
+    from simulations.synthetic.generate import DEFAULT_MATRIX
+    from simulations.synthetic.profiles import DEFAULT_STUDIES_SCALE
 
+    overrides = {
+        k: v
+        for k, v in (("reader_noise", args.reader_noise), ("mimic_scale", args.mimic_scale), ("readers", args.readers))
+        if v is not None
+    }
     summary = generate_dataset(
         args.out,
         n_sites=args.sites,
         seed=args.seed,
-        matrix=args.matrix,
-        studies_scale=args.scale,
+        matrix=args.matrix or DEFAULT_MATRIX,
+        studies_scale=DEFAULT_STUDIES_SCALE if args.scale is None else args.scale,
         progress=True,
         overwrite=args.overwrite,
+        workers=args.workers,
+        profile_overrides=overrides,
     )
     print(summary.describe())
     return 0
@@ -173,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--sites", type=int, default=12)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--matrix", type=int, default=128, help="nominal in-plane matrix (sites vary around it)")
-    g.add_argument("--scale", type=float, default=1.0, help="multiply every site's number of studies")
+    g.add_argument("--matrix", type=int, help="nominal in-plane matrix (sites vary around it; default 96)")
+    g.add_argument("--scale", type=float, help="multiply every site's number of patients (default 6)")
+    g.add_argument("--workers", type=int, help="sites written in parallel (default: one per CPU core)")
+    g.add_argument(
+        "--reader-noise", type=float, help="1 = published reader agreement (default), 0 = labels are the truth"
+    )
+    g.add_argument("--mimic-scale", type=float, help="multiply every site's mimic rates (0 = no mimics)")
+    g.add_argument("--readers", type=int, choices=(1, 2), help="2 = two readers per study, adjudicated")
     g.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     g.set_defaults(func=run_generate)
     add_check_command(sub)
