@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from client.data.dataset import make_loader
 from client.federation.errors import SiteError, site_errors
 from client.federation.exchange import receive_model, site_record
+from client.federation.guard import policy_mod
 from client.federation.node import SiteNode
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
@@ -31,6 +32,7 @@ from common.model import half_state_dict
 from common.records import (
     ARRAYS,
     CONFIG,
+    HELLO_ACTION,
     LABEL_NEG,
     LABEL_POS,
     METRICS,
@@ -50,7 +52,8 @@ from common.records import (
 )
 from common.runtime import resolve_device
 
-app = ClientApp()
+#: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md).
+app = ClientApp(mods=[policy_mod])
 
 
 def _site_and_run(context: Context) -> tuple[SiteNode, SiteRunConfig]:
@@ -162,3 +165,11 @@ def count_labels(msg: Message, context: Context) -> Message:
         raise SiteError(f"unknown secure counts step {phase!r}")
     metrics = MetricRecord({NUM_EXAMPLES: len(data.train), LABEL_POS: pos, LABEL_NEG: neg})
     return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
+
+
+@app.query(HELLO_ACTION)
+@site_errors("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """The server's first message: the site id, and (through the policy mod) whether it takes this run."""
+    site, _ = _site_and_run(context)
+    return Message(RecordDict({SITE: site_record(site)}), reply_to=msg)

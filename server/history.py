@@ -1,13 +1,16 @@
 """Per-round metrics of a federated run: per site and aggregated, as JSON and as a long CSV table.
 
 ``history.json``: ``{"run": {...}, "rounds": [{"round", "stage", "seconds", "train": {"aggregated": {...},
-"sites": {site: {...}}}, "evaluate": {...}, "failures": [{"phase", "site", "node", "reason"}],
+"sites": {site: {...}}}, "evaluate": {...}, "failures": [{"phase", "site", "node", "reason", "phases", "seconds"}],
 "rejected": [{"phase", "site", "node", "reason", "arrays"}]}]}``; ``rejected`` lists the train replies
 the server left out of the aggregate because they held NaN or infinite values (``arrays``: up to five of
 the offending keys; their per-site train metrics stay under ``train.sites``; rounds written before
 this key existed lack it);
 stage-2 rounds add ``"label-counts": {"pos", "neg", "pos-weight"}`` (the global sums and weights), and a
 round whose aggregation was skipped (too few good replies) has ``"skipped": true``.
+``failures`` holds one entry per site and round: the first phase it failed in and why ("refused by
+site policy: ..." for a refusal), ``phases`` every phase it failed in that round, ``seconds`` how long
+after the exchange started the failure was seen (the timeout for a site that never answered).
 ``metrics.csv``: one row per (round, stage, phase, site, metric, value); ``site`` is ``all`` for the
 aggregate. Both are rewritten atomically after every round, so a crash leaves the last good round.
 """
