@@ -51,6 +51,7 @@ class Messenger:
     timeout: float | None  # ``rounds.timeout``; None: wait for every reply
     sites: dict[int, str] = field(default_factory=dict)  # node id -> site id, learned from replies
     unet_sent: dict[int, str] = field(default_factory=dict)  # node id -> digest of the frozen U-Net it holds
+    greeted: set[int] = field(default_factory=set)  # nodes sent a ``query.hello`` (once each)
 
     def exchange(self, phase: str, messages: list[Message], entry: dict, digest: str = "") -> list[Message]:
         """Send, wait up to ``rounds.timeout``, return the good replies; log every failure.
@@ -67,9 +68,10 @@ class Messenger:
     def introduce(self, nodes: Iterable[int], entry: dict) -> None:
         """``query.hello`` to every node whose site id is still unknown, so that a site that fails
         from its first real message on is named in the history (and one whose policy refuses the run says so)."""
-        unknown = sorted(set(nodes) - set(self.sites))
+        unknown = sorted(set(nodes) - set(self.sites) - self.greeted)
         if not unknown:
             return
+        self.greeted.update(unknown)
         rnd = int(entry.get("round", 0))
         config = ConfigRecord({SERVER_ROUND: rnd})
         hellos = [

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -244,9 +243,3 @@ def test_broken_policy_is_refused_without_its_path(site):
     finally:
         with_policy(site, "")
     assert "policy" in str(info.value) and site["data-path"] not in str(info.value)
-
-
-def test_replace_keeps_policy_frozen():
-    with pytest.raises(Exception):
-        SitePolicy().require_dp = True  # type: ignore[misc]
-    assert replace(SitePolicy(), require_dp=True).require_dp
