@@ -172,4 +172,4 @@ def count_labels(msg: Message, context: Context) -> Message:
 def hello(msg: Message, context: Context) -> Message:
     """The server's first message: the site id, and (through the policy mod) whether it takes this run."""
     site, _ = _site_and_run(context)
-    return Message(RecordDict({SITE: site_record(site)}), reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(), SITE: site_record(site)}), reply_to=msg)

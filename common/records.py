@@ -83,7 +83,7 @@ SECURE_PHASE = "secure-phase"
 SECURE_SESSION = "secure-session"
 SECURE_KEYS, SECURE_MASK = "keys", "mask"
 #: The server's first message to a node (``query.hello``): who are you, and do you take this run?
-#: Its reply holds the SITE record only (or a REFUSAL), so the server can name every site before round 1.
+#: Its reply holds the SITE record and an empty METRICS (or a REFUSAL): the server names every site before round 1.
 HELLO_ACTION = "hello"
 #: In the SECURE record: a site's X25519 public key (reply to "keys"); every site's node id and
 #: public key of the session (sent with "mask").

@@ -83,11 +83,9 @@ class Messenger:
             )
             for node in unknown
         ]
-        self._exchange("hello", hellos, entry, "", needs_metrics=False)
+        self._exchange("hello", hellos, entry, "")
 
-    def _exchange(
-        self, phase: str, messages: list[Message], entry: dict, digest: str, needs_metrics: bool = True
-    ) -> list[Message]:
+    def _exchange(self, phase: str, messages: list[Message], entry: dict, digest: str) -> list[Message]:
         started = time.monotonic()
         replies, sent = send_and_receive(self.grid, messages, self.timeout)
         good = []
@@ -103,7 +101,7 @@ class Messenger:
                 self.sites[node] = str(reply.content[SITE].get(SITE_ID, node))
             if REFUSAL in reply.content:
                 self.failure(phase, node, refusal_reason(reply.content[REFUSAL]), entry, after)
-            elif SITE in reply.content and (METRICS in reply.content or not needs_metrics):
+            elif SITE in reply.content and METRICS in reply.content:
                 if digest:
                     self.unet_sent[node] = digest
                 good.append(reply)

@@ -210,7 +210,7 @@ def test_listed_app_is_served(site):
         reply = app(make_message(hello, f"query.{HELLO_ACTION}"), make_context(site, RUN))
     finally:
         with_policy(site, "")
-    assert set(reply.content.keys()) == {SITE}
+    assert set(reply.content.keys()) == {METRICS, SITE} and not reply.content[METRICS]
 
 
 def test_metric_keys_outside_the_policy_never_leave(site):
