@@ -88,7 +88,7 @@ class Federation:
             self.census()
             if cfg.census == "only":
                 self.history.save()
-                log(INFO, "hemexp: census only (rounds.census = only); no training")
+                log(INFO, "hemexp: run finished: census only (rounds.census = only), no training")
                 return self.history
         last = None
         for rnd in range(self.start_round + 1, cfg.total_rounds + 1):
