@@ -32,7 +32,14 @@ def census_overrides(data: Path, out: Path, extra: dict[str, Any] | None = None)
     }
 
 
-def run_census(data: Path, out: Path, cpus: int | None = None, extra: dict[str, Any] | None = None) -> Path:
+def run_census(
+    data: Path,
+    out: Path,
+    cpus: int | None = None,
+    extra: dict[str, Any] | None = None,
+    ray_address: str | None = None,
+    timeout: float | None = None,
+) -> Path:
     """Prepare every site's cache for the run (as ``flwr-client prepare``), then the census on the engine."""
     overrides = census_overrides(data, out, extra)
     sites = list_site_folders(data)
@@ -40,8 +47,8 @@ def run_census(data: Path, out: Path, cpus: int | None = None, extra: dict[str, 
         raise FileNotFoundError(f"{data}: no site folders")
     prepare_caches(data, run_preprocess(toml_overrides(overrides)), progress=True)
     out.mkdir(parents=True, exist_ok=True)
-    with SimulationEngine(out / "engine", total_cpus=cpus) as engine:
-        engine.run(overrides, len(sites), out / "census.log", on_line=print)
+    with SimulationEngine(out / "engine", total_cpus=cpus, ray_address=ray_address) as engine:
+        engine.run(overrides, len(sites), out / "census.log", on_line=print, timeout=timeout)
     return out / "census" / "census.html"
 
 
@@ -50,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="a folder of site folders (hemexp generate --out)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpus", type=int, help="Ray CPUs (default: all)")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="an existing Ray cluster (as simulate.py --ray-address)")
     args = p.parse_args(argv)
-    print(f"census: {run_census(args.data, args.out, args.cpus)}")
+    print(f"census: {run_census(args.data, args.out, args.cpus, ray_address=args.ray_address)}")
     return 0
 
 
