@@ -75,6 +75,11 @@ class Federation:
         if cfg.resume:
             self._resume()
         self.history.run = {**cfg.summary(), "output": str(self.out_dir)}
+        if cfg.census == "only":
+            self.census()
+            self.history.save()
+            log(INFO, "hemexp: run finished: census only (rounds.census = only), no training")
+            return self.history
         log(
             INFO,
             "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s, output %s",
@@ -84,12 +89,8 @@ class Federation:
             " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
             self.out_dir,
         )
-        if cfg.census != "off" and self.start_round == 0:
+        if cfg.census == "before" and self.start_round == 0:
             self.census()
-            if cfg.census == "only":
-                self.history.save()
-                log(INFO, "hemexp: run finished: census only (rounds.census = only), no training")
-                return self.history
         last = None
         for rnd in range(self.start_round + 1, cfg.total_rounds + 1):
             t0 = time.perf_counter()
