@@ -247,7 +247,7 @@ def test_tls_federation_on_loopback(tmp_path):
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n'
     )
-    env = flwr_env(home)
+    env = flwr_env(home, PYTHONPATH=str(REPO))  # flwr-client of this checkout, not of the installed one
 
     with ExitStack() as stack:
 
@@ -360,7 +360,7 @@ def test_tls_federation_on_loopback(tmp_path):
             assert "cache built" in nodes[name][1].read_text()  # prepared before joining
 
         # `start` prepared the run's cache (its preset at image-size 32): no round may build another
-        prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*/index.json")}
+        prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("site-*/index.json")}
         assert len(prepared) == 2, sorted(prepared)
 
         # stage 2 with secure counts: the site's key must outlive the ClientApp process that made it
@@ -384,7 +384,7 @@ def test_tls_federation_on_loopback(tmp_path):
         assert "secure counts: 2 site(s) summed in session counts-2-1" in output, output[-4000:]
         for name in sites[:2]:
             assert nodes[name][0].poll() is None, nodes[name][1].read_text()[-3000:]
-        after = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*/index.json")}
+        after = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("site-*/index.json")}
         assert after == prepared, "round 1 rebuilt a site cache"
 
     out = tmp_path / "runs" / "deploy"
