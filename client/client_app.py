@@ -77,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run.train_config(order)
     privacy = SitePrivacy.open(run.config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
     loader = make_loader(
-        data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=order.stage
+        data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(order.stage), stage=order.stage
     )
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = (
@@ -89,8 +89,9 @@ def train(msg: Message, context: Context) -> Message:
     state = half_state_dict(model.cpu(), order.half)
     if local_keys:
         store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
-    if site.fault:  # simulation manifests only: a site that corrupts what it sends
-        from client.simulation.faults import corrupt_update, fault_seed
+    examples = usable_examples(data.train, order.stage, run.model) if result.num_examples else 0
+    if site.fault:  # simulation manifests only: a site that corrupts what it sends or claims
+        from client.simulation.faults import corrupt_update, fault_seed, reported_examples
 
         state = corrupt_update(
             record_to_state(msg.content[ARRAYS]),
@@ -98,9 +99,10 @@ def train(msg: Message, context: Context) -> Message:
             site.fault,
             fault_seed(run.seed, order.server_round, site.site_id),
         )
+        examples = reported_examples(examples, site.fault)
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
+            NUM_EXAMPLES: examples,
             TRAIN_LOSS: float(result.loss),
             STEPS: int(result.steps),
             TRAIN_SECONDS: float(result.seconds),
