@@ -17,9 +17,12 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.data.dataset import make_loader
+from client.federation.census import census_counts, census_record, guard_census, site_acquisitions
 from client.federation.errors import SiteError, site_errors
 from client.federation.exchange import receive_model, site_record
+from client.federation.guard import policy_mod
 from client.federation.node import SiteNode
+from client.federation.policy import read_policy
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
 from client.federation.site_run import SiteRunConfig
@@ -27,10 +30,12 @@ from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
 from client.training.privacy import SitePrivacy
 from client.training.train import train_stage
+from common.census import CENSUS, CENSUS_ACTION, STUDIES
 from common.model import half_state_dict
 from common.records import (
     ARRAYS,
     CONFIG,
+    HELLO_ACTION,
     LABEL_NEG,
     LABEL_POS,
     METRICS,
@@ -50,7 +55,8 @@ from common.records import (
 )
 from common.runtime import resolve_device
 
-app = ClientApp()
+#: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md).
+app = ClientApp(mods=[policy_mod])
 
 
 def _site_and_run(context: Context) -> tuple[SiteNode, SiteRunConfig]:
@@ -164,3 +170,22 @@ def count_labels(msg: Message, context: Context) -> Message:
         raise SiteError(f"unknown secure counts step {phase!r}")
     metrics = MetricRecord({NUM_EXAMPLES: len(data.train), LABEL_POS: pos, LABEL_NEG: neg})
     return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
+
+
+@app.query(HELLO_ACTION)
+@site_errors("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """The server's first message: the site id, and (through the policy mod) whether it takes this run."""
+    site, _ = _site_and_run(context)
+    return Message(RecordDict({METRICS: MetricRecord(), SITE: site_record(site)}), reply_to=msg)
+
+
+@app.query(CENSUS_ACTION)
+@site_errors("census")
+def census(msg: Message, context: Context) -> Message:
+    """The data census (``common.census``): this site's summary statistics, guarded by its policy."""
+    site, run = _site_and_run(context)
+    cache = open_site(site, run).train.cache
+    counts = guard_census(census_counts(cache, site_acquisitions(site)), read_policy(site.data_path))
+    metrics = MetricRecord({NUM_EXAMPLES: int(counts[STUDIES][0])})
+    return Message(RecordDict({METRICS: metrics, CENSUS: census_record(counts), SITE: site_record(site)}), reply_to=msg)

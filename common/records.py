@@ -36,6 +36,11 @@ METRICS = "metrics"
 SITE = "site"
 #: Secure counts: public keys (a ConfigRecord of bytes; ``common.secure_sum``).
 SECURE = "secure-sum"
+#: A site's refusal of a message its policy does not allow (``client.federation.policy``): the reply
+#: then holds ``{SITE, REFUSAL}`` only, REFUSAL naming the rules broken (``REFUSAL_RULES``) and why.
+REFUSAL = "refusal"
+REFUSAL_RULES = "rules"
+REFUSAL_REASONS = "reasons"
 
 # --- MetricRecord keys (site -> server) -----------------------------------------------------
 #: Samples, never batches: a train reply's training slices the stage can learn from (with a mask in
@@ -77,6 +82,9 @@ SITE_ID = "site-id"  # in the SITE record of a reply
 SECURE_PHASE = "secure-phase"
 SECURE_SESSION = "secure-session"
 SECURE_KEYS, SECURE_MASK = "keys", "mask"
+#: The server's first message to a node (``query.hello``): who are you, and do you take this run?
+#: Its reply holds the SITE record and an empty METRICS (or a REFUSAL): the server names every site before round 1.
+HELLO_ACTION = "hello"
 #: In the SECURE record: a site's X25519 public key (reply to "keys"); every site's node id and
 #: public key of the session (sent with "mask").
 PUBLIC_KEY = "public-key"

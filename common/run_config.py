@@ -34,6 +34,8 @@ STRATEGY_NAMES: tuple[str, ...] = (
 )
 #: Strategies that bound the influence of outlying sites (the positive-weighted head would not).
 ROBUST_STRATEGIES = frozenset({"fedmedian", "fedtrimmedavg", "krum"})
+#: ``rounds.census``: no data census, one before training, or the census alone.
+CENSUS_MODES: tuple[str, ...] = ("off", "before", "only")
 #: Where stage 2's marker weights come from (``train.pos-weight``).
 POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
 #: Stage-2 sampling: natural draws (the paper) or marker-positive slices oversampled to about half.
@@ -112,13 +114,16 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class RoundOptions:
-    """``rounds.*``: the schedule (stage-1 rounds, then stage-2 rounds) and the reply timeout."""
+    """``rounds.*``: the schedule (a data census, stage-1 rounds, then stage-2 rounds) and the reply timeout."""
 
     stage1: int
     stage2: int
     timeout: float  # seconds; 0: no limit
+    census: str  # off | before (a census, then training) | only (the census alone; server.census)
 
     def __post_init__(self) -> None:
+        if self.census not in CENSUS_MODES:
+            raise ValueError(f"rounds.census must be one of {list(CENSUS_MODES)}, got {self.census!r}")
         rounds = self.stage1, self.stage2
         if min(rounds) < 0 or sum(rounds) == 0:
             raise ValueError(f"rounds.stage1 and rounds.stage2 must be >= 0 and not both 0, got {rounds}")

@@ -44,6 +44,7 @@ from common.records import (
     record_to_state,
     state_to_record,
 )
+from server.census import run_census, write_census
 from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
 from server.counts import count_labels
 from server.history import History
@@ -79,6 +80,11 @@ class Federation:
         if cfg.resume:
             self._resume()
         self.history.run = {**cfg.summary(), "output": str(self.out_dir)}
+        if cfg.census == "only":
+            self.census()
+            self.history.save()
+            log(INFO, "hemexp: run finished: census only (rounds.census = only), no training")
+            return self.history
         log(
             INFO,
             "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s, output %s",
@@ -88,6 +94,8 @@ class Federation:
             " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
             self.out_dir,
         )
+        if cfg.census == "before" and self.start_round == 0:
+            self.census()
         last = None
         for rnd in range(self.start_round + 1, cfg.total_rounds + 1):
             t0 = time.perf_counter()
@@ -111,6 +119,19 @@ class Federation:
             publish_final(self.out_dir, last)
         log(INFO, "hemexp: run finished; global model %s", self.out_dir / "global.pt")
         return self.history
+
+    def census(self) -> None:
+        """The data census before round 1 (``server.census``): census.json and census.html in the run's folder."""
+        entry: dict[str, Any] = {"round": 0, "failures": []}
+        nodes = wait_for_nodes(self.grid, self.cfg.strategy.min_available_nodes, self.cfg.timeout)
+        result = run_census(nodes, lambda phase, msgs: self.messenger.exchange(phase, msgs, entry))
+        page = write_census(self.out_dir, result)
+        self.history.run["census"] = {
+            "html": str(page),
+            "sites": sorted(result["sites"]),
+            "failures": entry["failures"],
+        }
+        log(INFO, "census: %s", page)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.out_dir)
@@ -301,6 +322,14 @@ def final_layer_keys(model: JointModel) -> tuple[str, str]:
 
 def _fmt(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float | None, poll: float = 1.0) -> list[int]:
+    """The connected nodes once ``needed`` are there (or ``timeout`` s passed): a census asks every one."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < needed and (deadline is None or time.monotonic() < deadline):
+        time.sleep(poll)
+    return nodes
 
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> History:

@@ -37,6 +37,8 @@ class ServerRunConfig:
     resume: bool
     #: ``privacy.secure-counts``: the counts round is a secure sum (server.secure_counts).
     secure_counts: bool
+    #: ``rounds.census``: off | before | only (``server.census``).
+    census: str = "off"
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -65,6 +67,7 @@ class ServerRunConfig:
             keep_checkpoints=cfg.output.keep_checkpoints,
             resume=cfg.resume,
             secure_counts=cfg.privacy.secure_counts,
+            census=cfg.rounds.census,
         )
 
     @property
@@ -79,7 +82,7 @@ class ServerRunConfig:
             "model": self.model.to_dict(),
             "preprocess": self.preprocess.to_dict(),
             "seed": self.seed,
-            "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2},
+            "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2, "census": self.census},
             "lr": self.lr,
             "lr_stage2": self.lr_stage2,
             "local_epochs": self.local_epochs,
