@@ -151,11 +151,14 @@ class PrivacyOptions:
 
     ``noise_multiplier`` 0: derived at each site from ``target_epsilon`` over the run's planned
     steps; ``target_epsilon``: the site's whole budget for the run, both stages together;
-    ``delta`` 0: 1 / (the site's training slices); ``max_grad_norm``: the per-slice clipping bound C;
+    ``delta`` 0: min(1e-5, 0.1 / patients) per patient, 1 / slices per slice; ``max_grad_norm``: the
+    clipping bound C of one unit's gradient; ``unit``: "patient" (sample and clip whole patients) or
+    "slice" (per-slice DP-SGD, whose epsilon does not protect a patient);
     ``secure_counts``: label counts leave a site only masked (docs/secure-aggregation.md).
     """
 
     dp: bool
+    unit: str
     noise_multiplier: float
     target_epsilon: float
     delta: float
@@ -171,9 +174,11 @@ class PrivacyOptions:
         if not self.target_epsilon > 0:
             raise ValueError(f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
         if not 0 <= self.delta < 1:
-            raise ValueError(f"privacy.delta must be in [0, 1) (0: 1 / training slices), got {self.delta}")
+            raise ValueError(f"privacy.delta must be in [0, 1) (0: a default per privacy.unit), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.unit not in ("patient", "slice"):
+            raise ValueError(f"privacy.unit must be 'patient' or 'slice', got {self.unit!r}")
 
 
 @dataclass(frozen=True)
