@@ -97,6 +97,9 @@ class TrainOptions:
     #: "local": each site's own neg/pos (what global replaces); "none": unweighted BCE.
     pos_weight: str
     max_pos_weight: float  # 0: no cap
+    #: A checkpoint the global model starts from (every site gets it in round 1), e.g. pretrained on
+    #: synthetic data at no privacy cost before private fine-tuning; "": the seed's random init.
+    init_checkpoint: str
 
     def __post_init__(self) -> None:
         if self.pos_weight not in POS_WEIGHT_MODES:
@@ -164,6 +167,9 @@ class PrivacyOptions:
     delta: float
     max_grad_norm: float
     secure_counts: bool
+    #: Train replies carry masked fixed-point updates only; the server unmasks their weighted mean
+    #: (``common.secure_updates``, docs/secure-aggregation.md).
+    secure_updates: bool
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0:
@@ -211,6 +217,16 @@ class RunConfig:
                 "strategy.imbalance-head weights each head row by every site's own positive counts, "
                 "which privacy.secure-counts keeps from the server (only their sum is learnt): "
                 "switch one of the two off"
+            )
+
+        if self.privacy.secure_updates and (self.strategy.name in ROBUST_STRATEGIES or self.strategy.imbalance_head):
+            what = (
+                "strategy.imbalance-head" if self.strategy.imbalance_head else f"strategy.name {self.strategy.name!r}"
+            )
+            raise ValueError(
+                f"privacy.secure-updates hands the server only the weighted mean of the updates, but {what} needs "
+                f"every site's own update (a median, a trimmed mean, Krum's distances, per-site head weights): "
+                f"use it with {sorted(set(STRATEGY_NAMES) - ROBUST_STRATEGIES)} and no imbalance head"
             )
 
     def architecture(self) -> tuple[ModelConfig, PreprocessConfig]:

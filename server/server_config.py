@@ -37,6 +37,10 @@ class ServerRunConfig:
     resume: bool
     #: ``privacy.secure-counts``: the counts round is a secure sum (server.secure_counts).
     secure_counts: bool
+    #: ``privacy.secure-updates``: train rounds aggregate masked updates (server.secure_updates).
+    secure_updates: bool
+    #: ``train.init-checkpoint``: the global model's starting weights ("" : the seed's init).
+    init_checkpoint: str
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -65,6 +69,8 @@ class ServerRunConfig:
             keep_checkpoints=cfg.output.keep_checkpoints,
             resume=cfg.resume,
             secure_counts=cfg.privacy.secure_counts,
+            secure_updates=cfg.privacy.secure_updates,
+            init_checkpoint=train.init_checkpoint,
         )
 
     @property
@@ -88,6 +94,8 @@ class ServerRunConfig:
             "pos_weight": self.pos_weight,
             "strategy": asdict(self.strategy),
             "secure_counts": self.secure_counts,
+            "secure_updates": self.secure_updates,
+            "init_checkpoint": self.init_checkpoint,
         }
 
 
