@@ -49,6 +49,7 @@ def config(data_root: Path, out: Path, **overrides) -> dict:
             "rounds.stage1": 1,
             "rounds.stage2": 0,
             "strategy.fraction-evaluate": 0.0,
+            "rounds.timeout": 1.0,  # FakeGrid answers at once; a silent site is a timeout
             **overrides,
         }
     )
