@@ -77,7 +77,7 @@ def plain_round(half: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]
     contents = [
         RecordDict(
             {
-                ARRAYS: ArrayRecord({k: Array((half[k] + u[k]).astype(half[k].dtype)) for k in half}),
+                ARRAYS: ArrayRecord({k: Array(np.asarray(half[k] + u[k], dtype=half[k].dtype)) for k in half}),
                 METRICS: MetricRecord({NUM_EXAMPLES: n}),
             }
         )
@@ -85,11 +85,14 @@ def plain_round(half: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]
     ]
     _, seconds = _timed(aggregate_arrayrecords, contents, NUM_EXAMPLES)
     one = sum(len(a.data) for a in contents[0][ARRAYS].values())
-    return {"bytes": 2 * len(updates) * one, "server_seconds": seconds}
+    return {"bytes": 2 * len(updates) * one, "one": one, "server_seconds": seconds}
 
 
-def secure_round(half: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]], examples: list[int], dropped: int):
-    """Bytes and seconds of the secure round's protocol, sites simulated in-process (one timed)."""
+def secure_round(half_bytes: int, updates: list[dict[str, np.ndarray]], examples: list[int], dropped: int) -> dict:
+    """Bytes and seconds of the secure round's protocol, sites simulated in-process (one timed);
+    ``half_bytes``: the serialised half every site receives (as in the plain round)."""
+    from flwr.app import Array
+
     from common.secure_sum import generate_key_pair
     from common.secure_updates import (
         Reveal,
@@ -132,13 +135,12 @@ def secure_round(half: dict[str, np.ndarray], updates: list[dict[str, np.ndarray
         reveals.append(Reveal(*r))
         site_seconds[node] += s
     (weight, mean), server_seconds = _timed(lambda: decode_sum(unmask_updates(masked, reveals, peers, session)))
-    length = next(iter(masked.values())).size
     share_bytes = sum(len(b) for per in boxes.values() for b in per.values())
     reveal_bytes = sum(len(b) for r in reveals for b in [*r.seeds.values(), *r.keys.values()])
-    half_bytes = sum(v.nbytes for v in half.values())
+    masked_bytes = len(Array(next(iter(masked.values())).astype(np.uint32)).data)
     bytes_ = {
         "model down": n * half_bytes,
-        "masked up": len(masked) * 4 * length,
+        "masked up": len(masked) * masked_bytes,
         "keys": n * 32 + n * n * (32 + 8),  # up, then every peer list down (key + node id)
         "shares": 2 * share_bytes,  # up to the server, relayed down to their receivers
         "unmask": len(alive) * 8 * n + reveal_bytes,  # survivor/dropped lists down, shares up
@@ -174,7 +176,7 @@ def main() -> None:
     n_params = sum(v.size for v in half.values())
     train_s = local_round_seconds(args.preset, args.size, args.steps)
     plain = plain_round(half, updates, examples)
-    secure = secure_round(half, updates, examples, args.dropped)
+    secure = secure_round(plain["one"], updates, examples, args.dropped)
     from common.secure_updates import flatten
 
     alive = list(range(args.dropped, args.sites))
