@@ -24,6 +24,7 @@ from client.federation.guard import policy_mod
 from client.federation.node import SiteNode
 from client.federation.policy import read_policy
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
+from client.federation.secure_updates import masked_update_record, update_step
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
 from client.federation.site_run import SiteRunConfig
 from client.federation.store import SiteStore
@@ -47,6 +48,7 @@ from common.records import (
     STEPS,
     TRAIN_LOSS,
     TRAIN_SECONDS,
+    UPDATE_PHASES,
     EvaluateInstruction,
     TrainInstruction,
     pack_counts,
@@ -100,6 +102,11 @@ def train(msg: Message, context: Context) -> Message:
             fault_seed(run.seed, order.server_round, site.site_id),
         )
         examples = reported_examples(examples, site.fault)
+    arrays = state_to_record(state, exclude=local_keys)
+    if run.config.privacy.secure_updates:  # the update and its weight leave only masked; 1/0: trained or not
+        received = record_to_state(msg.content[ARRAYS])
+        arrays = masked_update_record(msg, context, {k: state[k] for k in received}, received, examples)
+        examples = int(examples > 0)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: examples,
@@ -112,9 +119,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics[LABEL_POS], metrics[LABEL_NEG] = site_label_counts(data.train, run.model)
     if privacy is not None:
         metrics.update(privacy.metrics())
-    content = RecordDict(
-        {ARRAYS: state_to_record(state, exclude=local_keys), METRICS: metrics, SITE: site_record(site)}
-    )
+    content = RecordDict({ARRAYS: arrays, METRICS: metrics, SITE: site_record(site)})
     return Message(content, reply_to=msg)
 
 
@@ -150,10 +155,15 @@ def count_labels(msg: Message, context: Context) -> Message:
     """The counts round: per-label positives and negatives of the training split, nothing else.
 
     With ``privacy.secure-counts`` the round is the two steps of ``common.secure_sum``: "keys"
-    (reply with a fresh public key) and "mask" (reply with the masked counts only).
+    (reply with a fresh public key) and "mask" (reply with the masked counts only). The query steps
+    of ``privacy.secure-updates`` come here too (``client.federation.secure_updates``).
     """
     site, run = _site_and_run(context)
     phase = str(msg.content[CONFIG].get(SECURE_PHASE, "")) if CONFIG in msg.content else ""
+    if phase in UPDATE_PHASES:
+        if not run.config.privacy.secure_updates:
+            raise SiteError(f"secure updates step {phase!r} asked, but privacy.secure-updates is off for this run")
+        return update_step(phase, msg, context, site)
     if run.secure_counts != bool(phase):
         raise SiteError(
             "privacy.secure-counts is on: this site sends its label counts only masked"

@@ -90,6 +90,21 @@ HELLO_ACTION = "hello"
 PUBLIC_KEY = "public-key"
 PEER_NODES = "peer-nodes"
 PEER_KEYS = "peer-keys"
+#: Secure model updates (``privacy.secure-updates``, ``common.secure_updates``): the query steps
+#: around a train round, in the same SECURE_PHASE key; the session is named in SECURE_SESSION.
+UPDATE_KEYS, UPDATE_SHARES, UPDATE_UNMASK = "update-keys", "update-shares", "update-unmask"
+UPDATE_PHASES = (UPDATE_KEYS, UPDATE_SHARES, UPDATE_UNMASK)
+#: In the SECURE record: encrypted Shamir shares, to their receivers (reply to "update-shares") or
+#: from their senders (with the train message); the unmask step's survivors and dropped sites; and
+#: a survivor's answer (seed shares of survivors, key shares of the dropped).
+SHARE_NODES = "share-nodes"
+SHARE_DATA = "share-data"
+SURVIVORS = "survivors"
+DROPPED = "dropped"
+SEED_NODES, SEED_SHARES = "seed-nodes", "seed-shares"
+KEY_NODES, KEY_SHARES = "key-nodes", "key-shares"
+#: The one array of a train reply under secure updates: the masked fixed-point update (uint32).
+MASKED_UPDATE = "masked-update"
 
 # --- node_config keys (deployment: ``flower-supernode --node-config``) ------------------------
 NODE_DATA_PATH = "data-path"

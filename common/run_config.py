@@ -102,6 +102,9 @@ class TrainOptions:
     #: "local": each site's own neg/pos (what global replaces); "none": unweighted BCE.
     pos_weight: str
     max_pos_weight: float  # 0: no cap
+    #: A checkpoint the global model starts from (every site gets it in round 1), e.g. pretrained on
+    #: synthetic data at no privacy cost before private fine-tuning; "": the seed's random init.
+    init_checkpoint: str
 
     def __post_init__(self) -> None:
         if self.marker_sampling not in MARKER_SAMPLING:
@@ -171,16 +174,22 @@ class PrivacyOptions:
 
     ``noise_multiplier`` 0: derived at each site from ``target_epsilon`` over the run's planned
     steps; ``target_epsilon``: the site's whole budget for the run, both stages together;
-    ``delta`` 0: 1 / (the site's training slices); ``max_grad_norm``: the per-slice clipping bound C;
+    ``delta`` 0: min(1e-5, 0.1 / patients) per patient, 1 / slices per slice; ``max_grad_norm``: the
+    clipping bound C of one unit's gradient; ``unit``: "patient" (sample and clip whole patients) or
+    "slice" (per-slice DP-SGD, whose epsilon does not protect a patient);
     ``secure_counts``: label counts leave a site only masked (docs/secure-aggregation.md).
     """
 
     dp: bool
+    unit: str
     noise_multiplier: float
     target_epsilon: float
     delta: float
     max_grad_norm: float
     secure_counts: bool
+    #: Train replies carry masked fixed-point updates only; the server unmasks their weighted mean
+    #: (``common.secure_updates``, docs/secure-aggregation.md).
+    secure_updates: bool
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0:
@@ -191,9 +200,11 @@ class PrivacyOptions:
         if not self.target_epsilon > 0:
             raise ValueError(f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
         if not 0 <= self.delta < 1:
-            raise ValueError(f"privacy.delta must be in [0, 1) (0: 1 / training slices), got {self.delta}")
+            raise ValueError(f"privacy.delta must be in [0, 1) (0: a default per privacy.unit), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.unit not in ("patient", "slice"):
+            raise ValueError(f"privacy.unit must be 'patient' or 'slice', got {self.unit!r}")
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,16 @@ class RunConfig:
                 "strategy.imbalance-head weights each head row by every site's own positive counts, "
                 "which privacy.secure-counts keeps from the server (only their sum is learnt): "
                 "switch one of the two off"
+            )
+
+        if self.privacy.secure_updates and (self.strategy.name in ROBUST_STRATEGIES or self.strategy.imbalance_head):
+            what = (
+                "strategy.imbalance-head" if self.strategy.imbalance_head else f"strategy.name {self.strategy.name!r}"
+            )
+            raise ValueError(
+                f"privacy.secure-updates hands the server only the weighted mean of the updates, but {what} needs "
+                f"every site's own update (a median, a trimmed mean, Krum's distances, per-site head weights): "
+                f"use it with {sorted(set(STRATEGY_NAMES) - ROBUST_STRATEGIES)} and no imbalance head"
             )
 
     def architecture(self) -> tuple[ModelConfig, PreprocessConfig]:

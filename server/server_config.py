@@ -38,7 +38,11 @@ class ServerRunConfig:
     #: ``privacy.secure-counts``: the counts round is a secure sum (server.secure_counts).
     secure_counts: bool
     #: ``rounds.census``: off | before | only (``server.census``).
-    census: str = "off"
+    census: str
+    #: ``privacy.secure-updates``: train rounds aggregate masked updates (server.secure_updates).
+    secure_updates: bool
+    #: ``train.init-checkpoint``: the global model's starting weights ("" : the seed's init).
+    init_checkpoint: str
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -68,6 +72,8 @@ class ServerRunConfig:
             resume=cfg.resume,
             secure_counts=cfg.privacy.secure_counts,
             census=cfg.rounds.census,
+            secure_updates=cfg.privacy.secure_updates,
+            init_checkpoint=train.init_checkpoint,
         )
 
     @property
@@ -91,6 +97,8 @@ class ServerRunConfig:
             "pos_weight": self.pos_weight,
             "strategy": asdict(self.strategy),
             "secure_counts": self.secure_counts,
+            "secure_updates": self.secure_updates,
+            "init_checkpoint": self.init_checkpoint,
         }
 
 

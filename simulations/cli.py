@@ -74,7 +74,8 @@ def run_train(args: argparse.Namespace) -> int:
     from simulations.baselines import FitConfig, run_pooled
     from simulations.sites import prepare_caches
 
-    model_cfg = get_preset(args.preset, **({"image_size": args.size} if args.size else {}))
+    overrides = {**({"image_size": args.size} if args.size else {}), **({"norm": args.norm} if args.norm else {})}
+    model_cfg = get_preset(args.preset, **overrides)
     pre = PreprocessConfig(
         size=model_cfg.image_size,
         denoise=not args.no_denoise,
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, metrics.json, curves.png")
     t.add_argument("--preset", default="small", help="model preset: paper, small, tiny")
     t.add_argument("--size", type=int, default=None, help="override the preset's input size")
+    t.add_argument(
+        "--norm", choices=("batch", "group"), default=None, help="override the preset's norm (group: for a DP run)"
+    )
     t.add_argument("--epochs", type=int, default=4, help="epochs of each stage")
     t.add_argument("--epochs1", type=int, default=None, help="epochs of stage 1 (U-Net)")
     t.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (classifier)")
