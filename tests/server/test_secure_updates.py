@@ -82,7 +82,11 @@ def test_secure_round_equals_the_plain_weighted_average(data_root, tmp_path, los
     grid, secure = federate(config(data_root, tmp_path / "secure", **{"privacy.secure-updates": True}), lost)
     start = {k: v.double().numpy() for k, v in _initial(data_root, tmp_path).items()}
     assert max_difference(plain, start) > 1e-4  # the round moved the model
-    examples = sum(s.reply.content[METRICS][NUM_EXAMPLES] for s in plain_grid.log if s.reply is not None)
+    examples = sum(
+        s.reply.content[METRICS][NUM_EXAMPLES]
+        for s in plain_grid.log
+        if s.reply is not None and s.message.metadata.message_type == MessageType.TRAIN
+    )
     # each site rounds once by 2^-(f+1); the mean divides by the summed weight examples / MAX_WEIGHT
     bound = len(NODES) * 2.0 ** -(FRACTION_BITS + 1) * MAX_WEIGHT / examples
     assert max_difference(secure, plain) <= bound + 1e-6  # + float32 storage of the weights
