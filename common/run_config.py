@@ -47,6 +47,7 @@ class ModelOptions:
     classifier: str  # wavelet | vgg
     masked_input: bool
     norm: str  # batch | group
+    predict_expansion: bool  # a study's expansion as one more output, trained in stage 2 (docs/gan.md)
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,18 @@ class DataOptions:
     partitions: str
     val_fraction: float
     test_fraction: float
+    expansion_ratio: float  # expansion: follow-up >= ratio x baseline volume (client/data/expansion.py)
+    expansion_ml: float  # 0: off; else expansion also where the hematoma grew by this many ml
 
     def __post_init__(self) -> None:
         val, test = self.val_fraction, self.test_fraction
         if not (0 <= val and 0 < test and val + test < 1):
             raise ValueError(f"data.val-fraction ({val}) and data.test-fraction ({test}) must leave a training split")
+        if not self.expansion_ratio > 1 or self.expansion_ml < 0:
+            raise ValueError(
+                f"data.expansion-ratio must be > 1 and data.expansion-ml >= 0, "
+                f"got {self.expansion_ratio} and {self.expansion_ml}"
+            )
 
     @property
     def split(self) -> tuple[float, float, float]:
@@ -224,6 +232,7 @@ class RunConfig:
             "classifier": self.model.classifier,
             "masked_input": self.model.masked_input,
             "norm": norm,
+            "predict_expansion": self.model.predict_expansion,
         }
         if self.model.image_size:
             overrides["image_size"] = self.model.image_size

@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from client.data.cache import SiteCache
 from client.data.dataset import SliceDataset, dataset_labels, make_loader, split_slices
+from client.data.expansion import ExpansionRule, format_disagreements, with_derived_expansion
 from client.training.evaluate import evaluate
 from client.training.train import TrainConfig, output_columns, train_stage
 from common.checkpoint import save_checkpoint
@@ -127,6 +128,18 @@ def per_site_test_metrics(
     return {site: evaluate(model, s["test"], device, batch_size) for site, s in splits.items() if len(s["test"])}
 
 
+def expansion_caches(
+    caches: dict[str, SiteCache], rule: ExpansionRule, log: Callable[[str], None] = print
+) -> dict[str, SiteCache]:
+    """Every site's cache with its empty expansion labels derived from the follow-ups (docs/gan.md);
+    each site's disagreements with labels.csv are logged by study pseudonym."""
+    out = {}
+    for name, cache in caches.items():
+        out[name], rows = with_derived_expansion(cache, rule)
+        log(f"{name}: {format_disagreements(rows)}")
+    return out
+
+
 def run_pooled(
     caches: dict[str, SiteCache],
     model_cfg: ModelConfig,
@@ -136,14 +149,19 @@ def run_pooled(
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    expansion_rule: ExpansionRule | None = None,
 ) -> dict:
     """Pooled (centralised) baseline: one model on every site's training patients.
 
     Writes ``checkpoint.pt``, ``metrics.json`` (history, per-site and pooled test metrics) and
-    ``curves.png`` into ``out_dir``; returns the metrics dict.
+    ``curves.png`` into ``out_dir``; returns the metrics dict. With ``model_cfg.predict_expansion``
+    the expansion labels are derived by ``expansion_rule`` where labels.csv leaves them empty, and
+    ``metrics["expansion"]`` puts the head's study AUROC beside volume alone and the marker-count score.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if model_cfg.predict_expansion:
+        caches = expansion_caches(caches, expansion_rule or ExpansionRule(), log)
     splits = site_splits(caches, fit)
     train_ds = pooled([s["train"] for s in splits.values()])
     val_ds = pooled([s["val"] for s in splits.values()])
@@ -179,6 +197,13 @@ def run_pooled(
         "test": scalar_metrics(test),
         "per_site": {k: scalar_metrics(v) for k, v in per_site.items()},
     }
+    if model_cfg.predict_expansion:
+        from simulations.expansion_baselines import compare_expansion, study_table
+
+        metrics["expansion"] = compare_expansion(
+            study_table(train_ds), study_table(test_ds), test.get("auc_study/expansion", float("nan"))
+        )
+        log("expansion study AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["expansion"].items()))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     from simulations.report.figures import plot_curves
 

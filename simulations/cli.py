@@ -58,6 +58,7 @@ def run_rsna_site(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from client.data.expansion import ExpansionRule
     from client.training.train import TrainConfig
     from common.config import PreprocessConfig
     from common.presets import get_preset
@@ -65,7 +66,10 @@ def run_train(args: argparse.Namespace) -> int:
     from simulations.baselines import FitConfig, run_pooled
     from simulations.sites import prepare_caches
 
-    model_cfg = get_preset(args.preset, **({"image_size": args.size} if args.size else {}))
+    overrides: dict = {"image_size": args.size} if args.size else {}
+    if args.expansion:
+        overrides["predict_expansion"] = True
+    model_cfg = get_preset(args.preset, **overrides)
     pre = PreprocessConfig(
         size=model_cfg.image_size,
         denoise=not args.no_denoise,
@@ -82,7 +86,8 @@ def run_train(args: argparse.Namespace) -> int:
         lr_stage2=args.lr2,
         split_by=args.split,
     )
-    metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device))
+    rule = ExpansionRule(args.expansion_ratio, args.expansion_ml)
+    metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device), expansion_rule=rule)
     t = metrics["test"]
     print(
         f"test: dice {t['dice']:.3f}, macro-AUC (study) {t['macro_auc_study']:.3f}, volume MAE {t['volume_mae_ml']:.2f} ml"
@@ -153,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--split", choices=("patient", "slice"), default="patient", help="slice: random slice split (leaks)")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--expansion", action="store_true", help="train the expansion head too (docs/gan.md)")
+    t.add_argument("--expansion-ratio", type=float, default=1.3, help="expansion: follow-up >= RATIO x baseline")
+    t.add_argument("--expansion-ml", type=float, default=None, help="expansion also: growth >= ML ml")
     t.add_argument("--no-denoise", action="store_true")
     t.add_argument("--no-skull-strip", action="store_true")
     t.add_argument("--no-centre", action="store_true")

@@ -9,6 +9,7 @@ slices. Nothing written here carries a patient identifier: no names, ids, dates 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,11 @@ from client.data.dataset import MIN_BRAIN_FRACTION
 from client.ingest.dicom import read_study
 from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
+from common.config import LABELS
 from common.model import JointModel, to_input
+
+#: The expansion head's output name (``ModelConfig.output_names``), reported apart from the markers.
+EXPANSION: str = LABELS[-1]
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,10 @@ class StudyPrediction:
     mask_probability: np.ndarray  # [k, S, S] float32
     slices: np.ndarray  # [k, S, S] uint8 model input
     combine: str
+    expansion: float | None = None  # only from a checkpoint with the expansion head
 
     def to_json(self) -> dict:
-        return {
+        return ({"expansion": self.expansion} if self.expansion is not None else {}) | {
             "markers": self.markers,
             "volume_ml": self.volume_ml,
             "combine": self.combine,
@@ -79,7 +85,7 @@ def predict_study(
     pixels = (mask_prob > 0.5).reshape(k, -1).sum(axis=1)
     hematoma = [i for i in brain if pixels[i] > cfg.min_mask_pixels]
     use = hematoma or brain
-    markers = {name: float(np.max(scores[use, j])) for j, name in enumerate(ckpt.labels)}
+    markers, expansion = study_outputs(scores[use], ckpt.labels)
     g = study.geometry
     dy, dx = model_pixel_mm(g.pixel_spacing, g.shape[1:], cfg.size)
     voxel = dy * dx * g.slice_spacing / 1000.0  # ml
@@ -94,7 +100,16 @@ def predict_study(
         mask_prob,
         pre.slices,
         "max over slices holding predicted hematoma (all brain slices if none)",
+        expansion,
     )
+
+
+def study_outputs(scores: np.ndarray, labels: Sequence[str]) -> tuple[dict[str, float], float | None]:
+    """Study-level marker probabilities and the expansion probability (None without the head):
+    the maximum over the given slices, as in evaluation."""
+    study = {name: float(np.max(scores[:, j])) for j, name in enumerate(labels)}
+    expansion = study.pop(EXPANSION, None)
+    return study, expansion
 
 
 def last_conv(module: torch.nn.Module) -> torch.nn.Conv2d:
