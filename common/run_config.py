@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 from flwr.common.logger import log
 
 from common.config import PreprocessConfig
+from common.gan import GAN_PRESETS
 from common.presets import ModelConfig, get_preset
 
 #: ``strategy.name`` values (``server.strategies.STRATEGIES`` builds each one).
@@ -185,6 +186,28 @@ class PrivacyOptions:
 
 
 @dataclass(frozen=True)
+class GanOptions:
+    """``gan.*``: stage-2 augmentation by each site's own conditional SNGAN (docs/gan.md).
+
+    ``augment_ratio`` 0: off; else each site adds ``augment_ratio`` x its training slices of
+    generated ones (half marker-positive) to stage 2, from a GAN of ``preset`` trained for ``steps``
+    generator updates on its training crops, kept at the site.
+    """
+
+    augment_ratio: float
+    preset: str
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.augment_ratio < 0 or self.steps < 1:
+            raise ValueError(
+                f"gan.augment-ratio must be >= 0 and gan.steps >= 1, got {self.augment_ratio}, {self.steps}"
+            )
+        if self.preset not in GAN_PRESETS:
+            raise ValueError(f"gan.preset: unknown GAN preset {self.preset!r}; valid: {sorted(GAN_PRESETS)}")
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """``output.*``: where the server writes the run (history, checkpoints, the global model)."""
 
@@ -207,6 +230,7 @@ class RunConfig:
     strategy: StrategyOptions
     privacy: PrivacyOptions
     output: OutputOptions
+    gan: GanOptions
 
     def __post_init__(self) -> None:
         if self.privacy.secure_counts and self.strategy.imbalance_head:
@@ -214,6 +238,11 @@ class RunConfig:
                 "strategy.imbalance-head weights each head row by every site's own positive counts, "
                 "which privacy.secure-counts keeps from the server (only their sum is learnt): "
                 "switch one of the two off"
+            )
+        if self.privacy.dp and self.gan.augment_ratio > 0:
+            raise ValueError(
+                "gan.augment-ratio > 0 trains a GAN on the site's slices without DP-SGD, which would void "
+                "privacy.dp's guarantee: switch one of the two off"
             )
 
     def architecture(self) -> tuple[ModelConfig, PreprocessConfig]:

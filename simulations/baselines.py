@@ -21,6 +21,7 @@ from client.data.cache import SiteCache
 from client.data.dataset import SliceDataset, dataset_labels, make_loader, split_slices
 from client.data.expansion import ExpansionRule, format_disagreements, with_derived_expansion
 from client.training.evaluate import evaluate
+from client.training.gan_augment import GanAugment, augmented_training_set
 from client.training.train import TrainConfig, output_columns, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import PreprocessConfig
@@ -40,6 +41,8 @@ class FitConfig:
     split_by: str = "patient"
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     eval_batch_size: int = 32
+    #: Stage 2 adds SNGAN-generated slices (docs/gan.md): one GAN on the pooled training crops.
+    gan: GanAugment | None = None
 
 
 def site_splits(caches: dict[str, SiteCache], fit: FitConfig) -> dict[str, dict[str, SliceDataset]]:
@@ -81,7 +84,12 @@ def fit_two_stages(
     """
     history = []
     pos_weight = stage_pos_weight(model, train_ds)
+    train_of = {1: train_ds, 2: train_ds}
     for stage, epochs in ((1, fit.epochs_stage1), (2, fit.epochs_stage2)):
+        if stage == 2 and fit.gan is not None and fit.gan.ratio > 0 and epochs:
+            train_of[2], _, added = augmented_training_set(train_ds, fit.gan, fit.train.seed, device)
+            pos_weight = stage_pos_weight(model, train_of[2])  # the paper's weights over what stage 2 sees
+            log(f"stage 2: {added} generated slices beside {len(train_ds)} real ones (in memory only)")
         lr = fit.lr_stage2 if stage == 2 and fit.lr_stage2 is not None else fit.train.lr
         cfg = replace(fit.train, epochs=1, schedule="constant")
         for epoch in range(epochs):
@@ -90,7 +98,7 @@ def fit_two_stages(
             lr_e = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if fit.train.schedule == "cosine" else lr
             cfg_e = replace(cfg, lr=lr_e, seed=fit.train.seed + 1000 * stage + epoch)
             loader = make_loader(
-                train_ds, cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced, stage=stage
+                train_of[stage], cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced, stage=stage
             )
             result = train_stage(
                 model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress

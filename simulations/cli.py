@@ -59,8 +59,10 @@ def run_rsna_site(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     from client.data.expansion import ExpansionRule
+    from client.training.gan_augment import GanAugment
     from client.training.train import TrainConfig
     from common.config import PreprocessConfig
+    from common.gan import get_gan_preset
     from common.presets import get_preset
     from common.runtime import resolve_device
     from simulations.baselines import FitConfig, run_pooled
@@ -82,9 +84,16 @@ def run_train(args: argparse.Namespace) -> int:
     fit = FitConfig(
         epochs_stage1=args.epochs1 if args.epochs1 is not None else args.epochs,
         epochs_stage2=args.epochs2 if args.epochs2 is not None else args.epochs,
-        train=TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=not args.no_augment),
+        train=TrainConfig(
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            augment=not args.no_augment,
+            max_steps=args.max_steps,
+        ),
         lr_stage2=args.lr2,
         split_by=args.split,
+        gan=GanAugment(get_gan_preset(args.gan_preset), args.gan_steps, args.gan_ratio) if args.gan_ratio else None,
     )
     rule = ExpansionRule(args.expansion_ratio, args.expansion_ml)
     metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device), expansion_rule=rule)
@@ -158,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--split", choices=("patient", "slice"), default="patient", help="slice: random slice split (leaks)")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--max-steps", type=int, default=0, help="at most this many steps per epoch (0: whole epochs)")
+    t.add_argument("--gan-ratio", type=float, default=0.0, help="stage 2: add RATIO x the slices of SNGAN ones")
+    t.add_argument("--gan-preset", default="tiny", help="GAN preset: tiny, small, paper (common/gan.py)")
+    t.add_argument("--gan-steps", type=int, default=200, help="generator updates of the augmentation GAN")
     t.add_argument("--expansion", action="store_true", help="train the expansion head too (docs/gan.md)")
     t.add_argument("--expansion-ratio", type=float, default=1.3, help="expansion: follow-up >= RATIO x baseline")
     t.add_argument("--expansion-ml", type=float, default=None, help="expansion also: growth >= ML ml")
