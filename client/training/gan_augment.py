@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from client.data.crops import HematomaCrops
 from client.data.dataset import SliceDataset, parts_of
-from client.training.gan import GanTrainResult, augment_with_generated, train_gan
+from client.training.gan import GanTrainResult, augment_with_generated, generate, train_gan
 from common.gan import GanConfig, Generator, build_gan
 
 
@@ -103,3 +103,28 @@ def augmented_training_set(
     G, _ = fit_generator(crops, aug, seed, device, state)
     ds, added = augment_parts(real, crops, G, aug, seed)
     return ds, G, added
+
+
+def gan_quality(
+    G: Generator, train: HematomaCrops, held_out: HematomaCrops, model: torch.nn.Module, seed: int = 0
+) -> dict[str, float]:
+    """The report's GAN figures, computed at the site (two numbers leave it, never a crop).
+
+    ``frechet``: Fréchet distance between held-out real crops and as many generated ones (half
+    positive) in the features of the project's classifier (``model``, a trained ``JointModel``);
+    ``memorisation``: nearest-neighbour distance ratio to training vs held-out crops (about 1: no copying).
+    """
+    from common.gan_metrics import backbone_extractor, frechet_distance_of, memorisation
+
+    real, _ = held_out.tensors()
+    train_x, _ = train.tensors()
+    if real.shape[0] < 2 or train_x.shape[0] < 1:
+        raise ValueError("the GAN's quality needs at least two held-out and one training crop")
+    n = real.shape[0]
+    fake = torch.cat([generate(G, 0, n - n // 2, seed)[0], generate(G, 1, n // 2, seed + 1)[0]])
+    mem = memorisation(fake, train_x, real, seed)
+    return {
+        "frechet": frechet_distance_of(backbone_extractor(model), real, fake),
+        "memorisation": mem.ratio,
+        "n_held_out": float(n),
+    }

@@ -60,3 +60,18 @@ def test_zero_ratio_changes_nothing_and_one_class_is_refused():
         crop_tensors(training_crops([only_negative], CFG))
     with pytest.raises(ValueError, match="ratio >= 0"):
         GanAugment(CFG, steps=1, ratio=-1.0)
+
+
+def test_quality_figures_are_numbers_from_held_out_crops():
+    from client.training.gan_augment import gan_quality
+    from common.model import build_joint_model
+    from common.presets import get_preset
+
+    cache = _cache([0, 1, 0, 1, 0, 1])
+    train, held = training_crops([SliceDataset(cache, np.arange(6)), SliceDataset(cache, np.arange(6, 12))], CFG)
+    _, G, _ = augmented_training_set(SliceDataset(cache, np.arange(6)), GanAugment(CFG, steps=1, ratio=0.1), seed=0)
+    model = build_joint_model(get_preset("tiny", image_size=32), seed=0)
+    q = gan_quality(G, train, held, model)
+    assert q["n_held_out"] == 3 and np.isfinite(q["frechet"]) and q["frechet"] >= 0 and q["memorisation"] > 0
+    with pytest.raises(ValueError, match="at least two held-out"):
+        gan_quality(G, train, training_crops([SliceDataset(cache, np.arange(0))], CFG)[0], model)
