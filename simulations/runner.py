@@ -33,7 +33,7 @@ from client.data.dataset import SliceDataset, brain_slices, make_loader, split_s
 from client.federation.site_gan import gan_augment
 from client.federation.site_run import SiteRunConfig
 from client.training.evaluate import evaluate
-from client.training.gan_augment import augmented_training_set
+from client.training.gan_augment import NoGanData, augmented_training_set
 from client.training.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
@@ -213,7 +213,12 @@ def stage2_data(ds: Dataset, site_run: SiteRunConfig, seed: int) -> Dataset:
     """Stage 2's training set: ``ds`` plus SNGAN-generated slices with ``gan.augment-ratio`` > 0
     (one GAN, trained once on ``ds``'s crops, as a site does: ``client.federation.site_gan``)."""
     aug = gan_augment(site_run)
-    return ds if aug is None or not len(ds) else augmented_training_set(ds, aug, seed)[0]
+    if aug is None or not len(ds):
+        return ds
+    try:
+        return augmented_training_set(ds, aug, seed)[0]
+    except NoGanData:  # as at a site: no generated slices where no GAN can be trained
+        return ds
 
 
 def train_rounds(

@@ -21,6 +21,10 @@ from client.training.gan import GanTrainResult, augment_with_generated, generate
 from common.gan import GanConfig, Generator, build_gan
 
 
+class NoGanData(ValueError):
+    """The training split cannot train a conditional GAN: no usable crop, or one class only."""
+
+
 @dataclass(frozen=True)
 class GanAugment:
     """How much to add (``ratio`` x the real training slices, ``positive_fraction`` of them
@@ -45,13 +49,13 @@ def training_crops(parts: list[SliceDataset], cfg: GanConfig) -> list[HematomaCr
 
 
 def crop_tensors(crops: list[HematomaCrops]) -> tuple[Tensor, Tensor]:
-    """All parts' crops as one ``(images, labels)`` pair; a ValueError when a class is missing."""
+    """All parts' crops as one ``(images, labels)`` pair; ``NoGanData`` when a class is missing."""
     pairs = [c.tensors() for c in crops if len(c)]
     if not pairs:
-        raise ValueError("no hematoma crops with an annotated marker in the training split: no GAN to train")
+        raise NoGanData("no hematoma crops with an annotated marker in the training split: no GAN to train")
     images, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     if torch.unique(labels).numel() < 2:
-        raise ValueError("the training crops hold one class of the marker only: a conditional GAN needs both")
+        raise NoGanData("the training crops hold one class of the marker only: a conditional GAN needs both")
     return images, labels
 
 

@@ -50,3 +50,19 @@ def test_stage2_with_generated_slices_replies_with_the_classifier_only(site):
     plain = app(make_message(train_message(model, 2), MessageType.TRAIN), make_context(node, PLAIN))
     # the generated slices changed what stage 2 learnt
     assert any(not np.allclose(sent[k].numpy(), plain.content[ARRAYS][k].numpy()) for k in sent)
+
+
+def test_a_site_without_both_classes_trains_on_its_real_slices(tmp_path):
+    from client.data.dataset import SliceDataset
+    from client.federation.site_gan import stage2_training_set
+    from client.federation.site_run import SiteRunConfig
+    from client.federation.store import SiteStore
+    from tests.client.training.test_gan_augment import _cache
+
+    real = SliceDataset(_cache([0, 0, 0]), np.arange(6))  # no hypodensity-positive crop
+    store = SiteStore(tmp_path / "store")
+    assert stage2_training_set(real, SiteRunConfig.from_run_config(RUN), store, 1, "cpu") is real
+    assert store.load(GENERATOR) is None  # no generator was made
+    both = SliceDataset(_cache([0, 1, 0, 1]), np.arange(8))
+    augmented = stage2_training_set(both, SiteRunConfig.from_run_config(RUN), store, 1, "cpu")
+    assert len(augmented) == 16 and store.load(GENERATOR) is not None  # ratio 1.0

@@ -8,7 +8,7 @@ import torch
 
 from client.data.dataset import SliceDataset, dataset_labels
 from client.training.gan import generate
-from client.training.gan_augment import GanAugment, augmented_training_set, crop_tensors, training_crops
+from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set, crop_tensors, training_crops
 from common.config import LABELS
 from common.gan import GanConfig
 from tests.helpers.cache import memory_cache, study_entry
@@ -56,7 +56,7 @@ def test_zero_ratio_changes_nothing_and_one_class_is_refused():
     ds, _, added = augmented_training_set(real, GanAugment(CFG, steps=1, ratio=0.0), seed=0)
     assert ds is real and added == 0
     only_negative = SliceDataset(_cache([0, 0]), np.arange(4))
-    with pytest.raises(ValueError, match="one class of the marker only"):
+    with pytest.raises(NoGanData, match="one class of the marker only"):
         crop_tensors(training_crops([only_negative], CFG))
     with pytest.raises(ValueError, match="ratio >= 0"):
         GanAugment(CFG, steps=1, ratio=-1.0)
