@@ -84,7 +84,7 @@ def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
                 )
             )
             loader = make_loader(
-                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=stage
+                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(stage), stage=stage
             )
             result = train_stage(model, loader, stage, cfg, "cpu", pos_weight if stage == 2 else None)
             n = usable_examples(data.train, stage, server.model) if result.num_examples else 0

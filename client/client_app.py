@@ -75,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     if order.stage == 2:  # with gan.augment-ratio > 0: plus the site's generated slices, in this process only
         train_ds = stage2_training_set(data.train, run, store, order.server_round, resolve_device(site.device))
     loader = make_loader(
-        train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.balanced, stage=order.stage
+        train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(order.stage), stage=order.stage
     )
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = (
@@ -87,8 +87,9 @@ def train(msg: Message, context: Context) -> Message:
     state = half_state_dict(model.cpu(), order.half)
     if local_keys:
         store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
-    if site.fault:  # simulation manifests only: a site that corrupts what it sends
-        from client.simulation.faults import corrupt_update, fault_seed
+    examples = usable_examples(data.train, order.stage, run.model) if result.num_examples else 0
+    if site.fault:  # simulation manifests only: a site that corrupts what it sends or claims
+        from client.simulation.faults import corrupt_update, fault_seed, reported_examples
 
         state = corrupt_update(
             record_to_state(msg.content[ARRAYS]),
@@ -96,9 +97,10 @@ def train(msg: Message, context: Context) -> Message:
             site.fault,
             fault_seed(run.seed, order.server_round, site.site_id),
         )
+        examples = reported_examples(examples, site.fault)
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: usable_examples(data.train, order.stage, run.model) if result.num_examples else 0,
+            NUM_EXAMPLES: examples,
             TRAIN_LOSS: float(result.loss),
             STEPS: int(result.steps),
             TRAIN_SECONDS: float(result.seconds),

@@ -37,6 +37,8 @@ STRATEGY_NAMES: tuple[str, ...] = (
 ROBUST_STRATEGIES = frozenset({"fedmedian", "fedtrimmedavg", "krum"})
 #: Where stage 2's marker weights come from (``train.pos-weight``).
 POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
+#: Stage-2 sampling: natural draws (the paper) or marker-positive slices oversampled to about half.
+MARKER_SAMPLING = ("natural", "balanced")
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,18 @@ class TrainOptions:
     weight_decay: float
     optimizer: str
     augment: bool
-    balanced: bool
+    balanced: bool  # stage 1: oversample hematoma slices
+    marker_sampling: str  # stage 2: "natural" (the paper's) | "balanced" (oversample marker positives)
     #: "global": the server's neg/pos of every site's summed counts (the imbalance-aware default);
     #: "local": each site's own neg/pos (what global replaces); "none": unweighted BCE.
     pos_weight: str
     max_pos_weight: float  # 0: no cap
 
     def __post_init__(self) -> None:
+        if self.marker_sampling not in MARKER_SAMPLING:
+            raise ValueError(
+                f"train.marker-sampling must be one of {list(MARKER_SAMPLING)}, got {self.marker_sampling!r}"
+            )
         if self.pos_weight not in POS_WEIGHT_MODES:
             raise ValueError(f"train.pos-weight must be one of {list(POS_WEIGHT_MODES)}, got {self.pos_weight!r}")
 
@@ -143,8 +150,16 @@ class StrategyOptions:
     tau: float
     trim_beta: float
     num_malicious: int
+    #: No site is weighted by more than this times the median of the others' num-examples, nor by more
+    #: than it declared in the counts round; 0: no bound (server.validation.bound_examples).
+    max_examples_factor: float
+    #: The size bound of a reply in MiB; 0: the half being trained plus 1 MiB (server.validation).
+    max_reply_mb: float
 
     def __post_init__(self) -> None:
+        for key, value in (("max-examples-factor", self.max_examples_factor), ("max-reply-mb", self.max_reply_mb)):
+            if not value >= 0:
+                raise ValueError(f"strategy.{key} must be >= 0 (0: no bound / the default), got {value}")
         if self.name not in STRATEGY_NAMES:
             raise KeyError(f"strategy.name: unknown strategy {self.name!r}; valid strategies: {sorted(STRATEGY_NAMES)}")
         if self.imbalance_head and self.name in ROBUST_STRATEGIES:

@@ -9,8 +9,9 @@ formula 2) with every stage-2 round, so every site optimises the same weighted l
 After every round the server assembles the full global model, has every site evaluate it on its
 own held-out patients, and hands the results to ``server.history`` (per-site and aggregated
 metrics) and ``server.checkpoints`` (one checkpoint per round; ``resume = true`` continues from the
-last one). Failed sites and non-finite updates are handled by ``server.replies``: the round goes on
-with the others.
+last one). Failed sites and replies that break a rule of ``server.validation`` are handled by
+``server.replies``: the round goes on with the others; ``num-examples`` is bounded before FedAvg
+weights by it (``server.validation.bound_examples``).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from torch import nn
 from common.losses import pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.records import (
+    CONFIG,
     HALF_OF_STAGE,
     METRICS,
     NUM_EXAMPLES,
+    SECURE_PHASE,
     EvaluateInstruction,
     TrainInstruction,
     arrays_digest,
@@ -44,9 +47,10 @@ from common.records import (
 from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
 from server.counts import count_labels
 from server.history import History
-from server.replies import Messenger, idle_reason, metrics_dict
+from server.replies import Messenger, idle_reason, metrics_dict, with_metric
 from server.server_config import ServerRunConfig, resolve_run_dir
 from server.strategies import build_strategy
+from server.validation import array_specs, bound_examples, counts_schema, evaluate_schema, train_schema
 
 
 class Federation:
@@ -66,6 +70,7 @@ class Federation:
         self.start_round = 0
         self.messenger = Messenger(grid, cfg.timeout)
         self.counts: tuple[np.ndarray, np.ndarray] | None = None
+        self.declared: dict[str, float] = {}  # site -> training slices it declared in the counts round
 
     # --- the schedule --------------------------------------------------------------------
 
@@ -154,7 +159,9 @@ class Federation:
         messages = messenger.attach_unet(
             strategy.configure_train(rnd, arrays, order.to_record(), self.grid), unet, digest
         )
-        replies = messenger.exchange("train", messages, entry, digest)
+        n_labels, max_mb = len(cfg.model.output_names), cfg.strategy.max_reply_mb
+        schema = train_schema(array_specs(arrays, exclude=self.local_keys), n_labels, stage, max_mb)
+        replies = messenger.exchange("train", messages, entry, digest, schema)
         sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in replies}
         usable = []
         for r in replies:
@@ -168,9 +175,27 @@ class Federation:
                     idle_reason(r.content[METRICS]),
                     stage,
                 )
-        usable = messenger.reject_non_finite(usable, entry)
+        usable = self._bound_weights(usable, entry)
         aggregated = self._aggregate_train(rnd, half, strategy, usable, entry)
         return {"aggregated": aggregated, "sites": sites, "sent": len(messages), "received": len(replies)}
+
+    def _bound_weights(self, replies: list[Message], entry: dict) -> list[Message]:
+        """Cap each reply's ``num-examples`` by ``server.validation.bound_examples``; the capped sites
+        are logged and listed under the round's ``capped`` with the weight they get."""
+        site_of = self.messenger.site_of
+        claimed = {site_of(r): float(r.content[METRICS][NUM_EXAMPLES]) for r in replies}
+        caps = bound_examples(claimed, self.declared, self.cfg.strategy.max_examples_factor)
+        bounded = []
+        for r in replies:
+            site = site_of(r)
+            if site in caps:
+                r = with_metric(r, NUM_EXAMPLES, int(caps[site]))
+                log(WARNING, "train: %s num-examples above its bound; weighted by %d", site, int(caps[site]))
+                entry.setdefault("capped", []).append(
+                    {"site": site, "node": r.metadata.src_node_id, "key": NUM_EXAMPLES, "weight": int(caps[site])}
+                )
+            bounded.append(r)
+        return [r for r in bounded if float(r.content[METRICS][NUM_EXAMPLES]) > 0]
 
     def _aggregate_train(self, rnd: int, half: str, strategy: Strategy, replies: list[Message], entry: dict) -> dict:
         cfg = self.cfg
@@ -213,7 +238,8 @@ class Federation:
         )
         if not messages:
             return {}
-        replies = messenger.exchange("evaluate", messages, entry, digest)
+        schema = evaluate_schema(self.cfg.model.output_names, self.cfg.strategy.max_reply_mb)
+        replies = messenger.exchange("evaluate", messages, entry, digest, schema)
         sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in replies}
         aggregated = None
         if replies:
@@ -242,11 +268,26 @@ class Federation:
 
     def count_labels(self, rnd: int, entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
         """The counts round (``server.counts``), its failures logged in this round's ``entry``."""
+        n_labels = len(self.cfg.model.output_names)
+
+        def exchange(phase: str, msgs: list[Message]) -> list[Message]:
+            step = str(msgs[0].content[CONFIG].get(SECURE_PHASE, "")) if msgs else ""
+            schema = counts_schema(step, n_labels, self.cfg.strategy.max_reply_mb)
+            good = self.messenger.exchange(phase, msgs, entry, schema=schema)
+            self.declared.update(
+                {
+                    self.messenger.site_of(r): float(r.content[METRICS][NUM_EXAMPLES])
+                    for r in good
+                    if NUM_EXAMPLES in r.content[METRICS]
+                }
+            )
+            return good
+
         return count_labels(
             self.grid.get_node_ids(),
-            lambda phase, msgs: self.messenger.exchange(phase, msgs, entry),
+            exchange,
             rnd,
-            len(self.cfg.model.output_names),
+            n_labels,
             secure=self.cfg.secure_counts,
             site_name=self.messenger.site_name,
         )

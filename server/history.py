@@ -2,10 +2,12 @@
 
 ``history.json``: ``{"run": {...}, "rounds": [{"round", "stage", "seconds", "train": {"aggregated": {...},
 "sites": {site: {...}}}, "evaluate": {...}, "failures": [{"phase", "site", "node", "reason"}],
-"rejected": [{"phase", "site", "node", "reason", "arrays"}]}]}``; ``rejected`` lists the train replies
-the server left out of the aggregate because they held NaN or infinite values (``arrays``: up to five of
-the offending keys; their per-site train metrics stay under ``train.sites``; rounds written before
-this key existed lack it);
+"rejected": [{"phase", "site", "node", "rule", "key", "reason", "problems", "n_problems"}],
+"capped": [{"site", "node", "key", "weight"}]}]}``; ``rejected`` lists the replies the server refused
+because they broke a rule of ``server.validation`` (the first rule and key, up to five problems as
+``{"rule", "key"}``, never a value; nothing else of such a reply is kept), ``capped`` the train replies
+whose ``num-examples`` was bounded and the weight each got (rounds written before these keys existed
+lack them);
 stage-2 rounds add ``"label-counts": {"pos", "neg", "pos-weight"}`` (the global sums and weights), and a
 round whose aggregation was skipped (too few good replies) has ``"skipped": true``.
 ``metrics.csv``: one row per (round, stage, phase, site, metric, value); ``site`` is ``all`` for the

@@ -1,9 +1,10 @@
 """The server's side of a message exchange: send, wait, and keep what the replies say about sites.
 
 Sites that fail, time out or vanish are logged with their site id, node id and the reason, and the
-exchange goes on with the others. A train reply holding a NaN or infinite value is rejected before
-aggregation (logged, and listed under the round's ``rejected``): no strategy survives a NaN (the
-median of a column holding one is NaN).
+exchange goes on with the others. Every reply is checked against its phase's ``ReplySchema``
+(``server.validation``) before anything of it is used: one that breaks a rule (a NaN in an array,
+arrays of another model, a count out of range, ...) is rejected, logged with the site, the rule and
+the key (never a value), and listed under the round's ``rejected``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.records import FROZEN_UNET, METRICS, PRIVACY_EPSILON, PRIVACY_EXHAUSTED, SITE, SITE_ID
 from server.history import finite_or_none
+from server.validation import SITE_ID_PATTERN, Problem, ReplySchema, check_reply
+
+#: Problems of one rejected reply kept in the history (the first ones; the log names the first).
+PROBLEMS_KEPT = 5
 
 #: How often the server asks for replies. Flower's own ``Grid.send_and_receive`` waits 3 s between
 #: pulls, which adds up to 3 s to each of a round's two or three exchanges.
@@ -38,9 +42,12 @@ class Messenger:
     sites: dict[int, str] = field(default_factory=dict)  # node id -> site id, learned from replies
     unet_sent: dict[int, str] = field(default_factory=dict)  # node id -> digest of the frozen U-Net it holds
 
-    def exchange(self, phase: str, messages: list[Message], entry: dict, digest: str = "") -> list[Message]:
-        """Send, wait up to ``rounds.timeout``, return the good replies; log every failure.
-        A site that replied to a stage-2 message holds the U-Net ``digest`` from then on."""
+    def exchange(
+        self, phase: str, messages: list[Message], entry: dict, digest: str = "", schema: ReplySchema | None = None
+    ) -> list[Message]:
+        """Send, wait up to ``rounds.timeout``, return the replies that pass ``schema``; log every
+        failure and rejection. A site that replied to a stage-2 message holds the U-Net ``digest``
+        from then on."""
         if not messages:
             return []
         replies = send_and_receive(self.grid, messages, self.timeout)
@@ -49,17 +56,56 @@ class Messenger:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.failure(phase, node, reply.error.reason or f"error code {reply.error.code}", entry)
-            elif SITE in reply.content and METRICS in reply.content:
-                self.sites[node] = str(reply.content[SITE].get(SITE_ID, node))
-                if digest:
-                    self.unet_sent[node] = digest
-                good.append(reply)
-            else:
-                self.failure(phase, node, "malformed reply (no metrics or site record)", entry)
+                continue
+            self._learn_site(node, reply)
+            problems = check_reply(reply.content, reply.metadata.message_type, schema) if schema else []
+            if not schema and not (SITE in reply.content and METRICS in reply.content):
+                problems = [Problem("record-missing", f"{SITE}/{METRICS}")]
+            if problems:
+                self.reject(phase, node, problems, entry)
+                continue
+            if digest:
+                self.unet_sent[node] = digest
+            good.append(reply)
         answered = {r.metadata.src_node_id for r in replies}
         for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
             self.failure(phase, node, f"no reply within {self.timeout or 'unlimited'} s (site down or too slow)", entry)
         return good
+
+    def _learn_site(self, node: int, reply: Message) -> None:
+        """The node's site id, from its reply's SITE record when it holds a well-formed one."""
+        record = reply.content[SITE] if SITE in reply.content else None
+        sid = record.get(SITE_ID) if hasattr(record, "get") else None
+        if isinstance(sid, str) and SITE_ID_PATTERN.fullmatch(sid):
+            self.sites[node] = sid
+
+    def reject(self, phase: str, node: int, problems: list[Problem], entry: dict) -> None:
+        """Log and record a reply that broke ``problems``: site, rule and key, never a value."""
+        site, first = self.sites.get(node, "unknown site"), problems[0]
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        log(
+            WARNING,
+            "%s: %s (node %d) reply rejected: rule %s, key %s%s",
+            phase,
+            site,
+            node,
+            first.rule,
+            first.key,
+            more,
+        )
+        entry.setdefault("rejected", []).append(
+            {
+                "phase": phase,
+                "site": site,
+                "node": node,
+                "rule": first.rule,
+                "key": first.key,
+                "reason": "; ".join(str(p) for p in problems[:PROBLEMS_KEPT]),
+                "problems": [{"rule": p.rule, "key": p.key} for p in problems[:PROBLEMS_KEPT]],
+                "n_problems": len(problems),
+            }
+        )
+        self.unet_sent.pop(node, None)  # it may not hold the U-Net it was sent
 
     def failure(self, phase: str, node: int, reason: str, entry: dict) -> None:
         site = self.sites.get(node, "unknown site")
@@ -73,21 +119,6 @@ class Messenger:
     def site_name(self, node: int) -> str:
         """How logs name a node: its site id (once known) and node id."""
         return f"{self.sites.get(node, 'unknown site')} (node {node})"
-
-    def reject_non_finite(self, replies: list[Message], entry: dict) -> list[Message]:
-        """The replies whose arrays are all finite; each other one is logged and listed in ``entry["rejected"]``."""
-        kept = []
-        for r in replies:
-            bad = [k for record in r.content.array_records.values() for k in non_finite_arrays(record)]
-            if not bad:
-                kept.append(r)
-                continue
-            node, reason = r.metadata.src_node_id, f"non-finite values in {len(bad)} array(s)"
-            log(WARNING, "train: %s (node %d) sent %s; update rejected", self.site_of(r), node, reason)
-            entry.setdefault("rejected", []).append(
-                {"phase": "train", "site": self.site_of(r), "node": node, "reason": reason, "arrays": bad[:5]}
-            )
-        return kept
 
     def attach_unet(self, messages: Iterable[Message], unet: ArrayRecord | None, digest: str) -> list[Message]:
         """Add the frozen U-Net to the messages of sites not known to hold it already."""
@@ -126,14 +157,10 @@ def with_record(msg: Message, name: str, record: ArrayRecord) -> Message:
     )
 
 
-def non_finite_arrays(record: ArrayRecord) -> list[str]:
-    """Keys of the floating-point arrays of ``record`` that hold a NaN or an infinity."""
-    bad = []
-    for key, array in record.items():
-        a = array.numpy()
-        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
-            bad.append(key)
-    return bad
+def with_metric(reply: Message, key: str, value: int | float) -> Message:
+    """A copy of ``reply`` with one metric changed; the site's reply itself stays as it came."""
+    metrics = MetricRecord({**dict(reply.content[METRICS].items()), key: value})
+    return Message(metadata=reply.metadata, content=RecordDict({**dict(reply.content.items()), METRICS: metrics}))
 
 
 def metrics_dict(record: MetricRecord) -> dict[str, Any]:

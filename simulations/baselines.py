@@ -98,7 +98,12 @@ def fit_two_stages(
             lr_e = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if fit.train.schedule == "cosine" else lr
             cfg_e = replace(cfg, lr=lr_e, seed=fit.train.seed + 1000 * stage + epoch)
             loader = make_loader(
-                train_of[stage], cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.balanced, stage=stage
+                train_of[stage],
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg_e.seed,
+                balanced=cfg.oversample(stage),
+                stage=stage,
             )
             result = train_stage(
                 model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress

@@ -1,4 +1,4 @@
-"""``hemexp``: the research and clinic tool (generate data, check, convert, train, predict).
+"""``hemexp``: the research and clinic tool (generate data, check, convert, train, predict, serve).
 
 Thin shell over the library; it lives on the research side because it reaches every package.
 """
@@ -106,18 +106,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from client.inference.predict import run_prediction
+    from client.inference.predict import load_scoring_model, run_prediction
     from client.ingest.dicom import StudyError
     from common.runtime import resolve_device
 
+    if (args.study_dir is None) == (args.batch is None):
+        print("error: give either STUDY_DIR or --batch FOLDER", file=sys.stderr)
+        return 2
+    window = tuple(args.window) if args.window else None
     try:
-        result = run_prediction(
-            args.study_dir,
-            args.model,
-            args.out,
-            str(resolve_device(args.device)),
-            tuple(args.window) if args.window else None,
-        )
+        model = load_scoring_model(args.model, str(resolve_device(args.device)))
+        if args.batch is not None:
+            return _run_batch(args, model, window)
+        result = run_prediction(args.study_dir, model, args.out, model.device, window, dicom=args.dicom)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         for p in exc.problems:
@@ -127,7 +128,52 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     markers = ", ".join(f"{k} {v:.2f}" for k, v in result["markers"].items())
-    print(f"{markers}; hematoma {result['volume_ml']:.1f} ml; wrote {args.out}/prediction.json and overlay.png")
+    extra = " and the DICOM SEG + SR" if args.dicom else ""
+    print(f"{markers}; hematoma {result['volume_ml']:.1f} ml; wrote {args.out}/prediction.json, overlay.png{extra}")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace, model, window: tuple[float, float] | None) -> int:
+    from client.inference.batch import run_batch
+
+    path, rows = run_batch(args.batch, model, args.out, window, dicom=args.dicom, key_dir=args.key_dir)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{len(rows)} studies: {ok} scored, {len(rows) - ok} not scored; wrote {path}")
+    return 0 if ok else 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from client.inference.predict import load_scoring_model
+    from client.inference.serve import Destination, NodeConfig, serve_forever
+    from common.runtime import resolve_device
+
+    # Only the node's own lines at INFO: pynetdicom's and highdicom's name UIDs.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("hemexp").setLevel(logging.INFO)
+    if args.audit_log:
+        handler = logging.FileHandler(args.audit_log)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("hemexp.audit").addHandler(handler)
+    try:
+        config = NodeConfig(
+            destination=Destination.parse(args.dest),
+            ae_title=args.ae_title,
+            host=args.host,
+            port=args.port,
+            settle_s=args.settle,
+            allowed_calling=tuple(args.allow_ae or ()),
+            spool_dir=args.spool,
+            keep_dir=args.keep,
+            key_dir=args.key_dir,
+            device=str(resolve_device(args.device)),
+        )
+        model = load_scoring_model(args.model, config.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serve_forever(config, model)
     return 0
 
 
@@ -180,13 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", type=Path, default=None, help="default DATA_ROOT/.cache")
     t.add_argument("--device", default="auto")
     t.set_defaults(func=run_train)
-    p = sub.add_parser("predict", help="score one DICOM study: markers, hematoma volume, overlay")
-    p.add_argument("study_dir", type=Path)
+    p = sub.add_parser("predict", help="score one DICOM study (or --batch a folder): markers, volume, overlay")
+    p.add_argument("study_dir", type=Path, nargs="?", help="one study folder")
+    p.add_argument("--batch", type=Path, default=None, help="score every study folder below FOLDER; summary.csv")
     p.add_argument("--model", type=Path, required=True, help="checkpoint.pt")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dicom", action="store_true", help="also write the DICOM SEG (seg.dcm) and SR (sr.dcm)")
     p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
+    p.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_predict)
+    v = sub.add_parser("serve", help="DICOM node: receive CT series (C-STORE), send back SEG + SR (docs/clinic.md)")
+    v.add_argument("--model", type=Path, required=True, help="checkpoint.pt")
+    v.add_argument("--dest", required=True, help="where results go: AE@HOST:PORT (the PACS)")
+    v.add_argument("--ae-title", default="HEMEXP", help="this node's AE title")
+    v.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    v.add_argument("--port", type=int, default=11112)
+    v.add_argument("--settle", type=float, default=10.0, help="seconds without a new instance: series complete")
+    v.add_argument("--allow-ae", action="append", help="accept only these calling AE titles (repeat)")
+    v.add_argument("--spool", type=Path, default=None, help="folder for series being received (default: temporary)")
+    v.add_argument("--keep", type=Path, default=None, help="keep received series and results here (default: delete)")
+    v.add_argument("--audit-log", type=Path, default=None, help="append the per-study audit lines to this file")
+    v.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
+    v.add_argument("--device", default="auto")
+    v.set_defaults(func=run_serve)
     return parser
 
 

@@ -8,7 +8,7 @@ leave-one-site-out fold, on all patients of the held-out site. Results are long-
 timings, handed to ``simulations.report``.
 
 Local-only and pooled training run in this process with the ClientApp's own training code and
-configuration (``SiteRunConfig.train_config``: same optimiser, augmentation, balanced sampling and
+configuration (``SiteRunConfig.train_config``: same optimiser, augmentation, sampling and
 per-round seeds); federated methods run on Flower's simulation engine (``simulations.engine``).
 """
 
@@ -250,7 +250,12 @@ def train_rounds(
         )
         train = site_run.train_config(order)
         loader = make_loader(
-            data_of[stage], train.batch_size, shuffle=True, seed=train.seed, balanced=train.balanced, stage=stage
+            data_of[stage],
+            train.batch_size,
+            shuffle=True,
+            seed=train.seed,
+            balanced=train.oversample(stage),
+            stage=stage,
         )
         if len(ds):
             train_stage(model, loader, stage, train, "cpu", weight if stage == 2 else None)
@@ -434,7 +439,7 @@ class Runner:
                 )
             )
             train_stage(
-                tuned, make_loader(train_loc, tune.batch_size, True, tune.seed, tune.balanced, stage=1), 1, tune
+                tuned, make_loader(train_loc, tune.batch_size, True, tune.seed, tune.oversample(1), stage=1), 1, tune
             )
             after = evaluate(tuned, test_loc, "cpu", self.eval_batch)
             for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):
@@ -474,7 +479,7 @@ class Runner:
                     per_site, scenario=case.name, method=method.name, seed=case.seed, round=r["round"], stage=r["stage"]
                 )
             )
-            for f in r.get("failures", []):
+            for f in r.get("failures", []) + r.get("rejected", []):  # the report lists both
                 self.results.failures.append(
                     {"scenario": case.name, "method": method.name, "seed": case.seed, "round": r["round"], **f}
                 )

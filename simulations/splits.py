@@ -94,14 +94,17 @@ def patient_class(labels: Sequence[float | None]) -> str:
 
 
 def pool_patients(sources: Sequence[SiteCache]) -> list[Patient]:
-    """Every patient of every source, studies kept together, in a fixed order."""
+    """Every patient of every source, studies kept together, in a fixed order: by source, then by
+    ``patient_order`` (not by pseudonym, whose random key would deal other patients on every copy)."""
     grouped: dict[tuple[int, str], list[tuple[int, int]]] = {}
     for s, cache in enumerate(sources):
         for i, study in enumerate(cache.studies):
             grouped.setdefault((s, study["patient"]), []).append((s, i))
+    ordered = sorted(
+        grouped.items(), key=lambda kv: (kv[0][0], sources[kv[0][0]].studies[kv[1][0][1]]["patient_order"])
+    )
     return [
-        Patient(key, tuple(st), patient_class(sources[st[0][0]].studies[st[0][1]]["labels"]))
-        for key, st in sorted(grouped.items())
+        Patient(key, tuple(st), patient_class(sources[st[0][0]].studies[st[0][1]]["labels"])) for key, st in ordered
     ]
 
 

@@ -12,9 +12,10 @@ Layout of ``CACHE_DIR/<site_id>-<key16>/`` (format version in ``index.json``):
 - ``slice_labels.f4`` float32 ``[N, len(LABELS)]`` slice labels (NaN = not annotated / unknown)
 - ``index.json``: key, preprocessing config, labels, ``n_slices``, image size and per study:
   pseudonyms, slice range, mask known, study labels, model-pixel size in mm, location, the
-  ``site`` column of a pooled dataset (``group``), and per
-  slice the brain fraction and the number of hematoma pixels.
+  ``site`` column of a pooled dataset (``group``), the patient's ``patient_order`` (see
+  ``patient_orders``), and per slice the brain fraction and the number of hematoma pixels.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from client.ingest.dicom import Problem
-from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from client.ingest.layouts import iter_studies
 from client.ingest.site_settings import read_site_settings
 from client.ingest.study import StudyRecord, label_vector_or_missing
+from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from common.config import LABELS, MARKERS, PreprocessConfig
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 #: Where `flwr-client prepare` and a SuperNode without ``cache-dir`` keep the site cache.
 DEFAULT_CACHE = Path.home() / ".cache" / "hemexp"
 SECRET_FILE = ".pseudonym-key"
@@ -80,6 +81,20 @@ def slice_labels(study_labels: np.ndarray, mask: np.ndarray | None, n_slices: in
     return out
 
 
+def patient_orders(patient_ids: list[str]) -> list[int]:
+    """Per study, its patient's rank among the site's distinct patients, ordered by an unkeyed hash.
+
+    What the patient-wise split ranks (``client.data.dataset.split_slices``): it depends on the
+    data only, never on the random pseudonym key, so every copy of a site's data splits alike.
+    The number names nobody: the ids are discarded, and the hash order hides the order of the ids
+    (admission numbers sort by date). The hash is never stored (a public hash of a guessable id
+    could be reversed by trying ids).
+    """
+    ranked = sorted(set(patient_ids), key=lambda pid: hashlib.sha256(f"patient:{pid}".encode()).digest())
+    rank = {pid: i for i, pid in enumerate(ranked)}
+    return [rank[pid] for pid in patient_ids]
+
+
 @dataclass(frozen=True)
 class SiteCache:
     """A built cache, memory-mapped. Arrays are read-only views of the files."""
@@ -103,14 +118,14 @@ class SiteCache:
         """Study index of every slice (int32 ``[N]``)."""
         out = np.empty(self.n_slices, dtype=np.int32)
         for i, s in enumerate(self.studies):
-            out[s["start"]:s["stop"]] = i
+            out[s["start"] : s["stop"]] = i
         return out
 
     def mask_known(self) -> np.ndarray:
         """Whether each slice's mask is ground truth (bool ``[N]``)."""
         out = np.zeros(self.n_slices, dtype=bool)
         for s in self.studies:
-            out[s["start"]:s["stop"]] = s["has_mask"]
+            out[s["start"] : s["stop"]] = s["has_mask"]
         return out
 
 
@@ -126,8 +141,14 @@ def open_cache(path: Path | str, hit: bool = True) -> SiteCache:
             return np.zeros(shape, dtype=dtype)
         return np.memmap(path / name, dtype=dtype, mode="r", shape=shape)
 
-    return SiteCache(path, index, mm("images.u8", "uint8", (n, size, size)), mm("masks.u8", "uint8", (n, size, size)),
-                     mm("slice_labels.f4", "float32", (n, len(LABELS))), hit)
+    return SiteCache(
+        path,
+        index,
+        mm("images.u8", "uint8", (n, size, size)),
+        mm("masks.u8", "uint8", (n, size, size)),
+        mm("slice_labels.f4", "float32", (n, len(LABELS))),
+        hit,
+    )
 
 
 def _study_entry(record: StudyRecord, secret: bytes, start: int, stop: int, size: int) -> dict:
@@ -137,7 +158,9 @@ def _study_entry(record: StudyRecord, secret: bytes, start: int, stop: int, size
     return {
         "study": pseudonym(secret, "study", f"{record.ref.patient_id}/{record.ref.study_id}"),
         "patient": pseudonym(secret, "patient", record.ref.patient_id),
-        "start": start, "stop": stop, "has_mask": record.mask is not None,
+        "start": start,
+        "stop": stop,
+        "has_mask": record.mask is not None,
         "labels": [None if np.isnan(v) else float(v) for v in labels],
         "pixel_mm": list(model_pixel_mm(g.pixel_spacing, g.shape[1:], size)),
         "slice_mm": g.slice_spacing,
@@ -149,8 +172,9 @@ def _study_entry(record: StudyRecord, secret: bytes, start: int, stop: int, size
     }
 
 
-def build_site_cache(site_dir: Path | str, cache_root: Path | str, cfg: PreprocessConfig,
-                     progress: bool = False) -> tuple[SiteCache, list[Problem]]:
+def build_site_cache(
+    site_dir: Path | str, cache_root: Path | str, cfg: PreprocessConfig, progress: bool = False
+) -> tuple[SiteCache, list[Problem]]:
     """Preprocess a site into ``cache_root`` unless an identical cache exists (then reuse it).
 
     The site's ``site.toml`` window overrides ``cfg.window``. Returns the cache and the problems
@@ -169,11 +193,16 @@ def build_site_cache(site_dir: Path | str, cache_root: Path | str, cfg: Preproce
     tmp.mkdir(parents=True)
     walk = iter_studies(site_dir)
     problems: list[Problem] = list(next(walk))
-    studies, n = [], 0
+    studies, patient_ids, n = [], [], 0
     if progress:
         from tqdm import tqdm
+
         walk = tqdm(walk, desc=f"cache {site.site_id}", unit="study")
-    with open(tmp / "images.u8", "wb") as fi, open(tmp / "masks.u8", "wb") as fm, open(tmp / "slice_labels.f4", "wb") as fl:
+    with (
+        open(tmp / "images.u8", "wb") as fi,
+        open(tmp / "masks.u8", "wb") as fm,
+        open(tmp / "slice_labels.f4", "wb") as fl,
+    ):
         for record in walk:
             problems.extend(record.problems)
             if not record.usable:
@@ -190,10 +219,22 @@ def build_site_cache(site_dir: Path | str, cache_root: Path | str, cfg: Preproce
             entry["brain_fraction"] = [round(float(v), 4) for v in out.brain_fraction]
             entry["mask_pixels"] = [int(v) for v in masks.reshape(k, -1).sum(axis=1, dtype=np.int64)]
             studies.append(entry)
+            patient_ids.append(record.ref.patient_id)
             n += k
-    index = {"format": CACHE_FORMAT, "key": key, "site_id": site.site_id, "preprocess": cfg.to_dict(),
-             "labels": list(LABELS), "markers": list(MARKERS), "size": cfg.size, "n_slices": n,
-             "n_studies": len(studies), "studies": studies}
+    for entry, order in zip(studies, patient_orders(patient_ids)):
+        entry["patient_order"] = order
+    index = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "site_id": site.site_id,
+        "preprocess": cfg.to_dict(),
+        "labels": list(LABELS),
+        "markers": list(MARKERS),
+        "size": cfg.size,
+        "n_slices": n,
+        "n_studies": len(studies),
+        "studies": studies,
+    }
     (tmp / "index.json").write_text(json.dumps(index))
     if target.exists():  # another process finished the same cache first
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,10 +3,12 @@
 The dataset reads only the cache, never DICOM (docs/design.md §8). Splits are patient-disjoint by
 default (the paper's §5.1.1: a random slice split leaks one patient into train and test).
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+import hmac
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,17 +28,28 @@ def brain_slices(cache: SiteCache, min_fraction: float = MIN_BRAIN_FRACTION) -> 
     return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
 
 
-def _rank(key: str, seed: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+def split_key(seed: int, site: str) -> bytes:
+    """The key of a site's split: derived from the run's seed and the site id, nothing secret.
+
+    Anyone with the same data and seed gets the same split; a site id in the key keeps the
+    splits of different sites independent (patient ranks repeat from site to site).
+    """
+    return hashlib.sha256(f"hemexp-split:{seed}:{site}".encode()).digest()
 
 
-def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
+def _rank(group: str, key: bytes) -> int:
+    return int.from_bytes(hmac.new(key, group.encode(), hashlib.sha256).digest()[:8], "big")
+
+
+def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int, site: str = "") -> dict[str, str]:
     """Deterministically assign each distinct group (a patient) to a split by ``fractions``.
 
-    Every split with a positive fraction gets at least one group when there are enough groups,
-    so a small site still has a test patient.
+    Groups are ranked by a keyed hash (``split_key(seed, site)``), so the assignment depends on
+    the seed, the site and the group names only. Every split with a positive fraction gets at
+    least one group when there are enough groups, so a small site still has a test patient.
     """
-    distinct = sorted(set(groups), key=lambda g: _rank(g, seed))
+    key = split_key(seed, site)
+    distinct = sorted(set(groups), key=lambda g: _rank(g, key))
     n = len(distinct)
     counts = np.floor(np.asarray(fractions, dtype=float) / sum(fractions) * n).astype(int)
     for i in np.argsort(-np.asarray(fractions)):  # hand out the rest, largest fraction first
@@ -52,19 +65,39 @@ def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) 
     return {g: SPLITS[int(np.searchsorted(bounds, i, side="right"))] for i, g in enumerate(distinct)}
 
 
-def split_slices(cache: SiteCache, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
-                 by: str = "patient", min_brain: float = MIN_BRAIN_FRACTION) -> dict[str, np.ndarray]:
+def study_split_ids(cache: SiteCache) -> list[str]:
+    """Per study, the name its patient is split by: source site and ``patient_order``.
+
+    Not the pseudonym: that is keyed by the site's random secret, so a split ranking pseudonyms
+    differs on every fresh copy of the data. A virtual site's studies keep their source's name.
+    """
+    site = cache.index["site_id"]
+    return [f"{s.get('source', site)}#{s['patient_order']}" for s in cache.studies]
+
+
+def split_slices(
+    cache: SiteCache,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    by: str = "patient",
+    min_brain: float = MIN_BRAIN_FRACTION,
+) -> dict[str, np.ndarray]:
     """Slice indices per split. ``by="patient"`` (default) keeps every patient in one split;
-    ``by="slice"`` splits slices at random (only to show the leakage effect)."""
+    ``by="slice"`` splits slices at random (only to show the leakage effect).
+
+    Membership depends on the seed, the site id and the data only (``assign_groups``).
+    """
     if by not in ("patient", "slice"):
         raise ValueError(f"split by must be 'patient' or 'slice', got {by!r}")
     idx = brain_slices(cache, min_brain)
     if by == "slice":
-        keys = [f"{cache.path.name}:{i}" for i in idx]
+        keys = [str(i) for i in idx]
     else:
-        patient_of_slice = np.asarray([s["patient"] for s in cache.studies])[cache.slice_study()]
+        patient_of_slice = (
+            np.asarray(study_split_ids(cache))[cache.slice_study()] if cache.studies else np.zeros(0, str)
+        )
         keys = list(patient_of_slice[idx])
-    assignment = assign_groups(keys, fractions, seed)
+    assignment = assign_groups(keys, fractions, seed, site=cache.index["site_id"])
     split_of = np.asarray([assignment[k] for k in keys]) if len(keys) else np.zeros(0, dtype=str)
     return {name: idx[split_of == name] for name in SPLITS}
 
@@ -93,23 +126,31 @@ class SliceDataset(Dataset):
 
     def labels(self) -> np.ndarray:
         """Slice labels ``[N, len(LABELS)]`` of this dataset's slices (NaN = unknown)."""
-        return np.asarray(self.cache.slice_labels[self.indices]) if len(self) else np.zeros((0, len(LABELS)), np.float32)
+        return (
+            np.asarray(self.cache.slice_labels[self.indices]) if len(self) else np.zeros((0, len(LABELS)), np.float32)
+        )
 
     def hematoma_pixels(self) -> np.ndarray:
         """Reference hematoma pixels per slice (0 where the study has no mask)."""
-        per_slice = np.concatenate([np.asarray(s["mask_pixels"]) for s in self.cache.studies]) if self.cache.studies else np.zeros(0)
+        per_slice = (
+            np.concatenate([np.asarray(s["mask_pixels"]) for s in self.cache.studies])
+            if self.cache.studies
+            else np.zeros(0)
+        )
         return per_slice[self.indices] if len(self) else np.zeros(0, dtype=np.int64)
 
     def voxel_ml(self) -> np.ndarray:
         """Volume of one model-resolution voxel in ml, per slice (for hematoma volumes)."""
-        per_study = np.asarray([s["pixel_mm"][0] * s["pixel_mm"][1] * s["slice_mm"] / 1000.0 for s in self.cache.studies])
+        per_study = np.asarray(
+            [s["pixel_mm"][0] * s["pixel_mm"][1] * s["slice_mm"] / 1000.0 for s in self.cache.studies]
+        )
         return per_study[self._study[self.indices]] if len(self) else np.zeros(0)
 
     def study_labels(self) -> dict[str, np.ndarray]:
         """Study-level labels (LABELS order, NaN = not annotated) of the studies in this dataset."""
         keys = self.study_keys()
         out = {}
-        for i, s in enumerate(self.cache.studies):
+        for s in self.cache.studies:
             key = f"{self.cache.path.name}/{s['study']}"
             out[key] = np.asarray([np.nan if v is None else v for v in s["labels"]], dtype=np.float32)
         return {k: out[k] for k in np.unique(keys)}
@@ -118,6 +159,18 @@ class SliceDataset(Dataset):
         """A study key per slice, unique across sites (cache name + study pseudonym)."""
         names = np.asarray([f"{self.cache.path.name}/{s['study']}" for s in self.cache.studies])
         return names[self._study[self.indices]] if len(self) else np.zeros(0, dtype=str)
+
+    def patient_keys(self) -> np.ndarray:
+        """A patient key per slice, unique across sites and the same on every copy of the data
+        (site id + ``study_split_ids``), so that a bootstrap over patients is reproducible."""
+        site = self.cache.index["site_id"]
+        names = np.asarray([f"{site}/{k}" for k in study_split_ids(self.cache)])
+        return names[self._study[self.indices]] if len(self) else np.zeros(0, dtype=str)
+
+    @property
+    def min_mask_pixels(self) -> int:
+        """Pixels a mask needs on a slice for the slice to hold hematoma (the cache's preprocessing)."""
+        return int(self.cache.index["preprocess"]["min_mask_pixels"])
 
 
 def parts_of(ds: Dataset) -> list[SliceDataset]:
@@ -133,6 +186,11 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
 def dataset_study_keys(ds: Dataset) -> np.ndarray:
     parts = parts_of(ds)
     return np.concatenate([p.study_keys() for p in parts]) if parts else np.zeros(0, dtype=str)
+
+
+def dataset_patient_keys(ds: Dataset) -> np.ndarray:
+    parts = parts_of(ds)
+    return np.concatenate([p.patient_keys() for p in parts]) if parts else np.zeros(0, dtype=str)
 
 
 def balanced_weights(positive: np.ndarray) -> np.ndarray:
@@ -155,11 +213,15 @@ def stage_positives(ds: Dataset, stage: int) -> np.ndarray:
     return np.nan_to_num(labels, nan=0.0).max(axis=1) > 0 if labels.size else np.zeros(0, bool)
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, balanced: bool = False, stage: int = 2) -> DataLoader:
+def make_loader(
+    ds: Dataset, batch_size: int, shuffle: bool, seed: int, balanced: bool = False, stage: int = 2
+) -> DataLoader:
     """A deterministic loader (seeded generator); ``balanced`` samples the stage's positives more often."""
     g = torch.Generator().manual_seed(seed)
     if balanced and shuffle and len(ds):
         w = balanced_weights(stage_positives(ds, stage))
-        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(ds), replacement=True, generator=g)
+        sampler = WeightedRandomSampler(
+            torch.as_tensor(w, dtype=torch.double), num_samples=len(ds), replacement=True, generator=g
+        )
         return DataLoader(ds, batch_size=batch_size, sampler=sampler)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)

@@ -26,6 +26,7 @@ class SiteRunConfig:
     optimizer: str
     augment: bool
     balanced: bool
+    marker_sampling: str
     split: tuple[float, float, float]
     seed: int
     pos_weight: str  # "global" (the server's, from every site's counts) | "local" (this site's) | "none"
@@ -57,6 +58,7 @@ class SiteRunConfig:
             train.optimizer,
             train.augment,
             train.balanced,
+            train.marker_sampling,
             cfg.data.split,
             cfg.seed,
             train.pos_weight,
@@ -77,6 +79,7 @@ class SiteRunConfig:
             schedule="constant",
             augment=self.augment,
             balanced=self.balanced,
+            marker_sampling=self.marker_sampling,
             proximal_mu=order.proximal_mu,
             seed=self.seed + order.server_round,
         )

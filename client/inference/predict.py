@@ -3,28 +3,87 @@
 The study goes through exactly the training preprocessing (the config stored in the checkpoint).
 Slice scores are combined per marker by the maximum over the slices that hold predicted hematoma
 (a marker needs to show on one slice); when no slice holds predicted hematoma, over all brain
-slices. Nothing written here carries a patient identifier: no names, ids, dates or folder names.
+slices. The hematoma mask is mapped back onto the DICOM grid (``to_input_grid``, the inverse of the
+preprocessing's centring and resize): the volume is measured there, and the DICOM SEG carries that
+same mask. Nothing written here carries a patient identifier: no names, ids, dates or folder names
+(the DICOM SEG and SR, written only on request, copy the source's patient and study modules: they go
+back into the hospital's PACS).
+
+``run_prediction`` is the one scoring path of ``hemexp predict``, ``hemexp predict --batch`` and
+``hemexp serve``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from client.data.dataset import MIN_BRAIN_FRACTION
-from client.ingest.dicom import read_study
-from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
+from client.ingest.dicom import Geometry, StudyError, read_study
+from client.preprocessing.pipeline import preprocess_volume, to_input_grid
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
-from common.config import LABELS
 from common.model import JointModel, to_input
 
-#: The expansion head's output name (``ModelConfig.output_names``), reported apart from the markers.
-EXPANSION: str = LABELS[-1]
+#: Operating threshold of an output when the checkpoint names none (docs/clinic.md).
+DEFAULT_THRESHOLD = 0.5
+#: Mask probability above which a pixel is hematoma.
+MASK_THRESHOLD = 0.5
+ALGORITHM_NAME = "hemexp"
+#: Fewer slices than this are no head CT series (a localizer, a single reformat, a screen capture).
+MIN_SLICES = 3
+#: File names of the DICOM results in the output folder.
+SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
+
+
+def operating_thresholds(labels: tuple[str, ...], meta: dict[str, Any]) -> dict[str, float]:
+    """The threshold of each output: ``meta["threshold.<label>"]``, else ``meta["threshold"]``, else
+    ``DEFAULT_THRESHOLD``; so a checkpoint that later stores per-marker thresholds is used as is."""
+    common = meta.get("threshold")
+    return {
+        name: float(meta.get(f"threshold.{name}", common if common is not None else DEFAULT_THRESHOLD))
+        for name in labels
+    }
+
+
+def software_version() -> str:
+    try:
+        return metadata.version("hemexp")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def file_sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """A checkpoint loaded once (a node scores many studies with it) and the digest that names it."""
+
+    ckpt: Checkpoint
+    model: JointModel
+    digest: str
+    device: str
+
+    @property
+    def algorithm(self) -> dict[str, str]:
+        return {"name": ALGORITHM_NAME, "version": software_version(), "checkpoint_sha256": self.digest}
+
+
+def load_scoring_model(path: Path | str, device: str = "cpu") -> ScoringModel:
+    ckpt = load_checkpoint(path)
+    return ScoringModel(ckpt, build_from_checkpoint(ckpt, device), file_sha256(path), device)
 
 
 @dataclass(frozen=True)
@@ -38,10 +97,22 @@ class StudyPrediction:
     mask_probability: np.ndarray  # [k, S, S] float32
     slices: np.ndarray  # [k, S, S] uint8 model input
     combine: str
-    expansion: float | None = None  # only from a checkpoint with the expansion head
+    geometry: Geometry
+    shift: tuple[int, int]  # the preprocessing's centring shift
+    sources: tuple[Path, ...]  # the DICOM file of each slice
+
+    @property
+    def shown_slice(self) -> int:
+        """The key slice, or the middle brain slice when no hematoma was found (the overlay's slice)."""
+        return self.key_slice if self.key_slice is not None else self.brain_slices[len(self.brain_slices) // 2]
+
+    def source_mask(self) -> np.ndarray:
+        """The predicted hematoma (0/1 uint8) on the DICOM grid ``[K, R, C]``."""
+        model_mask = (self.mask_probability > MASK_THRESHOLD).astype(np.uint8)
+        return to_input_grid(model_mask, self.geometry.shape[1:], self.shift, order=0)
 
     def to_json(self) -> dict:
-        return ({"expansion": self.expansion} if self.expansion is not None else {}) | {
+        return {
             "markers": self.markers,
             "volume_ml": self.volume_ml,
             "combine": self.combine,
@@ -76,23 +147,25 @@ def predict_study(
     model = model or build_from_checkpoint(ckpt, device)
     cfg = ckpt.preprocess.with_window(window)
     study = read_study(study_dir)
+    if study.volume.shape[0] < MIN_SLICES:
+        raise StudyError(
+            study_dir, f"too few slices ({study.volume.shape[0]}): a head CT series has at least {MIN_SLICES}"
+        )
     pre = preprocess_volume(study.volume, None, cfg)
     k = pre.slices.shape[0]
     brain = [int(i) for i in np.flatnonzero(pre.brain_fraction >= MIN_BRAIN_FRACTION)] or list(range(k))
     scores = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
     mask_prob = np.zeros(pre.slices.shape, dtype=np.float32)
     scores[brain], mask_prob[brain] = _run(model, pre.slices[brain], device, batch_size)
-    pixels = (mask_prob > 0.5).reshape(k, -1).sum(axis=1)
+    pixels = (mask_prob > MASK_THRESHOLD).reshape(k, -1).sum(axis=1)
     hematoma = [i for i in brain if pixels[i] > cfg.min_mask_pixels]
     use = hematoma or brain
-    markers, expansion = study_outputs(scores[use], ckpt.labels)
-    g = study.geometry
-    dy, dx = model_pixel_mm(g.pixel_spacing, g.shape[1:], cfg.size)
-    voxel = dy * dx * g.slice_spacing / 1000.0  # ml
+    # Rounded once here, so prediction.json and the DICOM SR hold the very same numbers.
+    markers = {name: round(float(np.max(scores[use, j])), 6) for j, name in enumerate(ckpt.labels)}
     key = int(max(hematoma, key=lambda i: pixels[i])) if hematoma else None
-    return StudyPrediction(
+    pred = StudyPrediction(
         markers,
-        float(pixels[brain].sum() * voxel),
+        0.0,
         hematoma,
         brain,
         key,
@@ -100,16 +173,12 @@ def predict_study(
         mask_prob,
         pre.slices,
         "max over slices holding predicted hematoma (all brain slices if none)",
-        expansion,
+        study.geometry,
+        pre.shift,
+        study.sources,
     )
-
-
-def study_outputs(scores: np.ndarray, labels: Sequence[str]) -> tuple[dict[str, float], float | None]:
-    """Study-level marker probabilities and the expansion probability (None without the head):
-    the maximum over the given slices, as in evaluation."""
-    study = {name: float(np.max(scores[:, j])) for j, name in enumerate(labels)}
-    expansion = study.pop(EXPANSION, None)
-    return study, expansion
+    volume = float(pred.source_mask().sum(dtype=np.int64)) * study.geometry.voxel_volume_mm3 / 1000.0  # ml
+    return replace(pred, volume_ml=round(volume, 4))
 
 
 def last_conv(module: torch.nn.Module) -> torch.nn.Conv2d:
@@ -150,11 +219,11 @@ def draw_overlay(pred: StudyPrediction, cam: np.ndarray | None, path: Path, labe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = pred.key_slice if pred.key_slice is not None else pred.brain_slices[len(pred.brain_slices) // 2]
+    k = pred.shown_slice
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
     for ax in axes:
         ax.imshow(pred.slices[k], cmap="gray", vmin=0, vmax=255)
-        ax.contour(pred.mask_probability[k] > 0.5, levels=[0.5], colors="red", linewidths=1.2)
+        ax.contour(pred.mask_probability[k] > MASK_THRESHOLD, levels=[0.5], colors="red", linewidths=1.2)
         ax.axis("off")
     axes[0].set_title(f"slice {k}: hematoma {pred.volume_ml:.1f} ml")
     if cam is not None:
@@ -166,29 +235,50 @@ def draw_overlay(pred: StudyPrediction, cam: np.ndarray | None, path: Path, labe
     return path
 
 
+def findings(pred: StudyPrediction, ckpt: Checkpoint) -> dict:
+    """Each output at its operating threshold, and the expansion risk when the model has that head."""
+    thresholds = operating_thresholds(ckpt.labels, ckpt.meta)
+    return {
+        "thresholds": thresholds,
+        "present": {name: bool(p >= thresholds[name]) for name, p in pred.markers.items()},
+        "expansion_risk": pred.markers.get("expansion") if ckpt.model_config.predict_expansion else None,
+    }
+
+
 def run_prediction(
     study_dir: Path | str,
-    ckpt_path: Path | str,
+    model: ScoringModel | Path | str,
     out_dir: Path | str,
     device: str = "cpu",
     window: tuple[float, float] | None = None,
+    dicom: bool = False,
 ) -> dict:
-    """Write ``prediction.json`` and ``overlay.png`` into ``out_dir``; returns the JSON dict."""
+    """Write ``prediction.json`` and ``overlay.png`` into ``out_dir`` (and with ``dicom`` the DICOM
+    SEG ``seg.dcm`` and SR ``sr.dcm``); returns the JSON dict. ``model``: a loaded model or a
+    checkpoint path."""
+    scoring = model if isinstance(model, ScoringModel) else load_scoring_model(model, device)
+    ckpt = scoring.ckpt
+    pred = predict_study(study_dir, ckpt, scoring.device, model=scoring.model, window=window)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_from_checkpoint(ckpt, device)
-    pred = predict_study(study_dir, ckpt, device, model=model, window=window)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a study that cannot be read leaves no folder
     top = max(pred.markers, key=pred.markers.get)
-    k = pred.key_slice if pred.key_slice is not None else pred.brain_slices[len(pred.brain_slices) // 2]
-    cam = grad_cam(model, pred.slices[k], list(ckpt.labels).index(top), device)
+    cam = grad_cam(scoring.model, pred.slices[pred.shown_slice], list(ckpt.labels).index(top), scoring.device)
     draw_overlay(pred, cam, out_dir / "overlay.png", top)
-    result = pred.to_json() | {
-        "model": {
-            "labels": list(ckpt.labels),
-            "preset_image_size": ckpt.model_config.image_size,
-            "method": ckpt.meta.get("method"),
+    result = (
+        pred.to_json()
+        | findings(pred, ckpt)
+        | {
+            "model": {
+                "labels": list(ckpt.labels),
+                "preset_image_size": ckpt.model_config.image_size,
+                "method": ckpt.meta.get("method"),
+            },
+            "algorithm": scoring.algorithm,
         }
-    }
+    )
     (out_dir / "prediction.json").write_text(json.dumps(result, indent=2))
+    if dicom:
+        from client.inference.dicom_results import write_results
+
+        write_results(pred.source_mask(), pred.sources, pred.shown_slice, result, out_dir / SEG_FILE, out_dir / SR_FILE)
     return result

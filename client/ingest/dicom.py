@@ -111,12 +111,17 @@ class Geometry:
 
 @dataclass(frozen=True)
 class StudyVolume:
-    """A readable study: HU volume ``[k, r, c]`` (float32), its geometry, and non-fatal problems."""
+    """A readable study: HU volume ``[k, r, c]`` (float32), its geometry, and non-fatal problems.
+
+    ``sources``: the file of each slice, in the volume's order, so that results written back as DICOM
+    (client/inference/dicom_results.py) can reference the exact source instance of every slice.
+    """
 
     volume: np.ndarray
     geometry: Geometry
     problems: tuple[Problem, ...] = ()
     skipped_localizers: int = 0
+    sources: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -384,4 +389,10 @@ def read_study(folder: Path | str) -> StudyVolume:
         pixel_spacing=(spacing[0], spacing[1]),
         shape=(len(planes), int(first.Rows), int(first.Columns)),
     )
-    return StudyVolume(np.stack(planes).astype(np.float32, copy=False), geometry, tuple(problems), localizers)
+    return StudyVolume(
+        np.stack(planes).astype(np.float32, copy=False),
+        geometry,
+        tuple(problems),
+        localizers,
+        tuple(s.path for s in ordered),
+    )

@@ -4,8 +4,9 @@ A fault comes from one entry of a simulation's partition manifest (``client.simu
 ``{"site_id": ..., "cache": ..., "fault": {...}}``), never from a deployment node's
 ``node_config``: a real site has no setting that makes it misbehave. A virtual site with a fault
 trains honestly on its partition and then corrupts either its training data (``label-flip``) or
-the update it sends (every other kind). The server-side defences are in ``server.replies``
-(non-finite updates are rejected) and ``server.strategies`` (FedMedian, FedTrimmedAvg, Krum);
+the update it sends (``inflate``: the ``num-examples`` it reports; every other kind: the arrays). The
+server-side defences are in ``server.validation`` (malformed replies are rejected, ``num-examples``
+is bounded) and ``server.strategies`` (FedMedian, FedTrimmedAvg, Krum);
 ``docs/robustness.md`` says which bounds which.
 
 The fault dict (``kind`` is required; the other keys are optional unless marked):
@@ -22,6 +23,9 @@ The fault dict (``kind`` is required; the other keys are optional unless marked)
 ``noise``       ``std`` (number > 0, required)               sends ``g + N(0, std^2)``, the real
                                                              update discarded
 ``nan``         ``value`` ("nan" | "inf" | "-inf", "nan")    sends every value as ``value``
+``inflate``     ``factor`` (number > 0, required)            trains and sends honestly, but reports
+                                                             ``factor`` x its ``num-examples`` in
+                                                             train replies (what FedAvg weights by)
 ==============  ===========================================  ======================================
 
 ``g`` is the global half the site received this round, ``w`` the half after honest training.
@@ -74,9 +78,12 @@ FAULT_KINDS: dict[str, dict[str, tuple[Any, Any]]] = {
     "sign-flip": {"factor": (1.0, _positive)},
     "noise": {"std": (REQUIRED, _positive)},
     "nan": {"value": ("nan", _non_finite_value)},
+    "inflate": {"factor": (REQUIRED, _positive)},
 }
-#: Kinds that corrupt the training data; the others corrupt the update after honest training.
+#: Kinds that corrupt the training data; ``METRIC_FAULTS`` what the train reply claims; the others
+#: corrupt the update after honest training.
 DATA_FAULTS = frozenset({"label-flip"})
+METRIC_FAULTS = frozenset({"inflate"})
 
 
 class FaultError(ValueError):
@@ -96,6 +103,10 @@ class Fault:
     @property
     def corrupts_data(self) -> bool:
         return self.kind in DATA_FAULTS
+
+    @property
+    def corrupts_update(self) -> bool:
+        return self.kind not in DATA_FAULTS | METRIC_FAULTS
 
 
 def parse_fault(fault: Mapping[str, Any] | None) -> Fault | None:
@@ -157,7 +168,7 @@ def corrupt_update(
     """
     fault = fault if isinstance(fault, Fault) or fault is None else parse_fault(fault)
     out = dict(local_state)
-    if fault is None or fault.corrupts_data:
+    if fault is None or not fault.corrupts_update:
         return out
     g = torch.Generator().manual_seed(int(seed))
     for key in sorted(local_state):
@@ -175,6 +186,15 @@ def corrupt_update(
             new = torch.full_like(w, NON_FINITE_VALUES[fault["value"]])
         out[key] = new.to(w.dtype)
     return out
+
+
+def reported_examples(num_examples: int, fault: Mapping[str, Any] | Fault | None) -> int:
+    """The ``num-examples`` a site puts in its train reply: ``factor`` times the true one for
+    ``inflate``, the true one for every other site."""
+    fault = fault if isinstance(fault, Fault) or fault is None else parse_fault(fault)
+    if fault is None or fault.kind != "inflate":
+        return int(num_examples)
+    return int(round(num_examples * fault["factor"]))
 
 
 # --- data faults --------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 """Evaluation of the joint model on held-out slices: segmentation, markers, hematoma volume.
 
-Segmentation: Dice, IoU, F-score over all pixels and per study (paper §5.1). Markers: ROC AUC per
-marker at slice level and at study level, a study being as positive as its most positive slice
-(``common.metrics.study_scores(how="max")``). Volume: predicted vs reference mask volume in ml.
+Segmentation: Dice, IoU, F-score over all pixels and per study (paper §5.1). Markers, at study
+level (the primary result): scores by the one slice-to-study rule that ``hemexp predict`` uses
+(``common.study_metrics.study_scores_from_slices``: the maximum over slices holding predicted
+hematoma), AUROC, AUPRC, Brier and ECE per label, and the study outputs (logits, labels, patient
+keys) that the server and the report pool across sites and seeds for intervals. At slice level:
+AUROC over the slices whose reference mask holds hematoma only. Volume: predicted vs reference
+mask volume in ml.
 """
 
 from __future__ import annotations
@@ -13,11 +17,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from client.data.dataset import dataset_labels, dataset_study_keys, parts_of
+from client.data.dataset import dataset_labels, dataset_patient_keys, dataset_study_keys, parts_of
 from client.training.train import output_columns
 from common.config import LABELS
-from common.metrics import SegmentationCounts, roc_auc_per_marker, study_scores
+from common.metrics import SegmentationCounts
 from common.model import JointModel, to_input
+from common.study_metrics import (
+    StudyOutputs,
+    auprc,
+    auroc,
+    brier,
+    ece,
+    slice_auroc_on_hematoma,
+    study_scores_from_slices,
+)
 
 
 @dataclass
@@ -25,6 +38,7 @@ class Predictions:
     """Per-slice outputs of a model over a dataset (in dataset order)."""
 
     scores: np.ndarray  # [N, n_out] sigmoid probabilities
+    logits: np.ndarray  # [N, n_out]
     pred_pixels: np.ndarray  # [N] predicted hematoma pixels
     true_pixels: np.ndarray  # [N] reference hematoma pixels (0 where unknown)
     mask_known: np.ndarray  # [N] bool
@@ -38,7 +52,7 @@ def predict_dataset(
     device = torch.device(device)
     model.to(device).eval()
     keys = dataset_study_keys(ds)
-    scores, pred_px, true_px, known_all = [], [], [], []
+    logits_all, pred_px, true_px, known_all = [], [], [], []
     seg = SegmentationCounts()
     offset = 0
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
@@ -49,14 +63,20 @@ def predict_dataset(
         known = batch["mask_known"].numpy()
         if known.any():
             seg.update(pred[known], true[known], study_ids=list(keys[offset : offset + len(known)][known]))
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        logits_all.append(logits.float().cpu().numpy())
         pred_px.append(pred.reshape(len(pred), -1).sum(1))
         true_px.append(np.where(known, true.reshape(len(true), -1).sum(1), 0))
         known_all.append(known)
         offset += len(known)
     n_out = len(model.output_names)
+    logits_np = _concat(logits_all, (0, n_out))
     return Predictions(
-        _concat(scores, (0, n_out)), _concat(pred_px, 0), _concat(true_px, 0), _concat(known_all, 0).astype(bool), seg
+        torch.sigmoid(torch.from_numpy(logits_np)).numpy(),
+        logits_np,
+        _concat(pred_px, 0),
+        _concat(true_px, 0),
+        _concat(known_all, 0).astype(bool),
+        seg,
     )
 
 
@@ -76,15 +96,48 @@ def volume_errors(pred: Predictions, keys: np.ndarray, voxel_ml: np.ndarray) -> 
     return out
 
 
-def evaluate(model: JointModel, ds: Dataset, device: torch.device | str = "cpu", batch_size: int = 32) -> dict:
-    """All metrics of one model on one dataset, as a flat dict plus arrays for ROC curves.
+def min_mask_pixels(ds: Dataset) -> np.ndarray:
+    """Per slice, the pixels a mask needs for the slice to hold hematoma (its cache's preprocessing)."""
+    parts = parts_of(ds)
+    return np.concatenate([np.full(len(p), p.min_mask_pixels) for p in parts]) if parts else np.zeros(0, int)
 
-    Keys: ``dice``, ``iou``, ``fscore`` (pixels pooled), ``dice_per_study``,
-    ``auc_slice/<label>``, ``auc_study/<label>``, ``macro_auc_study``, ``volume_mae_ml``,
-    ``n_slices``, ``n_studies``; ``arrays`` holds the slice and study labels and scores.
+
+def study_outputs(pred: Predictions, ds: Dataset, names: list[str], cols: list[int]) -> StudyOutputs:
+    """The dataset's studies scored by the one slice-to-study rule, with labels and patient keys."""
+    keys = dataset_study_keys(ds)
+    combined = study_scores_from_slices(pred.logits, keys, pred.pred_pixels, min_mask_pixels(ds))
+    truth, site_of = {}, {}
+    for part in parts_of(ds):
+        truth.update(part.study_labels())
+        site_of.update({str(k): part.cache.index["site_id"] for k in part.study_keys()})
+    patient_of = dict(zip(keys.tolist(), dataset_patient_keys(ds).tolist()))
+    studies = [str(k) for k in combined.studies]
+    n = len(studies)
+    return StudyOutputs(
+        tuple(names),
+        np.asarray(studies, dtype=str),
+        np.asarray([patient_of[k] for k in studies], dtype=str),
+        np.asarray([site_of[k] for k in studies], dtype=str),
+        np.stack([truth[k][cols] for k in studies]).astype(np.float64) if n else np.zeros((0, len(cols))),
+        combined.values if n else np.zeros((0, len(cols))),
+        combined.fallback,
+    )
+
+
+def evaluate(model: JointModel, ds: Dataset, device: torch.device | str = "cpu", batch_size: int = 32) -> dict:
+    """All metrics of one model on one dataset, as a flat dict plus arrays for curves and pooling.
+
+    Keys: ``dice``, ``iou``, ``fscore`` (pixels pooled), ``dice_per_study``; per label
+    ``auc_slice/<label>`` (slices whose reference mask holds hematoma only),
+    ``auc_study/<label>``, ``auprc_study/<label>``, ``brier_study/<label>``, ``ece_study/<label>``
+    (study scores by the one rule, uncalibrated); ``macro_auc_study`` (markers), ``volume_mae_ml``,
+    ``n_slices``, ``n_studies``, ``n_studies_fallback`` (studies without a slice of predicted
+    hematoma). ``arrays`` holds slice and study labels and scores, ``studies`` (a
+    :class:`~common.study_metrics.StudyOutputs`, what sites and seeds are pooled from) and
+    ``dice_counts`` (study key -> TP, FP, FN of the studies with a reference mask).
     """
     pred = predict_dataset(model, ds, device, batch_size)
-    names = model.output_names
+    names = list(model.output_names)
     cols = output_columns(model)
     slice_y = dataset_labels(ds)[:, cols] if len(ds) else np.zeros((0, len(cols)))
     keys = dataset_study_keys(ds)
@@ -93,28 +146,31 @@ def evaluate(model: JointModel, ds: Dataset, device: torch.device | str = "cpu",
     metrics.update({k: float(v) for k, v in seg.items()})
     per_study = pred.seg.per_study_scores() if pred.mask_known.any() else {}
     metrics["dice_per_study"] = float(per_study.get("dice", np.nan))
-    for name, v in roc_auc_per_marker(slice_y, pred.scores, names).items():
+    holds = pred.mask_known & (pred.true_pixels > min_mask_pixels(ds))
+    for name, v in slice_auroc_on_hematoma(slice_y, pred.scores, holds, names).items():
         metrics[f"auc_slice/{name}"] = v
-    study_truth = {}
-    for part in parts_of(ds):
-        study_truth.update(part.study_labels())
-    studies, s_scores = study_scores(pred.scores, keys) if len(ds) else (np.zeros(0), np.zeros((0, len(cols))))
-    study_y = np.stack([study_truth[str(k)][cols] for k in studies]) if len(studies) else np.zeros((0, len(cols)))
-    aucs = roc_auc_per_marker(study_y, s_scores, names)
-    for name, v in aucs.items():
-        metrics[f"auc_study/{name}"] = v
-    marker_aucs = [v for n, v in aucs.items() if n != LABELS[-1] and not np.isnan(v)]
+    studies = study_outputs(pred, ds, names, cols)
+    probs = studies.probabilities()
+    for metric, fn in (("auc_study", auroc), ("auprc_study", auprc), ("brier_study", brier), ("ece_study", ece)):
+        for c, name in enumerate(names):
+            metrics[f"{metric}/{name}"] = fn(studies.labels[:, c], probs[:, c])
+    marker_aucs = [metrics[f"auc_study/{n}"] for n in names if n != LABELS[-1]]
+    marker_aucs = [v for v in marker_aucs if not np.isnan(v)]
     metrics["macro_auc_study"] = float(np.mean(marker_aucs)) if marker_aucs else float("nan")
-    metrics["n_studies"] = int(len(studies))
+    metrics["n_studies"] = len(studies)
+    metrics["n_studies_fallback"] = int(studies.fallback.sum())
     voxel_ml = np.concatenate([p.voxel_ml() for p in parts_of(ds)]) if len(ds) else np.zeros(0)
     vols = volume_errors(pred, keys, voxel_ml)
     metrics["volume_mae_ml"] = float(np.mean([abs(p - t) for p, t in vols.values()])) if vols else float("nan")
     metrics["arrays"] = {
         "slice_labels": slice_y,
         "slice_scores": pred.scores,
-        "study_labels": study_y,
-        "study_scores": s_scores,
+        "slice_holds_hematoma": holds,
+        "study_labels": studies.labels,
+        "study_scores": probs,
         "volumes": vols,
-        "names": list(names),
+        "names": names,
+        "studies": studies,
+        "dice_counts": {str(k): tuple(v) for k, v in pred.seg.per_study.items()},
     }
     return metrics

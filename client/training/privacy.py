@@ -343,8 +343,8 @@ class SitePrivacy:
                 ledger.target_epsilon,
             )
         _check_unchanged(ledger, pc)
-        if cfg.balanced:
-            log(INFO, "privacy: train.balanced is not used under DP-SGD (Poisson sampling draws every slice alike)")
+        if cfg.oversample(order.stage):
+            log(INFO, "privacy: oversampling is not used under DP-SGD (Poisson sampling draws every slice alike)")
         idx = np.flatnonzero(usable[order.stage])
         n = int(idx.size)
         steps = round_steps(n, cfg.batch_size, cfg.epochs, cfg.max_steps)

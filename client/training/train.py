@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from common.config import LABELS, check_known_keys
 from common.losses import segmentation_loss, weighted_bce
 from common.model import JointModel, freeze_unet, to_input, unfreeze_unet
+from common.run_config import MARKER_SAMPLING
 
 
 class PrivateTraining(Protocol):
@@ -45,6 +46,8 @@ class PrivateTraining(Protocol):
 STAGES = (1, 2)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
+#: Stage-2 sampling: ``natural`` draws every slice alike (the paper); ``balanced`` oversamples
+#: marker-positive slices to about half the draws. Independent of the loss's pos-weight.
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class TrainConfig:
 
     ``proximal_mu`` > 0 adds FedProx's proximal term mu/2 ||w - w_global||^2 to the loss.
     ``max_steps`` > 0 caps the optimizer steps per call (0: whole epochs).
+    ``balanced`` oversamples hematoma slices in stage 1; ``marker_sampling`` is stage 2's
+    sampling (``MARKER_SAMPLING``), so that sampling and loss weighting correct imbalance once.
     """
 
     epochs: int = 1
@@ -66,6 +71,7 @@ class TrainConfig:
     rotate_degrees: float = 10.0
     intensity_jitter: float = 0.1
     balanced: bool = True
+    marker_sampling: str = "natural"
     proximal_mu: float = 0.0
     max_steps: int = 0
     seed: int = 0
@@ -75,6 +81,12 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {list(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {list(SCHEDULES)}")
+        if self.marker_sampling not in MARKER_SAMPLING:
+            raise ValueError(f"unknown marker sampling {self.marker_sampling!r}; valid: {list(MARKER_SAMPLING)}")
+
+    def oversample(self, stage: int) -> bool:
+        """Whether a stage's loader oversamples its positives (``make_loader(balanced=...)``)."""
+        return self.balanced if stage == 1 else self.marker_sampling == "balanced"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:

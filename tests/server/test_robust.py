@@ -1,4 +1,4 @@
-"""Robustness to faulty sites: the server rejects non-finite updates, and the robust strategies
+"""Robustness to faulty sites: the server rejects non-finite updates (server.validation), and the robust strategies
 bound what one or two attackers (client.simulation.faults) do to the aggregate, where FedAvg is pulled away.
 
 Strategy checks build replies by hand from the model's real stage halves and check the aggregate
@@ -24,8 +24,8 @@ from common.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, 
 from common.run_config import model_from_run_config
 from server.checkpoints import round_checkpoints
 from server.federation import run_federation
-from server.replies import non_finite_arrays
 from server.strategies import build_strategy
+from server.validation import ArraySpec, Problem, check_arrays
 from tests.helpers.data import write_site
 from tests.helpers.flower import FakeGrid, make_context, make_reply, run_config, set_task_identity, strategy_options
 
@@ -41,7 +41,7 @@ def _task_identity():
     set_task_identity()
 
 
-def test_non_finite_arrays_names_the_floating_arrays_with_nan_or_inf():
+def test_check_arrays_names_the_floating_arrays_with_nan_or_inf():
     record = ArrayRecord(
         {
             "a": Array(np.ones(3, np.float32)),
@@ -51,8 +51,9 @@ def test_non_finite_arrays_names_the_floating_arrays_with_nan_or_inf():
             "e": Array(np.array([-np.inf, 0.0], np.float16)),
         }
     )
-    assert non_finite_arrays(record) == ["b", "c", "e"]
-    assert non_finite_arrays(ArrayRecord({"a": Array(np.zeros(2, np.float32))})) == []
+    specs = {k: ArraySpec(tuple(a.shape), str(a.dtype)) for k, a in record.items()}
+    assert check_arrays(record, specs) == [Problem("array-non-finite", k) for k in ("b", "c", "e")]
+    assert check_arrays(ArrayRecord({"a": Array(np.zeros(2, np.float32))}), {"a": ArraySpec((2,), "float32")}) == []
 
 
 # --- robust strategies on the model's real halves ------------------------------------------
@@ -201,17 +202,11 @@ def caches(tmp_path_factory) -> list[str]:
     return out
 
 
-def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(caches, tmp_path, caplog):
-    """site-02 sends NaN every round: each round logs and records the rejection, and the global
-    half equals FedAvg of site-01 and site-03 (weighted by num-examples)."""
-    manifest = write_partitions(
-        tmp_path / "parts.json",
-        [
-            Partition("site-01", caches[0]),
-            Partition("site-02", caches[1], {"kind": "nan"}),
-            Partition("site-03", caches[2]),
-        ],
-    )
+def fault_run(tmp_path, caches, faults: list[dict], stage2: int, **overrides):
+    """A 1 + ``stage2`` round run of site-01.. with ``faults`` (one per site) on the real ClientApp:
+    (grid, history, run config)."""
+    parts = [Partition(f"site-{i + 1:02d}", c, f) for i, (c, f) in enumerate(zip(caches, faults, strict=True))]
+    manifest = write_partitions(tmp_path / "parts.json", parts)
     rc = run_config(
         **{
             "data.partitions": str(manifest),
@@ -221,28 +216,40 @@ def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(cache
             "train.local-steps": 1,
             "train.batch-size": 4,
             "rounds.stage1": 1,
-            "rounds.stage2": 1,
+            "rounds.stage2": stage2,
+            **overrides,
         }
     )
     grid = FakeGrid(
-        {100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(N_SITES)}
+        {100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(len(parts))}
     )
+    return grid, run_federation(grid, rc), rc
+
+
+def train_replies(grid: FakeGrid, rnd: int) -> dict:
+    """node -> its train reply of round ``rnd``, as the grid delivered it."""
+    return {
+        s.message.metadata.dst_node_id: s.reply
+        for s in grid.log
+        if s.message.metadata.message_type == MessageType.TRAIN and s.message.content[CONFIG][SERVER_ROUND] == rnd
+    }
+
+
+def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(caches, tmp_path, caplog):
+    """site-02 sends NaN every round: each round logs and records the rejection, and the global
+    half equals FedAvg of site-01 and site-03 (weighted by num-examples)."""
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        history = run_federation(grid, rc)
+        grid, history, _ = fault_run(tmp_path, caches, [{}, {"kind": "nan"}, {}], stage2=1)
     for rnd in (1, 2):
-        assert "train: site-02 (node 101) sent non-finite values in" in caplog.text
+        assert "train: site-02 (node 101) reply rejected: rule array-non-finite, key " in caplog.text
         entry = history.rounds[rnd - 1]
         assert [(r["site"], r["node"], r["phase"]) for r in entry["rejected"]] == [("site-02", 101, "train")]
-        assert entry["rejected"][0]["reason"].startswith("non-finite values in ") and entry["rejected"][0]["arrays"]
+        assert entry["rejected"][0]["rule"] == "array-non-finite" and entry["rejected"][0]["n_problems"] > 1
         assert entry["failures"] == [] and not entry.get("skipped")
-        assert sorted(entry["train"]["sites"]) == ["site-01", "site-02", "site-03"]  # its metrics are still recorded
+        assert sorted(entry["train"]["sites"]) == ["site-01", "site-03"]  # nothing of a rejected reply is kept
     checkpoints = [load_checkpoint(p).state_dict for p in round_checkpoints(tmp_path / "runs" / "run")]
     for rnd, prefix in ((1, "unet."), (2, "classifier.")):
-        replies = {
-            s.message.metadata.dst_node_id: s.reply
-            for s in grid.log
-            if s.message.metadata.message_type == MessageType.TRAIN and s.message.content[CONFIG][SERVER_ROUND] == rnd
-        }
+        replies = train_replies(grid, rnd)
         honest = [replies[100], replies[102]]
         weights = [float(r.content[METRICS][NUM_EXAMPLES]) for r in honest]
         state = checkpoints[rnd - 1]
@@ -257,32 +264,42 @@ def test_a_nan_site_is_rejected_and_the_global_model_is_the_honest_average(cache
 
 def test_too_few_finite_updates_skip_the_round(halves, tmp_path, caches):
     """With min-train-nodes 2 and two of three sites sending NaN, the round keeps the previous model."""
-    manifest = write_partitions(
-        tmp_path / "parts.json",
-        [
-            Partition("site-01", caches[0], {"kind": "nan", "value": "inf"}),
-            Partition("site-02", caches[1], {"kind": "nan"}),
-            Partition("site-03", caches[2]),
-        ],
-    )
-    rc = run_config(
-        **{
-            "data.partitions": str(manifest),
-            "output.dir": str(tmp_path / "runs"),
-            "output.name": "run",
-            "model.image-size": IMAGE,
-            "train.local-steps": 1,
-            "train.batch-size": 4,
-            "rounds.stage1": 1,
-            "rounds.stage2": 0,
-        }
-    )
-    grid = FakeGrid(
-        {100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(N_SITES)}
-    )
-    history = run_federation(grid, rc)
+    _, history, rc = fault_run(tmp_path, caches, [{"kind": "nan", "value": "inf"}, {"kind": "nan"}, {}], stage2=0)
     entry = history.rounds[0]
     assert sorted(r["site"] for r in entry["rejected"]) == ["site-01", "site-02"] and entry["skipped"] is True
     init = build_joint_model(MODEL_CFG, seed=int(rc["seed"])).state_dict()
     final = load_checkpoint(round_checkpoints(tmp_path / "runs" / "run")[0]).state_dict
     assert all(torch.equal(init[k], final[k]) for k in init)
+
+
+# --- weight inflation -------------------------------------------------------------------------
+
+
+def test_an_inflating_site_is_weighted_by_its_bound(caches, tmp_path):
+    """site-03 claims 1000x its slices. Stage 1: its weight is capped at 10x the median of the
+    others' claims; stage 2: at the training slices it declared in the counts round. The global
+    half is FedAvg with those weights, computed here from the replies the grid delivered."""
+    grid, history, _ = fault_run(tmp_path, caches, [{}, {}, {"kind": "inflate", "factor": 1000}], stage2=1)
+    declared = {
+        s.message.metadata.dst_node_id: float(s.reply.content[METRICS][NUM_EXAMPLES])
+        for s in grid.log
+        if s.message.metadata.message_type == MessageType.QUERY
+    }
+    checkpoints = [load_checkpoint(p).state_dict for p in round_checkpoints(tmp_path / "runs" / "run")]
+    for rnd, prefix in ((1, "unet."), (2, "classifier.")):
+        replies = train_replies(grid, rnd)
+        claims = {n: float(r.content[METRICS][NUM_EXAMPLES]) for n, r in replies.items()}
+        assert claims[102] >= 1000  # the fault's claim reached the server
+        bound = 10 * np.median([claims[100], claims[101]])
+        if rnd == 2:
+            bound = min(bound, declared[102])
+        weights = [claims[100], claims[101], min(claims[102], bound)]
+        assert weights[2] < claims[102]
+        entry = history.rounds[rnd - 1]
+        assert entry["capped"] == [{"site": "site-03", "node": 102, "key": NUM_EXAMPLES, "weight": int(weights[2])}]
+        assert entry["rejected"] == []
+        arrays = [{k: a.numpy() for k, a in replies[n].content[ARRAYS].items()} for n in (100, 101, 102)]
+        keys = [k for k in arrays[0] if k.startswith(prefix) and np.issubdtype(arrays[0][k].dtype, np.floating)]
+        for k in keys:
+            expected = np.average(np.stack([a[k] for a in arrays]), axis=0, weights=weights)
+            np.testing.assert_allclose(checkpoints[rnd - 1][k].numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.data.cache import SECRET_FILE, build_site_cache
+from client.data.cache import build_site_cache
 from client.data.dataset import SliceDataset, make_loader, split_slices
 from client.training.evaluate import evaluate
 from client.training.train import TrainConfig, train_stage
@@ -54,9 +54,6 @@ def trained(easy_site, tmp_path_factory):
     cfg = get_preset("tiny")
     pre = PreprocessConfig(size=cfg.image_size)
     cache_root = tmp_path_factory.mktemp("cache")
-    # A fixed pseudonym key: the patient split hashes the pseudonyms, so a random key (the site's
-    # default) would give other test patients on every run.
-    (cache_root / SECRET_FILE).write_text("5e" * 32)
     cache, _ = build_site_cache(easy_site, cache_root, pre)
     split = split_slices(cache, seed=0)
     train_ds, test_ds = SliceDataset(cache, split["train"]), SliceDataset(cache, split["test"])

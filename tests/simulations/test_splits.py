@@ -165,8 +165,10 @@ def test_virtual_cache_holds_the_plan(sources, tmp_path):
     assert open_cache(cache.path).n_slices == cache.n_slices
 
 
-def _patients(ds: SliceDataset) -> set[str]:
-    return {ds.cache.studies[k]["patient"] for k in ds.cache.slice_study()[ds.indices]}
+def _patients(ds: SliceDataset) -> set[tuple[str, str]]:
+    """(source site, pseudonym): the test sites reuse patient ids under one pseudonym key."""
+    studies = [ds.cache.studies[k] for k in ds.cache.slice_study()[ds.indices]]
+    return {(s.get("source", ds.cache.index["site_id"]), s["patient"]) for s in studies}
 
 
 def test_cases_are_patient_disjoint_inside_every_site(sources, tmp_path):

@@ -1,4 +1,5 @@
 """The site walk, ``check`` and the cache: bad studies reported, good ones used, cache reused."""
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def _break_site(site: Path) -> None:
     (site / "dicom" / "P901" / "S901" / "readme.txt").write_text("hello")
     # a mask of the wrong shape on a good study
     import nibabel as nib
+
     nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.uint8), np.eye(4)), str(site / "masks" / "P001" / "S001.nii.gz"))
     # a malformed label row
     with (site / "labels.csv").open("a") as fh:
@@ -46,7 +48,9 @@ def test_check_reports_bad_studies_and_keeps_the_good_ones(site) -> None:
     assert status[("P901", "S901")].status == "rejected"
     assert "readme.txt" in status[("P901", "S901")].problems[1].path
     assert status[("P001", "S001")].status == "ok" and not status[("P001", "S001")].has_mask
-    assert any("S001.nii.gz" in p.path and "used without its mask" in p.reason for p in status[("P001", "S001")].problems)
+    assert any(
+        "S001.nii.gz" in p.path and "used without its mask" in p.reason for p in status[("P001", "S001")].problems
+    )
     assert [s.study_id for s in report.usable] == ["S000", "S001", "S002", "S003"]
     assert any(p.path.endswith("labels.csv:6") and "no DICOM folder" in p.reason for p in report.problems)
     summary = report.label_summary()
@@ -79,8 +83,8 @@ def test_cache_holds_the_preprocessed_data_and_no_identifier(site, tmp_path) -> 
     assert isinstance(cache.images, np.memmap)
     # slice labels: study labels on hematoma slices, zero elsewhere, NaN kept
     for s in cache.studies:
-        lab = cache.slice_labels[s["start"]:s["stop"]]
-        holds = cache.masks[s["start"]:s["stop"]].reshape(6, -1).sum(1) > CFG.min_mask_pixels
+        lab = cache.slice_labels[s["start"] : s["stop"]]
+        holds = cache.masks[s["start"] : s["stop"]].reshape(6, -1).sum(1) > CFG.min_mask_pixels
         assert holds.any()
         study = np.array([np.nan if v is None else v for v in s["labels"]], dtype=np.float32)
         np.testing.assert_array_equal(lab[holds], np.broadcast_to(study, lab[holds].shape))

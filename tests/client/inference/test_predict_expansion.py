@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-import numpy as np
+from types import SimpleNamespace
 
-from client.inference.predict import StudyPrediction, study_outputs
+from client.inference.predict import findings
 from common.config import MARKERS
 from common.presets import get_preset
 
 
-def _prediction(expansion: float | None) -> StudyPrediction:
-    k = 2
-    return StudyPrediction(
-        {m: 0.5 for m in MARKERS},
-        1.0,
-        [0],
-        [0, 1],
-        0,
-        np.zeros((k, 4)),
-        np.zeros((k, 4, 4)),
-        np.zeros((k, 4, 4)),
-        "max",
-        expansion,
-    )
+def _findings(with_head: bool) -> dict:
+    cfg = get_preset("tiny", predict_expansion=with_head)
+    scores = dict(zip(cfg.output_names, (0.1, 0.7, 0.3, 0.4, 0.9)))
+    ckpt = SimpleNamespace(labels=cfg.output_names, meta={}, model_config=cfg)
+    return findings(SimpleNamespace(markers=scores), ckpt)
 
 
-def test_expansion_is_reported_apart_from_the_markers_with_the_head():
-    labels = get_preset("tiny", predict_expansion=True).output_names
-    scores = np.array([[0.1, 0.2, 0.3, 0.4, 0.9], [0.5, 0.1, 0.1, 0.1, 0.2]])
-    markers, expansion = study_outputs(scores, labels)
-    assert expansion == 0.9 and list(markers) == list(MARKERS)
-    assert markers["hypodensity"] == 0.5
-    assert _prediction(expansion).to_json()["expansion"] == 0.9
+def test_expansion_risk_with_the_head():
+    out = _findings(with_head=True)
+    assert out["expansion_risk"] == 0.9
+    assert out["present"]["hypodensity"] is False and out["present"]["irregular_margin"] is True
 
 
 def test_no_expansion_without_the_head():
-    labels = get_preset("tiny").output_names
-    markers, expansion = study_outputs(np.array([[0.1, 0.2, 0.3, 0.4]]), labels)
-    assert expansion is None and list(markers) == list(MARKERS)
-    assert "expansion" not in _prediction(None).to_json()
+    out = _findings(with_head=False)
+    assert out["expansion_risk"] is None and list(out["present"]) == list(MARKERS)

@@ -25,6 +25,7 @@ from client.simulation.faults import (
     fault_seed,
     flip_labels,
     parse_fault,
+    reported_examples,
 )
 from client.simulation.partitions import MANIFEST_FORMAT, Partition, read_partitions, write_partitions
 from common.model import build_joint_model, half_state_dict
@@ -34,6 +35,7 @@ from common.records import (
     LABEL_NEG,
     LABEL_POS,
     METRICS,
+    NUM_EXAMPLES,
     TrainInstruction,
     record_to_state,
     state_to_record,
@@ -78,6 +80,7 @@ def states(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
         ({"kind": "noise", "std": 0.5}, {"std": 0.5}),
         ({"kind": "nan"}, {"value": "nan"}),
         ({"kind": "nan", "value": "-inf"}, {"value": "-inf"}),
+        ({"kind": "inflate", "factor": 1000}, {"factor": 1000}),
     ],
 )
 def test_valid_faults_fill_their_defaults(fault, expected):
@@ -98,8 +101,11 @@ def test_no_fault_is_an_honest_site(fault):
     "fault, message",
     [
         ("scale", "must be a dict"),
-        ({"factor": 2.0}, "has no 'kind'; valid kinds: \\['label-flip', 'nan', 'noise', 'scale', 'sign-flip'\\]"),
-        ({"kind": "flip"}, "unknown fault kind 'flip'; valid kinds: \\['label-flip'"),
+        (
+            {"factor": 2.0},
+            "has no 'kind'; valid kinds: \\['inflate', 'label-flip', 'nan', 'noise', 'scale', 'sign-flip'\\]",
+        ),
+        ({"kind": "flip"}, "unknown fault kind 'flip'; valid kinds: \\['inflate', 'label-flip'"),
         ({"kind": "scale"}, "fault 'scale' needs parameter 'factor'"),
         ({"kind": "noise"}, "fault 'noise' needs parameter 'std'"),
         (
@@ -113,6 +119,8 @@ def test_no_fault_is_an_honest_site(fault):
         ({"kind": "noise", "std": -1.0}, "fault 'noise': std must be > 0, got -1.0"),
         ({"kind": "nan", "value": "zero"}, "fault 'nan': value must be one of \\['-inf', 'inf', 'nan'\\], got 'zero'"),
         ({"kind": "label-flip", "markers": "yes"}, "markers must be true or false"),
+        ({"kind": "inflate"}, "fault 'inflate' needs parameter 'factor'"),
+        ({"kind": "inflate", "factor": -5}, "fault 'inflate': factor must be > 0, got -5"),
         ({"kind": "label-flip", "markers": False, "mask": False}, "changes nothing"),
     ],
 )
@@ -155,6 +163,17 @@ def check_passthrough(out, local):
     assert torch.equal(out["unet.bn.num_batches_tracked"], local["unet.bn.num_batches_tracked"])
     assert torch.equal(out["unet.extra.weight"], local["unet.extra.weight"])
     assert all(out[k].dtype == local[k].dtype and out[k].shape == local[k].shape for k in local)
+
+
+@pytest.mark.parametrize(
+    "fault, expected",
+    [(None, 37), ({"kind": "scale", "factor": 5.0}, 37), ({"kind": "inflate", "factor": 1000}, 37_000)],
+)
+def test_inflate_multiplies_the_reported_examples_and_leaves_the_update_alone(fault, expected):
+    assert reported_examples(37, fault) == expected
+    glob, local = states()
+    out = corrupt_update(glob, local, {"kind": "inflate", "factor": 1000})
+    assert all(out[k] is local[k] for k in local)
 
 
 @pytest.mark.parametrize("factor", [10.0, 0.0, -2.0])
@@ -308,13 +327,14 @@ def test_client_app_sends_what_the_manifest_fault_says(site, tmp_path):
             Partition("site-04", path, {"kind": "scale", "factor": 10.0}),
             Partition("site-04", path, {"kind": "label-flip"}),
             Partition("site-04", path, {"kind": "nan"}),
+            Partition("site-04", path, {"kind": "inflate", "factor": 1000}),
         ],
     )
     run = {**RUN, "data.partitions": str(manifest)}
     model = build_joint_model(MODEL_CFG, seed=0)
     replies = [
         app(make_message(_train_message(model), MessageType.TRAIN), make_context({"partition-id": i}, run))
-        for i in range(4)
+        for i in range(5)
     ]
     assert not any(r.has_error() for r in replies)
     glob = half_state_dict(model, "unet")
@@ -328,6 +348,9 @@ def test_client_app_sends_what_the_manifest_fault_says(site, tmp_path):
     assert m_flip[LABEL_POS] == m_honest[LABEL_NEG] and m_flip[LABEL_NEG] == m_honest[LABEL_POS]
     nan = record_to_state(replies[3].content[ARRAYS])
     assert all(torch.isnan(nan[k]).all() for k in floats)
+    inflated = replies[4]  # trains and sends as the honest site, claims 1000x its slices
+    assert inflated.content[METRICS][NUM_EXAMPLES] == 1000 * m_honest[NUM_EXAMPLES] > 0
+    assert all(torch.equal(record_to_state(inflated.content[ARRAYS])[k], honest[k]) for k in floats)
 
 
 def test_client_app_reports_an_invalid_manifest_fault(site, tmp_path):

@@ -1,0 +1,206 @@
+"""Study-level metrics against scikit-learn and hand values; bootstrap coverage; temperature scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+
+from common.study_metrics import (
+    StudyOutputs,
+    auprc,
+    auroc,
+    bootstrap_ci,
+    brier,
+    choose_thresholds,
+    concat_outputs,
+    dice_interval,
+    ece,
+    fit_temperature,
+    fit_temperature_from_stats,
+    paired_difference,
+    per_site_rows,
+    sensitivity_specificity,
+    slice_auroc_on_hematoma,
+    stratum_mean,
+    study_scores_from_slices,
+    summarise,
+    temperature_nll_stats,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
+
+NAN = float("nan")
+
+
+def test_one_rule_takes_the_max_over_predicted_hematoma_slices_else_all() -> None:
+    scores = np.array([[0.9, 0.1], [0.2, 0.4], [0.3, 0.8], [0.6, 0.5], [0.7, 0.2]])
+    studies = np.array(["A", "A", "A", "B", "B"])
+    pixels = np.array([0, 20, 30, 5, 0])  # A: slices 1 and 2 hold hematoma; B: none above 10
+    out = study_scores_from_slices(scores, studies, pixels, min_pixels=10)
+    assert out.studies.tolist() == ["A", "B"]
+    np.testing.assert_array_equal(out.values, [[0.3, 0.8], [0.7, 0.5]])  # A ignores slice 0's 0.9
+    assert out.fallback.tolist() == [False, True]
+    with pytest.raises(ValueError, match="4 study ids and 5 pixel counts for 5 slices"):
+        study_scores_from_slices(scores, studies[:4], pixels, 10)
+
+
+def test_auroc_auprc_brier_match_sklearn_with_ties_and_nan_labels() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, 40).astype(float)
+        s = np.round(rng.random(40), 1)  # ties
+        y[:3] = NAN
+        k = ~np.isnan(y)
+        assert auroc(y, s) == pytest.approx(roc_auc_score(y[k], s[k]))
+        assert auprc(y, s) == pytest.approx(average_precision_score(y[k], s[k]))
+        assert brier(y, s) == pytest.approx(brier_score_loss(y[k], s[k]))
+    assert np.isnan(auroc([1, 1, NAN], [0.2, 0.3, 0.1])) and np.isnan(auprc([0, 0], [0.2, 0.3]))
+
+
+def test_ece_by_hand() -> None:
+    assert ece([0, 0, 1, 1], [0.05, 0.15, 0.85, 0.95]) == pytest.approx((0.05 + 0.15 + 0.15 + 0.05) / 4)
+    # bin [0.1, 0.2): rate 0.5 vs mean 0.15 over 2 of 4 studies; 0.9 and 1.0 share the last bin
+    assert ece([0, 1, 1, 1], [0.12, 0.18, 0.9, 1.0]) == pytest.approx(0.35 * 2 / 4 + 0.05 * 2 / 4)
+    assert ece([1, 0], [1.0, 0.0]) == 0.0
+
+
+def test_operating_points_and_thresholds() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    p = np.array([0.1, 0.4, 0.35, 0.8, 0.3, 0.9, 0.7, 0.65])
+    assert sensitivity_specificity(y, p, 0.5) == (0.75, 0.75)
+    fpr, tpr, th = roc_curve(y, p)
+    assert youden_threshold(y, p) == pytest.approx(th[np.argmax(tpr - fpr)])
+    assert threshold_for_sensitivity(y, p, 1.0) == 0.3 and threshold_for_sensitivity(y, p, 0.75) == 0.65
+    assert sensitivity_specificity(y, p, threshold_for_sensitivity(y, p, 0.7))[0] >= 0.7
+    labels = np.stack([y, np.ones(8)], 1)
+    np.testing.assert_allclose(choose_thresholds(labels, np.stack([p, p], 1)), [youden_threshold(y, p), 0.5])
+    with pytest.raises(ValueError, match="target sensitivity must be in"):
+        threshold_for_sensitivity(y, p, 0.0)
+
+
+def _clustered(rng, n_pos: int, n_neg: int, d: float):
+    """Two studies per patient sharing a patient effect: study score = u + e, u ~ N(d * y, 1), e ~ N(0, 1)."""
+    n = n_pos + n_neg
+    y_pat = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+    u = rng.normal(d * y_pat, 1.0)
+    scores = np.repeat(u, 2) + rng.normal(0, 1, 2 * n)
+    return np.repeat(y_pat, 2), scores, np.repeat(np.arange(n).astype(str), 2)
+
+
+def test_patient_bootstrap_covers_a_known_auc_at_about_the_nominal_rate() -> None:
+    d = 1.5
+    true_auc = norm.cdf(d / np.sqrt(2 * 2.0))  # difference of two independent N(., 2) study scores
+    rng = np.random.default_rng(1)
+    trials, hits = 120, 0
+    for t in range(trials):
+        y, s, patients = _clustered(rng, 20, 20, d)
+        ci = bootstrap_ci(lambda idx, y=y, s=s: auroc(y[idx], s[idx]), patients, y, n_boot=200, seed=t)
+        hits += ci.low <= true_auc <= ci.high
+    assert 0.88 <= hits / trials <= 0.99
+
+
+def test_bootstrap_drops_replicates_without_both_classes_and_is_seeded() -> None:
+    y, s, pat = np.array([1.0, 0, 0, 0, 0, 0]), np.arange(6.0)[::-1], np.arange(6).astype(str)
+    a = bootstrap_ci(lambda idx: auroc(y[idx], s[idx]), pat, n_boot=300, seed=3)
+    assert a.estimate == 1.0 and 0 < a.n_boot < 300  # some draws miss the only positive
+    assert a == bootstrap_ci(lambda idx: auroc(y[idx], s[idx]), pat, n_boot=300, seed=3)
+
+
+def _outputs(y, logits, patients=None, sites=None, names=("m",)) -> StudyOutputs:
+    y, logits = np.asarray(y, float).reshape(len(y), -1), np.asarray(logits, float).reshape(len(y), -1)
+    n = len(y)
+    return StudyOutputs(
+        tuple(names),
+        np.asarray([f"s{i}" for i in range(n)]),
+        np.asarray(patients if patients is not None else [f"p{i}" for i in range(n)]),
+        np.asarray(sites if sites is not None else ["A"] * n),
+        y,
+        logits,
+        np.zeros(n, bool),
+    )
+
+
+def test_seeds_are_averaged_not_pooled() -> None:
+    perfect = _outputs([0, 0, 1, 1], [-2, -1, 1, 2])
+    chance = _outputs([0, 1, 1, 0], [10, 11, 12, 13])  # AUC 0.5
+    both = concat_outputs([perfect, chance], strata=["seed=0", "seed=1"])
+    stat = stratum_mean(lambda idx: auroc(both.labels[idx, 0], both.logits[idx, 0]), both.strata())
+    assert stat(np.arange(8)) == pytest.approx(0.75)
+    assert summarise(both, n_boot=0)[0]["auroc"]["estimate"] == pytest.approx(0.75)
+    # pooled instead of averaged, the two seeds' scores would mix: a different number
+    assert auroc(both.labels[:, 0], both.logits[:, 0]) != pytest.approx(0.75)
+
+
+def test_per_site_rows_leave_a_cell_empty_only_without_a_class() -> None:
+    out = _outputs([0, 1, 0, 1, 0, 0], [-1, 1, -2, 2, -1, 0.5], sites=["A"] * 4 + ["B"] * 2)
+    rows = {r["site"]: r for r in per_site_rows(out, n_boot=50)}
+    assert rows["A"]["n"] == 4 and rows["A"]["n_pos"] == 2 and rows["A"]["auroc"]["estimate"] == 1.0
+    assert rows["B"]["n_pos"] == 0 and np.isnan(rows["B"]["auroc"]["estimate"])
+    assert rows["B"]["brier"]["estimate"] == pytest.approx(brier([0, 0], 1 / (1 + np.exp([1.0, -0.5]))))
+    assert np.isnan(rows["B"]["sensitivity"]["estimate"]) and rows["B"]["specificity"]["estimate"] == 0.5
+
+
+def test_paired_difference_of_macro_auroc() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, (80, 2)).astype(float)
+    good = _outputs(y, y * 2 + rng.normal(0, 1, y.shape), names=("a", "b"))
+    noise = _outputs(y, rng.normal(0, 1, y.shape), names=("a", "b"))
+    same = paired_difference(good, good, n_boot=100)
+    assert same.estimate == same.low == same.high == 0.0
+    diff = paired_difference(good, noise, n_boot=300)
+    assert diff.low > 0 and diff.estimate == pytest.approx(
+        np.mean(
+            [roc_auc_score(y[:, c], good.logits[:, c]) - roc_auc_score(y[:, c], noise.logits[:, c]) for c in (0, 1)]
+        )
+    )
+    with pytest.raises(ValueError, match="labels differ"):
+        paired_difference(good, _outputs(1 - y, noise.logits, names=("a", "b")), n_boot=10)
+
+
+def test_temperature_scaling_fixes_overconfidence_and_lowers_ece() -> None:
+    rng = np.random.default_rng(4)
+    z = rng.normal(0, 2, (3000, 2))
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-z))).astype(float)
+    logits = 3.0 * z  # overconfident by a factor of three
+    t = fit_temperature(logits, y)
+    np.testing.assert_allclose(t, 3.0, rtol=0.15)
+    out = _outputs(y, logits, names=("a", "b"))
+    for c in (0, 1):
+        assert ece(y[:, c], out.probabilities(t)[:, c]) < 0.5 * ece(y[:, c], out.probabilities()[:, c])
+
+
+def test_federated_temperature_fit_equals_the_pooled_fit() -> None:
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2, (300, 3))
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-z / 2))).astype(float)
+    y[rng.random(y.shape) < 0.1] = NAN  # not annotated: left out at every site
+    sites = np.array_split(np.arange(300), 4)
+    summed = sum(temperature_nll_stats(z[r], y[r]) for r in sites)
+    np.testing.assert_allclose(summed, temperature_nll_stats(z, y))
+    np.testing.assert_array_equal(fit_temperature_from_stats(summed), fit_temperature(z, y))
+    assert fit_temperature(z, np.full_like(y, NAN)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_slice_auroc_counts_hematoma_slices_only() -> None:
+    labels = np.array([[1], [0], [1], [0], [0], [0]], float)
+    scores = np.array([[0.9], [0.2], [0.6], [0.7], [0.0], [0.1]])
+    holds = np.array([True, True, True, True, False, False])
+    assert slice_auroc_on_hematoma(labels, scores, holds, ["m"])["m"] == pytest.approx(
+        roc_auc_score(labels[:4, 0], scores[:4, 0])
+    )
+
+
+def test_study_outputs_round_trip_json() -> None:
+    out = concat_outputs([_outputs([0, NAN], [0.5, -1]), _outputs([1], [2])], strata=["0", "1"])
+    back = StudyOutputs.from_dict(out.to_dict())
+    np.testing.assert_array_equal(back.labels, out.labels)
+    assert back.stratum.tolist() == ["0", "0", "1"] and back.names == out.names
+
+
+def test_dice_interval_is_the_mean_per_study_dice_resampled_by_patient() -> None:
+    counts = np.array([[8, 2, 2], [0, 0, 0], [1, 3, 0], [5, 0, 5]])  # Dice 0.8, 1 (nothing to find), 0.4, 2/3
+    ci = dice_interval(counts, np.array(["a", "a", "b", "c"]), n_boot=200)
+    assert ci.estimate == pytest.approx(np.mean([0.8, 1.0, 0.4, 2 / 3]))
+    assert 0.4 <= ci.low <= ci.estimate <= ci.high <= 1.0
