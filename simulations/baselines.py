@@ -21,7 +21,7 @@ from client.data.cache import SiteCache
 from client.data.dataset import SliceDataset, dataset_labels, make_loader, split_slices
 from client.data.expansion import ExpansionRule, format_disagreements, with_derived_expansion
 from client.training.evaluate import evaluate
-from client.training.gan_augment import GanAugment, augmented_training_set
+from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set
 from client.training.train import TrainConfig, output_columns, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import PreprocessConfig
@@ -87,9 +87,13 @@ def fit_two_stages(
     train_of = {1: train_ds, 2: train_ds}
     for stage, epochs in ((1, fit.epochs_stage1), (2, fit.epochs_stage2)):
         if stage == 2 and fit.gan is not None and fit.gan.ratio > 0 and epochs:
-            train_of[2], _, added = augmented_training_set(train_ds, fit.gan, fit.train.seed, device)
-            pos_weight = stage_pos_weight(model, train_of[2])  # the paper's weights over what stage 2 sees
-            log(f"stage 2: {added} generated slices beside {len(train_ds)} real ones (in memory only)")
+            try:
+                train_of[2], _, added = augmented_training_set(train_ds, fit.gan, fit.train.seed, device)
+            except NoGanData as exc:
+                log(f"stage 2: no generated slices ({exc})")
+            else:
+                pos_weight = stage_pos_weight(model, train_of[2])  # the paper's weights over what stage 2 sees
+                log(f"stage 2: {added} generated slices beside {len(train_ds)} real ones (in memory only)")
         lr = fit.lr_stage2 if stage == 2 and fit.lr_stage2 is not None else fit.train.lr
         cfg = replace(fit.train, epochs=1, schedule="constant")
         for epoch in range(epochs):
