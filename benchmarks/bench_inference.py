@@ -1,58 +1,161 @@
-"""Clinic inference time per 30-slice 512x512 study on this CPU, per preset (issue: joint model).
+"""Clinic scoring time per 30-slice 512x512 study on this CPU, step by step, with agreement to the plain path.
 
-Times ``client.inference.predict.predict_study`` end to end (DICOM read, preprocessing, model on the
-slices that show brain, batched, ``torch.inference_mode``), with and without channels_last.
-Weights are random: the time does not depend on them. Run: ``python -m benchmarks.bench_inference``.
+Each row is ``client.inference.predict.predict_study`` end to end (DICOM read, preprocessing, model) with one
+more fast-path option than the row above (``client.inference.fast.InferenceOptions``): the plain fp32
+PyTorch path (every brain slice through U-Net and classifier), channels_last, the classifier only on
+slices with predicted hematoma, ONNX Runtime, int8 U-Net, int8 classifier (static, calibrated on a
+phantom site cache). Per row: median wall time over ``--repeats`` studies, the process CPU time (on a
+loaded machine, CPU time / threads estimates the quiet wall time), and agreement with the plain path:
+max |delta| of the study's marker probabilities and the Dice between the two paths' masks. Before the rows:
+reading + preprocessing alone; after them, one-off costs (ONNX export, int8 calibration, session start)
+and Grad-CAM (what ``run_prediction`` adds for the overlay).
+
+Random weights, unless ``--checkpoint``: the mask head is shifted so that ``--hematoma-slices`` slices
+hold predicted hematoma (a typical hemorrhage spans 3-10 slices of 5 mm), since the classifier's share of
+the time depends on that count. Agreement is only meaningful for a trained model's decisive masks; the
+tests check it on a trained tiny model. Run: ``python -m benchmarks.bench_inference`` (all presets and steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from client.inference.predict import predict_study
-from common.checkpoint import Checkpoint
+from client.data.cache import build_site_cache
+from client.inference.backends import make_scorer
+from client.inference.fast import REFERENCE, InferenceOptions, SegmentPart, scale_slices
+from client.inference.predict import StudyPrediction, grad_cam, predict_study
+from client.ingest.dicom import read_study
+from client.preprocessing.pipeline import preprocess_volume
+from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
 from common.config import PreprocessConfig
-from common.model import build_joint_model
+from common.model import JointModel, build_joint_model
 from common.presets import get_preset
-from tests.helpers.data import head_phantom, write_series
+from tests.helpers.data import head_phantom, write_series, write_site
+
+SPACING = (5.0, 0.45, 0.45)
 
 
-def main() -> None:
+def steps(calibration: Path) -> list[tuple[str, InferenceOptions]]:
+    """The fast-path steps, each adding one option to the previous one."""
+    torch_fast = replace(REFERENCE, channels_last=True)
+    onnx = InferenceOptions(backend="onnx", cache_dir=calibration.parent / "onnx")
+    return [
+        ("plain fp32 PyTorch, all brain slices", REFERENCE),
+        ("+ channels_last", torch_fast),
+        ("+ classifier on hematoma slices only", replace(torch_fast, classify="hematoma")),
+        ("ONNX Runtime fp32", onnx),
+        ("+ int8 U-Net", replace(onnx, int8=("segment",), calibration=calibration)),
+        ("+ int8 classifier", replace(onnx, int8=("segment", "classify"), calibration=calibration)),
+    ]
+
+
+def clock(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall s, process CPU s, result) of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+def shift_mask_head(model: JointModel, slices: np.ndarray, n_hematoma: int, min_pixels: int) -> None:
+    """Shift a random model's mask bias so that about ``n_hematoma`` slices hold hematoma."""
+    seg = SegmentPart(model.eval())
+    with torch.inference_mode():
+        logits = torch.cat(
+            [seg(torch.from_numpy(scale_slices(slices[i : i + 4])))[0] for i in range(0, len(slices), 4)]
+        )
+    inside = torch.from_numpy(slices > 0).flatten(1)  # the background is alike on every slice: leave it out
+    logits = logits.flatten(1).masked_fill(~inside, float("-inf"))
+    v = logits.topk(4 * min_pixels, dim=1).values[:, -1].sort(descending=True).values
+    n = min(max(n_hematoma, 1), len(v) - 1)
+    with torch.no_grad():
+        model.unet.segmentation_head[0].bias -= float(v[n - 1] + v[n]) / 2
+
+
+def scored(pred: StudyPrediction) -> int:
+    """Slices the classifier ran on."""
+    return int((~np.isnan(pred.slice_scores).any(axis=1)).sum())
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0.5, b > 0.5
+    return 2 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
+
+
+def bench_preset(name: str, args: argparse.Namespace, study: Path, warm: Path, tmp: Path) -> None:
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        mcfg = ckpt.model_config
+        model = build_from_checkpoint(ckpt, "cpu")
+    else:
+        mcfg = get_preset(name)
+        ckpt = Checkpoint(mcfg, PreprocessConfig(size=mcfg.image_size), mcfg.output_names, {}, {})
+        model = build_joint_model(mcfg, seed=0)
+    pre_cfg = ckpt.preprocess
+    t_pre, c_pre, pre = clock(lambda: preprocess_volume(read_study(study).volume, None, pre_cfg))
+    if not args.checkpoint:
+        shift_mask_head(model, pre.slices[pre.brain_fraction >= 0.02], args.hematoma_slices, pre_cfg.min_mask_pixels)
+    site = write_site(tmp / f"site-{name}", n_studies=2, shape=(8, args.calibration_matrix, args.calibration_matrix))
+    cache, _ = build_site_cache(site, tmp / f"cache-{name}", pre_cfg)
+    print(f"\n{name} ({mcfg.image_size} px), {torch.get_num_threads()} threads")
+    print(f"  {'read DICOM + preprocess':42s} {t_pre:6.2f} s wall {c_pre:6.2f} s CPU")
+    ref = None
+    for label, options in steps(cache.path)[args.skip : args.steps or None]:
+        t_make, _, scorer = clock(lambda options=options: make_scorer(model, "cpu", options))
+        predict_study(warm, ckpt, model=model, options=options, scorer=scorer)
+        runs = [
+            clock(
+                lambda options=options, scorer=scorer: predict_study(
+                    study, ckpt, model=model, options=options, scorer=scorer
+                )
+            )
+            for _ in range(args.repeats)
+        ]
+        pred = runs[-1][2]
+        ref = ref or pred
+        delta = max(abs(pred.markers[k] - ref.markers[k]) for k in ref.markers)
+        print(
+            f"  {label:42s} {statistics.median(r[0] for r in runs):6.2f} s wall "
+            f"{statistics.median(r[1] for r in runs):6.2f} s CPU  classified {scored(pred):2d}"
+            f"/{len(pred.brain_slices)} slices  max|dp| {delta:.4f}  mask Dice vs plain "
+            f"{dice(pred.mask_probability, ref.mask_probability):.4f}  (set-up {t_make:.1f} s)",
+            flush=True,
+        )
+    k = (ref.hematoma_slices or ref.brain_slices)[0]
+    t_cam, c_cam, _ = clock(lambda: grad_cam(model, ref.slices[k], 0))
+    print(f"  {'Grad-CAM of one slice (run_prediction)':42s} {t_cam:6.2f} s wall {c_cam:6.2f} s CPU")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["small", "paper"])
     ap.add_argument("--slices", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--matrix", type=int, default=512, help="the study's DICOM matrix")
+    ap.add_argument("--calibration-matrix", type=int, default=256, help="matrix of the phantom calibration site")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hematoma-slices", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=0, help="only the first N steps (0: all)")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N steps (agreement is then to the first run)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint instead of random weights")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        study = Path(tmp) / "study"
-        hu = head_phantom((args.slices, 512, 512))
+        tmp = Path(tmp)
+        hu = head_phantom((args.slices, args.matrix, args.matrix))
         hu[:3] = -1000.0  # slices above the vertex: skipped (no brain)
-        write_series(study, hu, spacing=(5.0, 0.45, 0.45))
-        warm = Path(tmp) / "warm"
-        write_series(warm, hu[10:13], spacing=(5.0, 0.45, 0.45), seed=1)
-        print(f"{args.slices}-slice 512x512 study, {torch.get_num_threads()} threads")
-        for name in args.presets:
-            mcfg = get_preset(name)
-            for channels_last in (False, True):
-                model = build_joint_model(mcfg, seed=0).eval()
-                if channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-                ckpt = Checkpoint(mcfg, PreprocessConfig(size=mcfg.image_size), mcfg.output_names, {}, {})
-                predict_study(warm, ckpt, model=model, batch_size=8)  # warm-up on 3 slices
-                times = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    pred = predict_study(study, ckpt, model=model, batch_size=8)
-                    times.append(time.perf_counter() - t0)
-                print(
-                    f"{name:6s} ({mcfg.image_size}px){' channels_last' if channels_last else '              '}: "
-                    f"{min(times):6.2f} s per study ({len(pred.brain_slices)} slices with brain scored)"
-                )
+        write_series(tmp / "study", hu, spacing=SPACING)
+        mid = args.slices // 2
+        write_series(tmp / "warm", hu[mid - 1 : mid + 2], spacing=SPACING, seed=1)  # 3 slices to warm up on
+        print(f"{args.slices}-slice {args.matrix}x{args.matrix} study, torch {torch.__version__}")
+        for name in [args.checkpoint.stem] if args.checkpoint else args.presets:
+            bench_preset(name, args, tmp / "study", tmp / "warm", tmp)
 
 
 if __name__ == "__main__":

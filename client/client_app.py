@@ -17,10 +17,14 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.data.dataset import make_loader
+from client.federation.census import census_counts, census_record, guard_census, site_acquisitions
 from client.federation.errors import SiteError, site_errors
 from client.federation.exchange import receive_model, site_record
+from client.federation.guard import policy_mod
 from client.federation.node import SiteNode
+from client.federation.policy import read_policy
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
+from client.federation.secure_updates import masked_update_record, update_step
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
 from client.federation.site_gan import stage2_training_set
 from client.federation.site_run import SiteRunConfig
@@ -28,10 +32,12 @@ from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
 from client.training.privacy import SitePrivacy
 from client.training.train import train_stage
+from common.census import CENSUS, CENSUS_ACTION, STUDIES
 from common.model import half_state_dict
 from common.records import (
     ARRAYS,
     CONFIG,
+    HELLO_ACTION,
     LABEL_NEG,
     LABEL_POS,
     METRICS,
@@ -43,6 +49,7 @@ from common.records import (
     STEPS,
     TRAIN_LOSS,
     TRAIN_SECONDS,
+    UPDATE_PHASES,
     EvaluateInstruction,
     TrainInstruction,
     pack_counts,
@@ -51,7 +58,8 @@ from common.records import (
 )
 from common.runtime import resolve_device
 
-app = ClientApp()
+#: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md).
+app = ClientApp(mods=[policy_mod])
 
 
 def _site_and_run(context: Context) -> tuple[SiteNode, SiteRunConfig]:
@@ -98,6 +106,11 @@ def train(msg: Message, context: Context) -> Message:
             fault_seed(run.seed, order.server_round, site.site_id),
         )
         examples = reported_examples(examples, site.fault)
+    arrays = state_to_record(state, exclude=local_keys)
+    if run.config.privacy.secure_updates:  # the update and its weight leave only masked; 1/0: trained or not
+        received = record_to_state(msg.content[ARRAYS])
+        arrays = masked_update_record(msg, context, {k: state[k] for k in received}, received, examples)
+        examples = int(examples > 0)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: examples,
@@ -110,9 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics[LABEL_POS], metrics[LABEL_NEG] = site_label_counts(data.train, run.model)
     if privacy is not None:
         metrics.update(privacy.metrics())
-    content = RecordDict(
-        {ARRAYS: state_to_record(state, exclude=local_keys), METRICS: metrics, SITE: site_record(site)}
-    )
+    content = RecordDict({ARRAYS: arrays, METRICS: metrics, SITE: site_record(site)})
     return Message(content, reply_to=msg)
 
 
@@ -148,10 +159,15 @@ def count_labels(msg: Message, context: Context) -> Message:
     """The counts round: per-label positives and negatives of the training split, nothing else.
 
     With ``privacy.secure-counts`` the round is the two steps of ``common.secure_sum``: "keys"
-    (reply with a fresh public key) and "mask" (reply with the masked counts only).
+    (reply with a fresh public key) and "mask" (reply with the masked counts only). The query steps
+    of ``privacy.secure-updates`` come here too (``client.federation.secure_updates``).
     """
     site, run = _site_and_run(context)
     phase = str(msg.content[CONFIG].get(SECURE_PHASE, "")) if CONFIG in msg.content else ""
+    if phase in UPDATE_PHASES:
+        if not run.config.privacy.secure_updates:
+            raise SiteError(f"secure updates step {phase!r} asked, but privacy.secure-updates is off for this run")
+        return update_step(phase, msg, context, site)
     if run.secure_counts != bool(phase):
         raise SiteError(
             "privacy.secure-counts is on: this site sends its label counts only masked"
@@ -168,3 +184,22 @@ def count_labels(msg: Message, context: Context) -> Message:
         raise SiteError(f"unknown secure counts step {phase!r}")
     metrics = MetricRecord({NUM_EXAMPLES: len(data.train), LABEL_POS: pos, LABEL_NEG: neg})
     return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
+
+
+@app.query(HELLO_ACTION)
+@site_errors("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """The server's first message: the site id, and (through the policy mod) whether it takes this run."""
+    site, _ = _site_and_run(context)
+    return Message(RecordDict({METRICS: MetricRecord(), SITE: site_record(site)}), reply_to=msg)
+
+
+@app.query(CENSUS_ACTION)
+@site_errors("census")
+def census(msg: Message, context: Context) -> Message:
+    """The data census (``common.census``): this site's summary statistics, guarded by its policy."""
+    site, run = _site_and_run(context)
+    cache = open_site(site, run).train.cache
+    counts = guard_census(census_counts(cache, site_acquisitions(site)), read_policy(site.data_path))
+    metrics = MetricRecord({NUM_EXAMPLES: int(counts[STUDIES][0])})
+    return Message(RecordDict({METRICS: metrics, CENSUS: census_record(counts), SITE: site_record(site)}), reply_to=msg)

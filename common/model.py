@@ -9,14 +9,13 @@ Two-stage training (paper §4): stage 1 trains ``model.unet`` (``segment`` skips
 classifier); stage 2 trains ``model.classifier`` after ``freeze_unet``. Federated rounds
 exchange one half at a time (``half_state_dict`` / ``load_half_state_dict``).
 
-Heavy imports (smp, timm, pytorch_wavelets) happen when a model is built, not at import,
+Heavy imports (smp, timm, pywt) happen when a model is built, not at import,
 so the server can import the state-dict helpers cheaply.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -34,13 +33,27 @@ VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 
 _UNUSED_ENCODER_MODULES: tuple[str, ...] = ("_conv_head", "_bn1")
 
 
-def _dwt_forward(wave: str) -> nn.Module:
-    # pytorch_wavelets imports pkg_resources, which warns on every import (docs/design.md §6).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from pytorch_wavelets import DWTForward
-    return DWTForward(J=1, wave=wave, mode="zero")
+def dwt_kernel(wave: str) -> Tensor:
+    """The four 2-D analysis filters of a one-level DWT as one [4, 1, L, L] convolution kernel.
+
+    Band ``k = 2 * r + c`` filters the width with row filter ``r`` and the height with column filter
+    ``c`` (0: low-pass, 1: high-pass): LL, LH, HL, HH in pytorch_wavelets' order, so checkpoints trained
+    with its ``DWTForward`` keep their meaning. The filters are reversed because ``conv2d`` correlates.
+    """
+    import pywt
+
+    w = pywt.Wavelet(wave)
+    lo, hi = np.asarray(w.dec_lo[::-1]), np.asarray(w.dec_hi[::-1])
+    bank = [np.outer(col, row) for row in (lo, hi) for col in (lo, hi)]
+    return torch.tensor(np.stack(bank), dtype=torch.float32).unsqueeze(1)
+
+
+def _zero_mode_padding(n: int, taps: int) -> tuple[int, int]:
+    """Zeros before and after a side of ``n`` samples so that a stride-2 filter of ``taps`` taps
+    gives pywt's ``mode="zero"`` coefficients (``pywt.dwt_coeff_len``); none for Haar on even sides."""
+    out = (n + taps - 1) // 2
+    p = 2 * (out - 1) - n + taps
+    return p // 2, p // 2 + p % 2
 
 
 class WaveletPool(nn.Module):
@@ -48,24 +61,26 @@ class WaveletPool(nn.Module):
 
     The four sub-bands stay as channels, grouped per input channel: output channel
     ``4 * c + k`` is sub-band ``k`` (0: LL, 1: LH, 2: HL, 3: HH, pytorch_wavelets' order) of
-    input channel ``c``. The transform runs in fp32 with autocast off, because
-    pytorch_wavelets breaks under bf16 autocast (docs/design.md §6); the result is cast back to
-    the input dtype. The filters are non-persistent buffers: constants, not weights to ship.
+    input channel ``c``. The transform is one fixed stride-2 convolution per channel, so it runs in
+    whatever precision autocast picks (pytorch_wavelets' DWT fails under bf16 autocast), exports
+    to ONNX and quantises like any convolution. The kernel is a non-persistent buffer: a
+    constant, not a weight to ship.
     """
 
     def __init__(self, wave: str = "haar") -> None:
         super().__init__()
-        self.dwt = _dwt_forward(wave)
-        for name, buf in list(self.dwt.named_buffers(recurse=False)):
-            self.dwt.register_buffer(name, buf, persistent=False)
+        self.register_buffer("kernel", dwt_kernel(wave), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.dwt.h0_col.dtype != torch.float32:  # after model.half()/.to(bf16)
-            self.dwt.float()
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            yl, (yh,) = self.dwt(x.float())
-        b, c, h, w = yl.shape
-        return torch.cat([yl.unsqueeze(2), yh], dim=2).reshape(b, 4 * c, h, w).to(x.dtype)
+        taps = self.kernel.shape[-1]
+        top, bottom = _zero_mode_padding(x.shape[-2], taps)
+        left, right = _zero_mode_padding(x.shape[-1], taps)
+        if top or bottom or left or right:
+            x = nn.functional.pad(x, (left, right, top, bottom))
+        b, c, h, w = x.shape
+        # every channel is one image to the 4 filters: [B*C, 1, H, W] -> [B*C, 4, h, w] -> [B, 4C, h, w]
+        y = nn.functional.conv2d(x.reshape(b * c, 1, h, w), self.kernel.to(x.dtype), stride=2)
+        return y.reshape(b, 4 * c, y.shape[-2], y.shape[-1])
 
     @staticmethod
     def split_bands(y: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,11 @@ METRICS = "metrics"
 SITE = "site"
 #: Secure counts: public keys (a ConfigRecord of bytes; ``common.secure_sum``).
 SECURE = "secure-sum"
+#: A site's refusal of a message its policy does not allow (``client.federation.policy``): the reply
+#: then holds ``{SITE, REFUSAL}`` only, REFUSAL naming the rules broken (``REFUSAL_RULES``) and why.
+REFUSAL = "refusal"
+REFUSAL_RULES = "rules"
+REFUSAL_REASONS = "reasons"
 
 # --- MetricRecord keys (site -> server) -----------------------------------------------------
 #: Samples, never batches: a train reply's training slices the stage can learn from (with a mask in
@@ -77,11 +82,29 @@ SITE_ID = "site-id"  # in the SITE record of a reply
 SECURE_PHASE = "secure-phase"
 SECURE_SESSION = "secure-session"
 SECURE_KEYS, SECURE_MASK = "keys", "mask"
+#: The server's first message to a node (``query.hello``): who are you, and do you take this run?
+#: Its reply holds the SITE record and an empty METRICS (or a REFUSAL): the server names every site before round 1.
+HELLO_ACTION = "hello"
 #: In the SECURE record: a site's X25519 public key (reply to "keys"); every site's node id and
 #: public key of the session (sent with "mask").
 PUBLIC_KEY = "public-key"
 PEER_NODES = "peer-nodes"
 PEER_KEYS = "peer-keys"
+#: Secure model updates (``privacy.secure-updates``, ``common.secure_updates``): the query steps
+#: around a train round, in the same SECURE_PHASE key; the session is named in SECURE_SESSION.
+UPDATE_KEYS, UPDATE_SHARES, UPDATE_UNMASK = "update-keys", "update-shares", "update-unmask"
+UPDATE_PHASES = (UPDATE_KEYS, UPDATE_SHARES, UPDATE_UNMASK)
+#: In the SECURE record: encrypted Shamir shares, to their receivers (reply to "update-shares") or
+#: from their senders (with the train message); the unmask step's survivors and dropped sites; and
+#: a survivor's answer (seed shares of survivors, key shares of the dropped).
+SHARE_NODES = "share-nodes"
+SHARE_DATA = "share-data"
+SURVIVORS = "survivors"
+DROPPED = "dropped"
+SEED_NODES, SEED_SHARES = "seed-nodes", "seed-shares"
+KEY_NODES, KEY_SHARES = "key-nodes", "key-shares"
+#: The one array of a train reply under secure updates: the masked fixed-point update (uint32).
+MASKED_UPDATE = "masked-update"
 
 # --- node_config keys (deployment: ``flower-supernode --node-config``) ------------------------
 NODE_DATA_PATH = "data-path"

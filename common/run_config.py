@@ -35,6 +35,8 @@ STRATEGY_NAMES: tuple[str, ...] = (
 )
 #: Strategies that bound the influence of outlying sites (the positive-weighted head would not).
 ROBUST_STRATEGIES = frozenset({"fedmedian", "fedtrimmedavg", "krum"})
+#: ``rounds.census``: no data census, one before training, or the census alone.
+CENSUS_MODES: tuple[str, ...] = ("off", "before", "only")
 #: Where stage 2's marker weights come from (``train.pos-weight``).
 POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
 #: Stage-2 sampling: natural draws (the paper) or marker-positive slices oversampled to about half.
@@ -109,6 +111,9 @@ class TrainOptions:
     #: "local": each site's own neg/pos (what global replaces); "none": unweighted BCE.
     pos_weight: str
     max_pos_weight: float  # 0: no cap
+    #: A checkpoint the global model starts from (every site gets it in round 1), e.g. pretrained on
+    #: synthetic data at no privacy cost before private fine-tuning; "": the seed's random init.
+    init_checkpoint: str
 
     def __post_init__(self) -> None:
         if self.marker_sampling not in MARKER_SAMPLING:
@@ -121,13 +126,16 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class RoundOptions:
-    """``rounds.*``: the schedule (stage-1 rounds, then stage-2 rounds) and the reply timeout."""
+    """``rounds.*``: the schedule (a data census, stage-1 rounds, then stage-2 rounds) and the reply timeout."""
 
     stage1: int
     stage2: int
     timeout: float  # seconds; 0: no limit
+    census: str  # off | before (a census, then training) | only (the census alone; server.census)
 
     def __post_init__(self) -> None:
+        if self.census not in CENSUS_MODES:
+            raise ValueError(f"rounds.census must be one of {list(CENSUS_MODES)}, got {self.census!r}")
         rounds = self.stage1, self.stage2
         if min(rounds) < 0 or sum(rounds) == 0:
             raise ValueError(f"rounds.stage1 and rounds.stage2 must be >= 0 and not both 0, got {rounds}")
@@ -175,16 +183,22 @@ class PrivacyOptions:
 
     ``noise_multiplier`` 0: derived at each site from ``target_epsilon`` over the run's planned
     steps; ``target_epsilon``: the site's whole budget for the run, both stages together;
-    ``delta`` 0: 1 / (the site's training slices); ``max_grad_norm``: the per-slice clipping bound C;
+    ``delta`` 0: min(1e-5, 0.1 / patients) per patient, 1 / slices per slice; ``max_grad_norm``: the
+    clipping bound C of one unit's gradient; ``unit``: "patient" (sample and clip whole patients) or
+    "slice" (per-slice DP-SGD, whose epsilon does not protect a patient);
     ``secure_counts``: label counts leave a site only masked (docs/secure-aggregation.md).
     """
 
     dp: bool
+    unit: str
     noise_multiplier: float
     target_epsilon: float
     delta: float
     max_grad_norm: float
     secure_counts: bool
+    #: Train replies carry masked fixed-point updates only; the server unmasks their weighted mean
+    #: (``common.secure_updates``, docs/secure-aggregation.md).
+    secure_updates: bool
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0:
@@ -195,9 +209,11 @@ class PrivacyOptions:
         if not self.target_epsilon > 0:
             raise ValueError(f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
         if not 0 <= self.delta < 1:
-            raise ValueError(f"privacy.delta must be in [0, 1) (0: 1 / training slices), got {self.delta}")
+            raise ValueError(f"privacy.delta must be in [0, 1) (0: a default per privacy.unit), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.unit not in ("patient", "slice"):
+            raise ValueError(f"privacy.unit must be 'patient' or 'slice', got {self.unit!r}")
 
 
 @dataclass(frozen=True)
@@ -258,6 +274,16 @@ class RunConfig:
             raise ValueError(
                 "gan.augment-ratio > 0 trains a GAN on the site's slices without DP-SGD, which would void "
                 "privacy.dp's guarantee: switch one of the two off"
+            )
+
+        if self.privacy.secure_updates and (self.strategy.name in ROBUST_STRATEGIES or self.strategy.imbalance_head):
+            what = (
+                "strategy.imbalance-head" if self.strategy.imbalance_head else f"strategy.name {self.strategy.name!r}"
+            )
+            raise ValueError(
+                f"privacy.secure-updates hands the server only the weighted mean of the updates, but {what} needs "
+                f"every site's own update (a median, a trimmed mean, Krum's distances, per-site head weights): "
+                f"use it with {sorted(set(STRATEGY_NAMES) - ROBUST_STRATEGIES)} and no imbalance head"
             )
 
     def architecture(self) -> tuple[ModelConfig, PreprocessConfig]:

@@ -62,17 +62,20 @@ def public_key_of(private: bytes) -> bytes:
     )
 
 
-def pair_seed(private: bytes, peer_public: bytes, session: str, node_a: int, node_b: int) -> bytes:
+def pair_seed(
+    private: bytes, peer_public: bytes, session: str, node_a: int, node_b: int, purpose: bytes = b""
+) -> bytes:
     """The 32-byte seed sites ``node_a`` and ``node_b`` share in ``session`` (symmetric in a, b).
 
     X25519 gives both sides the same secret; HKDF-SHA256 turns it into a uniform key bound to the
     session and to the (ordered) pair, so no seed is ever reused across sessions or pairs.
+    ``purpose`` separates keys made from the same pair for other uses (the mask seed has none).
     """
     if len(peer_public) != KEY_BYTES:
         raise SecureSumError(f"a public key must be {KEY_BYTES} raw bytes, got {len(peer_public)}")
     shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
     lo, hi = sorted((int(node_a), int(node_b)))
-    info = b"|".join([_INFO, session.encode(), str(lo).encode(), str(hi).encode()])
+    info = b"|".join([_INFO, session.encode(), str(lo).encode(), str(hi).encode(), *([purpose] if purpose else [])])
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 

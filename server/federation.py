@@ -30,9 +30,11 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from common.checkpoint import load_checkpoint
 from common.losses import pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.records import (
+    ARRAYS,
     CONFIG,
     HALF_OF_STAGE,
     METRICS,
@@ -44,10 +46,12 @@ from common.records import (
     record_to_state,
     state_to_record,
 )
+from server.census import run_census, write_census
 from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
 from server.counts import count_labels
 from server.history import History
 from server.replies import Messenger, idle_reason, metrics_dict, with_metric
+from server.secure_updates import secure_train
 from server.server_config import ServerRunConfig, resolve_run_dir
 from server.strategies import build_strategy
 from server.validation import array_specs, bound_examples, counts_schema, evaluate_schema, train_schema
@@ -59,6 +63,8 @@ class Federation:
     def __init__(self, grid: Grid, cfg: ServerRunConfig) -> None:
         self.grid, self.cfg = grid, cfg
         self.model = build_joint_model(cfg.model, seed=cfg.seed)
+        if cfg.init_checkpoint:
+            load_initial_weights(self.model, cfg.init_checkpoint)
         self.local_keys = norm_state_keys(self.model) if cfg.strategy.name == "fedbn" else set()
         head = final_layer_keys(self.model)
         # One strategy per stage: server-side optimiser state is per array, and stages exchange different arrays.
@@ -79,6 +85,11 @@ class Federation:
         if cfg.resume:
             self._resume()
         self.history.run = {**cfg.summary(), "output": str(self.out_dir)}
+        if cfg.census == "only":
+            self.census()
+            self.history.save()
+            log(INFO, "hemexp: run finished: census only (rounds.census = only), no training")
+            return self.history
         log(
             INFO,
             "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s, output %s",
@@ -88,6 +99,8 @@ class Federation:
             " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
             self.out_dir,
         )
+        if cfg.census == "before" and self.start_round == 0:
+            self.census()
         last = None
         for rnd in range(self.start_round + 1, cfg.total_rounds + 1):
             t0 = time.perf_counter()
@@ -111,6 +124,19 @@ class Federation:
             publish_final(self.out_dir, last)
         log(INFO, "hemexp: run finished; global model %s", self.out_dir / "global.pt")
         return self.history
+
+    def census(self) -> None:
+        """The data census before round 1 (``server.census``): census.json and census.html in the run's folder."""
+        entry: dict[str, Any] = {"round": 0, "failures": []}
+        nodes = wait_for_nodes(self.grid, self.cfg.strategy.min_available_nodes, self.cfg.timeout)
+        result = run_census(nodes, lambda phase, msgs: self.messenger.exchange(phase, msgs, entry))
+        page = write_census(self.out_dir, result)
+        self.history.run["census"] = {
+            "html": str(page),
+            "sites": sorted(result["sites"]),
+            "failures": entry["failures"],
+        }
+        log(INFO, "census: %s", page)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.out_dir)
@@ -159,6 +185,8 @@ class Federation:
         messages = messenger.attach_unet(
             strategy.configure_train(rnd, arrays, order.to_record(), self.grid), unet, digest
         )
+        if cfg.secure_updates:  # masked updates: validated by the secure protocol's own checks
+            return self._secure_train_round(rnd, half, strategy, messages, entry, digest)
         n_labels, max_mb = len(cfg.model.output_names), cfg.strategy.max_reply_mb
         schema = train_schema(array_specs(arrays, exclude=self.local_keys), n_labels, stage, max_mb)
         replies = messenger.exchange("train", messages, entry, digest, schema)
@@ -197,17 +225,39 @@ class Federation:
             bounded.append(r)
         return [r for r in bounded if float(r.content[METRICS][NUM_EXAMPLES]) > 0]
 
-    def _aggregate_train(self, rnd: int, half: str, strategy: Strategy, replies: list[Message], entry: dict) -> dict:
+    def _secure_train_round(
+        self, rnd: int, half: str, strategy: Strategy, messages: list[Message], entry: dict, digest: str
+    ) -> dict[str, Any]:
+        """``privacy.secure-updates``: the sites' masked updates unmasked as their weighted mean only
+        (``server.secure_updates``), handed to the strategy as one reply standing for the survivors."""
+        messenger = self.messenger
+
+        def exchange(phase: str, msgs: list[Message]) -> list[Message]:
+            return messenger.exchange(phase, msgs, entry, digest if phase == "train" else "")
+
+        sent = record_to_state(messages[0].content[ARRAYS]) if messages else {}
+        result = secure_train(messages, exchange, rnd, {k: v.numpy() for k, v in sent.items()}, messenger.site_name)
+        sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in result.replies}
+        trained = sum(1 for r in result.replies if float(r.content[METRICS][NUM_EXAMPLES]) > 0)
+        usable = [result.aggregate] if result.aggregate is not None else []
+        aggregated = self._aggregate_train(rnd, half, strategy, usable, entry, counted=trained if usable else 0)
+        return {"aggregated": aggregated, "sites": sites, "sent": len(messages), "received": len(result.replies)}
+
+    def _aggregate_train(
+        self, rnd: int, half: str, strategy: Strategy, replies: list[Message], entry: dict, counted: int | None = None
+    ) -> dict:
+        """``counted``: how many sites the replies stand for (secure updates: one reply for all)."""
         cfg = self.cfg
         needed = getattr(strategy, "min_train_nodes", 1)
-        if len(replies) < max(needed, 1) or (entry["failures"] and not cfg.strategy.accept_failures):
+        n = len(replies) if counted is None else counted
+        if n < max(needed, 1) or (entry["failures"] and not cfg.strategy.accept_failures):
             log(
                 WARNING,
                 "round %d: %d usable repl%s (%d needed), %d failure(s), accept-failures=%s: "
                 "the global %s stays as it was",
                 rnd,
-                len(replies),
-                "y" if len(replies) == 1 else "ies",
+                n,
+                "y" if n == 1 else "ies",
                 needed,
                 len(entry["failures"]),
                 cfg.strategy.accept_failures,
@@ -293,6 +343,20 @@ class Federation:
         )
 
 
+def load_initial_weights(model: JointModel, path: str) -> None:
+    """``train.init-checkpoint``: start from a checkpoint (e.g. pretrained on synthetic data, no
+    privacy cost) of the same architecture; every site receives it with round 1."""
+    ckpt = load_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"train.init-checkpoint {path}: its architecture differs from the run's model.* "
+            f"(with privacy.dp the norm is group): {str(exc).splitlines()[0]}"
+        ) from None
+    log(INFO, "train.init-checkpoint: the global model starts from %s", path)
+
+
 def final_layer_keys(model: JointModel) -> tuple[str, str]:
     """State-dict keys (weight, bias) of the classifier's last linear layer: one row per label."""
     name = [n for n, m in model.classifier.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -301,6 +365,14 @@ def final_layer_keys(model: JointModel) -> tuple[str, str]:
 
 def _fmt(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float | None, poll: float = 1.0) -> list[int]:
+    """The connected nodes once ``needed`` are there (or ``timeout`` s passed): a census asks every one."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < needed and (deadline is None or time.monotonic() < deadline):
+        time.sleep(poll)
+    return nodes
 
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> History:

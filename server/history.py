@@ -1,7 +1,7 @@
 """Per-round metrics of a federated run: per site and aggregated, as JSON and as a long CSV table.
 
 ``history.json``: ``{"run": {...}, "rounds": [{"round", "stage", "seconds", "train": {"aggregated": {...},
-"sites": {site: {...}}}, "evaluate": {...}, "failures": [{"phase", "site", "node", "reason"}],
+"sites": {site: {...}}}, "evaluate": {...}, "failures": [{"phase", "site", "node", "reason", "phases", "seconds"}],
 "rejected": [{"phase", "site", "node", "rule", "key", "reason", "problems", "n_problems"}],
 "capped": [{"site", "node", "key", "weight"}]}]}``; ``rejected`` lists the replies the server refused
 because they broke a rule of ``server.validation`` (the first rule and key, up to five problems as
@@ -10,6 +10,9 @@ whose ``num-examples`` was bounded and the weight each got (rounds written befor
 lack them);
 stage-2 rounds add ``"label-counts": {"pos", "neg", "pos-weight"}`` (the global sums and weights), and a
 round whose aggregation was skipped (too few good replies) has ``"skipped": true``.
+``failures`` holds one entry per site and round: the first phase it failed in and why ("refused by
+site policy: ..." for a refusal), ``phases`` every phase it failed in that round, ``seconds`` how long
+after the exchange started the failure was seen (the timeout for a site that never answered).
 ``metrics.csv``: one row per (round, stage, phase, site, metric, value); ``site`` is ``all`` for the
 aggregate. Both are rewritten atomically after every round, so a crash leaves the last good round.
 """

@@ -1,7 +1,8 @@
 """The server's side of a message exchange: send, wait, and keep what the replies say about sites.
 
-Sites that fail, time out or vanish are logged with their site id, node id and the reason, and the
-exchange goes on with the others. Every reply is checked against its phase's ``ReplySchema``
+Sites that fail, time out, vanish or refuse by their policy are logged with their site id, node id,
+the reason and when it was seen (one history entry per site and round), and the exchange goes on
+with the others. Every reply is checked against its phase's ``ReplySchema``
 (``server.validation``) before anything of it is used: one that breaks a rule (a NaN in an array,
 arrays of another model, a count out of range, ...) is rejected, logged with the site, the rule and
 the key (never a value), and listed under the round's ``rejected``.
@@ -16,11 +17,24 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.records import FROZEN_UNET, METRICS, PRIVACY_EPSILON, PRIVACY_EXHAUSTED, SITE, SITE_ID
+from common.records import (
+    CONFIG,
+    FROZEN_UNET,
+    HELLO_ACTION,
+    METRICS,
+    PRIVACY_EPSILON,
+    PRIVACY_EXHAUSTED,
+    REFUSAL,
+    REFUSAL_REASONS,
+    REFUSAL_RULES,
+    SERVER_ROUND,
+    SITE,
+    SITE_ID,
+)
 from server.history import finite_or_none
 from server.validation import SITE_ID_PATTERN, Problem, ReplySchema, check_reply
 
@@ -41,23 +55,61 @@ class Messenger:
     timeout: float | None  # ``rounds.timeout``; None: wait for every reply
     sites: dict[int, str] = field(default_factory=dict)  # node id -> site id, learned from replies
     unet_sent: dict[int, str] = field(default_factory=dict)  # node id -> digest of the frozen U-Net it holds
+    greeted: set[int] = field(default_factory=set)  # nodes sent a ``query.hello`` (once each)
 
     def exchange(
         self, phase: str, messages: list[Message], entry: dict, digest: str = "", schema: ReplySchema | None = None
     ) -> list[Message]:
         """Send, wait up to ``rounds.timeout``, return the replies that pass ``schema``; log every
         failure and rejection. A site that replied to a stage-2 message holds the U-Net ``digest``
-        from then on."""
+        from then on.
+
+        Each reply is matched to the message it answers (``reply_to_message_id``), never taken for
+        its ``src_node_id``'s: the SuperLink's own error replies ("node unavailable") carry the
+        SuperLink's id there. Nodes not yet named are asked who they are first (``introduce``)."""
         if not messages:
             return []
-        replies = send_and_receive(self.grid, messages, self.timeout)
+        self.introduce({m.metadata.dst_node_id for m in messages}, entry)
+        return self._exchange(phase, messages, entry, digest, schema)
+
+    def introduce(self, nodes: Iterable[int], entry: dict) -> None:
+        """``query.hello`` to every node whose site id is still unknown, so that a site that fails
+        from its first real message on is named in the history (and one whose policy refuses the run says so)."""
+        unknown = sorted(set(nodes) - set(self.sites) - self.greeted)
+        if not unknown:
+            return
+        self.greeted.update(unknown)
+        rnd = int(entry.get("round", 0))
+        config = ConfigRecord({SERVER_ROUND: rnd})
+        hellos = [
+            Message(
+                RecordDict({CONFIG: config}),
+                dst_node_id=node,
+                message_type=f"{MessageType.QUERY}.{HELLO_ACTION}",
+                group_id=f"{rnd}-hello",
+            )
+            for node in unknown
+        ]
+        self._exchange("hello", hellos, entry, "")
+
+    def _exchange(
+        self, phase: str, messages: list[Message], entry: dict, digest: str, schema: ReplySchema | None = None
+    ) -> list[Message]:
+        started = time.monotonic()
+        replies, sent = send_and_receive(self.grid, messages, self.timeout)
         good = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        answered = set()
+        for reply, seconds in replies:
+            node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
+            after = seconds - started
             if reply.has_error():
-                self.failure(phase, node, reply.error.reason or f"error code {reply.error.code}", entry)
+                self.failure(phase, node, reply.error.reason or f"error code {reply.error.code}", entry, after)
                 continue
             self._learn_site(node, reply)
+            if REFUSAL in reply.content:
+                self.failure(phase, node, refusal_reason(reply.content[REFUSAL]), entry, after)
+                continue
             problems = check_reply(reply.content, reply.metadata.message_type, schema) if schema else []
             if not schema and not (SITE in reply.content and METRICS in reply.content):
                 problems = [Problem("record-missing", f"{SITE}/{METRICS}")]
@@ -67,9 +119,10 @@ class Messenger:
             if digest:
                 self.unet_sent[node] = digest
             good.append(reply)
-        answered = {r.metadata.src_node_id for r in replies}
-        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
-            self.failure(phase, node, f"no reply within {self.timeout or 'unlimited'} s (site down or too slow)", entry)
+        waited = time.monotonic() - started
+        for node in sorted(set(sent.values()) - answered):
+            reason = f"no reply within {self.timeout or 'unlimited'} s (site down or too slow)"
+            self.failure(phase, node, reason, entry, waited)
         return good
 
     def _learn_site(self, node: int, reply: Message) -> None:
@@ -107,11 +160,22 @@ class Messenger:
         )
         self.unet_sent.pop(node, None)  # it may not hold the U-Net it was sent
 
-    def failure(self, phase: str, node: int, reason: str, entry: dict) -> None:
+    def failure(self, phase: str, node: int, reason: str, entry: dict, seconds: float | None = None) -> None:
+        """Log a node's failure; the round's history keeps one entry per node, with the first
+        reason and every phase the node failed in."""
         site = self.sites.get(node, "unknown site")
-        log(WARNING, "%s: %s (node %d) failed: %s", phase, site, node, reason)
-        entry["failures"].append({"phase": phase, "site": site, "node": node, "reason": reason})
+        when = "" if seconds is None else f" after {seconds:.1f} s"
+        log(WARNING, "%s: %s (node %d) failed%s: %s", phase, site, node, when, reason)
         self.unet_sent.pop(node, None)  # it may have lost its copy; send it again next time
+        for f in entry["failures"]:
+            if f["node"] == node:
+                f["site"] = site if f["site"] == "unknown site" else f["site"]
+                f["phases"] = [*f.get("phases", [f["phase"]]), phase]
+                return
+        item = {"phase": phase, "site": site, "node": node, "reason": reason, "phases": [phase]}
+        if seconds is not None:
+            item["seconds"] = round(seconds, 3)
+        entry["failures"].append(item)
 
     def site_of(self, reply: Message) -> str:
         return self.sites.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
@@ -131,19 +195,32 @@ class Messenger:
         ]
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-    """``Grid.send_and_receive`` with a short pull interval (``POLL_SECONDS``)."""
-    pending = set(grid.push_messages(messages))
+def send_and_receive(
+    grid: Grid, messages: list[Message], timeout: float | None
+) -> tuple[list[tuple[Message, float]], dict[str, int]]:
+    """``Grid.send_and_receive`` with a short pull interval (``POLL_SECONDS``): the replies with the
+    ``time.monotonic()`` each was pulled at, and every sent message's id with its destination node."""
+    ids = list(grid.push_messages(messages))
+    sent = {msg_id: m.metadata.dst_node_id for msg_id, m in zip(ids, messages) if msg_id}
+    pending = set(sent)
     deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
+    replies: list[tuple[Message, float]] = []
     while pending:
         got = list(grid.pull_messages(pending))
-        replies += got
+        now = time.monotonic()
+        replies += [(m, now) for m in got]
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(POLL_SECONDS)
-    return replies
+    return replies, sent
+
+
+def refusal_reason(record: ConfigRecord) -> str:
+    """A site policy's refusal as the history records it: every rule and why."""
+    rules = list(record.get(REFUSAL_RULES, []))
+    reasons = list(record.get(REFUSAL_REASONS, []))
+    return "refused by site policy: " + "; ".join(f"{r}: {why}" for r, why in zip(rules, reasons))
 
 
 def with_record(msg: Message, name: str, record: ArrayRecord) -> Message:

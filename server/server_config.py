@@ -37,6 +37,12 @@ class ServerRunConfig:
     resume: bool
     #: ``privacy.secure-counts``: the counts round is a secure sum (server.secure_counts).
     secure_counts: bool
+    #: ``rounds.census``: off | before | only (``server.census``).
+    census: str
+    #: ``privacy.secure-updates``: train rounds aggregate masked updates (server.secure_updates).
+    secure_updates: bool
+    #: ``train.init-checkpoint``: the global model's starting weights ("" : the seed's init).
+    init_checkpoint: str
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -65,6 +71,9 @@ class ServerRunConfig:
             keep_checkpoints=cfg.output.keep_checkpoints,
             resume=cfg.resume,
             secure_counts=cfg.privacy.secure_counts,
+            census=cfg.rounds.census,
+            secure_updates=cfg.privacy.secure_updates,
+            init_checkpoint=train.init_checkpoint,
         )
 
     @property
@@ -79,7 +88,7 @@ class ServerRunConfig:
             "model": self.model.to_dict(),
             "preprocess": self.preprocess.to_dict(),
             "seed": self.seed,
-            "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2},
+            "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2, "census": self.census},
             "lr": self.lr,
             "lr_stage2": self.lr_stage2,
             "local_epochs": self.local_epochs,
@@ -88,6 +97,8 @@ class ServerRunConfig:
             "pos_weight": self.pos_weight,
             "strategy": asdict(self.strategy),
             "secure_counts": self.secure_counts,
+            "secure_updates": self.secure_updates,
+            "init_checkpoint": self.init_checkpoint,
         }
 
 

@@ -28,6 +28,7 @@ from common.config import PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
 from common.model import JointModel, build_joint_model
 from common.presets import ModelConfig
+from common.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,16 @@ def fit_two_stages(
     train_ds: Dataset,
     val_ds: Dataset | None,
     fit: FitConfig,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Stage 1 (U-Net) then stage 2 (classifier, U-Net frozen), one evaluation per epoch.
 
     Returns the history: one row per epoch with stage, train loss and validation metrics.
+    ``device``: "auto" is the GPU when there is one (``common.runtime.resolve_device``).
     """
+    device = resolve_device(str(device))
     history = []
     pos_weight = stage_pos_weight(model, train_ds)
     train_of = {1: train_ds, 2: train_ds}
@@ -163,7 +166,7 @@ def run_pooled(
     preprocess: PreprocessConfig,
     fit: FitConfig,
     out_dir: Path | str,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
     expansion_rule: ExpansionRule | None = None,
@@ -177,6 +180,7 @@ def run_pooled(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(str(device))
     if model_cfg.predict_expansion:
         caches = expansion_caches(caches, expansion_rule or ExpansionRule(), log)
     splits = site_splits(caches, fit)

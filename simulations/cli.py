@@ -14,15 +14,24 @@ from client.site_tools.cli import add_check_command, add_prepare_command, dispat
 
 def run_generate(args: argparse.Namespace) -> int:
     from simulations.synthetic import generate_dataset
+    from simulations.synthetic.generate import DEFAULT_MATRIX
+    from simulations.synthetic.profiles import DEFAULT_STUDIES_SCALE
 
+    overrides = {
+        k: v
+        for k, v in (("reader_noise", args.reader_noise), ("mimic_scale", args.mimic_scale), ("readers", args.readers))
+        if v is not None
+    }
     summary = generate_dataset(
         args.out,
         n_sites=args.sites,
         seed=args.seed,
-        matrix=args.matrix,
-        studies_scale=args.scale,
+        matrix=args.matrix or DEFAULT_MATRIX,
+        studies_scale=DEFAULT_STUDIES_SCALE if args.scale is None else args.scale,
         progress=True,
         overwrite=args.overwrite,
+        workers=args.workers,
+        profile_overrides=overrides,
     )
     print(summary.describe())
     return 0
@@ -68,7 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
     from simulations.baselines import FitConfig, run_pooled
     from simulations.sites import prepare_caches
 
-    overrides: dict = {"image_size": args.size} if args.size else {}
+    overrides = {**({"image_size": args.size} if args.size else {}), **({"norm": args.norm} if args.norm else {})}
     if args.expansion:
         overrides["predict_expansion"] = True
     model_cfg = get_preset(args.preset, **overrides)
@@ -106,6 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from client.inference.backends import options_for
     from client.inference.predict import load_scoring_model, run_prediction
     from client.ingest.dicom import StudyError
     from common.runtime import resolve_device
@@ -115,7 +125,9 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     window = tuple(args.window) if args.window else None
     try:
-        model = load_scoring_model(args.model, str(resolve_device(args.device)))
+        device = resolve_device(args.device)
+        options = options_for(device, args.backend, tuple(args.int8), args.calibration)
+        model = load_scoring_model(args.model, str(device), options)
         if args.batch is not None:
             return _run_batch(args, model, window)
         result = run_prediction(args.study_dir, model, args.out, model.device, window, dicom=args.dicom)
@@ -184,8 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--sites", type=int, default=12)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--matrix", type=int, default=128, help="nominal in-plane matrix (sites vary around it)")
-    g.add_argument("--scale", type=float, default=1.0, help="multiply every site's number of studies")
+    g.add_argument("--matrix", type=int, help="nominal in-plane matrix (sites vary around it; default 96)")
+    g.add_argument("--scale", type=float, help="multiply every site's number of patients (default 6)")
+    g.add_argument("--workers", type=int, help="sites written in parallel (default: one per CPU core)")
+    g.add_argument(
+        "--reader-noise", type=float, help="1 = published reader agreement (default), 0 = labels are the truth"
+    )
+    g.add_argument("--mimic-scale", type=float, help="multiply every site's mimic rates (0 = no mimics)")
+    g.add_argument("--readers", type=int, choices=(1, 2), help="2 = two readers per study, adjudicated")
     g.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     g.set_defaults(func=run_generate)
     add_check_command(sub)
@@ -204,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, metrics.json, curves.png")
     t.add_argument("--preset", default="small", help="model preset: paper, small, tiny")
     t.add_argument("--size", type=int, default=None, help="override the preset's input size")
+    t.add_argument(
+        "--norm", choices=("batch", "group"), default=None, help="override the preset's norm (group: for a DP run)"
+    )
     t.add_argument("--epochs", type=int, default=4, help="epochs of each stage")
     t.add_argument("--epochs1", type=int, default=None, help="epochs of stage 1 (U-Net)")
     t.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (classifier)")
@@ -235,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
     p.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: ONNX Runtime on a CPU")
+    p.add_argument("--int8", nargs="+", choices=("segment", "classify"), default=[], help="parts run as int8 (onnx)")
+    p.add_argument("--calibration", type=Path, default=None, help="site cache folder that calibrates --int8")
     p.set_defaults(func=run_predict)
     v = sub.add_parser("serve", help="DICOM node: receive CT series (C-STORE), send back SEG + SR (docs/clinic.md)")
     v.add_argument("--model", type=Path, required=True, help="checkpoint.pt")

@@ -46,7 +46,8 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path | None = None, se
 def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """Environment for Flower's commands: own FLWR_HOME, the venv's bin first (the SuperLink starts
     flower-superexec from PATH), no runtime dependency installation, one thread per process, and a
-    Ray of its own (``RAY_ADDRESS=local``: never join a cluster someone's ``ray start`` left running)."""
+    Ray of its own (``RAY_ADDRESS=local``: never join a cluster someone's ``ray start`` left running)
+    unless ``extra`` names one (``SimulationEngine(ray_address=...)``)."""
     return {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
@@ -85,21 +86,46 @@ def toml_overrides(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
+def gpu_share(concurrent_sites: int) -> float:
+    """A GPU fraction per virtual site such that ``concurrent_sites`` fit on the visible GPUs at once
+    (at most one GPU each); 0 without CUDA, so a CPU machine asks Ray for none."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return min(1.0, gpus / max(concurrent_sites, 1)) if gpus else 0.0
+
+
 class SimulationEngine:
     """A simulation SuperLink for the duration of a ``with`` block; ``run`` submits one run."""
 
-    def __init__(self, work: Path, cpus_per_site: int = 1, total_cpus: int | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        cpus_per_site: int = 1,
+        total_cpus: int | None = None,
+        gpus_per_site: float | None = None,
+        ray_address: str | None = None,
+    ) -> None:
         """``cpus_per_site``: Ray CPUs (and torch threads) of one virtual SuperNode; ``total_cpus``:
-        Ray's CPUs (default: all), so ``total // per_site`` sites train at a time."""
+        Ray's CPUs (default: all), so ``total // per_site`` sites train at a time. ``gpus_per_site``:
+        Ray's GPU fraction per SuperNode (Flower's ``client-resources-num-gpus``); default
+        ``gpu_share``, so that the sites training at a time share the machine's GPUs. ``ray_address``:
+        an existing Ray cluster (``HOST:PORT`` of its head) to run on instead of a Ray of its own;
+        Flower's Ray backend calls ``ray.init()``, which joins the cluster ``RAY_ADDRESS`` names, and
+        the cluster's CPUs are its own (``init-args-num-cpus`` is then not passed: Ray refuses it
+        when joining a cluster)."""
         self.work = Path(work)
+        self.ray_address = ray_address
         self.cpus_per_site, self.total_cpus = cpus_per_site, total_cpus or os.cpu_count() or 1
+        self.gpus_per_site = gpu_share(self.total_cpus // cpus_per_site) if gpus_per_site is None else gpus_per_site
         self.home = self.work / "flwr-home"
         self.port = 0
         self._proc: subprocess.Popen | None = None
 
     def _env(self) -> dict[str, str]:
         threads = str(self.cpus_per_site)
-        return flwr_env(self.home, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        ray = {"RAY_ADDRESS": self.ray_address} if self.ray_address else {}
+        return flwr_env(self.home, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **ray)
 
     def __enter__(self) -> SimulationEngine:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -146,10 +172,11 @@ class SimulationEngine:
     ) -> None:
         """``flwr run`` this app with ``overrides`` on ``num_sites`` virtual SuperNodes; every output
         line goes to ``log_path`` and ``on_line``. Raises with the log's tail if the run fails."""
-        federation = (
-            f"num-supernodes={num_sites} client-resources-num-cpus={self.cpus_per_site} "
-            f"init-args-num-cpus={self.total_cpus}"
-        )
+        federation = f"num-supernodes={num_sites} client-resources-num-cpus={self.cpus_per_site}"
+        if not self.ray_address:
+            federation += f" init-args-num-cpus={self.total_cpus}"
+        if self.gpus_per_site > 0:
+            federation += f" client-resources-num-gpus={self.gpus_per_site}"
         cmd = [
             str(BIN / "flwr"),
             "run",

@@ -41,6 +41,7 @@ from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import HALF_OF_STAGE, TrainInstruction
 from common.run_config import TrainOptions, model_from_run_config, parse_run_config
+from common.runtime import resolve_device
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
@@ -228,6 +229,7 @@ def train_rounds(
     steps_per_round: int,
     seed: int,
     after_round: Callable[[int, int], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
     """The federation's schedule without the federation: ``rounds.stage1`` rounds of stage 1, then
     ``rounds.stage2`` of stage 2, each a fresh optimiser for ``steps_per_round`` steps at the
@@ -258,13 +260,15 @@ def train_rounds(
             stage=stage,
         )
         if len(ds):
-            train_stage(model, loader, stage, train, "cpu", weight if stage == 2 else None)
+            train_stage(model, loader, stage, train, device, weight if stage == 2 else None)
         if after_round is not None:
             after_round(rnd, stage)
 
 
-def score(model: JointModel, sites: Sequence[EvalSite], batch_size: int) -> dict[str, dict[str, Any]]:
-    return {s.site_id: evaluate(model, s.data, "cpu", batch_size) for s in sites if len(s.data)}
+def score(
+    model: JointModel, sites: Sequence[EvalSite], batch_size: int, device: torch.device | str = "cpu"
+) -> dict[str, dict[str, Any]]:
+    return {s.site_id: evaluate(model, s.data, device, batch_size) for s in sites if len(s.data)}
 
 
 def curve_point(per_site: dict[str, dict[str, Any]], **key: Any) -> dict[str, Any]:
@@ -284,9 +288,16 @@ class Runner:
     """Runs an experiment's methods case by case; collects rows, curves, ROC arrays and timings."""
 
     def __init__(
-        self, exp: Experiment, out_dir: Path, log: Log = print, engine: SimulationEngine | None = None
+        self,
+        exp: Experiment,
+        out_dir: Path,
+        log: Log = print,
+        engine: SimulationEngine | None = None,
+        device: torch.device | str = "auto",
     ) -> None:
+        """``device``: where the local, pooled and fine-tuning baselines train and every model is scored."""
         self.exp, self.out_dir, self.log, self.engine = exp, out_dir, log, engine
+        self.device = resolve_device(str(device))
         self.results = Results()
         self.eval_batch = 32
 
@@ -325,7 +336,7 @@ class Runner:
             per_site = {}
             for site in case.evaluate:
                 model = models()[site.site_id]
-                per_site[site.site_id] = evaluate(model, site.data, "cpu", self.eval_batch)
+                per_site[site.site_id] = evaluate(model, site.data, self.device, self.eval_batch)
             self.results.curves.append(
                 curve_point(per_site, scenario=case.name, method=method, seed=case.seed, round=rnd, stage=stage)
             )
@@ -357,8 +368,8 @@ class Runner:
         if case.held_out:
             per_model = []
             for site_id, ds in zip(models, trains):
-                train_rounds(models[site_id], ds, rc, steps, case.seed)
-                per_model.append(score(models[site_id], evals, self.eval_batch)[case.held_out])
+                train_rounds(models[site_id], ds, rc, steps, case.seed, device=self.device)
+                per_model.append(score(models[site_id], evals, self.eval_batch, self.device)[case.held_out])
             best = max(per_model, key=lambda m: _nan_low(m.get("macro_auc_study")))
             self.record(case, method.name, {case.held_out: _mean_metrics(per_model)})
             self.record(case, f"{method.name} (best site)", {case.held_out: best})
@@ -368,8 +379,8 @@ class Runner:
             one = [by_site[site_id]]
             self.log(f"  {method.name}: site {n}/{len(models)} {site_id} ({len(ds)} training slices)")
             after = self._curve(Case(case.name, case.seed, [], [], [], one), f"{method.name}@{site_id}", lambda: models)
-            train_rounds(models[site_id], ds, rc, steps, case.seed, after)
-            self.record(case, method.name, score(models[site_id], one, self.eval_batch))
+            train_rounds(models[site_id], ds, rc, steps, case.seed, after, self.device)
+            self.record(case, method.name, score(models[site_id], one, self.eval_batch, self.device))
         self._merge_local_curves(case, method.name)
         self.results.models.setdefault(f"{case.name}/{method.name}", next(iter(models.values())))
 
@@ -412,8 +423,9 @@ class Runner:
             self._curve(
                 Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}
             ),
+            self.device,
         )
-        self.record(case, method.name, score(model, evals, self.eval_batch))
+        self.record(case, method.name, score(model, evals, self.eval_batch, self.device))
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
 
     def run_location_finetune(self, case: Case, method: Method, rc: dict) -> None:
@@ -424,11 +436,11 @@ class Runner:
         ds = pooled(case.train)
         base = build_joint_model(model_cfg, seed=case.seed)
         steps = cfg.train.local_steps * len(case.train)
-        train_rounds(base, ds, {**rc, "rounds.stage2": 0}, steps, case.seed)
+        train_rounds(base, ds, {**rc, "rounds.stage2": 0}, steps, case.seed, device=self.device)
         site_run = SiteRunConfig.from_run_config({**rc, "seed": case.seed})
         for location, (train_loc, test_loc) in location_subsets(case).items():
             key = dict(scenario=case.name, seed=case.seed, site=f"location:{location}")
-            before = evaluate(base, test_loc, "cpu", self.eval_batch)
+            before = evaluate(base, test_loc, self.device, self.eval_batch)
             tuned = copy.deepcopy(base)
             tune = site_run.train_config(
                 TrainInstruction(
@@ -438,10 +450,9 @@ class Runner:
                     local_steps=method.finetune_steps or steps,
                 )
             )
-            train_stage(
-                tuned, make_loader(train_loc, tune.batch_size, True, tune.seed, tune.oversample(1), stage=1), 1, tune
-            )
-            after = evaluate(tuned, test_loc, "cpu", self.eval_batch)
+            loader = make_loader(train_loc, tune.batch_size, True, tune.seed, tune.oversample(1), stage=1)
+            train_stage(tuned, loader, 1, tune, self.device)
+            after = evaluate(tuned, test_loc, self.device, self.eval_batch)
             for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):
                 self.results.rows += [
                     {**key, "method": name, "marker": "", "metric": k, "value": float(m[k])}
@@ -498,12 +509,12 @@ class Runner:
         model = build_from_checkpoint(load_checkpoint(run_dir / name / "global.pt"))
         if cfg.strategy.name == "fedbn":
             per_site = {
-                e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, "cpu", self.eval_batch)
+                e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, self.device, self.eval_batch)
                 for e in case.evaluate
                 if len(e.data)
             }
         else:
-            per_site = score(model, case.evaluate, self.eval_batch)
+            per_site = score(model, case.evaluate, self.eval_batch, self.device)
         self.record(case, method.name, per_site)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
 

@@ -45,8 +45,10 @@ def run_experiment(
     generate: bool = True,
     experiment_text: str = "",
     threads: int = 1,
+    ray_address: str | None = None,
 ) -> Path:
-    """Everything ``simulate.py`` does; returns the report's path."""
+    """Everything ``simulate.py`` does; returns the report's path. ``ray_address``: run the virtual
+    SuperNodes on that existing Ray cluster (``simulations.engine.SimulationEngine``)."""
     import torch
 
     from simulations.engine import SimulationEngine
@@ -68,7 +70,8 @@ def run_experiment(
     )
     torch.set_num_threads(threads)
     federated = any(m.kind == "federated" for m in exp.methods)
-    with SimulationEngine(out_dir / "engine") if federated else nullcontext() as engine:
+    engine_ctx = SimulationEngine(out_dir / "engine", ray_address=ray_address) if federated else nullcontext()
+    with engine_ctx as engine:
         runner = Runner(exp, out_dir, log, engine)
         extra: dict[str, dict] = {}
         for case, methods in iterate_cases(exp, data_root, out_dir, log):
@@ -128,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         "tiny model runs fastest on one; a busy second core makes small convolutions much slower)",
     )
     p.add_argument("--no-generate", action="store_true", help="fail instead of generating missing data")
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the virtual SuperNodes on this existing Ray cluster (its head's GCS address, as "
+        "`ray start --head` prints it; every node needs this environment and the data at the same path); "
+        "default: a Ray of the simulation's own",
+    )
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.experiment)
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             generate=generate,
             experiment_text=text,
             threads=args.threads,
+            ray_address=args.ray_address,
             log=lambda s: print(s, flush=True),
         )
     except (FileNotFoundError, ValueError) as exc:

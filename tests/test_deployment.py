@@ -6,7 +6,8 @@ from ``server.certs``, a real ``flower-superlink`` with TLS and SuperNode authen
 keys registered with ``flwr supernode register``, two SuperNodes started through ``flwr-client start``,
 a third with an unregistered key refused, a fourth with a registered key but another CA's root
 certificate refused by TLS itself (it cannot verify the SuperLink), and ``flwr run .`` finishing
-one round per stage with a checkpoint, its counts round a secure sum (``privacy.secure-counts``:
+one round per stage with a checkpoint and no site cache built but the one ``start`` prepared for the
+run's preprocessing (``--run-config``), its counts round a secure sum (``privacy.secure-counts``:
 each site's key must outlive the ClientApp process that made it). Every process is started in its
 own session and stopped (with its children) in ``finally``.
 """
@@ -246,7 +247,7 @@ def test_tls_federation_on_loopback(tmp_path):
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n'
     )
-    env = flwr_env(home)
+    env = flwr_env(home, PYTHONPATH=str(REPO))  # flwr-client of this checkout, not of the installed one
 
     with ExitStack() as stack:
 
@@ -310,8 +311,8 @@ def test_tls_federation_on_loopback(tmp_path):
                     str(certs / "ca.crt"),
                     "--auth-key",
                     str(certs / name / name),
-                    "--prepare-size",
-                    "32",
+                    "--run-config",
+                    "model.image-size=32",
                     "--device",
                     "cpu",
                     "--clientappio-port",
@@ -358,6 +359,10 @@ def test_tls_federation_on_loopback(tmp_path):
             _wait_for(lambda log=nodes[name][1]: "SuperNode ID:" in log.read_text(), 60, f"{name} did not connect")
             assert "cache built" in nodes[name][1].read_text()  # prepared before joining
 
+        # `start` prepared the run's cache (its preset at image-size 32): no round may build another
+        prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("site-*/index.json")}
+        assert len(prepared) == 2, sorted(prepared)
+
         # stage 2 with secure counts: the site's key must outlive the ClientApp process that made it
         overrides = (
             f"rounds.stage1=1 rounds.stage2=1 train.local-steps=1 train.batch-size=4 model.image-size=32 "
@@ -379,6 +384,8 @@ def test_tls_federation_on_loopback(tmp_path):
         assert "secure counts: 2 site(s) summed in session counts-2-1" in output, output[-4000:]
         for name in sites[:2]:
             assert nodes[name][0].poll() is None, nodes[name][1].read_text()[-3000:]
+        after = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("site-*/index.json")}
+        assert after == prepared, "round 1 rebuilt a site cache"
 
     out = tmp_path / "runs" / "deploy"
     assert (out / "global.pt").is_file()

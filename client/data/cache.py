@@ -59,9 +59,11 @@ def site_secret(cache_root: Path) -> bytes:
 
 
 def inputs_key(site_dir: Path, cfg: PreprocessConfig) -> str:
-    """Hash of every input file's path, size and mtime, plus the preprocessing config."""
+    """Hash of every input file's path, size and mtime, plus the preprocessing config. ``site.toml``
+    is left out: what of it shapes the cache (the window) is in ``cfg``, and its policy may change
+    between rounds without a rebuild."""
     h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "preprocess": cfg.to_dict()}, sort_keys=True).encode())
-    for path in sorted(p for p in site_dir.rglob("*") if p.is_file()):
+    for path in sorted(p for p in site_dir.rglob("*") if p.is_file() and p != site_dir / "site.toml"):
         st = path.stat()
         h.update(f"{path.relative_to(site_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()

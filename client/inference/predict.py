@@ -9,7 +9,8 @@ same mask. Nothing written here carries a patient identifier: no names, ids, dat
 (the DICOM SEG and SR, written only on request, copy the source's patient and study modules: they go
 back into the hospital's PACS).
 
-``run_prediction`` is the one scoring path of ``hemexp predict``, ``hemexp predict --batch`` and
+The classifier runs only on the slices that rule uses (``client.inference.fast``); the other brain
+slices have no slice score. ``run_prediction`` is the one scoring path of ``hemexp predict``, ``hemexp predict --batch`` and
 ``hemexp serve``.
 """
 
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 
 from client.data.dataset import MIN_BRAIN_FRACTION
+from client.inference.backends import make_scorer
+from client.inference.fast import InferenceOptions, SliceScorer, hematoma_pixels, score_slices
 from client.ingest.dicom import Geometry, StudyError, read_study
 from client.preprocessing.pipeline import preprocess_volume, to_input_grid
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
@@ -75,15 +78,19 @@ class ScoringModel:
     model: JointModel
     digest: str
     device: str
+    options: InferenceOptions
+    scorer: SliceScorer  # e.g. an ONNX Runtime session, kept open between studies
 
     @property
     def algorithm(self) -> dict[str, str]:
         return {"name": ALGORITHM_NAME, "version": software_version(), "checkpoint_sha256": self.digest}
 
 
-def load_scoring_model(path: Path | str, device: str = "cpu") -> ScoringModel:
+def load_scoring_model(path: Path | str, device: str = "cpu", options: InferenceOptions | None = None) -> ScoringModel:
     ckpt = load_checkpoint(path)
-    return ScoringModel(ckpt, build_from_checkpoint(ckpt, device), file_sha256(path), device)
+    model = build_from_checkpoint(ckpt, device)
+    options = options or InferenceOptions()
+    return ScoringModel(ckpt, model, file_sha256(path), device, options, make_scorer(model, device, options))
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class StudyPrediction:
     hematoma_slices: list[int]
     brain_slices: list[int]
     key_slice: int | None
-    slice_scores: np.ndarray  # [k, n_out] (NaN for slices without brain)
+    slice_scores: np.ndarray  # [k, n_out] (NaN for slices the classifier did not score)
     mask_probability: np.ndarray  # [k, S, S] float32
     slices: np.ndarray  # [k, S, S] uint8 model input
     combine: str
@@ -120,18 +127,12 @@ class StudyPrediction:
             "key_slice": self.key_slice,
             "n_slices": int(self.slices.shape[0]),
             "brain_slices": self.brain_slices,
-            "slice_scores": {str(k): [round(float(v), 4) for v in self.slice_scores[k]] for k in self.brain_slices},
+            "slice_scores": {
+                str(k): [round(float(v), 4) for v in self.slice_scores[k]]
+                for k in self.brain_slices
+                if not np.isnan(self.slice_scores[k]).any()
+            },
         }
-
-
-@torch.inference_mode()
-def _run(model: JointModel, slices: np.ndarray, device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    probs, masks = [], []
-    for i in range(0, len(slices), batch_size):
-        mask_logits, logits = model(to_input(slices[i : i + batch_size], device))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        masks.append(torch.sigmoid(mask_logits.float())[:, 0].cpu().numpy())
-    return np.concatenate(probs), np.concatenate(masks)
 
 
 def predict_study(
@@ -141,10 +142,17 @@ def predict_study(
     batch_size: int = 16,
     model: JointModel | None = None,
     window: tuple[float, float] | None = None,
+    options: InferenceOptions | None = None,
+    scorer: SliceScorer | None = None,
 ) -> StudyPrediction:
-    """Score one study; raises ``client.ingest.dicom.StudyError`` for a study that cannot be read."""
+    """Score one study; raises ``client.ingest.dicom.StudyError`` for a study that cannot be read.
+
+    ``options`` picks the scoring path (default: PyTorch, classifier on hematoma slices only);
+    ``scorer``, a ready one (e.g. an ONNX Runtime session kept open between studies)."""
     device = torch.device(device)
+    options = options or InferenceOptions(batch_size=batch_size)
     model = model or build_from_checkpoint(ckpt, device)
+    scorer = scorer or make_scorer(model, device, options)
     cfg = ckpt.preprocess.with_window(window)
     study = read_study(study_dir)
     if study.volume.shape[0] < MIN_SLICES:
@@ -156,8 +164,11 @@ def predict_study(
     brain = [int(i) for i in np.flatnonzero(pre.brain_fraction >= MIN_BRAIN_FRACTION)] or list(range(k))
     scores = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
     mask_prob = np.zeros(pre.slices.shape, dtype=np.float32)
-    scores[brain], mask_prob[brain] = _run(model, pre.slices[brain], device, batch_size)
-    pixels = (mask_prob > MASK_THRESHOLD).reshape(k, -1).sum(axis=1)
+    scored = score_slices(
+        scorer, pre.slices[brain], cfg.min_mask_pixels, model.cfg.masked_input, options.classify, options.batch_size
+    )
+    scores[brain], mask_prob[brain] = scored.scores, scored.mask_probability
+    pixels = hematoma_pixels(mask_prob)
     hematoma = [i for i in brain if pixels[i] > cfg.min_mask_pixels]
     use = hematoma or brain
     # Rounded once here, so prediction.json and the DICOM SR hold the very same numbers.
@@ -194,19 +205,21 @@ def grad_cam(model: JointModel, slice_u8: np.ndarray, output: int, device: torch
     device = torch.device(device)
     layer = last_conv(model.classifier)
     store: dict[str, torch.Tensor] = {}
-    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("act", o))
-    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("grad", go[0]))
+
+    def cut(m: torch.nn.Module, i: tuple, o: torch.Tensor) -> torch.Tensor:
+        # the backward pass stops at this layer: the gradient is wanted here, not in the 20 layers before
+        store["act"] = o.detach().requires_grad_(True)
+        return store["act"]
+
+    hook = layer.register_forward_hook(cut)
     try:
         model.eval()
         with torch.enable_grad():
-            x = to_input(slice_u8[None], device).requires_grad_(True)
-            _, logits = model(x)
-            model.zero_grad(set_to_none=True)
-            logits[0, output].backward()
+            _, logits = model(to_input(slice_u8[None], device))
+            (grad,) = torch.autograd.grad(logits[0, output], store["act"])
     finally:
-        h1.remove()
-        h2.remove()
-    act, grad = store["act"][0], store["grad"][0]
+        hook.remove()
+    act, grad = store["act"][0].detach(), grad[0]
     cam = torch.relu((grad.mean(dim=(1, 2))[:, None, None] * act).sum(0))[None, None]
     cam = torch.nn.functional.interpolate(cam, size=slice_u8.shape, mode="bilinear", align_corners=False)[0, 0]
     cam = cam.detach().cpu().numpy()
@@ -251,14 +264,23 @@ def run_prediction(
     out_dir: Path | str,
     device: str = "cpu",
     window: tuple[float, float] | None = None,
+    options: InferenceOptions | None = None,
     dicom: bool = False,
 ) -> dict:
     """Write ``prediction.json`` and ``overlay.png`` into ``out_dir`` (and with ``dicom`` the DICOM
     SEG ``seg.dcm`` and SR ``sr.dcm``); returns the JSON dict. ``model``: a loaded model or a
-    checkpoint path."""
-    scoring = model if isinstance(model, ScoringModel) else load_scoring_model(model, device)
+    checkpoint path; ``options``: the scoring path (``client.inference.fast``), for a path only."""
+    scoring = model if isinstance(model, ScoringModel) else load_scoring_model(model, device, options)
     ckpt = scoring.ckpt
-    pred = predict_study(study_dir, ckpt, scoring.device, model=scoring.model, window=window)
+    pred = predict_study(
+        study_dir,
+        ckpt,
+        scoring.device,
+        model=scoring.model,
+        window=window,
+        options=scoring.options,
+        scorer=scoring.scorer,
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a study that cannot be read leaves no folder
     top = max(pred.markers, key=pred.markers.get)

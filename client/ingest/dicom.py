@@ -196,6 +196,27 @@ def read_series_ids(path: Path | str) -> tuple[dict[str, str] | None, Problem | 
     return ids, None
 
 
+def read_acquisition(folder: Path | str) -> tuple[str, float | None]:
+    """The scanner (``Manufacturer ManufacturerModelName``, "unknown" if absent) and the slice
+    thickness in mm (SpacingBetweenSlices, else SliceThickness) of a study folder's first readable
+    file, for the data census; header only, no pixel data, no other tag."""
+    import pydicom
+
+    for path in list_files(Path(folder)):
+        try:
+            ds = pydicom.dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["Manufacturer", "ManufacturerModelName", "SpacingBetweenSlices", "SliceThickness"],
+            )
+        except Exception:  # noqa: BLE001 - not DICOM or unreadable: `check` reports it; try the next file
+            continue
+        name = " ".join(str(ds.get(t, "") or "").strip() for t in ("Manufacturer", "ManufacturerModelName")).strip()
+        thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+        return name or "unknown", float(thickness) if thickness else None
+    return "unknown", None
+
+
 def is_localizer(ds) -> bool:
     """Scouts/localizers (ImageType (0008,0008) value 3 LOCALIZER) are not part of the axial series."""
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]

@@ -1,6 +1,8 @@
-"""``flwr-client``: the site IT tool (check the data, build the cache, start the SuperNode).
+"""``flwr-client``: the site IT tool (check the data, build the cache, start the SuperNode, show what
+the site holds and its policy).
 
-Thin shell: argument parsing and printing only; the work is in ``client.site_tools.check`` and ``client.data.cache``.
+Thin shell: argument parsing and printing only; the work is in ``client.site_tools`` (check, run_setup,
+site_status, supernode), ``client.federation.policy`` and ``client.data.cache``.
 ``add_check_command`` / ``add_prepare_command`` are reused by the ``hemexp`` research tool so that
 both commands share one implementation.
 """
@@ -34,12 +36,36 @@ def add_check_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_check)
 
 
+def prepare_config(args: argparse.Namespace) -> PreprocessConfig:
+    """The run's preprocessing (``--run-config`` over the app's defaults), the explicit flags over it."""
+    from client.site_tools.run_setup import run_preprocess
+
+    return run_preprocess(
+        args.run_config,
+        args.app_dir,
+        size=args.size,
+        denoise=False if args.no_denoise else None,
+        strip_skull=False if args.no_skull_strip else None,
+        centre=False if args.no_centre else None,
+    )
+
+
+def add_run_config_options(p: argparse.ArgumentParser) -> None:
+    """``--run-config`` and ``--app-dir``: the run the site prepares for or tests against its policy."""
+    from client.federation.app_identity import APP_ROOT
+
+    p.add_argument(
+        "--run-config",
+        metavar="OVERRIDES",
+        help='the coordinator\'s run-config overrides, as for `flwr run -c` ("key=value ..." or a .toml file)',
+    )
+    p.add_argument("--app-dir", type=Path, default=APP_ROOT, help=f"the app's folder (default {APP_ROOT})")
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     from client.data.cache import build_site_cache
 
-    cfg = PreprocessConfig(
-        size=args.size, denoise=not args.no_denoise, strip_skull=not args.no_skull_strip, centre=not args.no_centre
-    )
+    cfg = prepare_config(args)
     cache, problems = build_site_cache(args.site_dir, args.cache_dir, cfg, progress=True)
     for p in problems:
         print(f"problem: {p.path}: {p.reason}", file=sys.stderr)
@@ -51,10 +77,13 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_prepare_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="preprocess a site folder once into its local cache")
+    p = sub.add_parser(
+        "prepare", help="preprocess a site folder once into its local cache, for the run's preset and preprocessing"
+    )
     p.add_argument("site_dir", type=Path)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"cache root (default {DEFAULT_CACHE})")
-    p.add_argument("--size", type=int, default=PreprocessConfig.size, help="model input size in pixels")
+    add_run_config_options(p)
+    p.add_argument("--size", type=int, help="model input size in pixels (default: the run's)")
     p.add_argument("--no-denoise", action="store_true")
     p.add_argument("--no-skull-strip", action="store_true")
     p.add_argument("--no-centre", action="store_true")
@@ -77,7 +106,9 @@ def run_start(args: argparse.Namespace) -> int:
         max_wait_time=args.max_wait_time,
         clientappio_port=args.clientappio_port,
     )
-    return start(opts, prepare=not args.no_prepare, prepare_size=args.prepare_size)
+    if args.no_prepare:
+        return start(opts, prepare=None)
+    return start(opts, prepare=prepare_config(args))
 
 
 def add_start_command(sub: argparse._SubParsersAction) -> None:
@@ -96,16 +127,66 @@ def add_start_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true", help="no TLS: only for a SuperLink on loopback (demos, tests)")
     p.add_argument("--device", help="torch device for the ClientApp (default: auto)")
     p.add_argument("--no-prepare", action="store_true", help="do not build the site cache before starting")
-    p.add_argument(
-        "--prepare-size",
-        type=int,
-        default=None,
-        help="input size of the cache built before starting (default: the preprocessing default)",
-    )
+    add_run_config_options(p)
+    p.add_argument("--size", "--prepare-size", type=int, help="input size of the cache built before starting")
+    for flag in ("--no-denoise", "--no-skull-strip", "--no-centre"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-retries", type=int, help="flower-supernode: reconnection attempts (default: unlimited)")
     p.add_argument("--max-wait-time", type=float, help="flower-supernode: seconds to keep reconnecting")
     p.add_argument("--clientappio-port", type=int, help="local port of the SuperNode's Runtime API (default 9094)")
     p.set_defaults(func=run_start)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from client.federation.app_identity import app_identities
+    from client.federation.policy import read_policy
+    from client.site_tools.site_status import format_status
+
+    try:
+        policy = read_policy(args.site_dir)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_status(args.site_dir, args.cache_dir, policy, app_identities()))
+    return 0
+
+
+def add_status_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="what this site holds: caches, runs taken part in, privacy budget, policy")
+    p.add_argument("site_dir", type=Path)
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"cache root (default {DEFAULT_CACHE})")
+    p.set_defaults(func=run_status)
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    from client.federation.app_identity import app_identities
+    from client.federation.policy import read_policy
+    from client.site_tools.run_setup import app_run_config
+    from client.site_tools.site_status import format_policy, policy_verdict
+    from common.run_config import parse_run_config
+
+    try:
+        policy = read_policy(args.site_dir)
+        if args.action == "show":
+            print(format_policy(policy, app_identities()))
+            return 0
+        cfg = parse_run_config(app_run_config(args.run_config, args.app_dir))
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    broken = policy_verdict(policy, cfg, app_identities(args.app_dir.resolve()))
+    for v in broken:
+        print(f"refused: {v}")
+    print("this site refuses the run" if broken else "this site takes part in the run")
+    return 1 if broken else 0
+
+
+def add_policy_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("policy", help="show the site's policy, or check a run config against it (docs/site-policy.md)")
+    p.add_argument("action", choices=("show", "check"))
+    p.add_argument("site_dir", type=Path)
+    add_run_config_options(p)
+    p.set_defaults(func=run_policy)
 
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
@@ -124,6 +205,8 @@ def flwr_client_main(argv: list[str] | None = None) -> int:
     add_check_command(sub)
     add_prepare_command(sub)
     add_start_command(sub)
+    add_status_command(sub)
+    add_policy_command(sub)
     return dispatch(parser, argv)
 
 

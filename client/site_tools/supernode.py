@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.data.cache import build_site_cache
+from client.ingest.layouts import LAYOUTS, site_layout
 from client.ingest.site_settings import read_site_settings
 from common.config import PreprocessConfig
 from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_DEVICE, NODE_SITE_ID
@@ -111,8 +112,11 @@ def validate(opts: StartOptions) -> tuple[str, int]:
     data = Path(opts.data)
     if not data.is_dir():
         raise StartError(f"--data {data}: no such folder")
-    if not (data / "dicom").is_dir():
-        raise StartError(f"--data {data}: not a site folder (no dicom/ inside); run `flwr-client check {data}`")
+    if site_layout(data) is None:
+        raise StartError(
+            f"--data {data}: not a site folder (none of {', '.join(lay.marker_dir + '/' for lay in LAYOUTS)} inside); "
+            f"run `flwr-client check {data}`"
+        )
     if opts.site_id is not None and not opts.site_id.strip():
         raise StartError("--site-id is empty")
     return host, port
@@ -194,9 +198,8 @@ def find_supernode() -> str:
     return found
 
 
-def prepare_cache(opts: StartOptions, size: int | None) -> str:
-    """Build (or reuse) the site cache with the default preprocessing at ``size``; a one-line summary."""
-    cfg = PreprocessConfig() if size is None else PreprocessConfig(size=size)
+def prepare_cache(opts: StartOptions, cfg: PreprocessConfig) -> str:
+    """Build (or reuse) the site cache with the run's preprocessing ``cfg``; a one-line summary."""
     cache, problems = build_site_cache(opts.data, opts.cache_dir, cfg, progress=False)
     if not cache.n_slices:
         raise StartError(
@@ -206,10 +209,9 @@ def prepare_cache(opts: StartOptions, size: int | None) -> str:
     return f"cache {state}: {cache.path} ({cache.n_slices} slices, {cfg.size}x{cfg.size})"
 
 
-def start(
-    opts: StartOptions, prepare: bool = True, prepare_size: int | None = None, connect_timeout: float = 5.0
-) -> int:
-    """Validate, prepare, check the SuperLink answers, then ``exec`` ``flower-supernode``.
+def start(opts: StartOptions, prepare: PreprocessConfig | None, connect_timeout: float = 5.0) -> int:
+    """Validate, prepare the cache for ``prepare`` (the run's preprocessing, ``client.site_tools.run_setup``;
+    None: no cache), check the SuperLink answers, then ``exec`` ``flower-supernode``.
 
     Returns only on a refusal (exit status 2) or an unreachable SuperLink (3); otherwise this process
     becomes the SuperNode, so signals sent to it reach Flower directly.
@@ -217,8 +219,8 @@ def start(
     try:
         host, port = validate(opts)
         site_id = resolve_site_id(opts)
-        if prepare:
-            print(prepare_cache(opts, prepare_size), flush=True)
+        if prepare is not None:
+            print(prepare_cache(opts, prepare), flush=True)
         exe = find_supernode()
         cmd = build_command(opts, site_id, executable=exe)
     except StartError as exc:

@@ -7,7 +7,11 @@ Gaussian noise of ``noise_multiplier * max_grad_norm`` added to their sum, batch
 sampling (each usable training slice with probability batch / n). The balanced sampler cannot be
 used: the privacy analysis needs every slice drawn with the same probability.
 
-The guarantee is per slice, not per patient: a patient contributes many slices (docs/privacy.md).
+The unit protected is ``privacy.unit``: "patient" (the default) samples whole patients (each with
+probability q, a batch is every usable slice of the patients drawn), sums each patient's per-slice
+gradients and clips that sum, so the accountant's epsilon bounds what the update says about any one
+patient; "slice" samples and clips single slices, and its epsilon is per slice only (a patient
+contributes ~30 slices: docs/privacy.md).
 
 Accounting (RDP, Opacus' ``RDPAccountant``) covers the whole run, both stages together, at each
 site. Each Flower message runs in a fresh process, so the accountant's history lives on the site's
@@ -46,6 +50,10 @@ from common.run_config import PrivacyOptions, RunConfig
 
 #: The site's accountant history and plan, in its per-run folder.
 PRIVACY_FILE = "privacy.json"
+#: The units ``privacy.unit`` may name: whose contribution the clipping bounds and the epsilon counts.
+UNITS = ("patient", "slice")
+#: Default delta under patient DP is at most this, and at most a tenth of 1 / patients (see ``default_delta``).
+MAX_DEFAULT_DELTA = 1e-5
 #: How far below the target epsilon the derived noise multiplier may land (Opacus' default).
 EPSILON_TOLERANCE = 0.01
 _MAX_SIGMA = 1e6
@@ -112,6 +120,26 @@ def noise_for_budget(
     return sigma_high
 
 
+def default_delta(unit: str, n_slices: int, n_patients: int) -> float:
+    """delta when ``privacy.delta`` is 0. Patient: min(1e-5, 0.1 / patients), well below 1 / patients,
+    because a mechanism that publishes one whole random patient's record is (0, 1/patients)-DP: a
+    delta near 1 / patients allows exactly that. Slice (kept as it was): 1 / slices, which is loose."""
+    if unit == "slice":
+        return 1.0 / max(n_slices, 1)
+    return min(MAX_DEFAULT_DELTA, 0.1 / max(n_patients, 1))
+
+
+def patient_groups(ds: Dataset) -> np.ndarray:
+    """A patient number 0..P-1 for each item of ``ds`` (a ``SliceDataset`` or a ``Subset`` of one).
+    The patient keys stay at the site: only their count is ever used outside this function."""
+    if isinstance(ds, Subset):
+        return patient_groups(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
+    cache = ds.cache
+    patient_of_slice = np.asarray([s["patient"] for s in cache.studies])[cache.slice_study()]
+    _, groups = np.unique(patient_of_slice[np.asarray(ds.indices)], return_inverse=True)
+    return groups.astype(np.int64)
+
+
 def usable_slices(ds: Dataset, stage: int, model_cfg: ModelConfig) -> np.ndarray:
     """Which training slices a stage learns from (as ``client.federation.site_data.usable_examples`` counts them):
     with a reference mask (stage 1), with an annotated label of the model's outputs (stage 2).
@@ -139,6 +167,60 @@ class _CollateWithEmpty:
         return {k: torch.as_tensor(v).new_empty((0, *torch.as_tensor(v).shape)) for k, v in self.template.items()}
 
 
+class PatientPoissonSampler:
+    """Batches of whole patients: each patient drawn with probability ``q``, independently, and the
+    batch is every item of the patients drawn. ``current`` holds the patient numbers of the items of
+    the batch last drawn (the loader fetches a batch right after drawing it, in this process), for
+    the optimizer to sum their per-slice gradients by patient."""
+
+    def __init__(self, groups: np.ndarray, q: float, steps: int, generator: torch.Generator) -> None:
+        self.groups = np.asarray(groups, dtype=np.int64)
+        self.members = [np.flatnonzero(self.groups == g) for g in range(int(self.groups.max()) + 1)]
+        self.q, self.steps, self.generator = float(q), int(steps), generator
+        self.current = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            drawn = torch.rand(len(self.members), generator=self.generator) < self.q
+            idx = [self.members[g] for g in np.flatnonzero(drawn.numpy())]
+            batch = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+            self.current = self.groups[batch]
+            yield batch.tolist()
+
+
+def sum_by_group(grad_sample: Tensor, groups: Tensor) -> Tensor:
+    """Per-item gradients ``[B, ...]`` summed within each group: ``[distinct groups, ...]``."""
+    if grad_sample.shape[0] != groups.numel():
+        raise ValueError(f"{grad_sample.shape[0]} per-slice gradients for {groups.numel()} patient labels")
+    _, inverse = torch.unique(groups, return_inverse=True)
+    out = grad_sample.new_zeros((int(inverse.max()) + 1 if inverse.numel() else 0, *grad_sample.shape[1:]))
+    return out.index_add_(0, inverse.to(grad_sample.device), grad_sample)
+
+
+def _grouped_optimizer_class():
+    """``DPOptimizer`` that clips per patient: before Opacus clips, the per-slice gradients of each
+    patient in the batch are summed, so each patient's whole contribution is clipped to C."""
+    from opacus.optimizers import DPOptimizer
+
+    class GroupedDPOptimizer(DPOptimizer):
+        def __init__(self, *args, groups_of_batch, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.groups_of_batch = groups_of_batch
+
+        def clip_and_accumulate(self) -> None:
+            groups = torch.as_tensor(self.groups_of_batch(), dtype=torch.long)
+            for p in self.params:
+                gs = self._get_flat_grad_sample(p)
+                if gs.shape[0]:  # an empty batch's zero-length grad_sample is already per patient
+                    p.grad_sample = sum_by_group(gs, groups)
+            super().clip_and_accumulate()
+
+    return GroupedDPOptimizer
+
+
 def _entropy_seed() -> int:
     return secrets.randbits(63)
 
@@ -150,29 +232,43 @@ class DPSGD:
     ``DPOptimizer`` and replaces the loader by Poisson batches over its dataset (sample rate
     batch / n); ``detach`` removes the hooks again. ``steps`` counts the noisy steps taken.
     ``seed`` fixes noise and sampling: tests and benchmarks only (a known seed voids the guarantee).
+    ``groups`` (a patient number per item of the dataset, ``patient_groups``): per-patient DP-SGD,
+    patients Poisson-sampled with q = batch / items and each patient's summed gradient clipped;
+    None: per-slice DP-SGD.
     """
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int | None = None) -> None:
+    def __init__(
+        self, noise_multiplier: float, max_grad_norm: float, seed: int | None = None, groups: np.ndarray | None = None
+    ) -> None:
         if noise_multiplier < 0 or not max_grad_norm > 0:
             raise ValueError(
                 f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}"
             )
         self.noise_multiplier, self.max_grad_norm, self.seed = float(noise_multiplier), float(max_grad_norm), seed
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
         self.steps = 0
         self.sample_rate = math.nan
         self._hooks = None
+        self._sampler: PatientPoissonSampler | None = None
 
     def make_loader(self, ds: Dataset, batch_size: int) -> DataLoader:
-        """Poisson batches: each slice of ``ds`` in each batch with probability batch / n."""
+        """Poisson batches: each slice (or each patient, with ``groups``) of ``ds`` in each batch with
+        probability batch / n, n the number of slices: a batch holds ``batch`` slices on average."""
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         n = len(ds)
         self.sample_rate = sample_rate(n, batch_size)
         g = torch.Generator().manual_seed(self.seed if self.seed is not None else _entropy_seed())
+        collate = _CollateWithEmpty(ds[0])
+        if self.groups is not None:
+            if self.groups.size != n:
+                raise ValueError(f"{self.groups.size} patient labels for {n} slices")
+            self._sampler = PatientPoissonSampler(self.groups, self.sample_rate, steps_per_epoch(n, batch_size), g)
+            return DataLoader(ds, batch_sampler=self._sampler, collate_fn=collate)
         sampler = UniformWithReplacementSampler(
             num_samples=n, sample_rate=self.sample_rate, generator=g, steps=steps_per_epoch(n, batch_size)
         )
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=_CollateWithEmpty(ds[0]))
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
 
     def attach(
         self,
@@ -208,14 +304,20 @@ class DPSGD:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         device = params[0].device if params else torch.device("cpu")
         noise = torch.Generator(device=device).manual_seed(self.seed + 1 if self.seed is not None else _entropy_seed())
-        dp_opt = DPOptimizer(
-            optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=min(batch_size, len(loader.dataset)),
-            loss_reduction="mean",
-            generator=noise,
-        )
+        common = {
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "loss_reduction": "mean",
+            "generator": noise,
+        }
+        if self._sampler is None:
+            dp_opt = DPOptimizer(optimizer, expected_batch_size=min(batch_size, len(loader.dataset)), **common)
+        else:  # the mean is over patients: divide by the expected number of patients per batch
+            sampler = self._sampler
+            expected = self.sample_rate * len(sampler.members)
+            dp_opt = _grouped_optimizer_class()(
+                optimizer, expected_batch_size=expected, groups_of_batch=lambda: sampler.current, **common
+            )
 
         def after_noise(opt) -> None:
             self.steps += 1
@@ -259,6 +361,7 @@ class PrivacyLedger:
     planned: list[list[float]] = field(default_factory=list)  # [[sample rate, steps], ...] per stage
     history: list[list[float]] = field(default_factory=list)  # [[noise multiplier, sample rate, steps], ...]
     rounds: list[dict[str, Any]] = field(default_factory=list)  # {"round", "stage", "steps", "epsilon"}
+    unit: str = "slice"  # whose contribution epsilon bounds: "patient" or "slice" (privacy.unit)
 
     def epsilon(self, more: Iterable[Sequence[float]] = ()) -> float:
         return epsilon_spent([*self.history, *more], self.delta)
@@ -276,10 +379,11 @@ class PrivacyLedger:
 
 def plan_ledger(cfg: PrivacyOptions, delta: float, phases: list[tuple[float, int]]) -> PrivacyLedger:
     """The run's plan at a site: its noise multiplier, the given one or the one that spends
-    ``target_epsilon`` over the planned ``(sample rate, steps)`` of both stages."""
+    ``target_epsilon`` over the planned ``(sample rate, steps)`` of both stages (no phases: the given one)."""
     derived = cfg.noise_multiplier == 0
-    sigma = noise_for_budget(cfg.target_epsilon, delta, phases) if derived else cfg.noise_multiplier
-    return PrivacyLedger(sigma, delta, cfg.target_epsilon, cfg.max_grad_norm, derived, [list(p) for p in phases])
+    sigma = noise_for_budget(cfg.target_epsilon, delta, phases) if derived and phases else cfg.noise_multiplier
+    planned = [list(p) for p in phases]
+    return PrivacyLedger(sigma, delta, cfg.target_epsilon, cfg.max_grad_norm, derived, planned, unit=cfg.unit)
 
 
 @dataclass
@@ -315,7 +419,8 @@ class SitePrivacy:
         path = Path(store_dir) / PRIVACY_FILE
         ledger = PrivacyLedger.load(path)
         if ledger is None:
-            delta = pc.delta or 1.0 / max(len(train), 1)
+            n_patients = int(patient_groups(train).max()) + 1 if len(train) else 0
+            delta = pc.delta or default_delta(pc.unit, len(train), n_patients)
             epochs, max_steps = run.train.local_epochs, run.train.local_steps
             rounds = {1: run.rounds.stage1, 2: run.rounds.stage2}
             phases = [
@@ -326,21 +431,16 @@ class SitePrivacy:
                 for s, u in usable.items()
                 if u.sum() and rounds[s]
             ]
-            ledger = (
-                plan_ledger(pc, delta, phases)
-                if phases
-                else PrivacyLedger(
-                    pc.noise_multiplier, delta, pc.target_epsilon, pc.max_grad_norm, pc.noise_multiplier == 0
-                )
-            )
+            ledger = plan_ledger(pc, delta, phases)
             log(
                 INFO,
                 "privacy: DP-SGD with noise multiplier %.4g, clipping %.3g, delta %.3g: budget epsilon %.3g for "
-                "the run (per slice)",
+                "the run (per %s)",
                 ledger.noise_multiplier,
                 ledger.max_grad_norm,
                 ledger.delta,
                 ledger.target_epsilon,
+                ledger.unit,
             )
         _check_unchanged(ledger, pc)
         if cfg.oversample(order.stage):
@@ -370,7 +470,8 @@ class SitePrivacy:
             return TrainResult(math.nan, 0, 0, 0.0)
         if not self.steps:
             return TrainResult(math.nan, 0, 0, 0.0)
-        dp = DPSGD(self.ledger.noise_multiplier, self.ledger.max_grad_norm, seed=seed)
+        groups = patient_groups(self.train_set) if self.ledger.unit == "patient" else None
+        dp = DPSGD(self.ledger.noise_multiplier, self.ledger.max_grad_norm, seed=seed, groups=groups)
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size)
         result = train_stage(model, loader, self.stage, cfg, device, pos_weight, privacy=dp)
         self.ledger.history.append([self.ledger.noise_multiplier, dp.sample_rate, dp.steps])
@@ -404,6 +505,7 @@ def _check_unchanged(ledger: PrivacyLedger, pc: PrivacyOptions) -> None:
         for key, same in (
             ("privacy.target-epsilon", ledger.target_epsilon == pc.target_epsilon),
             ("privacy.max-grad-norm", ledger.max_grad_norm == pc.max_grad_norm),
+            ("privacy.unit", ledger.unit == pc.unit),
             ("privacy.delta", not pc.delta or ledger.delta == pc.delta),
             (
                 "privacy.noise-multiplier",

@@ -1,14 +1,18 @@
-"""Intracerebral hematomas in 3-D, with the four expansion markers built to their definitions.
+"""Intracerebral hematomas in 3-D, with the four expansion markers built to their definitions,
+each at a severity from 0 (barely there) to 1 (obvious) (``SEVERITY_SCALE``).
 
 Each marker is made independently of the others and of the hematoma's size (docs/design.md §1):
-- hypodensity: hypodense island(s) >= 30 HU darker than the clot median, enclosed by at least
-  two pixels of dense clot in-plane and by dense clot above and below;
-- irregular_margin: two to four lobules on the border (a smooth ellipsoid otherwise);
-- blend_sign: a hypodense cap 22-34 HU darker than the dense part, sharp (straight or gently
-  curved) boundary, reaching the border; never split along gravity so it is not a fluid level;
-- fluid_level: lighter serum over denser cells, split by a plane perpendicular to gravity; the
-  dense layer is dependent (posterior, +y, larger row index r) whatever the head's tilt.
-Sizes are proportional to the hematoma so they stay visible when a slice is shrunk to 64x64.
+- hypodensity: hypodense island(s) 15-45 HU darker than the clot median (the black hole sign's
+  >= 28 HU from severity ~0.45 up), enclosed by dense clot in-plane and above and below; radius
+  and a second island grow with severity;
+- irregular_margin: one to four lobules on the border, shallow to deep (Barras shape III to V);
+  a smooth ellipsoid otherwise, or one shallow lobule (shape II) when the ``lobulation`` mimic is on;
+- blend_sign: a hypodense cap 18-40 HU darker than the dense part (>= 18 HU by definition),
+  reaching the border, its boundary from blurred (3 pixels) to sharp (1 pixel); never split along
+  gravity so it is not a fluid level;
+- fluid_level: lighter serum 12-40 HU over denser cells, split by a plane perpendicular to gravity;
+  the dense layer is dependent (posterior, +y, larger row index r) whatever the head's tilt.
+Sizes are proportional to the hematoma so that an obvious marker stays visible at 64x64.
 """
 
 from __future__ import annotations
@@ -33,6 +37,34 @@ VOLUME_RANGE_ML: dict[str, tuple[float, float]] = {
 }
 #: Smallest volume of a hematoma that carries a marker (markers need room to be seen).
 MARKER_MIN_VOLUME_ML = 12.0
+#: Per marker parameter: its value at severity 0 and at severity 1 (linear in between).
+SEVERITY_SCALE: dict[str, tuple[float, float]] = {
+    "island_delta_hu": (15.0, 45.0),
+    "island_rel_radius": (0.14, 0.42),
+    "lobes": (1.0, 4.0),
+    "lobe_rel_radius": (0.30, 0.56),
+    "blend_delta_hu": (18.0, 40.0),
+    "blend_edge_px": (3.0, 1.0),
+    "blend_cap_frac": (0.15, 0.35),
+    "fluid_serum_delta_hu": (12.0, 40.0),
+}
+#: Oedema (mm, strength) of an ordinary clot, and of the ``edema`` mimic at full strength.
+OEDEMA_USUAL: tuple[tuple[float, float], tuple[float, float]] = ((2.0, 5.0), (0.25, 0.6))
+OEDEMA_MIMIC: tuple[tuple[float, float], tuple[float, float]] = ((6.0, 10.0), (0.6, 0.9))
+
+
+def at_severity(name: str, severity: float) -> float:
+    """``SEVERITY_SCALE[name]`` at ``severity`` (0..1)."""
+    a, b = SEVERITY_SCALE[name]
+    return float(a + (b - a) * np.clip(severity, 0.0, 1.0))
+
+
+def draw_volume_ml(rng: np.random.Generator, location: str, with_marker: bool) -> float:
+    """Baseline volume (ml), log-uniform over the location's range (markers need >= 12 ml)."""
+    lo, hi = VOLUME_RANGE_ML[location]
+    if with_marker:
+        lo = min(max(lo, MARKER_MIN_VOLUME_ML), hi)
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,7 @@ class HematomaSpec:
     blend_cap_frac: float = 0.3
     blend_delta_hu: float = 28.0
     blend_curvature: float = 0.0
+    blend_edge_px: float = 1.0
     fluid_dependent_frac: float = 0.5
     fluid_serum_delta_hu: float = 35.0
     fluid_cells_delta_hu: float = 8.0
@@ -108,13 +141,23 @@ def _centre_for(
 
 
 def sample_hematoma_spec(
-    rng: np.random.Generator, location: str, markers: Mapping[str, bool], anat: HeadAnatomy
+    rng: np.random.Generator,
+    location: str,
+    markers: Mapping[str, bool],
+    anat: HeadAnatomy,
+    severity: Mapping[str, float] | None = None,
+    volume_ml: float | None = None,
+    mimics: Mapping[str, float] | None = None,
 ) -> HematomaSpec:
-    """Draw a hematoma at ``location`` carrying exactly the requested markers."""
-    lo, hi = VOLUME_RANGE_ML[location]
-    if any(markers.values()):
-        lo = min(max(lo, MARKER_MIN_VOLUME_ML), hi)
-    vol = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    """Draw a hematoma at ``location`` carrying exactly the requested markers.
+
+    ``severity`` per marker (0..1; missing = 1, obvious), ``volume_ml`` the planned volume (drawn
+    when None), ``mimics`` the strengths of the mimics drawn in the hematoma itself (``edema``,
+    ``lobulation``).
+    """
+    sev = {m: 1.0 for m in MARKERS} | dict(severity or {})
+    mim = dict(mimics or {})
+    vol = float(volume_ml) if volume_ml is not None else draw_volume_ml(rng, location, any(markers.values()))
     r_eq = float(np.cbrt(3.0 * vol * 1000.0 / (4.0 * np.pi)))
     centre, yaw = _centre_for(rng, location, anat, r_eq)
     e = np.array([1.0, rng.uniform(0.6, 0.9), rng.uniform(0.65, 1.0)])
@@ -122,14 +165,11 @@ def sample_hematoma_spec(
     lobes: list[tuple[float, float, float, float]] = []
     if markers.get("irregular_margin"):
         axes = axes * 0.9  # lobules add the rest of the volume
-        n = int(rng.integers(2, 5))
-        start = rng.uniform(0, 2 * np.pi)
-        angles = start + np.arange(n) * (2 * np.pi / n) + rng.uniform(-0.3, 0.3, n)
-        for a in angles:
-            d = np.array([np.cos(a), np.sin(a), rng.normal(0, 0.2)])
-            d /= np.linalg.norm(d)
-            rad = float(rng.uniform(0.43, 0.56) * r_eq)
-            lobes.append((float(d[0]), float(d[1]), float(d[2]), rad))
+        n = int(round(at_severity("lobes", sev["irregular_margin"])))
+        rel = at_severity("lobe_rel_radius", sev["irregular_margin"])
+        lobes = _lobes(rng, n, rel * r_eq, 0.06 * r_eq)
+    elif mim.get("lobulation", 0) > 0:  # Barras shape II: one shallow bump, not the marker
+        lobes = _lobes(rng, 1, (0.18 + 0.1 * mim["lobulation"]) * r_eq, 0.0)
     texture = tuple(
         (float(k[0]), float(k[1]), float(k[2]), float(rng.uniform(0, 2 * np.pi)))
         for k in rng.normal(0, 2 * np.pi / 14.0, size=(3, 3))
@@ -137,6 +177,9 @@ def sample_hematoma_spec(
     blend_angle = rng.uniform(-55.0, 55.0) + (180.0 if rng.random() < 0.5 else 0.0)
     # An island needs dense clot around it: leave room when other density markers are present.
     crowded = bool(markers.get("hypodensity")) and (bool(markers.get("blend_sign")) or bool(markers.get("fluid_level")))
+    cap = at_severity("blend_cap_frac", sev["blend_sign"]) * (0.75 if crowded else 1.0)
+    oedema = OEDEMA_MIMIC if mim.get("edema", 0) > 0 else OEDEMA_USUAL
+    jitter = rng.uniform(0.0, 1.0, size=6)
     return HematomaSpec(
         location=location,
         centre=centre,
@@ -148,19 +191,34 @@ def sample_hematoma_spec(
         clot_hu=float(rng.uniform(62.0, 78.0)),
         texture=texture,
         markers={m: bool(markers.get(m, False)) for m in MARKERS},
-        island_rel_radius=float(rng.uniform(0.32, 0.45)),
-        island_delta_hu=float(rng.uniform(30.0, 42.0)),
-        second_island=bool(rng.random() < 0.35),
+        island_rel_radius=at_severity("island_rel_radius", sev["hypodensity"]),
+        island_delta_hu=at_severity("island_delta_hu", sev["hypodensity"]),
+        second_island=bool(sev["hypodensity"] > 0.6 and jitter[0] < 0.35),
         blend_angle_deg=float(blend_angle),
-        blend_cap_frac=float(rng.uniform(0.2, 0.28) if crowded else rng.uniform(0.25, 0.42)),
-        blend_delta_hu=float(rng.uniform(22.0, 34.0)),
+        blend_cap_frac=float(cap),
+        blend_delta_hu=at_severity("blend_delta_hu", sev["blend_sign"]),
         blend_curvature=float(rng.uniform(-0.5, 0.5)),
-        fluid_dependent_frac=float(rng.uniform(0.6, 0.72) if crowded else rng.uniform(0.35, 0.6)),
-        fluid_serum_delta_hu=float(rng.uniform(28.0, 42.0)),
-        fluid_cells_delta_hu=float(rng.uniform(4.0, 12.0)),
-        oedema_mm=float(rng.uniform(2.0, 5.0)),
-        oedema_strength=float(rng.uniform(0.25, 0.6)),
+        blend_edge_px=at_severity("blend_edge_px", sev["blend_sign"]),
+        fluid_dependent_frac=float(0.6 + 0.12 * jitter[1] if crowded else 0.35 + 0.25 * jitter[1]),
+        fluid_serum_delta_hu=at_severity("fluid_serum_delta_hu", sev["fluid_level"]),
+        fluid_cells_delta_hu=float(4.0 + 8.0 * jitter[2]),
+        oedema_mm=float(oedema[0][0] + (oedema[0][1] - oedema[0][0]) * jitter[3]),
+        oedema_strength=float(oedema[1][0] + (oedema[1][1] - oedema[1][0]) * jitter[4]),
     )
+
+
+def _lobes(
+    rng: np.random.Generator, n: int, radius: float, radius_sd: float
+) -> list[tuple[float, float, float, float]]:
+    """``n`` lobules spread round the clot: unit direction and radius (mm) each."""
+    start = rng.uniform(0, 2 * np.pi)
+    angles = start + np.arange(n) * (2 * np.pi / max(n, 1)) + rng.uniform(-0.3, 0.3, n)
+    out = []
+    for a in angles:
+        d = np.array([np.cos(a), np.sin(a), rng.normal(0, 0.2)])
+        d /= np.linalg.norm(d)
+        out.append((float(d[0]), float(d[1]), float(d[2]), float(max(radius + rng.normal(0, radius_sd), 0.1))))
+    return out
 
 
 def grow_hematoma(spec: HematomaSpec, ratio: float, rng: np.random.Generator) -> HematomaSpec:
@@ -266,7 +324,7 @@ def make_hematoma(
     for kx, ky, kz, p in spec.texture:
         clot += 1.5 * np.cos(kx * q[0] + ky * q[1] + kz * q[2] + p)
     realised = {mk: False for mk in MARKERS}
-    realised["irregular_margin"] = bool(spec.lobes)
+    realised["irregular_margin"] = bool(spec.markers.get("irregular_margin")) and bool(spec.lobes)
     ys_b = np.broadcast_to(ys, m.shape)
     if spec.markers.get("fluid_level"):
         # Gravity is the scanner's +y: the level is a row-aligned plane, whatever the tilt.
@@ -285,7 +343,7 @@ def make_hematoma(
         perp2 = (-n[1] * rx + n[0] * ry) ** 2 + (zs - cs[2]) ** 2
         proj = np.broadcast_to(proj + spec.blend_curvature * perp2 / (2.0 * r_eq), m.shape)
         cut = float(np.quantile(proj[m], 1.0 - spec.blend_cap_frac))
-        blend_w = np.clip(0.5 + (proj - cut) / h, 0.0, 1.0)
+        blend_w = np.clip(0.5 + (proj - cut) / (h * spec.blend_edge_px), 0.0, 1.0)
         clot = clot + (spec.clot_hu - spec.blend_delta_hu - clot) * blend_w
         realised["blend_sign"] = bool((m & (blend_w > 0.5)).sum() >= 4)
     island = np.zeros(m.shape, dtype=bool)

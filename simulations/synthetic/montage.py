@@ -2,7 +2,8 @@
 
 Marker tiles are crops around the hematoma on the slice that shows the marker best; the negative
 tile is the full slice, so head position, tilt, noise and sharpness differences show too. All
-tiles use the same window (0..80 HU), which is how the paper's model sees them.
+tiles use the same window (0..80 HU), which is how the paper's model sees them. A second picture
+(``save_difficulty_montage``) shows per marker its subtlest and most obvious example and a mimic.
 """
 
 from __future__ import annotations
@@ -78,6 +79,70 @@ def save_montage(
                 ax.set_title(col, fontsize=9)
             if j == 0:
                 ax.set_ylabel(row_labels[site], fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+#: Difficulty montage: per marker, its subtlest and most obvious example and its strongest mimic.
+DIFFICULTY_COLUMNS: tuple[str, ...] = ("subtle", "obvious", "mimic")
+#: (marker, column) -> (rank, tile); a lower rank is a better example.
+DifficultyTiles = dict[tuple[str, str], tuple[float, Tile]]
+
+
+def offer_difficulty_tiles(tiles: DifficultyTiles, r, evidence: Mapping[str, float], site_id: str) -> None:
+    """Keep the subtlest and the most obvious realised marker (by severity) and the negative whose
+    mimics show a reader the most evidence for it."""
+    ps, rad = r.grid.pixel_spacing, r.info.get("radius_eq_mm", 10.0)
+    for m in MARKERS:
+        sev = r.info["severity"][m]
+        k = r.info["slices"].get(m, r.info["slices"]["largest"]) if sev > 0 else r.info["slices"]["largest"]
+        if sev > 0:
+            choices = (
+                ("subtle", sev, f"{site_id} severity {sev:.2f}"),
+                ("obvious", -sev, f"{site_id} severity {sev:.2f}"),
+            )
+        elif evidence[m] > 0:
+            choices = (("mimic", -evidence[m], f"{site_id} mimic, evidence {evidence[m]:.2f}"),)
+        else:
+            continue
+        for col, rank, cap in choices:
+            if (m, col) not in tiles or rank < tiles[(m, col)][0]:
+                # A mimic may lie away from the clot (ventricular blood, a second bleed): whole slice.
+                tiles[(m, col)] = (rank, make_tile(r.hu, r.mask, k, ps, rad, cap, 0, crop=col != "mimic"))
+
+
+def save_difficulty_montage(path: Path, per_site: Sequence[DifficultyTiles], window=(0.0, 80.0)) -> None:
+    """Rows: markers; columns: subtle, obvious, mimic (best example over all sites)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: DifficultyTiles = {}
+    for tiles in per_site:
+        for key, (rank, tile) in tiles.items():
+            if key not in best or rank < best[key][0]:
+                best[key] = (rank, tile)
+    fig, axes = plt.subplots(len(MARKERS), len(DIFFICULTY_COLUMNS), figsize=(7.0, 2.3 * len(MARKERS)), squeeze=False)
+    for i, m in enumerate(MARKERS):
+        for j, col in enumerate(DIFFICULTY_COLUMNS):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            hit = best.get((m, col))
+            if hit is None:
+                ax.set_facecolor("black")
+            else:
+                ax.imshow(hit[1].image, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+                if hit[1].mask.any():
+                    ax.contour(hit[1].mask.astype(float), levels=[0.5], colors="red", linewidths=0.6)
+                ax.set_xlabel(hit[1].caption, fontsize=6)
+            if i == 0:
+                ax.set_title(col, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(m, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

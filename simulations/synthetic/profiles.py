@@ -19,6 +19,26 @@ LOCATIONS: tuple[str, ...] = ("putamen", "thalamus", "subcortical", "cerebellum"
 #: Reconstruction kernel classes; each maps to a blur (smooth) or an unsharp mask (sharp).
 KERNELS: tuple[str, ...] = ("smooth", "standard", "sharp")
 
+#: Pooled (patient-weighted) true prevalence of each marker over the default sites
+#: (docs/synthetic-data.md, sources): hypodensity 34.5 % and blend sign 20.3 % as in single-centre
+#: cohorts; irregular shape inside the 9-82 % range of the NCCT-marker meta-analysis; fluid level
+#: has no pooled figure in our sources and is set so that a 20 % test split holds >= 30 of each.
+MARKER_PREVALENCE: dict[str, float] = {
+    "hypodensity": 0.345,
+    "irregular_margin": 0.40,
+    "blend_sign": 0.203,
+    "fluid_level": 0.20,
+}
+#: Default ``generate_dataset(studies_scale=...)``: the archetypes' patient counts times this, so
+#: that the pooled 20 % test split holds >= 30 reader-positive studies of every marker.
+DEFAULT_STUDIES_SCALE = 6.5
+#: Share of a site's patients with a follow-up CT (drawn per site in this range).
+FOLLOWUP_RATE_RANGE: tuple[float, float] = (0.45, 0.8)
+#: Per-site reader tendency (threshold shift in evidence units; + strict, - lenient) is drawn
+#: with this SD, the per-site mimic rate multiplier in this range.
+READER_TENDENCY_SD = 0.05
+MIMIC_SCALE_RANGE: tuple[float, float] = (0.5, 1.5)
+
 
 @dataclass(frozen=True)
 class SiteProfile:
@@ -64,6 +84,13 @@ class SiteProfile:
     mask_layout: how the mask array is stored in the NIfTI, e.g. ``c,-r,k`` (dcm2niix-like:
         columns, flipped rows, slices); the affine always says which voxel is which.
     scout_rate: share of studies whose folder also holds one localizer image.
+    severity_range: range of the uniform draw of a present marker's severity, 0 (barely there)
+        to 1 (obvious); ``hematoma`` maps severity to HU difference, size, lobules, sharpness.
+    mimic_scale: multiplies every mimic's base rate (``mimics.MIMIC_RATES``); 0 = no mimics.
+    reader_noise: 1 = readers calibrated to the published inter-rater agreement per marker
+        (``readers.READER_AC1``); 0 = every label is the truth; in between scales the noise.
+    reader_tendency: the site's readers' threshold shift (evidence units): + strict, - lenient.
+    readers: 1 = one reader's call per label; 2 = two readers, a third adjudicates disagreements.
     """
 
     site_id: str
@@ -103,6 +130,11 @@ class SiteProfile:
     file_extension: str
     mask_layout: str
     scout_rate: float
+    severity_range: tuple[float, float] = (0.05, 1.0)
+    mimic_scale: float = 1.0
+    reader_noise: float = 1.0
+    reader_tendency: float = 0.0
+    readers: int = 1
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
@@ -116,6 +148,12 @@ class SiteProfile:
         if not self.window[1] > self.window[0]:
             raise ValueError(f"window must satisfy a < b, got {self.window}")
         parse_mask_layout(self.mask_layout)
+        if not 0.0 <= self.severity_range[0] <= self.severity_range[1] <= 1.0:
+            raise ValueError(f"severity_range must satisfy 0 <= lo <= hi <= 1, got {self.severity_range}")
+        if self.readers not in (1, 2):
+            raise ValueError(f"readers must be 1 or 2, got {self.readers}")
+        if self.mimic_scale < 0 or self.reader_noise < 0:
+            raise ValueError("mimic_scale and reader_noise must be >= 0")
 
     @property
     def pixel_spacing_mm(self) -> float:
@@ -569,15 +607,26 @@ def _site_matrix(matrix: int, factor: float) -> int:
     return max(min(64, matrix), int(round(matrix * factor / 8.0)) * 8)
 
 
+def _prevalence_scale() -> np.ndarray:
+    """Per marker, the factor that brings the archetypes' patient-weighted prevalence to
+    ``MARKER_PREVALENCE`` (the archetypes keep their between-site pattern)."""
+    mean = np.average([a[29] for a in _ARCHETYPES], axis=0, weights=[a[24] for a in _ARCHETYPES])
+    return np.array([MARKER_PREVALENCE[m] for m in MARKERS]) / mean
+
+
 def default_profiles(n_sites: int = 12, seed: int = 0, matrix: int = 128) -> list[SiteProfile]:
     """The standard sites: hand-set archetypes, continuous knobs jittered by ``seed``.
 
     More than twelve sites reuse the archetypes in turn with fresh jitter, so every site stays
-    distinct. Matrix sizes are ``matrix`` x 0.75, 1 or 1.25 (multiples of 8).
+    distinct. Matrix sizes are ``matrix`` x 0.75, 1 or 1.25 (multiples of 8). Follow-up rate,
+    reader tendency and mimic scale come from their own stream, so the other knobs keep the
+    values they had before those existed.
     """
     if n_sites < 1:
         raise ValueError(f"n_sites must be >= 1, got {n_sites}")
     rng = np.random.default_rng([seed, 0x5173])
+    rng_labels = np.random.default_rng([seed, 0x5174])
+    prev_scale = _prevalence_scale()
     out: list[SiteProfile] = []
     for i in range(n_sites):
         a = _ARCHETYPES[i % len(_ARCHETYPES)]
@@ -616,6 +665,11 @@ def default_profiles(n_sites: int = 12, seed: int = 0, matrix: int = 128) -> lis
             scout,
         ) = a
         j = rng.uniform(0.9, 1.1, size=4)
+        fu_rate, tendency, mimic_scale = (
+            rng_labels.uniform(*FOLLOWUP_RATE_RANGE),
+            rng_labels.normal(0.0, READER_TENDENCY_SD),
+            rng_labels.uniform(*MIMIC_SCALE_RANGE),
+        )
         if i >= len(_ARCHETYPES):
             name = f"{name} (campus {i // len(_ARCHETYPES) + 1})"
         out.append(
@@ -642,12 +696,12 @@ def default_profiles(n_sites: int = 12, seed: int = 0, matrix: int = 128) -> lis
                 cupping_hu=round(float(cup * j[1]), 2),
                 streak_hu=round(float(streak * j[2]), 2),
                 window=(float(window[0]), float(window[1])),
-                prevalence=tuple(float(p) for p in prev),
+                prevalence=tuple(float(np.clip(p * f, 0.02, 0.8)) for p, f in zip(prev, prev_scale)),
                 location_mix=tuple(float(p) for p in locmix),
                 annotator_bias_px=int(bias),
                 missing_label_rate=float(missing),
                 n_patients=int(npat),
-                followup_rate=0.3,
+                followup_rate=round(float(fu_rate), 3),
                 pixel_representation=int(pixrep),
                 rescale_intercept=float(icpt),
                 rescale_slope=float(slope),
@@ -657,6 +711,8 @@ def default_profiles(n_sites: int = 12, seed: int = 0, matrix: int = 128) -> lis
                 file_extension=ext,
                 mask_layout=layout,
                 scout_rate=float(scout),
+                mimic_scale=round(float(mimic_scale), 3),
+                reader_tendency=round(float(tendency), 3),
             )
         )
     return out

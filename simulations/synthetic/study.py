@@ -11,6 +11,7 @@ from scipy import ndimage
 from simulations.synthetic.anatomy import HeadPose, ScanGrid, make_head, sample_anatomy
 from simulations.synthetic.cohort import StudyPlan
 from simulations.synthetic.hematoma import grow_hematoma, make_hematoma, sample_hematoma_spec
+from simulations.synthetic.mimics import partial_volume, partial_volume_weight, render_mimics
 from simulations.synthetic.profiles import SiteProfile
 from simulations.synthetic.scanner import apply_scanner, fov_outside
 
@@ -88,17 +89,21 @@ def render_study(profile: SiteProfile, plan: StudyPlan) -> RenderedStudy:
     """Render a planned study deterministically (same plan -> same arrays, bit for bit)."""
     rng_patient = plan.rng(11)
     anat = sample_anatomy(rng_patient)
-    spec = sample_hematoma_spec(rng_patient, plan.location, plan.markers, anat)
+    t = plan.truth
+    spec = sample_hematoma_spec(rng_patient, plan.location, plan.markers, anat, t.severity, t.volume_ml, t.mimics)
     rng = plan.rng(21 if not plan.is_followup else 22)
     if plan.is_followup:
         spec = grow_hematoma(spec, plan.growth_ratio, rng)
     grid, pose = sample_grid_pose(rng, profile, plan.table_offset)
     head = make_head(anat, grid, pose)
     delta, true_mask, info = make_hematoma(spec, grid, pose, head, rng)
+    delta += render_mimics(head.hu + delta, head, grid, pose, spec.centre, spec.radius_eq, t.mimics, plan.rng(12))
+    delta = partial_volume(delta, partial_volume_weight(profile.slice_thickness_mm))
     hu = apply_scanner(head.hu + delta, head, grid, pose, profile, rng)
     outside = fov_outside(grid, profile.fov_mm) if profile.fov_circle else np.zeros(grid.shape[1:], dtype=bool)
     mask = annotate_mask(true_mask, profile.annotator_bias_px)
     mask[:, outside] = False
+    info["severity"] = {m: (t.severity[m] if on else 0.0) for m, on in info["markers"].items()}
     info = dict(info, atrophy=anat.atrophy, tilt_deg=pose.tilt_deg, annotated_ml=float(mask.sum() * grid.voxel_ml))
     return RenderedStudy(
         plan=plan, grid=grid, pose=pose, hu=hu, mask=mask, true_mask=true_mask, outside_fov=outside, info=info

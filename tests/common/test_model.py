@@ -66,7 +66,7 @@ class BaseModelTester:
         assert not any(getattr(m, "inplace", False) for m in model.modules() if isinstance(m, nn.ReLU))
 
     def test_dwt_filters_not_in_state_dict(self, model: JointModel) -> None:
-        assert not any(k.endswith(("h0_col", "h1_col", "h0_row", "h1_row")) for k in model.state_dict())
+        assert not any(k.endswith("kernel") for k in model.state_dict())
 
     def test_halves_partition_the_state(self, model: JointModel) -> None:
         keys = set(model.state_dict())
@@ -155,12 +155,45 @@ class TestWaveletPool:
         recon = DWTInverse(wave="haar", mode="zero")((yl, [yh]))
         assert torch.allclose(recon, x, atol=1e-5)
 
-    def test_matches_pywt_haar(self) -> None:
-        img = np.random.default_rng(0).random((32, 24))
-        ca, (ch, cv, cd) = pywt.dwt2(img, "haar", mode="zero")
-        yl, yh = WaveletPool.split_bands(WaveletPool("haar")(torch.tensor(img, dtype=torch.float32)[None, None]))
+    @pytest.mark.parametrize("wave", ["haar", "db2"])
+    @pytest.mark.parametrize("shape", [(32, 24), (17, 11)])
+    def test_matches_pywt(self, wave: str, shape: tuple[int, int]) -> None:
+        img = np.random.default_rng(0).random(shape)
+        ca, (ch, cv, cd) = pywt.dwt2(img, wave, mode="zero")
+        yl, yh = WaveletPool.split_bands(WaveletPool(wave)(torch.tensor(img, dtype=torch.float32)[None, None]))
         for ours, ref in [(yl[0, 0], ca), (yh[0, 0, 0], ch), (yh[0, 0, 1], cv), (yh[0, 0, 2], cd)]:
             np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5)
+
+    @pytest.mark.parametrize("wave", ["haar", "db2"])
+    def test_same_bands_as_pytorch_wavelets(self, wave: str) -> None:
+        """Checkpoints trained with pytorch_wavelets' DWTForward keep their meaning."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pytorch_wavelets import DWTForward
+
+        x = torch.rand(2, 3, 20, 14)
+        yl_ref, (yh_ref,) = DWTForward(J=1, wave=wave, mode="zero")(x)
+        yl, yh = WaveletPool.split_bands(WaveletPool(wave)(x))
+        assert torch.allclose(yl, yl_ref, atol=1e-5) and torch.allclose(yh, yh_ref, atol=1e-5)
+
+    def test_bf16_autocast_matches_pywt_and_its_gradient_is_the_inverse(self) -> None:
+        """Under bf16 autocast the convolution runs in bf16: bands within bf16 rounding of pywt, and the
+        gradient (Haar is orthogonal: the inverse transform of the output gradient) reaches an fp32 input."""
+        img = np.random.default_rng(1).random((2, 16, 16))
+        x = torch.tensor(img, dtype=torch.float32)[None].requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = WaveletPool("haar")(x)
+        assert y.dtype == torch.bfloat16
+        yl, yh = WaveletPool.split_bands(y.float())
+        ca, (ch, cv, cd) = pywt.dwt2(img[0], "haar", mode="zero")
+        for ours, ref in [(yl[0, 0], ca), (yh[0, 0, 0], ch), (yh[0, 0, 1], cv), (yh[0, 0, 2], cd)]:
+            np.testing.assert_allclose(ours.detach().numpy(), ref, atol=2e-2)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+        y.float().mul(g).sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.float32
+        gl, gh = WaveletPool.split_bands(g)
+        expected = pywt.idwt2((gl[0, 0].numpy(), tuple(gh[0, 0, i].numpy() for i in range(3))), "haar", mode="zero")
+        np.testing.assert_allclose(x.grad[0, 0].numpy(), expected, atol=3e-2)
 
     def test_bf16_autocast_forward_backward(self) -> None:
         pool = WaveletPool()

@@ -3,7 +3,8 @@
 ``FakeGrid`` delivers each pushed message to the ``ClientApp`` of its destination node with that
 node's ``Context`` (as a SuperNode would), turns an exception into an error reply (as the SuperNode
 does), can keep a node silent (a site that times out or vanished: the server waits out
-``rounds.timeout``), and records every message both ways.
+``rounds.timeout``) or answer for it as the SuperLink does for a node that died (``unavailable``: an
+error reply whose ``src_node_id`` is the SuperLink's), and records every message both ways.
 Also: ``set_task_identity`` (a ``Message`` built outside a Flower process needs it, docs/design.md §6),
 ``make_context``, ``make_message`` and ``make_reply`` (a site's reply as the server receives it).
 """
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.common.config import get_fused_config_from_dir
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -101,6 +103,7 @@ class FakeGrid(Grid):
     nodes: dict[int, tuple[Callable[[Message, Context], Message], Context]]
     log: list[Sent] = field(default_factory=list)
     silent: set[int] = field(default_factory=set)
+    unavailable: set[int] = field(default_factory=set)
     before_delivery: Callable[[Message], None] | None = None
 
     def __post_init__(self) -> None:
@@ -133,6 +136,10 @@ class FakeGrid(Grid):
             if self.before_delivery is not None:
                 self.before_delivery(msg)
             node = msg.metadata.dst_node_id
+            if node in self.unavailable:
+                self._replies[msg_id] = superlink_unavailable(msg)
+                self.log.append(Sent(msg, None))
+                continue
             if node not in self.nodes or node in self.silent:
                 self.log.append(Sent(msg, None))
                 continue
@@ -152,6 +159,23 @@ class FakeGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def superlink_unavailable(msg: Message) -> Message:
+    """The SuperLink's reply for a node that stopped sending heartbeats: from the SuperLink's own node
+    id, to the message's id, "node unavailable" (as Flower 1.42's linkstate builds it)."""
+    meta = Metadata(
+        run_id=msg.metadata.run_id,
+        message_id="",
+        src_node_id=SUPERLINK_NODE_ID,
+        dst_node_id=SUPERLINK_NODE_ID,
+        reply_to_message_id=msg.metadata.message_id,
+        group_id=msg.metadata.group_id,
+        created_at=0.0,
+        ttl=60.0,
+        message_type=msg.metadata.message_type,
+    )
+    return Message(metadata=meta, error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason=NODE_UNAVAILABLE_ERROR_REASON))
 
 
 def make_reply(arrays: dict[str, np.ndarray] | None, metrics: dict, node_id: int, error: str | None = None) -> Message:

@@ -239,9 +239,11 @@ def test_site_failing_or_silent_mid_run(data_root, tmp_path):
     grid.before_delivery = sabotage
     history = run_federation(grid, rc)
     assert [r["round"] for r in history.rounds] == [1, 2, 3]
-    failures = {(r["round"], f["phase"], f["site"]) for r in history.rounds for f in r["failures"]}
+    failures = {(r["round"], p, f["site"]) for r in history.rounds for f in r["failures"] for p in f["phases"]}
     assert (2, "train", "site-02") in failures and (2, "evaluate", "site-02") in failures
     assert {(3, "count labels", "site-03"), (3, "train", "site-03"), (3, "evaluate", "site-03")} <= failures
+    # one entry per site and round, with the first phase's reason
+    assert [(f["site"], f["phase"]) for f in history.rounds[2]["failures"]] == [("site-03", "count labels")]
     reasons = [f["reason"] for r in history.rounds for f in r["failures"]]
     assert any("partition 99 has no site" in r for r in reasons) and any("no reply" in r for r in reasons)
     assert sorted(history.rounds[1]["train"]["sites"]) == ["site-01", "site-03"]

@@ -1,7 +1,8 @@
 """A short training on generated data really learns, and ``hemexp predict`` measures volumes.
 
 Slow-ish (about a minute or two on 2 cores): tiny preset, 64x64 slices, one easy generated site
-(every marker at 50 % prevalence, low noise, no missing labels, no annotator bias).
+(every marker at 50 % prevalence and obvious, no mimics, labels = truth, low noise, no missing
+labels, no annotator bias).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def easy_site(tmp_path_factory) -> Path:
         followup_rate=0.0,
         cupping_hu=0.0,
         streak_hu=0.0,
+        severity_range=(1.0, 1.0),  # obvious markers, no mimics, labels = truth
+        mimic_scale=0.0,
+        reader_noise=0.0,
     )
     site = tmp_path_factory.mktemp("easy") / "site-01"
     generate_site(site, profile, site_number=1, seed=3, progress=False)

@@ -15,12 +15,12 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from common.config import AIR_HU, LABELS
+from common.config import AIR_HU, LABELS, MARKERS
 from simulations.synthetic import default_profiles, generate_dataset
 from simulations.synthetic.anatomy import HeadPose, ScanGrid, make_head, sample_anatomy
 from simulations.synthetic.cohort import plan_site
 from simulations.synthetic.hematoma import make_hematoma, sample_hematoma_spec
-from simulations.synthetic.profiles import scale_studies
+from simulations.synthetic.profiles import DEFAULT_STUDIES_SCALE, scale_studies
 from simulations.synthetic.study import render_study
 
 SEED = 7
@@ -152,8 +152,8 @@ def test_site_sizes_differ_several_fold(dataset):
     _, summary = dataset
     sizes = [s.studies for s in summary.sites]
     assert max(sizes) >= 3 * min(sizes)
-    full = [p.n_patients for p in default_profiles(12)]
-    assert max(full) >= 5 * min(full) and 150 <= sum(full) * 1.3 <= 250
+    full = [scale_studies(p, DEFAULT_STUDIES_SCALE).n_patients for p in default_profiles(12)]
+    assert max(full) >= 5 * min(full) and 800 <= sum(full) <= 1200
 
 
 # ---------------------------------------------------------------- DICOM
@@ -298,8 +298,9 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 def test_same_seed_same_bytes_other_seed_other_data(dataset, tmp_path):
     out, _ = dataset
     again = tmp_path / "again"
-    generate_dataset(again, n_sites=N_SITES, seed=SEED, matrix=MATRIX, studies_scale=SCALE, progress=False)
-    a, b = _snapshot(out), _snapshot(again)
+    generate_dataset(again, n_sites=N_SITES, seed=SEED, matrix=MATRIX, studies_scale=SCALE, progress=False, workers=1)
+    a, b = _snapshot(out), _snapshot(again)  # also: one worker or several, the same bytes
+    assert ".truth/truth.csv" in a
     assert a.keys() == b.keys()
     assert all(a[k] == b[k] for k in a)
     other = tmp_path / "other"
@@ -340,14 +341,24 @@ def test_profiles_differ_and_noise_is_measurable(dataset, profiles):
 # ---------------------------------------------------------------- markers, noise-free
 
 
-def _render_case(seed: int, location: str, markers: dict[str, bool], tilt: float = 0.0, n: int = 96):
+def _render_case(
+    seed: int,
+    location: str,
+    markers: dict[str, bool],
+    tilt: float = 0.0,
+    n: int = 96,
+    severity: dict[str, float] | None = None,
+    mimics: dict[str, float] | None = None,
+    volume_ml: float | None = None,
+):
+    """A noise-free study (obvious markers unless ``severity`` says otherwise)."""
     rng = np.random.default_rng(seed)
     anat = sample_anatomy(rng)
     ps = 230.0 / n
     grid = ScanGrid((28, n, n), ps, 5.0, (-(n - 1) / 2 * ps, -(n - 1) / 2 * ps, -45.0))
     pose = HeadPose((2.0, -3.0, 0.0), tilt)
     head = make_head(anat, grid, pose)
-    spec = sample_hematoma_spec(rng, location, markers, anat)
+    spec = sample_hematoma_spec(rng, location, markers, anat, severity, volume_ml, mimics)
     delta, mask, info = make_hematoma(spec, grid, pose, head, rng)
     return head.hu + delta, mask, info
 
@@ -467,3 +478,24 @@ def test_written_markers_are_measurable_against_negatives(dataset, profiles):
     for mk, (pos, neg) in stats.items():
         assert pos and neg, f"no {mk} positives or negatives to compare"
         assert np.mean(pos) > np.mean(neg) + 10, (mk, pos, neg)
+
+
+def test_labels_are_the_readers_calls_and_the_truth_is_kept_apart(dataset):
+    """labels.csv holds reader 1's call (one reader per study), as recorded in the truth file,
+    which also holds the true state; with reader noise on, the two disagree somewhere."""
+    from simulations.synthetic.truth import read_truth
+
+    out, _ = dataset
+    truth = read_truth(out)
+    disagree = 0
+    for site in sorted(out.glob("site-*")):
+        for row in read_labels(site):
+            t = truth[(site.name, row["patient_id"], row["study_id"])]
+            if t["kind"] != "baseline":
+                continue
+            for m in MARKERS:
+                assert t[f"{m}_label"] == t[f"{m}_reader1"] and t[f"{m}_reader2"] == ""
+                if row[m] != "":
+                    assert row[m] == t[f"{m}_label"]
+                    disagree += row[m] != t[f"{m}_true"]
+    assert disagree > 0

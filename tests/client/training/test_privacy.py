@@ -26,6 +26,8 @@ from client.federation.site_run import SiteRunConfig
 from client.training.privacy import (
     DPSGD,
     PRIVACY_FILE,
+    PatientPoissonSampler,
+    default_delta,
     epsilon_spent,
     noise_for_budget,
     round_steps,
@@ -61,6 +63,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IMAGE = 32
 DP = {
     "privacy.dp": True,
+    "privacy.unit": "slice",  # the per-slice tests below; per-patient ones set "patient"
     "model.image-size": IMAGE,
     "train.local-steps": 2,
     "train.batch-size": 4,
@@ -125,6 +128,7 @@ def test_round_steps_follow_train_stage():
         ("privacy.noise-multiplier", -0.5, "privacy.noise-multiplier must be >= 0"),
         ("privacy.target-epsilon", 0.0, "privacy.target-epsilon must be > 0"),
         ("privacy.delta", 1.0, r"privacy.delta must be in \[0, 1\)"),
+        ("privacy.unit", "study", r"privacy.unit must be 'patient' or 'slice'"),
         ("privacy.max-grad-norm", 0.0, "privacy.max-grad-norm must be > 0"),
     ],
 )
@@ -477,3 +481,95 @@ def test_per_site_epsilon_lands_in_history_json(tmp_path, caplog):
         assert f"train: site {site_id} did not train: privacy budget spent (epsilon {one:.3f})" in caplog.text
     assert history["run"]["model"]["norm"] == "group"
     assert second.get("skipped") and not first.get("skipped")
+
+
+# --- per-patient DP-SGD (privacy.unit = "patient") ---------------------------------------------------
+
+
+def test_patient_batches_hold_whole_patients():
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 3, 3, 3])
+    sampler = PatientPoissonSampler(groups, 0.5, 200, torch.Generator().manual_seed(0))
+    drawn = np.zeros(4)
+    for batch in sampler:
+        patients = set(groups[batch])
+        assert sorted(batch) == sorted(np.flatnonzero(np.isin(groups, list(patients))).tolist())  # all their slices
+        assert list(sampler.current) == list(groups[batch])
+        drawn[list(patients)] += 1
+    assert np.all(np.abs(drawn / 200 - 0.5) < 0.15)  # each patient drawn with probability q, independently
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_patient_clipping_bounds_a_patient_of_many_slices(stage):
+    """Patient 0 has 5 slices, patient 1 one. Noise 0, q = 1, C tiny, SGD: the step is
+    -lr * (clip(sum of patient 0's gradients) + clip(patient 1's)) / 2, so patient 0 moves the model by
+    at most lr * C / 2, like patient 1; per slice it would have counted five times."""
+    model, ds = dp_model(), FakeSlices(6)
+    groups = np.array([0, 0, 0, 0, 0, 1])
+    lr, clip = 100.0, 1e-4
+    cfg = TrainConfig(
+        epochs=1,
+        max_steps=1,
+        batch_size=8,
+        lr=lr,
+        weight_decay=0.0,
+        optimizer="sgd",
+        schedule="constant",
+        augment=False,
+        balanced=False,
+    )
+    if stage == 2:
+        freeze_unet(model)
+    model.train()
+    params = [p for p in half_of(model, stage).parameters() if p.requires_grad]
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=6)))
+    per_patient = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    for i in range(6):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(stage_loss(model, one, stage, None, torch.device("cpu"), per_sample=True), params)
+        for acc, g in zip(per_patient[groups[i]], grads):
+            acc += g
+    expected = [torch.zeros_like(p) for p in params]
+    for sums in per_patient:
+        norm = torch.sqrt(sum((g**2).sum() for g in sums))
+        assert norm > 100 * clip
+        for e, g in zip(expected, sums):
+            e += g * (clip / (norm + 1e-6)) / 2  # the mean over the expected 2 patients
+    before = [p.detach().clone() for p in params]
+    dp = DPSGD(0.0, clip, seed=0, groups=groups)
+    result = train_stage(model, torch.utils.data.DataLoader(ds, batch_size=8), stage, cfg, privacy=dp)
+    assert result.steps == dp.steps == 1 and result.num_examples == 6 and dp.sample_rate == 1.0
+    update = torch.cat([(p.detach().double() - b.double()).flatten() for p, b in zip(params, before)])
+    assert_near(update, -lr * torch.cat([e.double().flatten() for e in expected]), 1e-2)
+    assert float(update.norm()) <= lr * clip * (1 + 1e-3)
+
+
+def test_patient_delta_default_is_well_below_one_over_patients():
+    assert default_delta("patient", 3000, 100) == 1e-5  # 0.1 / 100 = 1e-3, capped at 1e-5
+    assert default_delta("patient", 3_000_000, 100_000) == pytest.approx(1e-6)
+    assert default_delta("slice", 300, 10) == pytest.approx(1 / 300)
+
+
+def test_patient_dp_through_the_handler_counts_patients(site, tmp_path):
+    """The reply's epsilon is Opacus' RDP accountant's at the patient sampling rate (expected patients per
+    batch over training patients) and the default delta; the ledger says the unit."""
+    from opacus.accountants import RDPAccountant
+
+    shutil.copytree(site["cache-dir"], tmp_path / "cache")
+    node, rc = {**site, "cache-dir": str(tmp_path / "cache")}, run_config(**{**DP, "privacy.unit": "patient"})
+    run = SiteRunConfig.from_run_config(rc)
+    train = open_site(SiteNode.from_context(make_context(node, rc), run.config.data), run).train
+    usable = usable_slices(train, 1, run.model)
+    patient_of = np.asarray([s["patient"] for s in train.cache.studies])[train.cache.slice_study()][train.indices]
+    patients, usable_patients = len(set(patient_of)), len(set(patient_of[usable]))
+    assert 1 < usable_patients < int(usable.sum())  # patients of several slices each
+    model = build_joint_model(model_from_run_config(rc)[0], seed=0)
+    reply = train_call(node, rc, model, 1, 1, "patient-run")
+    metrics = reply.content[METRICS]
+    assert changed(reply, model, "unet") and metrics[NUM_EXAMPLES] == int(usable.sum())
+    assert metrics[PRIVACY_DELTA] == pytest.approx(min(1e-5, 0.1 / patients))
+    ledger = json.loads((tmp_path / "cache" / "federation" / "site-04" / "patient-run" / PRIVACY_FILE).read_text())
+    assert ledger["unit"] == "patient"
+    expected_patients = 4 * usable_patients / int(usable.sum())  # batch 4 slices on average
+    acc = RDPAccountant()
+    acc.history = [(ledger["noise_multiplier"], expected_patients / usable_patients, 2)]  # 2 local steps
+    assert metrics[PRIVACY_EPSILON] == pytest.approx(acc.get_epsilon(delta=metrics[PRIVACY_DELTA]), rel=1e-9)

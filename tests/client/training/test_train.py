@@ -10,7 +10,7 @@ import torch
 
 from client.data.cache import build_site_cache
 from client.data.dataset import SliceDataset, assign_groups, brain_slices, make_loader, split_slices
-from client.training.train import TrainConfig, augment_batch, train_stage
+from client.training.train import Acceleration, TrainConfig, augment_batch, fed_loader, train_stage, trainable_half
 from common.checkpoint import load_checkpoint
 from common.config import PreprocessConfig
 from common.model import build_joint_model
@@ -137,3 +137,52 @@ def test_hemexp_train_writes_checkpoint_metrics_and_curves(tmp_path, capsys) -> 
     torch.load(out / "checkpoint.pt", weights_only=True)  # safe loading works
     assert (out / "curves.png").stat().st_size > 1000
     assert "test: dice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_cpu_default_is_the_plain_loop_bit_for_bit(cache, stage) -> None:
+    """On the CPU ``train_stage`` picks no speed option (``Acceleration.for_device``), and its weights are
+    exactly those of the plain reference loop the GPU benchmark compares against."""
+    from benchmarks.bench_gpu_train import plain_loop
+
+    assert Acceleration.for_device("cpu") == Acceleration()
+    ds = SliceDataset(cache, brain_slices(cache))
+    cfg = TrainConfig(schedule="constant", epochs=5, max_steps=3, batch_size=4, seed=3)
+    pos_weight = torch.full((4,), 2.0) if stage == 2 else None
+    ours, plain = build_joint_model(TINY, seed=0), build_joint_model(TINY, seed=0)
+    result = train_stage(ours, make_loader(ds, 4, shuffle=True, seed=1), stage, cfg, "cpu", pos_weight)
+    losses = plain_loop(plain, make_loader(ds, 4, shuffle=True, seed=1), stage, cfg, torch.device("cpu"), pos_weight)
+    assert result.steps == len(losses) == 3 and result.loss == pytest.approx(np.mean(losses), abs=0)
+    for (key, a), b in zip(ours.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_channels_last_trains_like_fp32_and_returns_contiguous_weights(cache, stage) -> None:
+    """The GPU options run on the CPU too (bf16 autocast through the wavelet pooling included): the
+    losses follow fp32's within bf16 rounding, the trained half moves, and the weights leave NCHW."""
+    from benchmarks.bench_gpu_train import StepClock
+
+    ds = SliceDataset(cache, brain_slices(cache))
+    cfg = TrainConfig(schedule="constant", epochs=5, max_steps=3, batch_size=4, seed=3)
+    runs = {}
+    for name, accel in {"fp32": Acceleration(), "bf16": Acceleration(bf16=True, channels_last=True)}.items():
+        model = build_joint_model(TINY, seed=0)
+        before = _state(trainable_half(model, stage))
+        clock = StepClock()
+        train_stage(model, make_loader(ds, 4, True, seed=1), stage, cfg, on_step=clock, accel=accel)
+        runs[name] = clock.losses
+        after = _state(trainable_half(model, stage))
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        assert all(p.is_contiguous() for p in model.parameters())
+    np.testing.assert_allclose(runs["bf16"], runs["fp32"], rtol=0.05)
+
+
+def test_fed_loader_gives_the_same_batches_from_worker_processes(cache) -> None:
+    ds = SliceDataset(cache, brain_slices(cache))
+    plain = make_loader(ds, 4, shuffle=True, seed=5, balanced=True)
+    assert fed_loader(plain, 0) is plain
+    fed = fed_loader(make_loader(ds, 4, shuffle=True, seed=5, balanced=True), 2)
+    assert fed.num_workers == 2 and fed.pin_memory == torch.cuda.is_available()
+    for a, b in zip(plain, fed, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["study"], b["study"])

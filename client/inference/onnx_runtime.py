@@ -1,0 +1,174 @@
+"""ONNX Runtime back end of the fast scoring path (``client.inference.fast``).
+
+The joint model is exported as two graphs, ``segment`` (U-Net: mask logits and deepest encoder
+features) and ``classify`` (Wavelet VGG16 + head), once per set of weights, and kept in a cache folder
+named by a fingerprint of the weights. ONNX Runtime runs EfficientNet's depthwise convolutions much
+faster than PyTorch's CPU kernels. Optionally a part runs as a static int8 model (QDQ, per-channel
+weights), calibrated on slices from the site's own cache, since activation ranges are site-specific.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.inference.fast import InferenceOptions, SegmentPart, TorchScorer, scale_slices
+from common.model import JointModel
+
+#: Slices used to calibrate an int8 model: enough to see a site's range of activations.
+CALIBRATION_SLICES = 16
+_INPUTS = {"segment": ["x"], "classify": ["x", "features"]}
+_OUTPUTS = {"segment": ["mask_logits", "features"], "classify": ["logits"]}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HEMEXP_CACHE", Path.home() / ".cache" / "hemexp")) / "onnx"
+
+
+def model_fingerprint(model: JointModel) -> str:
+    """sha256 of the architecture and every weight: a cached export is reused only for the same model."""
+    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def export_parts(model: JointModel, folder: Path) -> dict[str, Path]:
+    """Write ``segment.onnx`` and ``classify.onnx`` (batch axis dynamic) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    s = model.cfg.image_size
+    x = torch.zeros(2, model.cfg.in_channels, s, s)
+    seg = SegmentPart(model)
+    with torch.no_grad():
+        features = seg(x)[1]
+    modules = {"segment": (seg, (x,)), "classify": (model.classifier, (x, features))}
+    paths = {}
+    for part, (module, args) in modules.items():
+        paths[part] = folder / f"{part}.onnx"
+        names = _INPUTS[part] + _OUTPUTS[part]
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes
+            torch.onnx.export(
+                module,
+                args,
+                str(paths[part]),
+                input_names=_INPUTS[part],
+                output_names=_OUTPUTS[part],
+                dynamic_axes={n: {0: "batch"} for n in names},
+                opset_version=17,
+                dynamo=False,
+            )
+    return paths
+
+
+def calibration_slices(cache_dir: Path | str, n: int = CALIBRATION_SLICES) -> np.ndarray:
+    """``n`` brain slices of a site cache, those with the most reference hematoma first (what the
+    classifier sees in the clinic), spread over the studies; uint8 [n, S, S]."""
+    from client.data.cache import open_cache
+    from client.data.dataset import brain_slices
+
+    cache = open_cache(cache_dir)
+    idx = brain_slices(cache)
+    if idx.size == 0:
+        raise ValueError(f"site cache {cache_dir} has no brain slices to calibrate on")
+    pixels = np.asarray(cache.masks[idx]).reshape(len(idx), -1).sum(axis=1)
+    order = np.lexsort((idx, -pixels))
+    return np.asarray(cache.images[np.sort(idx[order[:n]])])
+
+
+class _Feeds:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over prepared input dicts."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def quantize_part(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+    """Static int8 (QDQ; per-channel int8 weights, uint8 activations) calibrated by min/max on ``feeds``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(out),
+        _Feeds(feeds),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    prepared.unlink()
+    return out
+
+
+def calibration_feeds(model: JointModel, slices: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Inputs of each part on the calibration slices, one slice per feed (the classifier's as in the clinic)."""
+    scorer = TorchScorer(model, "cpu", channels_last=False)
+    x = scale_slices(slices)
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"segment": [], "classify": []}
+    for i in range(len(x)):
+        mask_logits, features = scorer.segment(x[i : i + 1])
+        image = x[i : i + 1] * (mask_logits > 0) if model.cfg.masked_input else x[i : i + 1]
+        feeds["segment"].append({"x": x[i : i + 1]})
+        feeds["classify"].append({"x": image, "features": features})
+    return feeds
+
+
+def prepare_models(model: JointModel, options: InferenceOptions) -> dict[str, Path]:
+    """The ONNX file of each part (exported, and quantised where ``options.int8`` says), cached."""
+    folder = (options.cache_dir or default_cache_dir()) / model_fingerprint(model)
+    paths = {p: folder / f"{p}.onnx" for p in _INPUTS}
+    if not all(p.exists() for p in paths.values()):
+        export_parts(model, folder)
+    if not options.int8:
+        return paths
+    slices = calibration_slices(options.calibration)
+    tag = hashlib.sha256(slices.tobytes()).hexdigest()[:12]
+    feeds = None
+    for part in options.int8:
+        out = folder / f"{part}.int8-{tag}.onnx"
+        if not out.exists():
+            feeds = feeds or calibration_feeds(model, slices)
+            quantize_part(paths[part], out, feeds[part])
+        paths[part] = out
+    return paths
+
+
+class OnnxScorer:
+    """``SliceScorer`` on ONNX Runtime's CPU execution provider."""
+
+    def __init__(self, paths: dict[str, Path], threads: int) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.sessions = {
+            part: ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            for part, path in paths.items()
+        }
+
+    @classmethod
+    def for_model(cls, model: JointModel, options: InferenceOptions) -> OnnxScorer:
+        return cls(prepare_models(model, options), options.threads)
+
+    def segment(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask_logits, features = self.sessions["segment"].run(None, {"x": x})
+        return mask_logits, features
+
+    def classify(self, x: np.ndarray, features: np.ndarray) -> np.ndarray:
+        return self.sessions["classify"].run(None, {"x": x, "features": features})[0]

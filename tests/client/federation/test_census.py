@@ -1,0 +1,138 @@
+"""The data census: the site's guard (bins under the minimum count suppressed, noise), and a census-only
+run through a FakeGrid to the real ClientApp whose pooled totals equal the statistics computed
+directly from the sites' caches and DICOM headers, with its HTML report written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from client.client_app import app as client_app
+from client.data.cache import open_cache
+from client.federation.census import guard_census
+from client.federation.policy import SitePolicy
+from common.census import (
+    HU,
+    HU_EDGES,
+    LABEL_MISSING,
+    LABEL_NEG,
+    LABEL_POS,
+    MASKS,
+    SCANNER,
+    SCANNER_NAMES,
+    SLICES,
+    STUDIES,
+    SUPPRESSED,
+    THICKNESS,
+    VOLUME,
+)
+from common.run_config import model_from_run_config
+from server.federation import run_federation
+from simulations.sites import prepare_caches
+from tests.helpers.flower import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
+
+SCANNERS = {"site-01": ("ACME", "CT-1", 5.0), "site-02": ("ACME", "CT-1", 5.0), "site-03": ("Other", "X9", 2.5)}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    set_task_identity()
+
+
+def config(root: Path, out: Path) -> dict:
+    return run_config(
+        **{"data.root": str(root), "output.dir": str(out), "output.name": "census", "model.image-size": 32}
+        | {"rounds.census": "only", "rounds.timeout": 30.0}
+    )
+
+
+def stamp_headers(site: Path, manufacturer: str, model: str, thickness: float) -> None:
+    for path in sorted((site / "dicom").rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.Manufacturer, ds.ManufacturerModelName, ds.SliceThickness = manufacturer, model, thickness
+        ds.save_as(path)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("census") / "data"
+    write_prepared_sites(root, 3, config(root, root.parent / "runs"), seed_offset=1)
+    for site, (maker, model, thickness) in SCANNERS.items():
+        stamp_headers(root / site, maker, model, thickness)
+    # the caches were keyed on the files before the headers changed: build them again, as `prepare` would
+    for cache in (root / ".cache").glob("site-*"):
+        shutil.rmtree(cache)
+    prepare_caches(root, model_from_run_config(config(root, root.parent / "runs"))[1], progress=False)
+    return root
+
+
+def census_run(root: Path, out: Path, min_count: int | None) -> dict:
+    for site in SCANNERS:
+        policy = "" if min_count is None else f"[policy]\ncensus-min-count = {min_count}\n"
+        (root / site / "site.toml").write_text(f'site_id = "{site}"\n{policy}')
+    rc = config(root, out)
+    grid = FakeGrid({100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(3)})
+    history = run_federation(grid, rc)
+    assert history.rounds == []  # census only: no training round
+    assert not any(s.message.metadata.message_type == "train" for s in grid.log)
+    return json.loads((out / "census" / "census.json").read_text())
+
+
+def direct_statistics(root: Path) -> dict:
+    """The pooled statistics computed straight from the caches and the DICOM headers."""
+    caches = [open_cache(p) for p in sorted((root / ".cache").glob("site-*"))]
+    pixels = np.concatenate([c.images[c.images > 0].astype(float) for c in caches])
+    lo, hi = caches[0].index["preprocess"]["window"]
+    studies = [s for c in caches for s in c.index["studies"]]
+    labels = np.array([[np.nan if v is None else v for v in s["labels"]] for s in studies])
+    n_files = {site: len(list((root / site / "dicom").glob("*/*"))) for site in SCANNERS}
+    return {
+        HU: np.histogram(lo + pixels * (hi - lo) / 255, bins=HU_EDGES)[0].tolist(),
+        STUDIES: [len(studies)],
+        SLICES: [sum(c.n_slices for c in caches)],
+        LABEL_POS: (labels == 1).sum(axis=0).tolist(),
+        LABEL_NEG: (labels == 0).sum(axis=0).tolist(),
+        LABEL_MISSING: np.isnan(labels).sum(axis=0).tolist(),
+        MASKS: [sum(s["has_mask"] for s in studies), sum(not s["has_mask"] for s in studies)],
+        SCANNER: {"ACME CT-1": n_files["site-01"] + n_files["site-02"], "Other X9": n_files["site-03"]},
+    }
+
+
+def test_census_totals_equal_the_pooled_statistics(data_root, tmp_path):
+    census = census_run(data_root, tmp_path, min_count=0)
+    pooled, direct = census["pooled"], direct_statistics(data_root)
+    for key, value in direct.items():
+        assert pooled[key] == value, key
+    assert sorted(census["sites"]) == list(SCANNERS) and pooled[SUPPRESSED] == []
+    # thickness: 5 mm sites in the 4-5.5 bin, the 2.5 mm one in 2-3; every masked study has a volume
+    assert pooled[THICKNESS][4] == direct[SCANNER]["ACME CT-1"] and pooled[THICKNESS][2] == direct[SCANNER]["Other X9"]
+    assert sum(pooled[VOLUME]) == direct[MASKS][0]
+    page = (tmp_path / "census" / "census.html").read_text()
+    assert page.count("<img src='data:image/png;base64,") == 6 and "site-03" in page
+
+
+def test_bins_under_the_minimum_count_never_leave(data_root, tmp_path):
+    open_counts = census_run(data_root, tmp_path / "a", min_count=0)
+    guarded = census_run(data_root, tmp_path / "b", min_count=3)
+    for site, counts in guarded["sites"].items():
+        raw = open_counts["sites"][site]
+        for key in (HU, LABEL_POS, LABEL_NEG, LABEL_MISSING, MASKS, VOLUME, THICKNESS):
+            expect = [0 if 0 < v < 3 else v for v in raw[key]]
+            assert counts[key] == expect, (site, key)
+        assert any(0 < v < 3 for k in (LABEL_POS, MASKS) for v in raw[k])  # something was suppressed
+        assert counts[SUPPRESSED]
+
+
+def test_guard_noise_and_suppression():
+    counts = {HU: [0, 1, 4, 50] + [0] * 12, SCANNER: [2, 9], SCANNER_NAMES: ["a", "b"], STUDIES: [11], SLICES: [40]}
+    out = guard_census(counts, SitePolicy(census_min_count=5))
+    assert out[HU][:4] == [0, 0, 0, 50] and out[SCANNER] == [0, 9]
+    assert out[SUPPRESSED] == ["hu-brain/5-10", "hu-brain/10-15", "scanner/a"]
+    assert out[STUDIES] == [11] and out[SCANNER_NAMES] == ["a", "b"]
+    noisy = guard_census(counts, SitePolicy(census_min_count=0, census_noise=2.0), np.random.default_rng(1))
+    assert noisy[HU] != counts[HU] and all(isinstance(v, int) and v >= 0 for v in noisy[HU])
