@@ -26,6 +26,7 @@ from client.federation.policy import read_policy
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
 from client.federation.secure_updates import masked_update_record, update_step
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
+from client.federation.site_gan import stage2_training_set
 from client.federation.site_run import SiteRunConfig
 from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
@@ -78,8 +79,11 @@ def train(msg: Message, context: Context) -> Message:
     model, local_keys = receive_model(msg, run, store, order.stage, order.local_norm, order.unet_digest)
     cfg = run.train_config(order)
     privacy = SitePrivacy.open(run.config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
+    train_ds = data.train
+    if order.stage == 2:  # with gan.augment-ratio > 0: plus the site's generated slices, in this process only
+        train_ds = stage2_training_set(data.train, run, store, order.server_round, resolve_device(site.device))
     loader = make_loader(
-        data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(order.stage), stage=order.stage
+        train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(order.stage), stage=order.stage
     )
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = (

@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 from flwr.common.logger import log
 
 from common.config import PreprocessConfig
+from common.gan import GAN_PRESETS
 from common.presets import ModelConfig, get_preset
 
 #: ``strategy.name`` values (``server.strategies.STRATEGIES`` builds each one).
@@ -51,6 +52,7 @@ class ModelOptions:
     classifier: str  # wavelet | vgg
     masked_input: bool
     norm: str  # batch | group
+    predict_expansion: bool  # a study's expansion as one more output, trained in stage 2 (docs/gan.md)
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,18 @@ class DataOptions:
     partitions: str
     val_fraction: float
     test_fraction: float
+    expansion_ratio: float  # expansion: follow-up >= ratio x baseline volume (client/data/expansion.py)
+    expansion_ml: float  # 0: off; else expansion also where the hematoma grew by this many ml
 
     def __post_init__(self) -> None:
         val, test = self.val_fraction, self.test_fraction
         if not (0 <= val and 0 < test and val + test < 1):
             raise ValueError(f"data.val-fraction ({val}) and data.test-fraction ({test}) must leave a training split")
+        if not self.expansion_ratio > 1 or self.expansion_ml < 0:
+            raise ValueError(
+                f"data.expansion-ratio must be > 1 and data.expansion-ml >= 0, "
+                f"got {self.expansion_ratio} and {self.expansion_ml}"
+            )
 
     @property
     def split(self) -> tuple[float, float, float]:
@@ -208,6 +217,28 @@ class PrivacyOptions:
 
 
 @dataclass(frozen=True)
+class GanOptions:
+    """``gan.*``: stage-2 augmentation by each site's own conditional SNGAN (docs/gan.md).
+
+    ``augment_ratio`` 0: off; else each site adds ``augment_ratio`` x its training slices of
+    generated ones (half marker-positive) to stage 2, from a GAN of ``preset`` trained for ``steps``
+    generator updates on its training crops, kept at the site.
+    """
+
+    augment_ratio: float
+    preset: str
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.augment_ratio < 0 or self.steps < 1:
+            raise ValueError(
+                f"gan.augment-ratio must be >= 0 and gan.steps >= 1, got {self.augment_ratio}, {self.steps}"
+            )
+        if self.preset not in GAN_PRESETS:
+            raise ValueError(f"gan.preset: unknown GAN preset {self.preset!r}; valid: {sorted(GAN_PRESETS)}")
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """``output.*``: where the server writes the run (history, checkpoints, the global model)."""
 
@@ -230,6 +261,7 @@ class RunConfig:
     strategy: StrategyOptions
     privacy: PrivacyOptions
     output: OutputOptions
+    gan: GanOptions
 
     def __post_init__(self) -> None:
         if self.privacy.secure_counts and self.strategy.imbalance_head:
@@ -237,6 +269,11 @@ class RunConfig:
                 "strategy.imbalance-head weights each head row by every site's own positive counts, "
                 "which privacy.secure-counts keeps from the server (only their sum is learnt): "
                 "switch one of the two off"
+            )
+        if self.privacy.dp and self.gan.augment_ratio > 0:
+            raise ValueError(
+                "gan.augment-ratio > 0 trains a GAN on the site's slices without DP-SGD, which would void "
+                "privacy.dp's guarantee: switch one of the two off"
             )
 
         if self.privacy.secure_updates and (self.strategy.name in ROBUST_STRATEGIES or self.strategy.imbalance_head):
@@ -265,6 +302,7 @@ class RunConfig:
             "classifier": self.model.classifier,
             "masked_input": self.model.masked_input,
             "norm": norm,
+            "predict_expansion": self.model.predict_expansion,
         }
         if self.model.image_size:
             overrides["image_size"] = self.model.image_size

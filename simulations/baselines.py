@@ -19,7 +19,9 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from client.data.cache import SiteCache
 from client.data.dataset import SliceDataset, dataset_labels, make_loader, split_slices
+from client.data.expansion import ExpansionRule, format_disagreements, with_derived_expansion
 from client.training.evaluate import evaluate
+from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set
 from client.training.train import TrainConfig, output_columns, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import PreprocessConfig
@@ -40,6 +42,8 @@ class FitConfig:
     split_by: str = "patient"
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     eval_batch_size: int = 32
+    #: Stage 2 adds SNGAN-generated slices (docs/gan.md): one GAN on the pooled training crops.
+    gan: GanAugment | None = None
 
 
 def site_splits(caches: dict[str, SiteCache], fit: FitConfig) -> dict[str, dict[str, SliceDataset]]:
@@ -83,7 +87,16 @@ def fit_two_stages(
     device = resolve_device(str(device))
     history = []
     pos_weight = stage_pos_weight(model, train_ds)
+    train_of = {1: train_ds, 2: train_ds}
     for stage, epochs in ((1, fit.epochs_stage1), (2, fit.epochs_stage2)):
+        if stage == 2 and fit.gan is not None and fit.gan.ratio > 0 and epochs:
+            try:
+                train_of[2], _, added = augmented_training_set(train_ds, fit.gan, fit.train.seed, device)
+            except NoGanData as exc:
+                log(f"stage 2: no generated slices ({exc})")
+            else:
+                pos_weight = stage_pos_weight(model, train_of[2])  # the paper's weights over what stage 2 sees
+                log(f"stage 2: {added} generated slices beside {len(train_ds)} real ones (in memory only)")
         lr = fit.lr_stage2 if stage == 2 and fit.lr_stage2 is not None else fit.train.lr
         cfg = replace(fit.train, epochs=1, schedule="constant")
         for epoch in range(epochs):
@@ -92,7 +105,12 @@ def fit_two_stages(
             lr_e = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if fit.train.schedule == "cosine" else lr
             cfg_e = replace(cfg, lr=lr_e, seed=fit.train.seed + 1000 * stage + epoch)
             loader = make_loader(
-                train_ds, cfg.batch_size, shuffle=True, seed=cfg_e.seed, balanced=cfg.oversample(stage), stage=stage
+                train_of[stage],
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg_e.seed,
+                balanced=cfg.oversample(stage),
+                stage=stage,
             )
             result = train_stage(
                 model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress
@@ -130,6 +148,18 @@ def per_site_test_metrics(
     return {site: evaluate(model, s["test"], device, batch_size) for site, s in splits.items() if len(s["test"])}
 
 
+def expansion_caches(
+    caches: dict[str, SiteCache], rule: ExpansionRule, log: Callable[[str], None] = print
+) -> dict[str, SiteCache]:
+    """Every site's cache with its empty expansion labels derived from the follow-ups (docs/gan.md);
+    each site's disagreements with labels.csv are logged by study pseudonym."""
+    out = {}
+    for name, cache in caches.items():
+        out[name], rows = with_derived_expansion(cache, rule)
+        log(f"{name}: {format_disagreements(rows)}")
+    return out
+
+
 def run_pooled(
     caches: dict[str, SiteCache],
     model_cfg: ModelConfig,
@@ -139,15 +169,20 @@ def run_pooled(
     device: torch.device | str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    expansion_rule: ExpansionRule | None = None,
 ) -> dict:
     """Pooled (centralised) baseline: one model on every site's training patients.
 
     Writes ``checkpoint.pt``, ``metrics.json`` (history, per-site and pooled test metrics) and
-    ``curves.png`` into ``out_dir``; returns the metrics dict.
+    ``curves.png`` into ``out_dir``; returns the metrics dict. With ``model_cfg.predict_expansion``
+    the expansion labels are derived by ``expansion_rule`` where labels.csv leaves them empty, and
+    ``metrics["expansion"]`` puts the head's study AUROC beside volume alone and the marker-count score.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(str(device))
+    if model_cfg.predict_expansion:
+        caches = expansion_caches(caches, expansion_rule or ExpansionRule(), log)
     splits = site_splits(caches, fit)
     train_ds = pooled([s["train"] for s in splits.values()])
     val_ds = pooled([s["val"] for s in splits.values()])
@@ -183,6 +218,13 @@ def run_pooled(
         "test": scalar_metrics(test),
         "per_site": {k: scalar_metrics(v) for k, v in per_site.items()},
     }
+    if model_cfg.predict_expansion:
+        from simulations.expansion_baselines import compare_expansion, study_table
+
+        metrics["expansion"] = compare_expansion(
+            study_table(train_ds), study_table(test_ds), test.get("auc_study/expansion", float("nan"))
+        )
+        log("expansion study AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["expansion"].items()))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     from simulations.report.figures import plot_curves
 

@@ -67,14 +67,19 @@ def run_rsna_site(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from client.data.expansion import ExpansionRule
+    from client.training.gan_augment import GanAugment
     from client.training.train import TrainConfig
     from common.config import PreprocessConfig
+    from common.gan import get_gan_preset
     from common.presets import get_preset
     from common.runtime import resolve_device
     from simulations.baselines import FitConfig, run_pooled
     from simulations.sites import prepare_caches
 
     overrides = {**({"image_size": args.size} if args.size else {}), **({"norm": args.norm} if args.norm else {})}
+    if args.expansion:
+        overrides["predict_expansion"] = True
     model_cfg = get_preset(args.preset, **overrides)
     pre = PreprocessConfig(
         size=model_cfg.image_size,
@@ -88,11 +93,19 @@ def run_train(args: argparse.Namespace) -> int:
     fit = FitConfig(
         epochs_stage1=args.epochs1 if args.epochs1 is not None else args.epochs,
         epochs_stage2=args.epochs2 if args.epochs2 is not None else args.epochs,
-        train=TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=not args.no_augment),
+        train=TrainConfig(
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            augment=not args.no_augment,
+            max_steps=args.max_steps,
+        ),
         lr_stage2=args.lr2,
         split_by=args.split,
+        gan=GanAugment(get_gan_preset(args.gan_preset), args.gan_steps, args.gan_ratio) if args.gan_ratio else None,
     )
-    metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device))
+    rule = ExpansionRule(args.expansion_ratio, args.expansion_ml)
+    metrics = run_pooled(caches, model_cfg, pre, fit, args.out, resolve_device(args.device), expansion_rule=rule)
     t = metrics["test"]
     print(
         f"test: dice {t['dice']:.3f}, macro-AUC (study) {t['macro_auc_study']:.3f}, volume MAE {t['volume_mae_ml']:.2f} ml"
@@ -221,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--split", choices=("patient", "slice"), default="patient", help="slice: random slice split (leaks)")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--max-steps", type=int, default=0, help="at most this many steps per epoch (0: whole epochs)")
+    t.add_argument("--gan-ratio", type=float, default=0.0, help="stage 2: add RATIO x the slices of SNGAN ones")
+    t.add_argument("--gan-preset", default="tiny", help="GAN preset: tiny, small, paper (common/gan.py)")
+    t.add_argument("--gan-steps", type=int, default=200, help="generator updates of the augmentation GAN")
+    t.add_argument("--expansion", action="store_true", help="train the expansion head too (docs/gan.md)")
+    t.add_argument("--expansion-ratio", type=float, default=1.3, help="expansion: follow-up >= RATIO x baseline")
+    t.add_argument("--expansion-ml", type=float, default=None, help="expansion also: growth >= ML ml")
     t.add_argument("--no-denoise", action="store_true")
     t.add_argument("--no-skull-strip", action="store_true")
     t.add_argument("--no-centre", action="store_true")

@@ -30,8 +30,10 @@ from torch.utils.data import Dataset
 
 from client.data.cache import SiteCache
 from client.data.dataset import SliceDataset, brain_slices, make_loader, split_slices
+from client.federation.site_gan import gan_augment
 from client.federation.site_run import SiteRunConfig
 from client.training.evaluate import evaluate
+from client.training.gan_augment import NoGanData, augmented_training_set
 from client.training.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
@@ -208,6 +210,18 @@ def stage2_weight(train: TrainOptions, model: JointModel, ds: Dataset) -> torch.
     return stage_pos_weight(model, ds, max_w if max_w > 0 else None)
 
 
+def stage2_data(ds: Dataset, site_run: SiteRunConfig, seed: int) -> Dataset:
+    """Stage 2's training set: ``ds`` plus SNGAN-generated slices with ``gan.augment-ratio`` > 0
+    (one GAN, trained once on ``ds``'s crops, as a site does: ``client.federation.site_gan``)."""
+    aug = gan_augment(site_run)
+    if aug is None or not len(ds):
+        return ds
+    try:
+        return augmented_training_set(ds, aug, seed)[0]
+    except NoGanData:  # as at a site: no generated slices where no GAN can be trained
+        return ds
+
+
 def train_rounds(
     model: JointModel,
     ds: Dataset,
@@ -226,6 +240,7 @@ def train_rounds(
     lr2 = cfg.train.lr_stage2 or lr1
     r1, r2 = cfg.rounds.stage1, cfg.rounds.stage2
     weight = stage2_weight(cfg.train, model, ds)
+    data_of = {1: ds, 2: stage2_data(ds, site_run, seed) if r2 else ds}
     for rnd in range(1, r1 + r2 + 1):
         stage = 1 if rnd <= r1 else 2
         order = TrainInstruction(
@@ -237,7 +252,12 @@ def train_rounds(
         )
         train = site_run.train_config(order)
         loader = make_loader(
-            ds, train.batch_size, shuffle=True, seed=train.seed, balanced=train.oversample(stage), stage=stage
+            data_of[stage],
+            train.batch_size,
+            shuffle=True,
+            seed=train.seed,
+            balanced=train.oversample(stage),
+            stage=stage,
         )
         if len(ds):
             train_stage(model, loader, stage, train, device, weight if stage == 2 else None)

@@ -16,7 +16,10 @@ differs from the derived one, by study pseudonym (never a patient id).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from client.data.cache import SiteCache
 from common.config import LABELS
@@ -96,6 +99,33 @@ def derive_expansion(cache: SiteCache, rule: ExpansionRule = ExpansionRule()) ->
             )
         )
     return rows
+
+
+def with_derived_expansion(
+    cache: SiteCache, rule: ExpansionRule = ExpansionRule()
+) -> tuple[SiteCache, list[ExpansionRow]]:
+    """The cache with labels.csv's empty expansion labels filled from the derived ones, and the rows.
+
+    A given label is kept (``format_disagreements`` reports where it differs): the site's reader
+    outranks a volume rule. A filled label goes where labels.csv's would have gone: the study's
+    labels in the index and its hematoma slices (more than the cache's ``min_mask_pixels``), so
+    training and study-level evaluation read it like a given one. The returned cache holds its
+    labels in memory; the files on disk stay as built.
+    """
+    rows = derive_expansion(cache, rule)
+    fill = {r.study: r.derived for r in rows if r.given is None and r.derived is not None}
+    if not fill:
+        return cache, rows
+    index = copy.deepcopy(cache.index)
+    labels = np.array(cache.slice_labels, dtype=np.float32)
+    min_pixels = int(index.get("preprocess", {}).get("min_mask_pixels", 0))
+    for s in index["studies"]:
+        if s["study"] not in fill:
+            continue
+        s["labels"][EXPANSION_COLUMN] = float(fill[s["study"]])
+        holds = np.asarray(s["mask_pixels"]) > min_pixels
+        labels[np.arange(s["start"], s["stop"])[holds], EXPANSION_COLUMN] = fill[s["study"]]
+    return replace(cache, index=index, slice_labels=labels), rows
 
 
 def disagreements(rows: list[ExpansionRow]) -> list[ExpansionRow]:

@@ -12,6 +12,7 @@ from flwr.common.logger import log
 
 from client.data.cache import build_site_cache, open_cache
 from client.data.dataset import SliceDataset, dataset_labels, split_slices
+from client.data.expansion import ExpansionRule, disagreements, with_derived_expansion
 from client.federation.node import SiteNode
 from client.federation.site_run import SiteRunConfig
 from client.training.train import output_columns
@@ -41,6 +42,8 @@ def open_site(site: SiteNode, run: SiteRunConfig) -> SiteData:
             site.site_id,
             len(problems),
         )
+    if run.model.predict_expansion:
+        cache = _with_expansion(site, cache, run)
     idx = split_slices(cache, run.split, seed=run.seed, by="patient")
     train = SliceDataset(cache, idx["train"])
     if site.fault:  # simulation manifests only (client.simulation, imported here alone)
@@ -49,6 +52,16 @@ def open_site(site: SiteNode, run: SiteRunConfig) -> SiteData:
         # A simulated label-flip site learns and counts from wrong labels; its test split stays true.
         train = corrupt_training_data(train, site.fault)
     return SiteData(train, SliceDataset(cache, idx["test"]))
+
+
+def _with_expansion(site: SiteNode, cache, run: SiteRunConfig):
+    """Empty expansion labels derived from the follow-ups; disagreements with labels.csv are logged
+    as a count only (``client.data.expansion.format_disagreements`` names them by pseudonym)."""
+    data = run.config.data
+    cache, rows = with_derived_expansion(cache, ExpansionRule(data.expansion_ratio, data.expansion_ml or None))
+    if bad := disagreements(rows):
+        log(WARNING, "%s: %d expansion label(s) disagree with the mask volumes", site.site_id, len(bad))
+    return cache
 
 
 def stage2_pos_weight(mode: str, order: TrainInstruction, model, train_ds) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ from client.data.expansion import (
     disagreements,
     expansion_label,
     format_disagreements,
+    with_derived_expansion,
 )
 from common.config import LABELS
 from tests.helpers.cache import memory_cache, study_entry
@@ -99,3 +100,22 @@ def test_derived_labels_agree_with_the_generators_labels(synthetic_root):
     compared = [r for r in rows if r.given is not None and r.derived is not None]
     assert len(compared) >= 5 and {r.given for r in compared} == {0, 1}
     assert len(disagreements(rows)) <= 0.1 * len(compared), format_disagreements(rows)
+
+
+def test_derived_label_fills_the_empty_one_on_the_studys_hematoma_slices():
+    base, grown = _masks([100, 60, 0]), _masks([255, 255, 255, 255])  # 160 px -> 0.2 ml; 0.408 ml >= 0.26
+    cache = _pair_cache(base, grown, given=None)
+    filled, (row,) = with_derived_expansion(cache)
+    col = LABELS.index("expansion")
+    assert row.derived == 1
+    assert filled.studies[0]["labels"][col] == 1.0
+    assert filled.slice_labels[:2, col].tolist() == [1.0, 1.0]  # the two hematoma slices
+    assert filled.slice_labels[2, col] == 0.0  # a slice without hematoma keeps its 0
+    assert cache.studies[0]["labels"][col] is None and cache.slice_labels[0, col] == 0.0  # input untouched
+
+
+def test_a_given_label_is_kept_even_where_it_disagrees():
+    base, grown = _masks([100, 60, 40]), _masks([255, 255, 255, 100])
+    cache = _pair_cache(base, grown, given=0)
+    filled, (row,) = with_derived_expansion(cache)
+    assert row.disagrees and filled is cache  # nothing to fill: the reader's label stands
