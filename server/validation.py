@@ -323,7 +323,9 @@ def check_metrics(record: MetricRecord, schema: ReplySchema) -> list[Problem]:
     if schema.counts_within_examples and LABEL_POS in record and LABEL_NEG in record and examples:
         if any(p + n > examples for p, n in zip(record[LABEL_POS], record[LABEL_NEG])):
             problems.append(Problem("counts-exceed-examples", LABEL_POS))
-    if TRAIN_LOSS in record and examples and math.isnan(record[TRAIN_LOSS]):
+    # A site that trained reports a finite loss, except under DP-SGD, where the loss is not released
+    # (client.training.privacy: it is data-dependent and not privatised) and is sent as NaN.
+    if TRAIN_LOSS in record and examples and PRIVACY_EPSILON not in record and math.isnan(record[TRAIN_LOSS]):
         problems.append(Problem("not-finite", TRAIN_LOSS))
     if "n_studies" in record and "n_slices" in record and record["n_studies"] > record["n_slices"]:
         problems.append(Problem("counts-exceed-examples", "n_studies"))
