@@ -54,6 +54,13 @@ BIN = Path(sys.executable).parent
 # --- 1. overhead ------------------------------------------------------------------------------
 
 
+def write_figures(path: Path | None, figures: dict) -> None:
+    """Write a benchmark's figures as JSON to ``path`` (its folder made as needed); nothing when None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=1))
+
+
 def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
     """The federated run's local work, in one process, without Flower. Returns seconds."""
     server, site_run = ServerRunConfig.from_run_config(rc), SiteRunConfig.from_run_config(rc)
@@ -225,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {name}: stage-1 round = {b['stage1_train_down'] / b['full_model']:.0%} of the full model each way, "
                 f"stage-2 round = {b['stage2_train_down'] / b['full_model']:.0%}"
             )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
+    write_figures(args.json, figures)
     return 0
 
 
