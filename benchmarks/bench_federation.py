@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from client.data.dataset import make_loader
 from client.federation.node import SiteNode, partition_site
 from client.federation.site_data import open_site, site_label_counts, usable_examples
 from client.federation.site_run import SiteRunConfig
@@ -90,9 +89,7 @@ def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
                     lr=server.lr if stage == 1 else server.lr_stage2,
                 )
             )
-            loader = make_loader(
-                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(stage), stage=stage
-            )
+            loader = cfg.loader(data.train, stage)
             result = train_stage(model, loader, stage, cfg, "cpu", pos_weight if stage == 2 else None)
             n = usable_examples(data.train, stage, server.model) if result.num_examples else 0
             if n:
