@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from client.data.dataset import make_loader
 from client.federation.node import SiteNode, partition_site
 from client.federation.site_data import open_site, site_label_counts, usable_examples
 from client.federation.site_run import SiteRunConfig
@@ -52,6 +51,13 @@ BIN = Path(sys.executable).parent
 
 
 # --- 1. overhead ------------------------------------------------------------------------------
+
+
+def write_figures(path: Path | None, figures: dict) -> None:
+    """Write a benchmark's figures as JSON to ``path`` (its folder made as needed); nothing when None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=1))
 
 
 def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
@@ -83,9 +89,7 @@ def local_equivalent(rc: dict, n_sites: int) -> dict[str, float]:
                     lr=server.lr if stage == 1 else server.lr_stage2,
                 )
             )
-            loader = make_loader(
-                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(stage), stage=stage
-            )
+            loader = cfg.loader(data.train, stage)
             result = train_stage(model, loader, stage, cfg, "cpu", pos_weight if stage == 2 else None)
             n = usable_examples(data.train, stage, server.model) if result.num_examples else 0
             if n:
@@ -225,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {name}: stage-1 round = {b['stage1_train_down'] / b['full_model']:.0%} of the full model each way, "
                 f"stage-2 round = {b['stage2_train_down'] / b['full_model']:.0%}"
             )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
+    write_figures(args.json, figures)
     return 0
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.bench_federation import local_equivalent
+from benchmarks.bench_federation import local_equivalent, write_figures
 from simulations.experiment import load_experiment
 from simulations.report.tables import text_summary
 from simulations.runner import full_run_config
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {method.name}: federated {fed[0]:.0f} s vs the same work without Flower {local['total_s']:.0f} s "
             f"-> {ratio:.2f}x"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
+    write_figures(args.json, figures)
     return 0
 
 

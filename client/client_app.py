@@ -16,7 +16,6 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data.dataset import make_loader
 from client.federation.census import census_counts, census_record, guard_census, site_acquisitions
 from client.federation.errors import SiteError, site_errors
 from client.federation.exchange import receive_model, site_record
@@ -82,9 +81,7 @@ def train(msg: Message, context: Context) -> Message:
     train_ds = data.train
     if order.stage == 2:  # with gan.augment-ratio > 0: plus the site's generated slices, in this process only
         train_ds = stage2_training_set(data.train, run, store, order.server_round, resolve_device(site.device))
-    loader = make_loader(
-        train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, balanced=cfg.oversample(order.stage), stage=order.stage
-    )
+    loader = cfg.loader(train_ds, order.stage)
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = (
         privacy.train(model, cfg, resolve_device(site.device), pos_weight)

@@ -224,6 +224,16 @@ def unpack_counts(vector: Iterable[int], n_labels: int) -> tuple[np.ndarray, np.
     return v[:n_labels], v[n_labels : 2 * n_labels], int(v[-1])
 
 
+def pack_peers(peers: Mapping[int, bytes]) -> dict[str, list]:
+    """A session's (node id -> public key) list as the SECURE record entries PEER_NODES, PEER_KEYS."""
+    return {PEER_NODES: list(peers), PEER_KEYS: list(peers.values())}
+
+
+def unpack_peers(record: Mapping[str, Any]) -> dict[int, bytes]:
+    """``pack_peers`` reversed: node id -> public key, in the order sent."""
+    return dict(zip((int(n) for n in record[PEER_NODES]), (bytes(k) for k in record[PEER_KEYS])))
+
+
 # --- arrays ---------------------------------------------------------------------------------
 
 

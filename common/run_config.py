@@ -43,6 +43,12 @@ POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
 MARKER_SAMPLING = ("natural", "balanced")
 
 
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ValueError unless ``value`` is one of ``choices`` (``key``: the run-config key, for the message)."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """``model.*``: the preset and what the run overrides of it (``RunConfig.architecture`` applies them)."""
@@ -116,12 +122,8 @@ class TrainOptions:
     init_checkpoint: str
 
     def __post_init__(self) -> None:
-        if self.marker_sampling not in MARKER_SAMPLING:
-            raise ValueError(
-                f"train.marker-sampling must be one of {list(MARKER_SAMPLING)}, got {self.marker_sampling!r}"
-            )
-        if self.pos_weight not in POS_WEIGHT_MODES:
-            raise ValueError(f"train.pos-weight must be one of {list(POS_WEIGHT_MODES)}, got {self.pos_weight!r}")
+        _check_choice("train.marker-sampling", self.marker_sampling, MARKER_SAMPLING)
+        _check_choice("train.pos-weight", self.pos_weight, POS_WEIGHT_MODES)
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,7 @@ class RoundOptions:
     census: str  # off | before (a census, then training) | only (the census alone; server.census)
 
     def __post_init__(self) -> None:
-        if self.census not in CENSUS_MODES:
-            raise ValueError(f"rounds.census must be one of {list(CENSUS_MODES)}, got {self.census!r}")
+        _check_choice("rounds.census", self.census, CENSUS_MODES)
         rounds = self.stage1, self.stage2
         if min(rounds) < 0 or sum(rounds) == 0:
             raise ValueError(f"rounds.stage1 and rounds.stage2 must be >= 0 and not both 0, got {rounds}")

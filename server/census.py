@@ -11,11 +11,12 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message
 from flwr.common.logger import log
 
 from common.census import BINNED, CENSUS, CENSUS_ACTION, SCANNER, SCANNER_NAMES, SLICES, STUDIES, SUPPRESSED
-from common.records import CONFIG, SERVER_ROUND, SITE, SITE_ID
+from common.records import SITE, SITE_ID
+from server.replies import action_queries
 
 Exchange = Callable[[str, list[Message]], list[Message]]
 
@@ -45,16 +46,7 @@ def pool_census(sites: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 def run_census(node_ids: Iterable[int], exchange: Exchange, server_round: int = 0) -> dict[str, Any]:
     """Ask every node for its census; ``{"sites": {site id: census}, "pooled": census}``."""
-    config = ConfigRecord({SERVER_ROUND: server_round})
-    messages = [
-        Message(
-            RecordDict({CONFIG: config}),
-            dst_node_id=node,
-            message_type=f"{MessageType.QUERY}.{CENSUS_ACTION}",
-            group_id="census",
-        )
-        for node in node_ids
-    ]
+    messages = action_queries(node_ids, CENSUS_ACTION, server_round, "census")
     replies = [r for r in exchange("census", messages) if CENSUS in r.content]
     sites = {str(r.content[SITE][SITE_ID]): site_census(r.content[CENSUS]) for r in replies}
     if not sites:

@@ -46,6 +46,20 @@ PROBLEMS_KEPT = 5
 POLL_SECONDS = 0.2
 
 
+def action_queries(nodes: Iterable[int], action: str, server_round: int, group_id: str) -> list[Message]:
+    """One ``query.<action>`` message to each node, its CONFIG holding only the server round."""
+    config = ConfigRecord({SERVER_ROUND: server_round})
+    return [
+        Message(
+            RecordDict({CONFIG: config}),
+            dst_node_id=node,
+            message_type=f"{MessageType.QUERY}.{action}",
+            group_id=group_id,
+        )
+        for node in nodes
+    ]
+
+
 @dataclass
 class Messenger:
     """Exchanges a round's messages with the sites on ``grid``; learns each node's site id from its
@@ -80,16 +94,7 @@ class Messenger:
             return
         self.greeted.update(unknown)
         rnd = int(entry.get("round", 0))
-        config = ConfigRecord({SERVER_ROUND: rnd})
-        hellos = [
-            Message(
-                RecordDict({CONFIG: config}),
-                dst_node_id=node,
-                message_type=f"{MessageType.QUERY}.{HELLO_ACTION}",
-                group_id=f"{rnd}-hello",
-            )
-            for node in unknown
-        ]
+        hellos = action_queries(unknown, HELLO_ACTION, rnd, f"{rnd}-hello")
         self._exchange("hello", hellos, entry, "")
 
     def _exchange(

@@ -27,8 +27,6 @@ from common.records import (
     CONFIG,
     MASKED_COUNTS,
     METRICS,
-    PEER_KEYS,
-    PEER_NODES,
     PUBLIC_KEY,
     SECURE,
     SECURE_KEYS,
@@ -36,6 +34,7 @@ from common.records import (
     SECURE_PHASE,
     SECURE_SESSION,
     SERVER_ROUND,
+    pack_peers,
     unpack_counts,
 )
 from common.secure_sum import KEY_BYTES, MODULUS, unmask_sum
@@ -141,7 +140,7 @@ def _query(
         {CONFIG: ConfigRecord({SERVER_ROUND: server_round, SECURE_PHASE: phase, SECURE_SESSION: session})}
     )
     if peers is not None:
-        content[SECURE] = ConfigRecord({PEER_NODES: [n for n, _ in peers], PEER_KEYS: [k for _, k in peers]})
+        content[SECURE] = ConfigRecord(pack_peers(dict(peers)))
     return Message(
         content, dst_node_id=node, message_type=MessageType.QUERY, group_id=f"{server_round}-counts-{attempt}"
     )

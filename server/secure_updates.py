@@ -35,8 +35,6 @@ from common.records import (
     MASKED_UPDATE,
     METRICS,
     NUM_EXAMPLES,
-    PEER_KEYS,
-    PEER_NODES,
     PUBLIC_KEY,
     SECURE,
     SECURE_PHASE,
@@ -50,6 +48,7 @@ from common.records import (
     UPDATE_KEYS,
     UPDATE_SHARES,
     UPDATE_UNMASK,
+    pack_peers,
 )
 from common.secure_sum import KEY_BYTES, SecureSumError
 from common.secure_updates import (
@@ -101,7 +100,7 @@ def secure_train(
         if len(peers) < MIN_SITES:
             nodes = sorted(peers)
             continue
-        secure = ConfigRecord({PEER_NODES: list(peers), PEER_KEYS: list(peers.values())})
+        secure = ConfigRecord(pack_peers(peers))
         shares = exchange(
             "secure updates: shares",
             [_query(n, server_round, session, UPDATE_SHARES, secure) for n in peers],
@@ -134,8 +133,7 @@ def _train_and_unmask(by_node, peers, boxes, exchange, server_round, session, ve
         sec = ConfigRecord(
             {
                 SECURE_SESSION: session,
-                PEER_NODES: list(peers),
-                PEER_KEYS: list(peers.values()),
+                **pack_peers(peers),
                 SHARE_NODES: list(boxes),
                 SHARE_DATA: [boxes[sender][n] for sender in boxes],
             }

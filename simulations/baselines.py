@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from client.data.cache import SiteCache
-from client.data.dataset import SliceDataset, dataset_labels, make_loader, split_slices
+from client.data.dataset import SliceDataset, dataset_labels, split_slices
 from client.data.expansion import ExpansionRule, format_disagreements, with_derived_expansion
 from client.training.evaluate import evaluate
 from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set
@@ -104,14 +104,7 @@ def fit_two_stages(
             # so that the model is evaluated between epochs).
             lr_e = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if fit.train.schedule == "cosine" else lr
             cfg_e = replace(cfg, lr=lr_e, seed=fit.train.seed + 1000 * stage + epoch)
-            loader = make_loader(
-                train_of[stage],
-                cfg.batch_size,
-                shuffle=True,
-                seed=cfg_e.seed,
-                balanced=cfg.oversample(stage),
-                stage=stage,
-            )
+            loader = cfg_e.loader(train_of[stage], stage)
             result = train_stage(
                 model, loader, stage, cfg_e, device, pos_weight if stage == 2 else None, progress=progress
             )

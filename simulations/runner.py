@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from client.data.cache import SiteCache
-from client.data.dataset import SliceDataset, brain_slices, make_loader, split_slices
+from client.data.dataset import SliceDataset, brain_slices, split_slices
 from client.federation.site_gan import gan_augment
 from client.federation.site_run import SiteRunConfig
 from client.training.evaluate import evaluate
@@ -251,14 +251,7 @@ def train_rounds(
             local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))),
         )
         train = site_run.train_config(order)
-        loader = make_loader(
-            data_of[stage],
-            train.batch_size,
-            shuffle=True,
-            seed=train.seed,
-            balanced=train.oversample(stage),
-            stage=stage,
-        )
+        loader = train.loader(data_of[stage], stage)
         if len(ds):
             train_stage(model, loader, stage, train, device, weight if stage == 2 else None)
         if after_round is not None:
@@ -450,7 +443,7 @@ class Runner:
                     local_steps=method.finetune_steps or steps,
                 )
             )
-            loader = make_loader(train_loc, tune.batch_size, True, tune.seed, tune.oversample(1), stage=1)
+            loader = tune.loader(train_loc, 1)
             train_stage(tuned, loader, 1, tune, self.device)
             after = evaluate(tuned, test_loc, self.device, self.eval_batch)
             for name, m in ((f"{method.name}: all locations", before), (f"{method.name}: fine-tuned", after)):

@@ -12,12 +12,11 @@ from common.records import (
     CONFIG,
     MASKED_COUNTS,
     METRICS,
-    PEER_KEYS,
-    PEER_NODES,
     PUBLIC_KEY,
     SECURE,
     SECURE_SESSION,
     SITE,
+    unpack_peers,
 )
 from common.secure_sum import SecureSumError, generate_key_pair, mask_vector
 
@@ -52,7 +51,7 @@ def secure_counts_masked(msg: Message, context: Context, site: SiteNode, counts:
             counts,
             msg.metadata.dst_node_id,
             bytes(held[PRIVATE_KEY]),
-            dict(zip((int(n) for n in peers[PEER_NODES]), (bytes(k) for k in peers[PEER_KEYS]))),
+            unpack_peers(peers),
             session,
         )
     except SecureSumError as exc:

@@ -24,8 +24,6 @@ from common.records import (
     KEY_SHARES,
     MASKED_UPDATE,
     METRICS,
-    PEER_KEYS,
-    PEER_NODES,
     PUBLIC_KEY,
     SECURE,
     SECURE_SESSION,
@@ -38,6 +36,8 @@ from common.records import (
     UPDATE_KEYS,
     UPDATE_SHARES,
     UPDATE_UNMASK,
+    pack_peers,
+    unpack_peers,
 )
 from common.secure_sum import SecureSumError, generate_key_pair
 from common.secure_updates import encode_update, flatten, make_shares, mask_update, new_self_seed, reveal
@@ -60,10 +60,6 @@ def _held(context: Context, session: str, step: str) -> ConfigRecord:
     return held
 
 
-def _peers(record: ConfigRecord) -> dict[int, bytes]:
-    return dict(zip((int(n) for n in record[PEER_NODES]), (bytes(k) for k in record[PEER_KEYS])))
-
-
 def update_step(phase: str, msg: Message, context: Context, site: SiteNode) -> Message:
     """Answer one query step of the protocol (the train step is ``masked_update_record``)."""
     session = str(msg.content[CONFIG][SECURE_SESSION])
@@ -75,7 +71,7 @@ def update_step(phase: str, msg: Message, context: Context, site: SiteNode) -> M
             return _reply(msg, site, {PUBLIC_KEY: public})
         if phase == UPDATE_SHARES:
             held = _held(context, session, UPDATE_KEYS)
-            peers, seed = _peers(msg.content[SECURE]), new_self_seed()
+            peers, seed = unpack_peers(msg.content[SECURE]), new_self_seed()
             boxes = make_shares(own, bytes(held[_PRIVATE]), seed, peers, session)
             context.state[UPDATE_STATE] = ConfigRecord(
                 {
@@ -83,8 +79,7 @@ def update_step(phase: str, msg: Message, context: Context, site: SiteNode) -> M
                     _PRIVATE: bytes(held[_PRIVATE]),
                     _SEED: seed,
                     _STEP: phase,
-                    PEER_NODES: list(peers),
-                    PEER_KEYS: list(peers.values()),
+                    **pack_peers(peers),
                 }
             )
             return _reply(msg, site, {SHARE_NODES: list(boxes), SHARE_DATA: list(boxes.values())})
@@ -94,7 +89,7 @@ def update_step(phase: str, msg: Message, context: Context, site: SiteNode) -> M
             sec = msg.content[SECURE]
             inbox = dict(zip((int(n) for n in held[SHARE_NODES]), (bytes(b) for b in held[SHARE_DATA])))
             seeds, keys = reveal(
-                own, bytes(held[_PRIVATE]), _peers(held), session, inbox, list(sec[SURVIVORS]), list(sec[DROPPED])
+                own, bytes(held[_PRIVATE]), unpack_peers(held), session, inbox, list(sec[SURVIVORS]), list(sec[DROPPED])
             )
             return _reply(
                 msg,
@@ -129,7 +124,7 @@ def masked_update_record(
             int(msg.metadata.dst_node_id),
             bytes(held[_PRIVATE]),
             bytes(held[_SEED]),
-            _peers(held),
+            unpack_peers(held),
             session,
         )
     except SecureSumError as exc:

@@ -31,7 +31,7 @@ import numpy as np
 
 from client.ingest.convert import geometry_from_nifti
 from client.ingest.dicom import Geometry, Problem, StudyError
-from client.ingest.labels import LabelTable, parse_label_value, read_labels
+from client.ingest.labels import LabelTable, missing_columns, parse_label_value, read_labels
 from client.ingest.masks import MaskError, check_binary, grid_mapping, to_series_grid
 from client.ingest.study import MASK_SUFFIXES, StudyRecord, StudyRef
 from common.config import AIR_HU, LABELS
@@ -203,17 +203,12 @@ def read_diagnosis(path: Path | str, patients: dict[int, str]) -> Diagnosis:
     found: dict[tuple[str, int], list[SliceRow]] = {}
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing_ids = [c for c in CSV_ID_COLUMNS if c not in header]
-        if missing_ids:
-            return Diagnosis(
-                path, {}, (Problem(str(path), f"missing column(s) {', '.join(missing_ids)}: no row can be read"),)
-            )
-        missing = [c for c in FLAG_COLUMNS if c not in header]
-        if missing:
-            problems.append(
-                Problem(str(path), f"missing column(s) {', '.join(missing)}: read as unknown on every slice")
-            )
+        fatal = missing_columns(path, reader, CSV_ID_COLUMNS, "no row can be read")
+        if fatal:
+            return Diagnosis(path, {}, (fatal,))
+        lacking = missing_columns(path, reader, FLAG_COLUMNS, "read as unknown on every slice")
+        if lacking:
+            problems.append(lacking)
         for line, raw in enumerate(reader, start=2):
             row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
             where = f"{path}:{line}"

@@ -6,6 +6,7 @@ Empty means "not annotated" and becomes NaN, never 0. Every problem names the fi
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def parse_label_value(text: str) -> float:
     raise ValueError(f"value {text!r} is not 0, 1 or empty")
 
 
+def missing_columns(path: Path, reader: csv.DictReader, columns: Iterable[str], consequence: str) -> Problem | None:
+    """The Problem of a CSV whose header lacks some of ``columns`` (``consequence``: how it is read), or None."""
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in columns if c not in header]
+    return Problem(str(path), f"missing column(s) {', '.join(missing)}: {consequence}") if missing else None
+
+
 def read_labels(path: Path | str, known: set[StudyKey] | None = None) -> LabelTable:
     """Validate ``labels.csv``; bad rows are reported (with their line number) and left out.
 
@@ -49,17 +57,12 @@ def read_labels(path: Path | str, known: set[StudyKey] | None = None) -> LabelTa
         return LabelTable({}, {}, (Problem(str(path), "labels.csv not found: no study has labels"),))
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing_ids = [c for c in ID_COLUMNS if c not in header]
-        if missing_ids:
-            return LabelTable(
-                {}, {}, (Problem(str(path), f"missing column(s) {', '.join(missing_ids)}: no label can be read"),)
-            )
-        missing = [c for c in LABELS if c not in header]
-        if missing:
-            problems.append(
-                Problem(str(path), f"missing column(s) {', '.join(missing)}: read as not annotated for every study")
-            )
+        fatal = missing_columns(path, reader, ID_COLUMNS, "no label can be read")
+        if fatal:
+            return LabelTable({}, {}, (fatal,))
+        lacking = missing_columns(path, reader, LABELS, "read as not annotated for every study")
+        if lacking:
+            problems.append(lacking)
         rows: dict[StudyKey, list[tuple[int, np.ndarray, dict[str, str]]]] = {}
         for line, raw in enumerate(reader, start=2):
             row = {(k or "").strip(): (v or "") for k, v in raw.items() if k is not None}

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from client.data.dataset import make_loader
 from common.config import LABELS, check_known_keys
 from common.losses import segmentation_loss, weighted_bce
 from common.model import JointModel, freeze_unet, to_input, unfreeze_unet
@@ -88,6 +89,12 @@ class TrainConfig:
     def oversample(self, stage: int) -> bool:
         """Whether a stage's loader oversamples its positives (``make_loader(balanced=...)``)."""
         return self.balanced if stage == 1 else self.marker_sampling == "balanced"
+
+    def loader(self, ds: Dataset, stage: int) -> DataLoader:
+        """A stage's shuffled training loader: this config's batch size and seed, ``oversample(stage)``."""
+        return make_loader(
+            ds, self.batch_size, shuffle=True, seed=self.seed, balanced=self.oversample(stage), stage=stage
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
