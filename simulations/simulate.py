@@ -22,7 +22,7 @@ DEFAULT_DATA = Path("data/synthetic")
 #: The built-in dataset the first command generates: the benchmark generator (markers with
 #: severities, mimics, reader noise) at a size whose whole run fits the README's 10 minutes on
 #: 2 cores. ``hemexp generate`` with its defaults writes the full benchmark (docs/synthetic-data.md).
-QUICK_DATASET = {"studies_scale": 1.25, "matrix": 64}
+QUICK_DATASET = {"studies_scale": 0.9, "matrix": 64}
 
 
 def ensure_data(data_root: Path, generate: bool, log=print) -> bool:
