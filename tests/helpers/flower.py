@@ -43,6 +43,24 @@ def run_config(**overrides: Any) -> dict[str, Any]:
     return dict(get_fused_config_from_dir(REPO, {k.replace("_", "-"): v for k, v in overrides.items()}))
 
 
+def tiny_run_config(data_root: Path, out: Path, **overrides: Any) -> dict[str, Any]:
+    """A one-round-per-stage run over ``data_root``'s sites at 32 px, writing to ``out/run``:
+    what the server tests share; each adds the keys its case needs (dotted keys, as in pyproject)."""
+    return run_config(
+        **{
+            "data.root": str(data_root),
+            "output.dir": str(out),
+            "output.name": "run",
+            "model.image-size": 32,
+            "train.local-steps": 1,
+            "train.batch-size": 4,
+            "rounds.stage1": 1,
+            "rounds.stage2": 1,
+            **overrides,
+        }
+    )
+
+
 def strategy_options(**fields: Any) -> StrategyOptions:
     """The default run config's ``strategy.*`` group with ``fields`` changed (and checked again)."""
     return replace(parse_run_config(run_config()).strategy, **fields)

@@ -18,7 +18,13 @@ from client.client_app import app as client_app
 from client.federation.app_identity import app_identities
 from common.records import CONFIG, REFUSAL, SERVER_ROUND, SITE, SITE_ID
 from server.federation import run_federation
-from tests.helpers.flower import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
+from tests.helpers.flower import (
+    FakeGrid,
+    make_context,
+    set_task_identity,
+    tiny_run_config,
+    write_prepared_sites,
+)
 
 N_SITES = 3
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,20 +36,7 @@ def _task_identity():
 
 
 def config(data_root: Path, out: Path, **overrides) -> dict:
-    return run_config(
-        **{
-            "data.root": str(data_root),
-            "output.dir": str(out),
-            "output.name": "run",
-            "model.image-size": 32,
-            "train.local-steps": 1,
-            "train.batch-size": 4,
-            "rounds.stage1": 1,
-            "rounds.stage2": 1,
-            "rounds.timeout": 5.0,
-            **overrides,
-        }
-    )
+    return tiny_run_config(data_root, out, **{"rounds.timeout": 5.0, **overrides})
 
 
 @pytest.fixture(scope="module")

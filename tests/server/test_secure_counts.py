@@ -41,8 +41,8 @@ from tests.helpers.flower import (
     FakeGrid,
     make_context,
     make_message,
-    run_config,
     set_task_identity,
+    tiny_run_config,
     write_prepared_sites,
 )
 
@@ -65,20 +65,10 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def config(data_root: Path, out: Path, **overrides) -> dict:
-    return run_config(
-        **{
-            "data.root": str(data_root),
-            "output.dir": str(out),
-            "output.name": "run",
-            "model.image-size": 32,
-            "train.local-steps": 1,
-            "train.batch-size": 4,
-            "rounds.stage1": 0,
-            "rounds.stage2": 1,
-            "strategy.fraction-evaluate": 0.0,
-            "privacy.secure-counts": True,
-            **overrides,
-        }
+    return tiny_run_config(
+        data_root,
+        out,
+        **{"rounds.stage1": 0, "strategy.fraction-evaluate": 0.0, "privacy.secure-counts": True, **overrides},
     )
 
 

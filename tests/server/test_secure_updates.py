@@ -18,7 +18,14 @@ from common.records import ARRAYS, MASKED_UPDATE, METRICS, NUM_EXAMPLES
 from common.run_config import parse_run_config
 from common.secure_updates import FRACTION_BITS, MAX_WEIGHT
 from server.federation import run_federation
-from tests.helpers.flower import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
+from tests.helpers.flower import (
+    FakeGrid,
+    make_context,
+    run_config,
+    set_task_identity,
+    tiny_run_config,
+    write_prepared_sites,
+)
 
 NODES = [2**63 + 11, 40, 2**40 + 3, 977]  # random 64-bit ids in deployment; not in site order
 
@@ -37,21 +44,16 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def config(data_root: Path, out: Path, **overrides) -> dict:
-    return run_config(
+    return tiny_run_config(
+        data_root,
+        out,
         **{
-            "data.root": str(data_root),
-            "output.dir": str(out),
-            "output.name": "run",
-            "model.image-size": 32,
-            "train.local-steps": 1,
-            "train.batch-size": 4,
             "train.augment": False,
-            "rounds.stage1": 1,
             "rounds.stage2": 0,
             "strategy.fraction-evaluate": 0.0,
             "rounds.timeout": 1.0,  # FakeGrid answers at once; a silent site is a timeout
             **overrides,
-        }
+        },
     )
 
 
