@@ -247,13 +247,9 @@ def test_per_slice_gradients_match_one_slice_at_a_time(stage):
             assert_near(g_hook[i], g_loop, 1e-2)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_clipping_bounds_the_update_by_lr_times_c(stage):
-    """Noise 0, C tiny, SGD, every slice in the batch (q = 1): the step is exactly
-    -lr * mean_i(g_i * C / |g_i|), so its norm is at most lr * C."""
-    model, ds = dp_model(), FakeSlices(4)
-    lr, clip = 100.0, 1e-4  # a large lr: the update stands well above the float32 rounding of the weights
-    cfg = TrainConfig(
+def one_sgd_step(lr: float) -> TrainConfig:
+    """One plain SGD step over a batch larger than the data (q = 1): what the clipping checks compute by hand."""
+    return TrainConfig(
         epochs=1,
         max_steps=1,
         batch_size=8,
@@ -264,6 +260,15 @@ def test_clipping_bounds_the_update_by_lr_times_c(stage):
         augment=False,
         balanced=False,
     )
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_clipping_bounds_the_update_by_lr_times_c(stage):
+    """Noise 0, C tiny, SGD, every slice in the batch (q = 1): the step is exactly
+    -lr * mean_i(g_i * C / |g_i|), so its norm is at most lr * C."""
+    model, ds = dp_model(), FakeSlices(4)
+    lr, clip = 100.0, 1e-4  # a large lr: the update stands well above the float32 rounding of the weights
+    cfg = one_sgd_step(lr)
     if stage == 2:
         freeze_unet(model)
     model.train()
@@ -506,17 +511,7 @@ def test_patient_clipping_bounds_a_patient_of_many_slices(stage):
     model, ds = dp_model(), FakeSlices(6)
     groups = np.array([0, 0, 0, 0, 0, 1])
     lr, clip = 100.0, 1e-4
-    cfg = TrainConfig(
-        epochs=1,
-        max_steps=1,
-        batch_size=8,
-        lr=lr,
-        weight_decay=0.0,
-        optimizer="sgd",
-        schedule="constant",
-        augment=False,
-        balanced=False,
-    )
+    cfg = one_sgd_step(lr)
     if stage == 2:
         freeze_unet(model)
     model.train()
