@@ -37,6 +37,8 @@ class ServerRunConfig:
     resume: bool
     #: ``privacy.secure-counts``: the counts round is a secure sum (server.secure_counts).
     secure_counts: bool
+    #: ``eval.target-sensitivity``: 0 = Youden's threshold per marker (``common.validation``).
+    target_sensitivity: float = 0.0
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -65,6 +67,7 @@ class ServerRunConfig:
             keep_checkpoints=cfg.output.keep_checkpoints,
             resume=cfg.resume,
             secure_counts=cfg.privacy.secure_counts,
+            target_sensitivity=cfg.eval.target_sensitivity,
         )
 
     @property

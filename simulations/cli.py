@@ -103,6 +103,7 @@ def run_predict(args: argparse.Namespace) -> int:
             args.out,
             str(resolve_device(args.device)),
             tuple(args.window) if args.window else None,
+            args.site_norms,
         )
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -112,7 +113,9 @@ def run_predict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    markers = ", ".join(f"{k} {v:.2f}" for k, v in result["markers"].items())
+    markers = ", ".join(
+        f"{k} {v['probability']:.2f} ({v['present']} at {v['threshold']:.2f})" for k, v in result["markers"].items()
+    )
     print(f"{markers}; hematoma {result['volume_ml']:.1f} ml; wrote {args.out}/prediction.json and overlay.png")
     return 0
 
@@ -165,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--site-norms",
+        type=Path,
+        default=None,
+        help="a FedBN model: one site's stored normalisation layers (<cache>/federation/<site>/<run>)",
+    )
     p.set_defaults(func=run_predict)
     return parser
 

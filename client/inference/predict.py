@@ -1,15 +1,22 @@
 """Clinic prediction: one DICOM study in, marker probabilities, hematoma volume and an overlay out.
 
 The study goes through exactly the training preprocessing (the config stored in the checkpoint).
-Slice scores are combined per marker by the maximum over the slices that hold predicted hematoma
-(a marker needs to show on one slice); when no slice holds predicted hematoma, over all brain
-slices. Nothing written here carries a patient identifier: no names, ids, dates or folder names.
+Slice logits are combined per marker by the one slice-to-study rule of evaluation
+(``common.study_metrics.study_scores_from_slices``: the maximum over the slices that hold predicted
+hematoma, over all brain slices when none does), then scaled by the checkpoint's per-marker
+temperature (``meta["temperature"]``) and called present at its per-marker threshold
+(``meta["thresholds"]``), both chosen on validation when the model was trained (``common.validation``);
+a checkpoint without them gives temperature 1 and threshold 0.5, and says so.
+
+A FedBN model's normalisation layers never left the sites: its global checkpoint is incomplete,
+and predicting with it needs one site's stored layers (``--site-norms``, ``load_site_norms``).
+Nothing written here carries a patient identifier: no names, ids, dates or folder names.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +26,34 @@ from client.data.dataset import MIN_BRAIN_FRACTION
 from client.ingest.dicom import read_study
 from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
-from common.model import JointModel, to_input
+from common.model import JointModel, build_joint_model, norm_state_keys, to_input
+from common.study_metrics import sigmoid, study_scores_from_slices
+
+#: Threshold and temperature of a checkpoint that carries none (trained before validation choices).
+DEFAULT_THRESHOLD, DEFAULT_TEMPERATURE = 0.5, 1.0
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Per output: the temperature and the threshold of the checkpoint (defaults where it has none)."""
+
+    temperature: dict[str, float]
+    thresholds: dict[str, float]
+    source: str  # "validation" | "default"
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> OperatingPoint:
+        temp, th = ckpt.meta.get("temperature") or {}, ckpt.meta.get("thresholds") or {}
+        return cls(
+            {n: float(temp.get(n, DEFAULT_TEMPERATURE)) for n in ckpt.labels},
+            {n: float(th.get(n, DEFAULT_THRESHOLD)) for n in ckpt.labels},
+            "validation" if th and temp else "default",
+        )
 
 
 @dataclass(frozen=True)
 class StudyPrediction:
-    markers: dict[str, float]
+    markers: dict[str, float]  # temperature-scaled study probability per output
     volume_ml: float
     hematoma_slices: list[int]
     brain_slices: list[int]
@@ -33,10 +62,20 @@ class StudyPrediction:
     mask_probability: np.ndarray  # [k, S, S] float32
     slices: np.ndarray  # [k, S, S] uint8 model input
     combine: str
+    operating: OperatingPoint
+
+    def calls(self) -> dict[str, dict]:
+        """Per output: probability, whether it is present at the checkpoint's threshold, the threshold."""
+        th = self.operating.thresholds
+        return {
+            n: {"probability": p, "present": "yes" if p >= th[n] else "no", "threshold": th[n]}
+            for n, p in self.markers.items()
+        }
 
     def to_json(self) -> dict:
         return {
-            "markers": self.markers,
+            "markers": self.calls(),
+            "operating_point": {"temperature": self.operating.temperature, "chosen_on": self.operating.source},
             "volume_ml": self.volume_ml,
             "combine": self.combine,
             "hematoma_slices": self.hematoma_slices,
@@ -49,12 +88,13 @@ class StudyPrediction:
 
 @torch.inference_mode()
 def _run(model: JointModel, slices: np.ndarray, device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    probs, masks = [], []
+    """Per slice: marker logits and the hematoma mask probability."""
+    logits_all, masks = [], []
     for i in range(0, len(slices), batch_size):
         mask_logits, logits = model(to_input(slices[i : i + batch_size], device))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        logits_all.append(logits.float().cpu().numpy())
         masks.append(torch.sigmoid(mask_logits.float())[:, 0].cpu().numpy())
-    return np.concatenate(probs), np.concatenate(masks)
+    return np.concatenate(logits_all), np.concatenate(masks)
 
 
 def predict_study(
@@ -73,13 +113,17 @@ def predict_study(
     pre = preprocess_volume(study.volume, None, cfg)
     k = pre.slices.shape[0]
     brain = [int(i) for i in np.flatnonzero(pre.brain_fraction >= MIN_BRAIN_FRACTION)] or list(range(k))
-    scores = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
+    logits = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
     mask_prob = np.zeros(pre.slices.shape, dtype=np.float32)
-    scores[brain], mask_prob[brain] = _run(model, pre.slices[brain], device, batch_size)
+    logits[brain], mask_prob[brain] = _run(model, pre.slices[brain], device, batch_size)
     pixels = (mask_prob > 0.5).reshape(k, -1).sum(axis=1)
     hematoma = [i for i in brain if pixels[i] > cfg.min_mask_pixels]
-    use = hematoma or brain
-    markers = {name: float(np.max(scores[use, j])) for j, name in enumerate(ckpt.labels)}
+    operating = OperatingPoint.of(ckpt)
+    temperature = np.asarray([operating.temperature[n] for n in ckpt.labels])
+    combined = study_scores_from_slices(logits[brain], np.zeros(len(brain)), pixels[brain], cfg.min_mask_pixels)
+    probs = sigmoid(combined.values[0] / temperature)
+    markers = {name: float(probs[j]) for j, name in enumerate(ckpt.labels)}
+    scores = sigmoid(logits / temperature).astype(np.float32)  # per slice, scaled alike (NaN stays NaN)
     g = study.geometry
     dy, dx = model_pixel_mm(g.pixel_spacing, g.shape[1:], cfg.size)
     voxel = dy * dx * g.slice_spacing / 1000.0  # ml
@@ -94,6 +138,7 @@ def predict_study(
         mask_prob,
         pre.slices,
         "max over slices holding predicted hematoma (all brain slices if none)",
+        operating,
     )
 
 
@@ -151,17 +196,61 @@ def draw_overlay(pred: StudyPrediction, cam: np.ndarray | None, path: Path, labe
     return path
 
 
+def is_fedbn(ckpt: Checkpoint) -> bool:
+    """A FedBN global model: its normalisation layers are the sites', not in the checkpoint."""
+    return ckpt.meta.get("strategy") == "fedbn"
+
+
+def load_site_norms(path: Path | str) -> dict[str, torch.Tensor]:
+    """One site's FedBN normalisation layers: a file, or its run folder of the site store
+    (``client.federation.store``: ``norm-unet.pt``, ``norm-classifier.pt``)."""
+    path = Path(path)
+    files = sorted(path.glob("norm-*.pt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise ValueError(f"{path}: no site normalisation layers (norm-*.pt) there")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def with_site_norms(ckpt: Checkpoint, norms: dict[str, torch.Tensor] | None) -> Checkpoint:
+    """The checkpoint a prediction can use: a FedBN one completed by one site's norm layers
+    (ValueError without them, or when they miss a trained half's layers); others as they are."""
+    if not is_fedbn(ckpt):
+        if norms:
+            raise ValueError("--site-norms is for a FedBN model; this checkpoint's run was not FedBN")
+        return ckpt
+    if not norms:
+        raise ValueError(
+            "this is a FedBN global model: its normalisation layers stayed at the sites and are not in it. "
+            "Predict with one site's layers: hemexp predict ... --site-norms <cache dir>/federation/<site>/<run>"
+        )
+    keys = norm_state_keys(build_joint_model(ckpt.model_config))
+    halves = ("unet", "classifier") if int(ckpt.meta.get("stage", 2)) == 2 else ("unet",)
+    missing = sorted(k for k in keys if k.split(".")[0] in halves and k not in norms)
+    unknown = sorted(set(norms) - set(ckpt.state_dict))
+    if missing or unknown:
+        raise ValueError(
+            f"site norms do not fit this model: {len(missing)} layer tensor(s) missing"
+            f"{' (e.g. ' + missing[0] + ')' if missing else ''}, {len(unknown)} unknown"
+        )
+    return replace(ckpt, state_dict={**ckpt.state_dict, **{k: v for k, v in norms.items() if k in keys}})
+
+
 def run_prediction(
     study_dir: Path | str,
     ckpt_path: Path | str,
     out_dir: Path | str,
     device: str = "cpu",
     window: tuple[float, float] | None = None,
+    site_norms: Path | str | None = None,
 ) -> dict:
-    """Write ``prediction.json`` and ``overlay.png`` into ``out_dir``; returns the JSON dict."""
+    """Write ``prediction.json`` and ``overlay.png`` into ``out_dir``; returns the JSON dict.
+    ``site_norms``: one site's stored FedBN normalisation layers (needed for a FedBN model)."""
+    ckpt = with_site_norms(load_checkpoint(ckpt_path), load_site_norms(site_norms) if site_norms else None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(ckpt_path)
     model = build_from_checkpoint(ckpt, device)
     pred = predict_study(study_dir, ckpt, device, model=model, window=window)
     top = max(pred.markers, key=pred.markers.get)
@@ -173,6 +262,7 @@ def run_prediction(
             "labels": list(ckpt.labels),
             "preset_image_size": ckpt.model_config.image_size,
             "method": ckpt.meta.get("method"),
+            "site_norms": bool(site_norms),
         }
     }
     (out_dir / "prediction.json").write_text(json.dumps(result, indent=2))
