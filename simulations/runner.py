@@ -111,6 +111,8 @@ class Results:
     #: model's validation ``temperature`` and ``thresholds`` (arrays over ``outputs.names``) and the
     #: per-study Dice counts (``dice_counts``: study key -> TP, FP, FN).
     studies: list[dict[str, Any]] = field(default_factory=list)
+    #: Model choices made on validation: {scenario, method, seed, model, validation_score, chosen}.
+    selections: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --- metrics as long-table rows ----------------------------------------------------------------
@@ -450,6 +452,17 @@ class Runner:
                 per_model.append(score(models[site_id], evals, self.eval_batch)[case.held_out])
                 chosen.append((_nan_low(best.score), calibration))
             k = max(range(len(per_model)), key=lambda i: chosen[i][0])  # validation only: never the held-out site
+            self.results.selections += [
+                {
+                    "scenario": case.name,
+                    "method": f"{method.name} (best site)",
+                    "seed": case.seed,
+                    "model": site_id,
+                    "validation_score": chosen[i][0],
+                    "chosen": i == k,
+                }
+                for i, site_id in enumerate(models)
+            ]
             self.record(case, method.name, {case.held_out: _mean_metrics(per_model)})
             self.record(case, f"{method.name} (best site)", {case.held_out: per_model[k]}, chosen[k][1])
             return
