@@ -85,9 +85,9 @@ def method_rows(entries: Sequence[dict], n_boot: int, seed: int = 0) -> list[dic
     specificity at the validation thresholds; then a ``macro`` row (macro AUROC over markers)."""
     cal, dec, raw = (pooled(entries, m) for m in ("calibrated", "decision", "raw"))
     cols = marker_columns(cal)
-    rows = summarise(cal, columns=cols, n_boot=n_boot, seed=seed)
-    at_threshold = summarise(dec, columns=cols, n_boot=n_boot, seed=seed)
-    before = summarise(raw, columns=cols, n_boot=0, seed=seed)
+    rows = summarise(cal, columns=cols, n_boot=n_boot, seed=seed, only=("auroc", "auprc", "brier", "ece"))
+    at_threshold = summarise(dec, columns=cols, n_boot=n_boot, seed=seed, only=("sensitivity", "specificity"))
+    before = summarise(raw, columns=cols, n_boot=0, seed=seed, only=("ece",))
     for r, d, b in zip(rows, at_threshold, before):
         r["sensitivity"], r["specificity"] = d["sensitivity"], d["specificity"]
         r["ece_raw"] = b["ece"]
