@@ -149,6 +149,17 @@ class ValidationStats:
         return out
 
 
+def metric_lengths(n_labels: int, prefix: str = "val/") -> dict[str, int]:
+    """The validation keys of an evaluate reply and the length of each list (0: one count), for a
+    reply validator: ``temperature_nll`` finite floats >= 0, every other key non-negative counts."""
+    return {
+        f"{prefix}temperature_nll": len(TEMPERATURES) * n_labels,
+        f"{prefix}pos_hist": N_BINS * n_labels,
+        f"{prefix}neg_hist": N_BINS * n_labels,
+        **{f"{prefix}dice_{k}": 0 for k in ("tp", "fp", "fn")},
+    }
+
+
 def selection_score(stats: ValidationStats, stage: int, marker_columns: Iterable[int]) -> float:
     """The validation metric a round (or a baseline's epoch) is chosen by: stage 2 the pooled macro
     study-AUROC over the markers, stage 1 the pooled Dice. NaN when undefined (never chosen then)."""

@@ -12,7 +12,7 @@ from common.study_metrics import (
     threshold_for_sensitivity,
     youden_threshold,
 )
-from common.validation import LOGIT_EDGES, ValidationStats, calibration_meta, selection_score
+from common.validation import LOGIT_EDGES, ValidationStats, calibration_meta, metric_lengths, selection_score
 
 
 def outputs(seed: int, n: int = 40) -> StudyOutputs:
@@ -77,3 +77,13 @@ def test_missing_class_gives_half():
     stats = ValidationStats.from_outputs(StudyOutputs(o.names, o.studies, o.patients, o.sites, y, o.logits, o.fallback))
     assert np.isnan(stats.auroc()).all()
     np.testing.assert_array_equal(stats.thresholds(), [0.5, 0.5])
+
+
+def test_metric_lengths_describe_what_a_site_sends():
+    sent = ValidationStats.from_outputs(outputs(2), [(1, 2, 3)]).to_metrics()
+    lengths = metric_lengths(2)
+    assert set(sent) == set(lengths)
+    for key, n in lengths.items():
+        assert (len(sent[key]) if isinstance(sent[key], list) else 0) == n
+        if key != "val/temperature_nll":
+            assert all(isinstance(v, int) and v >= 0 for v in (sent[key] if n else [sent[key]]))
