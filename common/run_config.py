@@ -249,6 +249,17 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class EvalOptions:
+    """``eval.*``: how the operating point is chosen on validation (``common.validation``)."""
+
+    target_sensitivity: float  # 0: Youden's threshold; else the highest threshold reaching this sensitivity
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.target_sensitivity <= 1:
+            raise ValueError(f"eval.target-sensitivity must be in [0, 1] (0: Youden), got {self.target_sensitivity}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run config, typed: ``seed``, ``resume`` and one options object per key group."""
 
@@ -263,6 +274,7 @@ class RunConfig:
     privacy: PrivacyOptions
     output: OutputOptions
     gan: GanOptions
+    eval: EvalOptions
 
     def __post_init__(self) -> None:
         if self.privacy.secure_counts and self.strategy.imbalance_head:

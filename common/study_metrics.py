@@ -422,10 +422,12 @@ def marker_intervals(
     n_boot: int = N_BOOT,
     alpha: float = 0.05,
     seed: int = 0,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """One marker's row: n, n_pos, patients, AUROC, AUPRC, Brier, ECE, sensitivity, specificity at
     ``threshold``, each ``{"estimate", "low", "high", "n_boot"}`` (strata averaged, patients
-    resampled within stratum and class). A value is NaN where it is undefined (a class missing)."""
+    resampled within stratum and class). A value is NaN where it is undefined (a class missing).
+    ``only``: compute just these metrics (each bootstrap costs time)."""
     known = np.flatnonzero(~np.isnan(outputs.labels[:, column]))
     y = outputs.labels[known, column]
     p = outputs.probabilities(temperature)[known, column]
@@ -448,6 +450,8 @@ def marker_intervals(
         "threshold": float(threshold),
     }
     for name, fn in metrics.items():
+        if only is not None and name not in only:
+            continue
         stat = stratum_mean(lambda idx, fn=fn: fn(y[idx], p[idx]), strata)
         row[name] = bootstrap_ci(stat, patients, resample_strata, n_boot, alpha, seed).to_dict()
     return row
@@ -461,12 +465,13 @@ def summarise(
     n_boot: int = N_BOOT,
     alpha: float = 0.05,
     seed: int = 0,
+    only: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The headline table: one ``marker_intervals`` row per column (all by default), over every
-    study of ``outputs`` (pool the sites first with ``concat_outputs``)."""
+    study of ``outputs`` (pool the sites first with ``concat_outputs``); ``only``: just these metrics."""
     cols = range(len(outputs.names)) if columns is None else columns
     th = np.full(len(outputs.names), 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
-    return [marker_intervals(outputs, c, float(th[c]), temperature, n_boot, alpha, seed) for c in cols]
+    return [marker_intervals(outputs, c, float(th[c]), temperature, n_boot, alpha, seed, only) for c in cols]
 
 
 def per_site_rows(

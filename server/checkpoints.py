@@ -1,7 +1,8 @@
 """One checkpoint per round, in the format ``hemexp predict`` loads (``common.checkpoint``).
 
 Layout of the run's output folder: ``checkpoints/round-NNN.pt`` for every completed round, and
-``global.pt``, the final model, written when the run ends. The round and stage a checkpoint was
+``global.pt``, the final model, written when the run ends; ``best.pt``, the round chosen on the
+sites' validation patients (``server.federation``), rewritten whenever a round beats it. The round and stage a checkpoint was
 written after are in its ``meta``; ``latest_checkpoint`` finds the one a run resumes from.
 """
 
@@ -53,10 +54,15 @@ def latest_checkpoint(out_dir: Path) -> Checkpoint | None:
     return load_checkpoint(rounds[-1]) if rounds else None
 
 
-def publish_final(out_dir: Path, round_path: Path) -> Path:
+def publish_final(out_dir: Path, round_path: Path, name: str = "global.pt") -> Path:
     """Copy the last round's checkpoint to ``global.pt`` (what a user passes to ``hemexp predict``)."""
-    target = Path(out_dir) / "global.pt"
+    target = Path(out_dir) / name
     tmp = target.with_name(target.name + ".tmp")
     shutil.copyfile(round_path, tmp)
     tmp.replace(target)
     return target
+
+
+def publish_best(out_dir: Path, round_path: Path) -> Path:
+    """Copy the round chosen on validation to ``best.pt`` (it survives ``output.keep-checkpoints``)."""
+    return publish_final(out_dir, round_path, "best.pt")

@@ -12,6 +12,14 @@ metrics) and ``server.checkpoints`` (one checkpoint per round; ``resume = true``
 last one). Failed sites and replies that break a rule of ``server.validation`` are handled by
 ``server.replies``: the round goes on with the others; ``num-examples`` is bounded before FedAvg
 weights by it (``server.validation.bound_examples``).
+
+Model selection is on validation, never on test: every site also scores the global model on its
+validation patients and sends sums only (``common.validation.ValidationStats``); the server adds
+them up, scores the round (stage 2: pooled validation macro study-AUROC over the markers; stage 1:
+pooled validation Dice), fits a temperature per marker and picks each marker's threshold (Youden,
+or ``eval.target-sensitivity``). Every round checkpoint carries these in its meta (``temperature``,
+``thresholds``, ``validation``); ``best.pt`` is the round with the best score (a stage-2 round
+whenever there is one: stage-1 rounds have an untrained classifier).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from common.checkpoint import load_checkpoint
+from common.config import LABELS
 from common.losses import pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.records import (
@@ -46,8 +55,9 @@ from common.records import (
     record_to_state,
     state_to_record,
 )
+from common.validation import ValidationStats, calibration_meta, selection_score
 from server.census import run_census, write_census
-from server.checkpoints import latest_checkpoint, publish_final, save_round_checkpoint
+from server.checkpoints import latest_checkpoint, publish_best, publish_final, save_round_checkpoint
 from server.counts import count_labels
 from server.history import History
 from server.replies import Messenger, idle_reason, metrics_dict, with_metric
@@ -77,6 +87,7 @@ class Federation:
         self.messenger = Messenger(grid, cfg.timeout)
         self.counts: tuple[np.ndarray, np.ndarray] | None = None
         self.declared: dict[str, float] = {}  # site -> training slices it declared in the counts round
+        self.best: tuple[int, float] | None = None  # (stage, validation score) of best.pt
 
     # --- the schedule --------------------------------------------------------------------
 
@@ -108,18 +119,21 @@ class Federation:
             entry: dict[str, Any] = {"round": rnd, "stage": stage, "failures": [], "rejected": []}
             log(INFO, "[ROUND %d/%d] stage %d (%s)", rnd, cfg.total_rounds, stage, HALF_OF_STAGE[stage])
             entry["train"] = self.train_round(rnd, stage, entry)
-            entry["evaluate"] = self.evaluate_round(rnd, stage, entry)
+            entry["evaluate"], calibration = self.evaluate_round(rnd, stage, entry)
             entry["seconds"] = time.perf_counter() - t0
             self.history.add_round(entry)
             self.history.save()
+            meta = {
+                "method": "federated",
+                "strategy": cfg.strategy.name,
+                "round": rnd,
+                "stage": stage,
+                "seed": cfg.seed,
+            }
             last = save_round_checkpoint(
-                self.out_dir,
-                self.model,
-                cfg.model,
-                cfg.preprocess,
-                {"method": "federated", "strategy": cfg.strategy.name, "round": rnd, "stage": stage, "seed": cfg.seed},
-                keep=cfg.keep_checkpoints,
+                self.out_dir, self.model, cfg.model, cfg.preprocess, meta | calibration, keep=cfg.keep_checkpoints
             )
+            self._keep_if_best(last, stage, calibration.get("validation", {}).get("score"))
         if last is not None:
             publish_final(self.out_dir, last)
         log(INFO, "hemexp: run finished; global model %s", self.out_dir / "global.pt")
@@ -138,6 +152,15 @@ class Federation:
         }
         log(INFO, "census: %s", page)
 
+    def _keep_if_best(self, path, stage: int, score: float | None) -> None:
+        """``best.pt``: a later stage beats an earlier one; within a stage, the higher validation score."""
+        if score is None or math.isnan(score):
+            return
+        if self.best is None or (stage, score) > self.best:
+            self.best = (stage, score)
+            publish_best(self.out_dir, path)
+            log(INFO, "best.pt: round %s (stage %d, validation score %.3f)", path.stem, stage, score)
+
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is None:
@@ -151,6 +174,10 @@ class Federation:
         self.model.load_state_dict(ckpt.state_dict, strict=True)
         self.start_round = int(ckpt.meta["round"])
         self.history = History.load(self.out_dir, up_to_round=self.start_round)
+        best = self.out_dir / "best.pt"
+        if best.is_file():
+            meta = load_checkpoint(best).meta
+            self.best = (int(meta["stage"]), float(meta["validation"]["score"]))
         log(INFO, "resume: continuing %s after round %d", self.out_dir, self.start_round)
 
     # --- one round -----------------------------------------------------------------------
@@ -277,8 +304,12 @@ class Federation:
             load_half_state_dict(self.model, half, state)
         return metrics_dict(metrics) if metrics is not None else {}
 
-    def evaluate_round(self, rnd: int, stage: int, entry: dict) -> dict[str, Any]:
-        """Every sampled site scores the global model; only the half of this stage is sent."""
+    def evaluate_round(self, rnd: int, stage: int, entry: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every sampled site scores the global model; only the half of this stage is sent.
+
+        Returns the round's record (test metrics, per site and aggregated: scalars only) and the
+        checkpoint meta chosen on the summed validation statistics (``calibration_on_validation``).
+        """
         strategy, messenger = self.strategies[stage], self.messenger
         unet, digest = self._frozen_unet(stage)
         order = EvaluateInstruction(server_round=rnd, stage=stage, unet_digest=digest, run_name=self.out_dir.name)
@@ -287,27 +318,51 @@ class Federation:
             strategy.configure_evaluate(rnd, arrays, order.to_record(), self.grid), unet, digest
         )
         if not messages:
-            return {}
+            return {}, {}
         schema = evaluate_schema(self.cfg.model.output_names, self.cfg.strategy.max_reply_mb)
         replies = messenger.exchange("evaluate", messages, entry, digest, schema)
-        sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in replies}
+        sites = {messenger.site_of(r): _scalars(metrics_dict(r.content[METRICS])) for r in replies}
         aggregated = None
         if replies:
             try:
                 aggregated = strategy.aggregate_evaluate(rnd, replies)
             except InconsistentMessageReplies as exc:
                 log(WARNING, "round %d: evaluation replies inconsistent (%s)", rnd, exc)
-        out = {"aggregated": metrics_dict(aggregated) if aggregated is not None else {}, "sites": sites}
+        out = {"aggregated": _scalars(metrics_dict(aggregated)) if aggregated is not None else {}, "sites": sites}
+        calibration = self.calibration_on_validation(stage, replies)
+        out["validation"] = calibration.get("validation", {})
         agg = out["aggregated"]
         log(
             INFO,
-            "round %d: %d site(s) evaluated: dice %s, macro AUC (study) %s",
+            "round %d: %d site(s) evaluated: test dice %s, test macro AUC (study) %s; validation score %s",
             rnd,
             len(replies),
             _fmt(agg.get("dice")),
             _fmt(agg.get("macro_auc_study")),
+            _fmt(out["validation"].get("score")),
         )
-        return out
+        return out, calibration
+
+    def calibration_on_validation(self, stage: int, replies: list[Message]) -> dict[str, Any]:
+        """The sites' validation sums added up: the round's selection score, per-marker temperature
+        and thresholds (``common.validation``). A reply whose sums are missing or malformed is left out."""
+        names = list(self.cfg.model.output_names)
+        parts = []
+        for r in replies:
+            try:
+                parts.append(ValidationStats.from_metrics(r.content[METRICS], len(names)))
+            except (KeyError, ValueError) as exc:
+                log(WARNING, "validation sums of site %s unusable (%s)", self.messenger.site_of(r), type(exc).__name__)
+        if not parts:
+            return {}
+        stats = sum(parts[1:], parts[0])
+        markers = [c for c, n in enumerate(names) if n != LABELS[-1]]
+        score = selection_score(stats, stage, markers)
+        meta = calibration_meta(stats, names, self.cfg.target_sensitivity)
+        metric = "macro_auroc_study" if stage == 2 else "dice"
+        meta["validation"] = {"metric": metric, "score": score, "sites": len(parts), "dice": stats.dice()}
+        meta["validation"]["auroc_study"] = {n: float(v) for n, v in zip(names, stats.auroc())}
+        return meta
 
     def _frozen_unet(self, stage: int) -> tuple[ArrayRecord | None, str]:
         """Stage 2: the global U-Net the sites train and evaluate on (FedBN: without its norm layers)."""
@@ -361,6 +416,11 @@ def final_layer_keys(model: JointModel) -> tuple[str, str]:
     """State-dict keys (weight, bias) of the classifier's last linear layer: one row per label."""
     name = [n for n, m in model.classifier.named_modules() if isinstance(m, nn.Linear)][-1]
     return f"classifier.{name}.weight", f"classifier.{name}.bias"
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A reply's metrics without the validation sums (lists): what the history keeps per round."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, list)}
 
 
 def _fmt(value: Any) -> str:

@@ -43,6 +43,8 @@ class ServerRunConfig:
     secure_updates: bool
     #: ``train.init-checkpoint``: the global model's starting weights ("" : the seed's init).
     init_checkpoint: str
+    #: ``eval.target-sensitivity``: 0 = Youden's threshold per marker (``common.validation``).
+    target_sensitivity: float
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -74,6 +76,7 @@ class ServerRunConfig:
             census=cfg.rounds.census,
             secure_updates=cfg.privacy.secure_updates,
             init_checkpoint=train.init_checkpoint,
+            target_sensitivity=cfg.eval.target_sensitivity,
         )
 
     @property

@@ -42,6 +42,7 @@ from common.records import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
 )
+from common.validation import metric_lengths
 
 MIB = 1 << 20
 #: A count above this is absurd for one site (a billion slices is a million studies of 1000 slices).
@@ -111,6 +112,19 @@ def _count_list(n_labels: int) -> Callable[[Any], str | None]:
     return check
 
 
+def _nll_list(n: int) -> Callable[[Any], str | None]:
+    """Summed negative log-likelihoods (``common.validation``): n finite floats >= 0."""
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list) or len(v) != n:
+            return "wrong-length"
+        if not all(_is_number(x) and math.isfinite(x) for x in v):
+            return "not-finite"
+        return None if all(x >= 0 for x in v) else "out-of-range"
+
+    return check
+
+
 def _masked(n_labels: int) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         if not isinstance(v, list) or len(v) != 2 * n_labels + 1:
@@ -156,6 +170,8 @@ def evaluate_metric_rules(output_names: Sequence[str]) -> dict[str, Callable[[An
     for name in output_names:  # AUROC, AUPRC, Brier score and ECE all lie in [0, 1]
         for metric in ("auc_slice", "auc_study", "auprc_study", "brier_study", "ece_study"):
             rules[f"{metric}/{name}"] = _score
+    for key, length in metric_lengths(len(output_names)).items():  # the validation sums
+        rules[key] = _count if length == 0 else _nll_list(length) if key.endswith("nll") else _count_list(length)
     return rules
 
 

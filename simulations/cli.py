@@ -127,7 +127,7 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         options = options_for(device, args.backend, tuple(args.int8), args.calibration)
-        model = load_scoring_model(args.model, str(device), options)
+        model = load_scoring_model(args.model, str(device), options, args.site_norms)
         if args.batch is not None:
             return _run_batch(args, model, window)
         result = run_prediction(args.study_dir, model, args.out, model.device, window, dicom=args.dicom)
@@ -139,7 +139,8 @@ def run_predict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    markers = ", ".join(f"{k} {v:.2f}" for k, v in result["markers"].items())
+    calls = result["present"]
+    markers = ", ".join(f"{k} {v:.2f} ({'yes' if calls[k] else 'no'})" for k, v in result["markers"].items())
     extra = " and the DICOM SEG + SR" if args.dicom else ""
     print(f"{markers}; hematoma {result['volume_ml']:.1f} ml; wrote {args.out}/prediction.json, overlay.png{extra}")
     return 0
@@ -181,7 +182,7 @@ def run_serve(args: argparse.Namespace) -> int:
             key_dir=args.key_dir,
             device=str(resolve_device(args.device)),
         )
-        model = load_scoring_model(args.model, config.device)
+        model = load_scoring_model(args.model, config.device, site_norms=args.site_norms)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -259,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: ONNX Runtime on a CPU")
     p.add_argument("--int8", nargs="+", choices=("segment", "classify"), default=[], help="parts run as int8 (onnx)")
     p.add_argument("--calibration", type=Path, default=None, help="site cache folder that calibrates --int8")
+    p.add_argument(
+        "--site-norms",
+        type=Path,
+        default=None,
+        help="a FedBN model: one site's stored normalisation layers (<cache>/federation/<site>/<run>)",
+    )
     p.set_defaults(func=run_predict)
     v = sub.add_parser("serve", help="DICOM node: receive CT series (C-STORE), send back SEG + SR (docs/clinic.md)")
     v.add_argument("--model", type=Path, required=True, help="checkpoint.pt")
@@ -273,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--audit-log", type=Path, default=None, help="append the per-study audit lines to this file")
     v.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
     v.add_argument("--device", default="auto")
+    v.add_argument("--site-norms", type=Path, default=None, help="a FedBN model: this site's normalisation layers")
     v.set_defaults(func=run_serve)
     return parser
 

@@ -10,6 +10,17 @@ timings, handed to ``simulations.report``.
 Local-only and pooled training run in this process with the ClientApp's own training code and
 configuration (``SiteRunConfig.train_config``: same optimiser, augmentation, sampling and
 per-round seeds); federated methods run on Flower's simulation engine (``simulations.engine``).
+
+Every method reports the model chosen on validation, never on test, by the federation's rule
+(``common.validation``): after every round the training sites' validation patients score the model
+(stage 2: pooled validation macro study-AUROC, stage 1: pooled validation Dice), the best round is
+kept, and its per-marker temperature and thresholds come from the same validation studies. A
+federated method is scored from the server's ``best.pt``; local and pooled baselines sum the same
+``ValidationStats`` in this process. In a leave-one-site-out fold "local (best site)" is the local
+model with the best score on its own site's validation patients. The per-study test outputs of
+every method, seed and site (``Results.studies``: pseudonymous study and patient keys, logits,
+labels) stay in this process and go to the report: the simulation holds all data anyway, whereas
+a federated server only ever sees sums and scalars.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import HALF_OF_STAGE, TrainInstruction
 from common.run_config import TrainOptions, model_from_run_config, parse_run_config
 from common.runtime import resolve_device
+from common.study_metrics import StudyOutputs
+from common.validation import ValidationStats, calibration_meta, selection_score
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
@@ -84,6 +97,7 @@ class Case:
     train: list[SliceDataset]
     evaluate: list[EvalSite]
     held_out: str = ""
+    val: list[EvalSite] = field(default_factory=list)  # the training sites' validation patients
 
 
 @dataclass
@@ -96,6 +110,12 @@ class Results:
     privacy: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     models: dict[str, JointModel] = field(default_factory=dict)  # "scenario/method" -> a model (first seed)
+    #: Per scenario, method, seed and evaluation site: the test ``StudyOutputs`` (``outputs``), the
+    #: model's validation ``temperature`` and ``thresholds`` (arrays over ``outputs.names``) and the
+    #: per-study Dice counts (``dice_counts``: study key -> TP, FP, FN).
+    studies: list[dict[str, Any]] = field(default_factory=list)
+    #: Model choices made on validation: {scenario, method, seed, model, validation_score, chosen}.
+    selections: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --- metrics as long-table rows ----------------------------------------------------------------
@@ -151,9 +171,10 @@ def make_cases(
     caches = [plan_cache(p, sources, work / "sites") for p in plans]
     splits = [split_slices(c, fractions, seed=seed, by="patient") for c in caches]
     train = [SliceDataset(c, s["train"]) for c, s in zip(caches, splits)]
+    val = [EvalSite(p.site_id, SliceDataset(c, s["val"])) for p, c, s in zip(plans, caches, splits)]
     if not scenario.leave_out:
         evals = [EvalSite(p.site_id, SliceDataset(c, s["test"])) for p, c, s in zip(plans, caches, splits)]
-        return [Case(scenario.name, seed, plans, caches, train, evals)]
+        return [Case(scenario.name, seed, plans, caches, train, evals, val=val)]
     ids = [p.site_id for p in plans]
     held = ids if scenario.leave_out == "all" else [scenario.leave_out]
     unknown = set(held) - set(ids)
@@ -172,6 +193,7 @@ def make_cases(
                 [train[i] for i in keep],
                 [EvalSite(site, SliceDataset(caches[k], brain_slices(caches[k])))],
                 held_out=site,
+                val=[val[i] for i in keep],
             )
         )
     return cases
@@ -258,6 +280,70 @@ def train_rounds(
             after_round(rnd, stage)
 
 
+class BestOnValidation:
+    """Keeps the state of the best round on validation (the federation's rule, ``common.validation``):
+    a later stage beats an earlier one, within a stage the higher pooled validation score."""
+
+    def __init__(
+        self,
+        model: JointModel,
+        val: Sequence[EvalSite],
+        batch_size: int,
+        target_sensitivity: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model, self.batch_size, self.target, self.device = model, batch_size, target_sensitivity, device
+        self.val = [v for v in val if len(v.data)]
+        self.key: tuple[int, float] | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+        self.stats: ValidationStats | None = None
+
+    def __call__(self, rnd: int, stage: int) -> None:
+        parts = []
+        for v in self.val:
+            m = evaluate(self.model, v.data, self.device, self.batch_size)["arrays"]
+            parts.append(ValidationStats.from_outputs(m["studies"], m["dice_counts"].values()))
+        if not parts:
+            return
+        stats = sum(parts[1:], parts[0])
+        markers = [c for c, n in enumerate(self.model.output_names) if n in MARKERS]
+        value = selection_score(stats, stage, markers)
+        if not math.isnan(value) and (self.key is None or (stage, value) > self.key):
+            self.key, self.stats = (stage, value), stats
+            self.state = copy.deepcopy(self.model.state_dict())
+
+    @property
+    def score(self) -> float:
+        return self.key[1] if self.key is not None else math.nan
+
+    def restore(self) -> dict[str, Any]:
+        """Load the best round's state into the model; its calibration meta (``{}`` without validation)."""
+        if self.state is None or self.stats is None:
+            return {}
+        self.model.load_state_dict(self.state)
+        return calibration_meta(self.stats, self.model.output_names, self.target)
+
+
+def chained(*steps: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+    """One ``after_round`` callback that runs each of ``steps`` (None skipped) in turn."""
+
+    def after_round(rnd: int, stage: int) -> None:
+        for step in steps:
+            if step is not None:
+                step(rnd, stage)
+
+    return after_round
+
+
+def calibration_arrays(meta: dict[str, Any], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint meta's temperature and thresholds as arrays over ``names`` (1 and 0.5 where absent)."""
+    temp, th = meta.get("temperature") or {}, meta.get("thresholds") or {}
+    return (
+        np.asarray([float(temp.get(n, 1.0)) for n in names]),
+        np.asarray([float(th.get(n, 0.5)) for n in names]),
+    )
+
+
 def score(
     model: JointModel, sites: Sequence[EvalSite], batch_size: int, device: torch.device | str = "cpu"
 ) -> dict[str, dict[str, Any]]:
@@ -294,9 +380,29 @@ class Runner:
         self.results = Results()
         self.eval_batch = 32
 
-    def record(self, case: Case, method: str, per_site: dict[str, dict[str, Any]]) -> None:
+    def record(
+        self, case: Case, method: str, per_site: dict[str, dict[str, Any]], calibration: dict[str, Any] | None = None
+    ) -> None:
+        """Rows, ROC arrays and per-study outputs of one method's scores; ``calibration``: the
+        temperature and thresholds its model chose on validation (``calibration_meta``)."""
         for site, metrics in per_site.items():
             self.results.rows += metric_rows(metrics, scenario=case.name, method=method, seed=case.seed, site=site)
+            arrays = metrics["arrays"]
+            outputs: StudyOutputs | None = arrays.get("studies")
+            if outputs is not None:
+                temp, th = calibration_arrays(calibration or {}, outputs.names)
+                self.results.studies.append(
+                    {
+                        "scenario": case.name,
+                        "method": method,
+                        "seed": case.seed,
+                        "site": site,
+                        "outputs": outputs,
+                        "temperature": temp,
+                        "thresholds": th,
+                        "dice_counts": arrays.get("dice_counts", {}),
+                    }
+                )
         key = f"{case.name}/{method}"
         roc = self.results.roc.setdefault(key, {"seed": case.seed, "names": [], "labels": [], "scores": []})
         if roc["seed"] == case.seed:  # the first seed's test slices of every site (local: one call per site)
@@ -336,44 +442,66 @@ class Runner:
 
         return after_round
 
-    def _resplit(self, case: Case, method: Method) -> tuple[list[Dataset], list[EvalSite]]:
-        """Training sets and evaluation sites for the method's split (the paper's random slice split
-        puts slices of one patient on both sides)."""
+    def _resplit(self, case: Case, method: Method) -> tuple[list[Dataset], list[EvalSite], list[EvalSite]]:
+        """Training sets, evaluation sites and validation sites for the method's split (the paper's
+        random slice split puts slices of one patient on all sides)."""
         if method.split_by == "patient" or case.held_out:
-            return list(case.train), case.evaluate
+            return list(case.train), case.evaluate, case.val
         fr = self.exp.budget.fractions
         splits = [split_slices(c, fr, seed=case.seed, by="slice") for c in case.caches]
-        return (
-            [SliceDataset(c, s["train"]) for c, s in zip(case.caches, splits)],
-            [EvalSite(p.site_id, SliceDataset(c, s["test"])) for p, c, s in zip(case.plans, case.caches, splits)],
-        )
+
+        def sites(part: str) -> list[EvalSite]:
+            return [EvalSite(p.site_id, SliceDataset(c, s[part])) for p, c, s in zip(case.plans, case.caches, splits)]
+
+        return [SliceDataset(c, s["train"]) for c, s in zip(case.caches, splits)], sites("test"), sites("val")
+
+    def _selector(self, model: JointModel, val: Sequence[EvalSite], rc: dict) -> BestOnValidation:
+        return BestOnValidation(model, val, self.eval_batch, parse_run_config(rc).eval.target_sensitivity, self.device)
 
     def run_local(self, case: Case, method: Method, rc: dict) -> None:
-        """Each site alone, its share of the budget; scored at its own test patients (or, in a
-        leave-one-site-out fold, every local model at the held-out site: mean and best)."""
+        """Each site alone, its share of the budget, its round chosen on its own validation patients;
+        scored at its own test patients (or, in a leave-one-site-out fold, every local model at the
+        held-out site: the mean, and the model whose own validation score is best)."""
         cfg = parse_run_config(rc)
         model_cfg, _ = cfg.architecture()
         steps = cfg.train.local_steps
-        trains, evals = self._resplit(case, method)
+        trains, evals, vals = self._resplit(case, method)
+        val_of = {v.site_id: v for v in vals}
         models: dict[str, JointModel] = {}
         for plan in case.plans:
             models[plan.site_id] = build_joint_model(model_cfg, seed=case.seed)
         if case.held_out:
-            per_model = []
+            per_model, chosen = [], []
             for site_id, ds in zip(models, trains):
-                train_rounds(models[site_id], ds, rc, steps, case.seed, device=self.device)
+                best = self._selector(models[site_id], [val_of[site_id]] if site_id in val_of else [], rc)
+                train_rounds(models[site_id], ds, rc, steps, case.seed, best, self.device)
+                calibration = best.restore()
                 per_model.append(score(models[site_id], evals, self.eval_batch, self.device)[case.held_out])
-            best = max(per_model, key=lambda m: _nan_low(m.get("macro_auc_study")))
+                chosen.append((_nan_low(best.score), calibration))
+            k = max(range(len(per_model)), key=lambda i: chosen[i][0])  # validation only: never the held-out site
+            self.results.selections += [
+                {
+                    "scenario": case.name,
+                    "method": f"{method.name} (best site)",
+                    "seed": case.seed,
+                    "model": site_id,
+                    "validation_score": chosen[i][0],
+                    "chosen": i == k,
+                }
+                for i, site_id in enumerate(models)
+            ]
             self.record(case, method.name, {case.held_out: _mean_metrics(per_model)})
-            self.record(case, f"{method.name} (best site)", {case.held_out: best})
+            self.record(case, f"{method.name} (best site)", {case.held_out: per_model[k]}, chosen[k][1])
             return
         by_site = {e.site_id: e for e in evals}
         for n, (site_id, ds) in enumerate(zip(models, trains), 1):
             one = [by_site[site_id]]
             self.log(f"  {method.name}: site {n}/{len(models)} {site_id} ({len(ds)} training slices)")
             after = self._curve(Case(case.name, case.seed, [], [], [], one), f"{method.name}@{site_id}", lambda: models)
-            train_rounds(models[site_id], ds, rc, steps, case.seed, after, self.device)
-            self.record(case, method.name, score(models[site_id], one, self.eval_batch, self.device))
+            best = self._selector(models[site_id], [val_of[site_id]] if site_id in val_of else [], rc)
+            train_rounds(models[site_id], ds, rc, steps, case.seed, chained(after, best), self.device)
+            calibration = best.restore()
+            self.record(case, method.name, score(models[site_id], one, self.eval_batch, self.device), calibration)
         self._merge_local_curves(case, method.name)
         self.results.models.setdefault(f"{case.name}/{method.name}", next(iter(models.values())))
 
@@ -402,23 +530,18 @@ class Runner:
         """All sites' training patients in one place; the whole federation's budget (sites x steps)."""
         cfg = parse_run_config(rc)
         model_cfg, _ = cfg.architecture()
-        trains, evals = self._resplit(case, method)
+        trains, evals, vals = self._resplit(case, method)
         ds = pooled(trains)
         model = build_joint_model(model_cfg, seed=case.seed)
         steps = cfg.train.local_steps * len(trains)
         self.log(f"  {method.name}: {len(ds)} training slices from {len(trains)} sites, {steps} steps per round")
-        train_rounds(
-            model,
-            ds,
-            rc,
-            steps,
-            case.seed,
-            self._curve(
-                Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}
-            ),
-            self.device,
+        curve = self._curve(
+            Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}
         )
-        self.record(case, method.name, score(model, evals, self.eval_batch, self.device))
+        best = self._selector(model, vals, rc)  # every training site's validation patients, pooled
+        train_rounds(model, ds, rc, steps, case.seed, chained(curve, best), self.device)
+        calibration = best.restore()
+        self.record(case, method.name, score(model, evals, self.eval_batch, self.device), calibration)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
 
     def run_location_finetune(self, case: Case, method: Method, rc: dict) -> None:
@@ -499,7 +622,9 @@ class Runner:
                             "epsilon": m["privacy-epsilon"],
                         }
                     )
-        model = build_from_checkpoint(load_checkpoint(run_dir / name / "global.pt"))
+        chosen = run_dir / name / "best.pt"  # the round chosen on the sites' validation patients
+        ckpt = load_checkpoint(chosen if chosen.is_file() else run_dir / name / "global.pt")
+        model = build_from_checkpoint(ckpt)
         if cfg.strategy.name == "fedbn":
             per_site = {
                 e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, self.device, self.eval_batch)
@@ -508,7 +633,7 @@ class Runner:
             }
         else:
             per_site = score(model, case.evaluate, self.eval_batch, self.device)
-        self.record(case, method.name, per_site)
+        self.record(case, method.name, per_site, ckpt.meta)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
 
     def _flower_progress(self, method: str) -> Callable[[str], None]:
@@ -578,7 +703,8 @@ def _mean_metrics(per_model: list[dict[str, Any]]) -> dict[str, Any]:
             float(m[key]) for m in per_model if isinstance(m.get(key), (int, float)) and not math.isnan(float(m[key]))
         ]
         out[key] = float(np.mean(vals)) if vals else math.nan
-    out["arrays"] = per_model[0]["arrays"]
+    # Slice arrays for the ROC picture only: the mean of several models has no study outputs of its own.
+    out["arrays"] = {k: v for k, v in per_model[0]["arrays"].items() if k not in ("studies", "dice_counts")}
     return out
 
 

@@ -50,15 +50,20 @@ def run_experiment(
     experiment_text: str = "",
     threads: int = 1,
     ray_address: str | None = None,
+    results_file: Path | None = None,
+    readme: Path | None = None,
+    n_boot: int = 2000,
 ) -> Path:
     """Everything ``simulate.py`` does; returns the report's path. ``ray_address``: run the virtual
-    SuperNodes on that existing Ray cluster (``simulations.engine.SimulationEngine``)."""
+    SuperNodes on that existing Ray cluster (``simulations.engine.SimulationEngine``). ``results_file``
+    (and ``readme``): where the study-level headline goes as markdown (``simulations.report.files.publish_results``)."""
     import torch
 
     from simulations.engine import SimulationEngine
     from simulations.report.figures import plot_overlays, plot_site_shift
-    from simulations.report.files import environment
+    from simulations.report.files import environment, publish_results
     from simulations.report.html import write_report
+    from simulations.report.studies import console, markdown, study_tables
     from simulations.report.tables import slug, summarise, text_summary
     from simulations.runner import Runner, describe_sites, iterate_cases
 
@@ -93,8 +98,21 @@ def run_experiment(
                 pictures["overlays"] = plot_overlays(
                     _overlay_model(runner, case.name, exp), examples, figures / f"{slug(case.name)}_overlays.png"
                 )
-    report = write_report(out_dir, exp, runner.results, extra, environment(), synthetic, experiment_text)
+    tables = study_tables(runner.results.studies, n_boot)
+    report = write_report(out_dir, exp, runner.results, extra, environment(), synthetic, experiment_text, tables)
     log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
+    for scenario, t in tables.items():
+        log("\n" + console(t["headline"], scenario))
+    if results_file is not None:
+        seeds = ", ".join(str(s) for s in exp.seeds)
+        text = "".join(
+            markdown(
+                t["headline"], t["paired"], f"{exp.name}: {scenario} (seeds {seeds}; {n_boot} bootstrap replicates)"
+            )
+            for scenario, t in tables.items()
+        )
+        for path in publish_results(text, results_file, readme):
+            log(f"wrote {path}")
     log(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {report}")
     return report
 
@@ -142,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         "`ray start --head` prints it; every node needs this environment and the data at the same path); "
         "default: a Ray of the simulation's own",
     )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="also write the study-level headline (markdown) here, e.g. benchmarks/results/headline.md",
+    )
+    p.add_argument("--readme", type=Path, default=None, help="with --results: rewrite this README's results block too")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates of the intervals (default %(default)s)")
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.experiment)
@@ -164,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             ray_address=args.ray_address,
             log=lambda s: print(s, flush=True),
+            results_file=args.results,
+            readme=args.readme,
+            n_boot=args.boot,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from common.records import TrainInstruction
 class SiteData:
     train: SliceDataset
     test: SliceDataset
+    val: SliceDataset | None = None  # model selection, thresholds and temperature (common.validation)
 
 
 def open_site(site: SiteNode, run: SiteRunConfig) -> SiteData:
@@ -51,7 +52,7 @@ def open_site(site: SiteNode, run: SiteRunConfig) -> SiteData:
 
         # A simulated label-flip site learns and counts from wrong labels; its test split stays true.
         train = corrupt_training_data(train, site.fault)
-    return SiteData(train, SliceDataset(cache, idx["test"]))
+    return SiteData(train, SliceDataset(cache, idx["test"]), SliceDataset(cache, idx["val"]))
 
 
 def _with_expansion(site: SiteNode, cache, run: SiteRunConfig):

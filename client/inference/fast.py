@@ -112,11 +112,18 @@ class TorchScorer:
 
 @dataclass(frozen=True)
 class SliceScores:
-    """Per input slice: marker probabilities (NaN where the classifier did not run) and mask probability."""
+    """Per input slice: marker logits (NaN where the classifier did not run) and mask probability.
 
-    scores: np.ndarray  # [n, n_out]
+    Logits, not probabilities: the study score is scaled by the checkpoint's temperature first."""
+
+    logits: np.ndarray  # [n, n_out]
     mask_probability: np.ndarray  # [n, S, S] float32
     classified: list[int]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Marker probabilities at temperature 1 (NaN where the classifier did not run)."""
+        return _sigmoid(self.logits)
 
 
 def scale_slices(slices: np.ndarray) -> np.ndarray:
@@ -159,7 +166,7 @@ def score_slices(
         scorer.classify(image[chosen[i : i + batch_size]], features[chosen[i : i + batch_size]])
         for i in range(0, len(chosen), batch_size)
     ]
-    probs = _sigmoid(np.concatenate(logits)) if logits else np.zeros((0, 0), dtype=np.float32)
-    scores = np.full((len(x), probs.shape[1]), np.nan, dtype=np.float32)
-    scores[chosen] = probs
-    return SliceScores(scores, mask_probability, chosen)
+    chosen_logits = np.concatenate(logits) if logits else np.zeros((0, 0), dtype=np.float32)
+    out = np.full((len(x), chosen_logits.shape[1]), np.nan, dtype=np.float32)
+    out[chosen] = chosen_logits
+    return SliceScores(out, mask_probability, chosen)

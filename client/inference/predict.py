@@ -1,9 +1,13 @@
 """Clinic prediction: one DICOM study in, marker probabilities, hematoma volume and an overlay out.
 
 The study goes through exactly the training preprocessing (the config stored in the checkpoint).
-Slice scores are combined per marker by the maximum over the slices that hold predicted hematoma
-(a marker needs to show on one slice); when no slice holds predicted hematoma, over all brain
-slices. The hematoma mask is mapped back onto the DICOM grid (``to_input_grid``, the inverse of the
+Slice logits are combined per marker by the one slice-to-study rule of evaluation
+(``common.study_metrics.study_scores_from_slices``: the maximum over the slices that hold predicted
+hematoma, over all brain slices when none does), then scaled by the checkpoint's per-marker
+temperature (``meta["temperature"]``) and called present at its per-marker threshold
+(``meta["thresholds"]``), both chosen on validation when the model was trained (``common.validation``);
+a checkpoint without them gives temperature 1 and threshold 0.5, and says so (``operating_point``).
+A FedBN model needs one site's normalisation layers (``client.inference.site_norms``). The hematoma mask is mapped back onto the DICOM grid (``to_input_grid``, the inverse of the
 preprocessing's centring and resize): the volume is measured there, and the DICOM SEG carries that
 same mask. Nothing written here carries a patient identifier: no names, ids, dates or folder names
 (the DICOM SEG and SR, written only on request, copy the source's patient and study modules: they go
@@ -29,13 +33,15 @@ import torch
 from client.data.dataset import MIN_BRAIN_FRACTION
 from client.inference.backends import make_scorer
 from client.inference.fast import InferenceOptions, SliceScorer, hematoma_pixels, score_slices
+from client.inference.site_norms import is_fedbn, load_site_norms, with_site_norms
 from client.ingest.dicom import Geometry, StudyError, read_study
 from client.preprocessing.pipeline import preprocess_volume, to_input_grid
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
 from common.model import JointModel, to_input
+from common.study_metrics import sigmoid, study_scores_from_slices
 
-#: Operating threshold of an output when the checkpoint names none (docs/clinic.md).
-DEFAULT_THRESHOLD = 0.5
+#: Threshold and temperature of an output when the checkpoint names none (trained before validation choices).
+DEFAULT_THRESHOLD, DEFAULT_TEMPERATURE = 0.5, 1.0
 #: Mask probability above which a pixel is hematoma.
 MASK_THRESHOLD = 0.5
 ALGORITHM_NAME = "hemexp"
@@ -45,14 +51,30 @@ MIN_SLICES = 3
 SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
 
 
-def operating_thresholds(labels: tuple[str, ...], meta: dict[str, Any]) -> dict[str, float]:
-    """The threshold of each output: ``meta["threshold.<label>"]``, else ``meta["threshold"]``, else
-    ``DEFAULT_THRESHOLD``; so a checkpoint that later stores per-marker thresholds is used as is."""
-    common = meta.get("threshold")
-    return {
-        name: float(meta.get(f"threshold.{name}", common if common is not None else DEFAULT_THRESHOLD))
-        for name in labels
-    }
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Per output: the temperature and the threshold of the checkpoint (defaults where it has none)."""
+
+    temperature: dict[str, float]
+    thresholds: dict[str, float]
+    source: str  # "validation" | "default"
+
+    @classmethod
+    def of(cls, labels: tuple[str, ...], meta: dict[str, Any]) -> OperatingPoint:
+        temp, th = meta.get("temperature") or {}, meta.get("thresholds") or {}
+        return cls(
+            {n: float(temp.get(n, DEFAULT_TEMPERATURE)) for n in labels},
+            {n: float(th.get(n, DEFAULT_THRESHOLD)) for n in labels},
+            "validation" if th and temp else "default",
+        )
+
+
+def slice_probabilities(logits: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """Temperature-scaled probabilities of the slices the classifier scored; NaN stays NaN."""
+    out = np.full(logits.shape, np.nan, dtype=np.float32)
+    scored = ~np.isnan(logits)
+    out[scored] = sigmoid((logits / temperature)[scored])
+    return out
 
 
 def software_version() -> str:
@@ -86,8 +108,14 @@ class ScoringModel:
         return {"name": ALGORITHM_NAME, "version": software_version(), "checkpoint_sha256": self.digest}
 
 
-def load_scoring_model(path: Path | str, device: str = "cpu", options: InferenceOptions | None = None) -> ScoringModel:
-    ckpt = load_checkpoint(path)
+def load_scoring_model(
+    path: Path | str,
+    device: str = "cpu",
+    options: InferenceOptions | None = None,
+    site_norms: Path | str | None = None,
+) -> ScoringModel:
+    """``site_norms``: one site's stored FedBN normalisation layers (needed for, and only for, a FedBN model)."""
+    ckpt = with_site_norms(load_checkpoint(path), load_site_norms(site_norms) if site_norms else None)
     model = build_from_checkpoint(ckpt, device)
     options = options or InferenceOptions()
     return ScoringModel(ckpt, model, file_sha256(path), device, options, make_scorer(model, device, options))
@@ -95,18 +123,19 @@ def load_scoring_model(path: Path | str, device: str = "cpu", options: Inference
 
 @dataclass(frozen=True)
 class StudyPrediction:
-    markers: dict[str, float]
+    markers: dict[str, float]  # temperature-scaled study probability per output
     volume_ml: float
     hematoma_slices: list[int]
     brain_slices: list[int]
     key_slice: int | None
-    slice_scores: np.ndarray  # [k, n_out] (NaN for slices the classifier did not score)
+    slice_scores: np.ndarray  # [k, n_out] temperature-scaled (NaN for slices the classifier did not score)
     mask_probability: np.ndarray  # [k, S, S] float32
     slices: np.ndarray  # [k, S, S] uint8 model input
     combine: str
     geometry: Geometry
     shift: tuple[int, int]  # the preprocessing's centring shift
     sources: tuple[Path, ...]  # the DICOM file of each slice
+    operating: OperatingPoint
 
     @property
     def shown_slice(self) -> int:
@@ -121,6 +150,7 @@ class StudyPrediction:
     def to_json(self) -> dict:
         return {
             "markers": self.markers,
+            "operating_point": {"temperature": self.operating.temperature, "chosen_on": self.operating.source},
             "volume_ml": self.volume_ml,
             "combine": self.combine,
             "hematoma_slices": self.hematoma_slices,
@@ -154,25 +184,28 @@ def predict_study(
     model = model or build_from_checkpoint(ckpt, device)
     scorer = scorer or make_scorer(model, device, options)
     cfg = ckpt.preprocess.with_window(window)
-    study = read_study(study_dir)
-    if study.volume.shape[0] < MIN_SLICES:
+    series = read_study(study_dir)
+    if series.volume.shape[0] < MIN_SLICES:
         raise StudyError(
-            study_dir, f"too few slices ({study.volume.shape[0]}): a head CT series has at least {MIN_SLICES}"
+            study_dir, f"too few slices ({series.volume.shape[0]}): a head CT series has at least {MIN_SLICES}"
         )
-    pre = preprocess_volume(study.volume, None, cfg)
+    pre = preprocess_volume(series.volume, None, cfg)
     k = pre.slices.shape[0]
     brain = [int(i) for i in np.flatnonzero(pre.brain_fraction >= MIN_BRAIN_FRACTION)] or list(range(k))
-    scores = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
+    logits = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
     mask_prob = np.zeros(pre.slices.shape, dtype=np.float32)
     scored = score_slices(
         scorer, pre.slices[brain], cfg.min_mask_pixels, model.cfg.masked_input, options.classify, options.batch_size
     )
-    scores[brain], mask_prob[brain] = scored.scores, scored.mask_probability
+    logits[brain], mask_prob[brain] = scored.logits, scored.mask_probability
     pixels = hematoma_pixels(mask_prob)
     hematoma = [i for i in brain if pixels[i] > cfg.min_mask_pixels]
-    use = hematoma or brain
+    operating = OperatingPoint.of(ckpt.labels, ckpt.meta)
+    temperature = np.asarray([operating.temperature[n] for n in ckpt.labels])
+    combined = study_scores_from_slices(logits[brain], np.zeros(len(brain)), pixels[brain], cfg.min_mask_pixels)
+    probs = sigmoid(combined.values[0] / temperature)
     # Rounded once here, so prediction.json and the DICOM SR hold the very same numbers.
-    markers = {name: round(float(np.max(scores[use, j])), 6) for j, name in enumerate(ckpt.labels)}
+    markers = {name: round(float(probs[j]), 6) for j, name in enumerate(ckpt.labels)}
     key = int(max(hematoma, key=lambda i: pixels[i])) if hematoma else None
     pred = StudyPrediction(
         markers,
@@ -180,15 +213,16 @@ def predict_study(
         hematoma,
         brain,
         key,
-        scores,
+        slice_probabilities(logits, temperature),
         mask_prob,
         pre.slices,
         "max over slices holding predicted hematoma (all brain slices if none)",
-        study.geometry,
+        series.geometry,
         pre.shift,
-        study.sources,
+        series.sources,
+        operating,
     )
-    volume = float(pred.source_mask().sum(dtype=np.int64)) * study.geometry.voxel_volume_mm3 / 1000.0  # ml
+    volume = float(pred.source_mask().sum(dtype=np.int64)) * series.geometry.voxel_volume_mm3 / 1000.0  # ml
     return replace(pred, volume_ml=round(volume, 4))
 
 
@@ -250,7 +284,7 @@ def draw_overlay(pred: StudyPrediction, cam: np.ndarray | None, path: Path, labe
 
 def findings(pred: StudyPrediction, ckpt: Checkpoint) -> dict:
     """Each output at its operating threshold, and the expansion risk when the model has that head."""
-    thresholds = operating_thresholds(ckpt.labels, ckpt.meta)
+    thresholds = OperatingPoint.of(ckpt.labels, ckpt.meta).thresholds
     return {
         "thresholds": thresholds,
         "present": {name: bool(p >= thresholds[name]) for name, p in pred.markers.items()},
@@ -266,11 +300,13 @@ def run_prediction(
     window: tuple[float, float] | None = None,
     options: InferenceOptions | None = None,
     dicom: bool = False,
+    site_norms: Path | str | None = None,
 ) -> dict:
     """Write ``prediction.json`` and ``overlay.png`` into ``out_dir`` (and with ``dicom`` the DICOM
     SEG ``seg.dcm`` and SR ``sr.dcm``); returns the JSON dict. ``model``: a loaded model or a
-    checkpoint path; ``options``: the scoring path (``client.inference.fast``), for a path only."""
-    scoring = model if isinstance(model, ScoringModel) else load_scoring_model(model, device, options)
+    checkpoint path; ``options``: the scoring path (``client.inference.fast``) and ``site_norms``: a
+    FedBN site's normalisation layers, both for a path only."""
+    scoring = model if isinstance(model, ScoringModel) else load_scoring_model(model, device, options, site_norms)
     ckpt = scoring.ckpt
     pred = predict_study(
         study_dir,
@@ -294,6 +330,7 @@ def run_prediction(
                 "labels": list(ckpt.labels),
                 "preset_image_size": ckpt.model_config.image_size,
                 "method": ckpt.meta.get("method"),
+                "site_norms": is_fedbn(ckpt),
             },
             "algorithm": scoring.algorithm,
         }

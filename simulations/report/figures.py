@@ -277,3 +277,69 @@ def plot_curves(history: list[dict], path: Path | str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_study_curves(studies: Sequence[dict], scenario: str, path: Path) -> Path | None:
+    """Study-level ROC (top) and precision-recall (bottom) per marker and method: every site's test
+    studies, seeds pooled, calibrated probabilities (``simulations.report.studies``)."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from simulations.report.studies import entries_of, methods_of, pooled
+
+    methods = [m for m in methods_of(studies, scenario) if entries_of(studies, scenario, m)]
+    if not methods:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(MARKERS), figsize=(3.3 * len(MARKERS), 6.4), squeeze=False)
+    for method in methods:
+        o = pooled(entries_of(studies, scenario, method), "calibrated")
+        p = o.probabilities()
+        for j, marker in enumerate(MARKERS):
+            if marker not in o.names:
+                continue
+            c = o.names.index(marker)
+            y, s = o.labels[:, c], p[:, c]
+            ok = ~np.isnan(y)
+            if len(np.unique(y[ok])) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y[ok], s[ok])
+            prec, rec, _ = precision_recall_curve(y[ok], s[ok])
+            axes[0, j].plot(fpr, tpr, lw=1.2, label=method)
+            axes[1, j].plot(rec, prec, lw=1.2, label=method)
+    for j, marker in enumerate(MARKERS):
+        axes[0, j].plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        axes[0, j].set_title(marker, fontsize=10)
+        axes[0, j].set_xlabel("false positive rate")
+        axes[1, j].set_xlabel("recall")
+    axes[0, 0].set_ylabel("true positive rate")
+    axes[1, 0].set_ylabel("precision")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"{scenario}: study-level ROC and PR, test studies of every site, seeds pooled", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_reliability(studies: Sequence[dict], scenario: str, path: Path) -> Path | None:
+    """Reliability diagram per method: observed vs predicted marker frequency before and after the
+    validation temperature, with the ECE of each (markers pooled)."""
+    from simulations.report.studies import entries_of, methods_of, reliability
+
+    methods = [m for m in methods_of(studies, scenario) if entries_of(studies, scenario, m)]
+    if not methods:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        rel = reliability(entries_of(studies, scenario, method))
+        for mode, style in (("raw", "o:"), ("calibrated", "s-")):
+            pts = rel[mode]["points"]
+            if pts:
+                ax.plot(
+                    [q[0] for q in pts], [q[1] for q in pts], style, ms=3, label=f"{mode} (ECE {rel[mode]['ece']:.3f})"
+                )
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        ax.set_title(method[:32], fontsize=8)
+        ax.set_xlabel("predicted probability")
+        ax.legend(fontsize=6)
+    axes[0, 0].set_ylabel("observed frequency")
+    fig.suptitle(f"{scenario}: reliability of study probabilities (markers pooled)", fontsize=10)
+    return _save(fig, path)

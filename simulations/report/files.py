@@ -123,6 +123,7 @@ def write_data(
         "timings": results.timings,
         "failures": results.failures,
         "privacy": results.privacy,
+        "selections": results.selections,
         "environment": env,
     }
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(doc), indent=1))
@@ -133,3 +134,24 @@ def write_data(
         ["scenario", "method", "sites", "seeds"] + [k for m in HEADLINE_METRICS for k in (m, f"{m}_sd")],
     )
     write_csv(out_dir / "curves.csv", curves, ("scenario", "method", "seed", "round", "stage") + HEADLINE_METRICS)
+
+
+#: The README block that ``simulate.py --results`` rewrites (never edited by hand).
+README_START, README_END = "<!-- results:start (simulate.py --results) -->", "<!-- results:end -->"
+
+
+def publish_results(text: str, results_file: Path, readme: Path | None = None) -> list[Path]:
+    """Write the study-level headline (markdown) to ``results_file`` and, with ``readme``, replace
+    the README's results block (between ``README_START`` and ``README_END``) with it.
+    ValueError when the README has no such block."""
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(text)
+    written = [results_file]
+    if readme is not None:
+        doc = readme.read_text()
+        start, end = doc.find(README_START), doc.find(README_END)
+        if start < 0 or end < start:
+            raise ValueError(f"{readme}: no results block ({README_START} ... {README_END})")
+        readme.write_text(doc[: start + len(README_START)] + "\n" + text + doc[end:])
+        written.append(readme)
+    return written

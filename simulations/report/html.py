@@ -15,12 +15,15 @@ from common.config import MARKERS
 from simulations.report.figures import (
     plot_dice_per_site,
     plot_privacy,
+    plot_reliability,
     plot_roc,
     plot_round_curves,
     plot_scenario_trend,
     plot_site_marker_heatmaps,
+    plot_study_curves,
 )
 from simulations.report.files import json_safe, write_data
+from simulations.report.studies import HEADLINE_COLUMNS, cell, study_tables, to_json
 from simulations.report.tables import auc_and_dice, fmt, paper_comparison, select, slug, summarise
 
 
@@ -60,8 +63,13 @@ def write_report(
     env: dict[str, Any],
     synthetic: bool,
     experiment_text: str,
+    tables: dict[str, dict[str, list]] | None = None,
 ) -> Path:
-    """Write metrics.json, the CSVs, the PNGs and report.html into ``out_dir``; returns the HTML path."""
+    """Write metrics.json, the CSVs, the PNGs and report.html into ``out_dir``; returns the HTML path.
+    ``tables``: the study-level tables (``simulations.report.studies.study_tables``), computed here if None."""
+    tables = study_tables(results.studies, N_BOOT_REPORT) if tables is None else tables
+    (out_dir / "studies.json").write_text(json.dumps(json_safe(to_json(results.studies))))
+    (out_dir / "study_metrics.json").write_text(json.dumps(json_safe(tables), indent=1))
     summary = summarise(results.rows)
     paper = paper_comparison(results.rows, dict(exp.paper)) if exp.paper else []
     write_data(out_dir, exp, results, summary, paper, env, experiment_text)
@@ -72,6 +80,7 @@ def write_report(
     if trend:
         parts.append("<h2>Across scenarios</h2>" + img(trend, "headline metrics per scenario"))
     for scenario in dict.fromkeys(r["scenario"] for r in results.rows):
+        parts += study_parts(scenario, tables.get(scenario), results.studies, figs)
         parts += scenario_parts(scenario, results, figures_extra.get(scenario, {}), figs)
     parts += privacy_parts(results.privacy, figs)
     parts += run_parts(results.failures, results.timings)
@@ -128,6 +137,64 @@ def headline_parts(exp, summary: Sequence[dict], paper: Sequence[dict], syntheti
                 [
                     [p["label"], p["metric"], p["marker"], p["paper"], fmt(p["ours"], p["ours_sd"]), p["method"]]
                     for p in paper
+                ],
+            )
+        )
+    return parts
+
+
+#: Bootstrap replicates of the report's study-level intervals.
+N_BOOT_REPORT = 2000
+
+
+def study_parts(scenario: str, tables: dict[str, list] | None, studies, figs: Path) -> list[str]:
+    """The study-level results of one scenario: headline with 95 % intervals, paired differences,
+    study ROC / PR curves, the reliability diagram, and per site n, n_pos, AUROC and Dice."""
+    if not tables or not tables["headline"]:
+        return []
+    part = slug(scenario)
+    parts = [
+        f"<h2>Study level: {html.escape(scenario)}</h2>",
+        "<p>Every method's model chosen on validation (round, per-marker temperature and threshold); "
+        "test studies of all sites pooled within each seed, metric per seed, mean over seeds; "
+        "95 % patient-bootstrap intervals. Sensitivity and specificity at the validation thresholds; "
+        "ECE raw = before the validation temperature.</p>",
+    ]
+    cols = (*HEADLINE_COLUMNS, "ece_raw")
+    parts.append(
+        html_table(
+            ["method", "marker", "n", "n_pos", *cols],
+            [
+                [r["method"], r["marker"], r["n"], r.get("n_pos", "")] + [cell(r.get(c)) for c in cols]
+                for r in tables["headline"]
+            ],
+        )
+    )
+    if tables["paired"]:
+        parts.append("<h3>Paired differences (macro study AUROC, A - B, same test studies)</h3>")
+        parts.append(
+            html_table(
+                ["A", "B", "difference [95 % CI]"], [[p["a"], p["b"], cell(p["difference"])] for p in tables["paired"]]
+            )
+        )
+    parts.append(img(plot_study_curves(studies, scenario, figs / f"{part}_study_curves.png"), "study-level ROC and PR"))
+    parts.append(img(plot_reliability(studies, scenario, figs / f"{part}_reliability.png"), "reliability diagram"))
+    site_rows = [r for r in tables["per_site"] if r["marker"] in ("macro", "dice")]
+    if site_rows:
+        parts.append("<h3>Per site (test studies)</h3>")
+        parts.append(
+            html_table(
+                ["method", "site", "metric", "n", "n_pos per marker", "value [95 % CI]"],
+                [
+                    [
+                        r["method"],
+                        r["site"],
+                        "macro AUROC" if r["marker"] == "macro" else "Dice (per study)",
+                        r["n"],
+                        " ".join(f"{m}:{c['n_pos']}" for m, c in r.get("markers", {}).items()),
+                        cell(r.get("auroc") if r["marker"] == "macro" else r.get("dice")),
+                    ]
+                    for r in site_rows
                 ],
             )
         )

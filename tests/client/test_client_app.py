@@ -35,6 +35,8 @@ from common.records import (
     state_to_record,
 )
 from common.run_config import model_from_run_config
+from common.study_metrics import TEMPERATURES
+from common.validation import ValidationStats
 from simulations.sites import discover_sites
 from tests.helpers.data import write_site
 from tests.helpers.flower import make_context, make_message, run_config
@@ -149,7 +151,10 @@ def test_evaluate_replies_with_scalars_only(site, model):
         assert set(reply.content.keys()) == {METRICS, SITE}
         metrics = reply.content[METRICS]
         assert {"dice", "iou", "fscore", "macro_auc_study", "volume_mae_ml", NUM_EXAMPLES} <= set(metrics)
-        assert all(isinstance(v, (int, float)) for v in metrics.values())
+        sums = {k for k in metrics if k.startswith("val/")}  # validation sums (common.validation), no per-study value
+        assert all(isinstance(v, (int, float)) for k, v in metrics.items() if k not in sums)
+        stats = ValidationStats.from_metrics(metrics, len(model.output_names))
+        assert stats.pos_hist.sum() + stats.neg_hist.sum() > 0 and stats.temperature_nll.shape[0] == len(TEMPERATURES)
 
 
 def test_counts_query(site):

@@ -26,7 +26,7 @@ def test_no_dataclass_holds_a_default_of_its_own():
     """pyproject.toml is the one source of defaults."""
     cfg = parse_run_config(run_config())
     groups = [getattr(cfg, f.name) for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))]
-    assert len(groups) == 9  # ... output, gan
+    assert len(groups) == 10  # ... output, gan, eval
     for obj in [cfg, *groups]:
         assert [f.name for f in fields(obj) if f.default is not MISSING or f.default_factory is not MISSING] == []
 
@@ -76,3 +76,10 @@ def test_a_value_of_the_wrong_type_names_its_key(key, value):
 def test_checks_name_the_key(overrides, error, message):
     with pytest.raises(error, match=message):
         parse_run_config(run_config(**overrides))
+
+
+def test_eval_target_sensitivity_is_checked():
+    assert parse_run_config(run_config()).eval.target_sensitivity == 0.0  # Youden
+    assert parse_run_config(run_config(**{"eval.target-sensitivity": 0.9})).eval.target_sensitivity == 0.9
+    with pytest.raises(ValueError, match="eval.target-sensitivity"):
+        parse_run_config(run_config(**{"eval.target-sensitivity": 1.5}))

@@ -204,3 +204,14 @@ def test_dice_interval_is_the_mean_per_study_dice_resampled_by_patient() -> None
     ci = dice_interval(counts, np.array(["a", "a", "b", "c"]), n_boot=200)
     assert ci.estimate == pytest.approx(np.mean([0.8, 1.0, 0.4, 2 / 3]))
     assert 0.4 <= ci.low <= ci.estimate <= ci.high <= 1.0
+
+
+def test_summarise_only_computes_the_metrics_asked_for():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=(30, 1)).astype(float)
+    keys = np.asarray([f"k{i}" for i in range(30)])
+    o = StudyOutputs(("m",), keys, keys, np.full(30, "s"), y, rng.normal(size=(30, 1)) + y, np.zeros(30, bool))
+    (full,) = summarise(o, n_boot=20)
+    (part,) = summarise(o, n_boot=20, only=("auroc", "sensitivity"))
+    assert {"auroc", "sensitivity"} <= set(part) and not {"auprc", "brier", "ece", "specificity"} & set(part)
+    assert part["auroc"] == full["auroc"] and part["sensitivity"] == full["sensitivity"]

@@ -248,7 +248,7 @@ def test_malformed_replies_are_rejected_logged_and_never_aggregated(federation):
         half = "unet" if stage == 1 else "classifier"
         before = {k: v.clone() for k, v in half_state_dict(fed.model, half).items()}
         if phase == "evaluate":
-            out = fed.evaluate_round(1, stage, entry)
+            out, _ = fed.evaluate_round(1, stage, entry)
             assert out["aggregated"]["dice"] == pytest.approx(0.5) and set(out["sites"]) == {"site-100", "site-101"}
         else:
             out = fed.train_round(1, stage, entry)

@@ -34,6 +34,7 @@ from common.records import (
     STAGE,
 )
 from common.run_config import model_from_run_config
+from common.study_metrics import TEMPERATURES
 from server.checkpoints import round_checkpoints
 from server.federation import run_federation
 from tests.helpers.data import PHI
@@ -184,7 +185,8 @@ def test_history_per_site_and_aggregated(fedavg_run):
 def test_only_arrays_counts_and_metrics_cross(fedavg_run, data_root):
     """Every message both ways: model arrays (no image-shaped, no uint8), counts, scalars; no identifier."""
     grid = fedavg_run["grid"]
-    model_keys = set(build_joint_model(model_from_run_config(fedavg_run["rc"])[0]).state_dict())
+    model_cfg = model_from_run_config(fedavg_run["rc"])[0]
+    model_keys, n_outputs = set(build_joint_model(model_cfg).state_dict()), len(model_cfg.output_names)
     identifiers = (
         [f"P{i:03d}" for i in range(5)]
         + [f"S{i:03d}" for i in range(5)]
@@ -205,6 +207,9 @@ def test_only_arrays_counts_and_metrics_cross(fedavg_run, data_root):
                         assert tuple(arr.shape[-2:]) not in ((IMAGE, IMAGE), (SOURCE, SOURCE)), key
                 elif isinstance(record, MetricRecord):
                     for key, value in record.items():
+                        if key == "val/temperature_nll":  # validation NLL summed over studies, per grid temperature
+                            assert len(value) == len(TEMPERATURES) * n_outputs
+                            continue
                         assert isinstance(value, (int, float)) or all(isinstance(v, int) for v in value), key
                     texts.append(repr(dict(record)))
                 elif isinstance(record, ConfigRecord):
@@ -276,3 +281,25 @@ def test_resume_continues_after_the_last_checkpoint(data_root, tmp_path):
     resumed_from = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-002.pt").state_dict
     final = load_checkpoint(tmp_path / "run" / "global.pt").state_dict
     assert all(torch.equal(resumed_from[k], final[k]) for k in final if k.startswith("unet."))
+
+
+def test_best_checkpoint_is_the_best_validation_round(fedavg_run):
+    """best.pt = the round with the best summed validation score (stage 2 beats stage 1), and every
+    round checkpoint carries per-marker thresholds and temperatures chosen on validation."""
+    out = fedavg_run["out"]
+    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    scored = [(r["stage"], r["evaluate"]["validation"]["score"], r["round"]) for r in rounds]
+    assert all(v["evaluate"]["validation"]["sites"] == N_SITES for v in rounds)
+    assert all(s[1] is not None and not np.isnan(s[1]) for s in scored if s[0] == 1)  # pooled validation Dice
+    usable = [s for s in scored if s[1] is not None and not np.isnan(s[1])]
+    expected = max(usable, key=lambda s: (s[0], s[1], -s[2]))[2]
+    best = load_checkpoint(out / "best.pt")
+    assert best.meta["round"] == expected
+    labels = list(best.labels)
+    for p in round_checkpoints(out):
+        meta = load_checkpoint(p).meta
+        assert sorted(meta["thresholds"]) == sorted(labels) == sorted(meta["temperature"])
+        assert all(0 < v < 1 for v in meta["thresholds"].values())
+        assert all(v > 0 for v in meta["temperature"].values())
+    # The history keeps scalars only: the sums stay out of it.
+    assert not any(isinstance(v, list) for r in rounds for s in r["evaluate"]["sites"].values() for v in s.values())

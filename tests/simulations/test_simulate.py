@@ -40,7 +40,7 @@ def _experiment(tmp_path: Path, seeds: str, methods: str, extra_scenarios: str =
 
 
 def _run(tmp_path: Path, exp: Path, data: Path) -> Path:
-    assert main(["--experiment", str(exp), "--data", str(data), "--out", str(tmp_path / "runs")]) == 0
+    assert main(["--experiment", str(exp), "--data", str(data), "--out", str(tmp_path / "runs"), "--boot", "50"]) == 0
     (out,) = (tmp_path / "runs").iterdir()
     return out
 
@@ -104,6 +104,23 @@ def test_seeds_give_mean_and_spread_and_leave_one_out_scores_only_the_held_out_s
     assert held and {r["site"] for r in held} == {"site-02"}
     assert {r["method"] for r in held} == {"local", "local (best site)", "pooled"}
     assert [s["site"] for s in doc["sites"]["loso/without-site-02"]] == ["site-01", "site-03"]
+    # "local (best site)": the local model with the best score on its own validation patients, per seed
+    for seed in (0, 1):
+        picks = [p for p in doc["selections"] if p["seed"] == seed and p["scenario"] == "loso/without-site-02"]
+        assert sorted(p["model"] for p in picks) == ["site-01", "site-03"]
+        (chosen,) = [p for p in picks if p["chosen"]]
+        assert chosen["validation_score"] == max(p["validation_score"] for p in picks)
+    # per-study test outputs of every method and seed, pseudonymous keys only
+    studies = json.loads((out / "studies.json").read_text())
+    assert {(e["method"], e["seed"]) for e in studies if e["scenario"] == "natural"} == {
+        (m, s) for m in ("local", "pooled") for s in (0, 1)
+    }
+    text = (out / "studies.json").read_text()
+    assert not any(f"P{i:03d}" in text or f"S{i:03d}" in text for i in range(5))
+    tables = json.loads((out / "study_metrics.json").read_text())["natural"]
+    assert {r["method"] for r in tables["headline"]} == {"local", "pooled"}
+    assert [(p["a"], p["b"]) for p in tables["paired"]] == [("local", "pooled")]
+    assert {r["site"] for r in tables["per_site"]} == set(SITES)
 
 
 def test_command_line_errors(tmp_path, capsys):
@@ -156,3 +173,25 @@ rows = [ { label = "random", method = "random split", metric = "dice", paper = 0
     assert paper["putamen"]["ours"] == pytest.approx(tuned[0]["value"])
     page = (out / "report.html").read_text()
     assert "Beside the source paper" in page and "synthetic" not in page.split("<h2>")[0].lower()
+
+
+@pytest.mark.timeout(300)
+def test_results_flag_writes_the_headline_with_intervals_and_the_readme_block(tmp_path, data, capsys):
+    from simulations.report.files import README_END, README_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\nrest\n")
+    results = tmp_path / "results" / "headline.md"
+    exp = _experiment(tmp_path, "[0]", BASELINES)
+    args = ["--experiment", str(exp), "--data", str(data), "--out", str(tmp_path / "runs"), "--boot", "50"]
+    assert main([*args, "--results", str(results), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert "study-level AUROC [95 % CI]" in printed
+    table = results.read_text()
+    assert "| local | macro |" in table and "| pooled | hypodensity |" in table
+    assert "| local | pooled |" in table  # the paired difference
+    doc = readme.read_text()
+    assert "old table" not in doc and table in doc and doc.startswith("intro\n") and doc.endswith("rest\n")
+    readme.write_text("no block\n")
+    assert main([*args, "--results", str(results), "--readme", str(readme)]) == 2
+    assert "no results block" in capsys.readouterr().err

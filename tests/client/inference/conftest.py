@@ -17,5 +17,5 @@ def clinic_study(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="package")
 def clinic_checkpoint(tmp_path_factory, clinic_study) -> Path:
-    meta = {"method": "test", "threshold.blend_sign": 0.25, "threshold.fluid_level": 0.75}
+    meta = {"method": "test", "thresholds": {"blend_sign": 0.25, "fluid_level": 0.75}}
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", clinic_study, meta)

@@ -20,8 +20,8 @@ from client.inference.predict import (
     DEFAULT_THRESHOLD,
     SEG_FILE,
     SR_FILE,
+    OperatingPoint,
     load_scoring_model,
-    operating_thresholds,
     predict_study,
     run_prediction,
 )
@@ -136,11 +136,11 @@ def test_thresholds_come_from_the_checkpoint_per_marker_else_the_default(scored)
     assert result["thresholds"]["hypodensity"] == DEFAULT_THRESHOLD
     assert result["present"] == {k: v >= result["thresholds"][k] for k, v in result["markers"].items()}
     labels = ("hypodensity", "blend_sign")
-    assert operating_thresholds(labels, {}) == {"hypodensity": 0.5, "blend_sign": 0.5}
-    assert operating_thresholds(labels, {"threshold": 0.3, "threshold.blend_sign": 0.9}) == {
-        "hypodensity": 0.3,
-        "blend_sign": 0.9,
-    }
+    assert OperatingPoint.of(labels, {}).thresholds == {"hypodensity": 0.5, "blend_sign": 0.5}
+    point = OperatingPoint.of(labels, {"thresholds": {"blend_sign": 0.9}, "temperature": {"hypodensity": 2.0}})
+    assert point.thresholds == {"hypodensity": 0.5, "blend_sign": 0.9}
+    assert point.temperature == {"hypodensity": 2.0, "blend_sign": 1.0} and point.source == "validation"
+    assert result["operating_point"]["chosen_on"] == "default"  # thresholds but no temperature: not from validation
 
 
 def test_prediction_json_and_overlay_carry_no_identifier_the_dicom_objects_do(scored):
