@@ -158,6 +158,34 @@ def test_evaluate_scores_in_zero_one_and_studies_within_slices():
     assert problems(n_slices=3, n_studies=4) == [Problem("counts-exceed-examples", "n_studies")]
 
 
+def test_evaluate_validation_sums_have_the_lengths_of_common_validation():
+    """The ``val/`` sums an honest site sends (``ValidationStats.to_metrics``) pass; wrong lengths,
+    negative or fractional counts and non-finite NLLs are each rejected by rule and key."""
+    from types import SimpleNamespace
+
+    from common.validation import ValidationStats
+
+    outputs = SimpleNamespace(labels=np.array([[1.0], [0.0], [1.0]]), logits=np.array([[2.0], [-1.0], [0.3]]))
+    honest = ValidationStats.from_outputs(outputs, [(5, 1, 2)]).to_metrics()
+    schema = evaluate_schema(["a"], 0)
+
+    def problems(**changes) -> list[Problem]:
+        metrics = {NUM_EXAMPLES: 5, **honest, **changes}
+        content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_ID: "site-01"})})
+        return check_reply(content, MessageType.EVALUATE, schema)
+
+    assert problems() == []
+    hist = list(honest["val/pos_hist"])
+    assert problems(**{"val/pos_hist": hist[:-1]}) == [Problem("wrong-length", "val/pos_hist")]
+    assert problems(**{"val/neg_hist": [-1] + hist[1:]}) == [Problem("count-not-non-negative-integer", "val/neg_hist")]
+    nll = list(honest["val/temperature_nll"])
+    assert problems(**{"val/temperature_nll": [float("nan")] + nll[1:]}) == [
+        Problem("not-finite", "val/temperature_nll")
+    ]
+    assert problems(**{"val/temperature_nll": [-1.0] + nll[1:]}) == [Problem("out-of-range", "val/temperature_nll")]
+    assert problems(**{"val/dice_tp": 2.5}) == [Problem("count-not-non-negative-integer", "val/dice_tp")]
+
+
 def test_secure_counts_steps():
     keys = RecordDict(
         {METRICS: MetricRecord(), SECURE: ConfigRecord({PUBLIC_KEY: b"k" * 31}), SITE: ConfigRecord({SITE_ID: "s1"})}
