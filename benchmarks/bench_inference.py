@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from client.data.cache import build_site_cache
+from client.data.dataset import MIN_BRAIN_FRACTION
 from client.inference.backends import make_scorer
 from client.inference.fast import REFERENCE, InferenceOptions, SegmentPart, scale_slices
 from client.inference.predict import StudyPrediction, grad_cam, predict_study
@@ -74,7 +75,9 @@ def shift_mask_head(model: JointModel, slices: np.ndarray, n_hematoma: int, min_
         )
     inside = torch.from_numpy(slices > 0).flatten(1)  # the background is alike on every slice: leave it out
     logits = logits.flatten(1).masked_fill(~inside, float("-inf"))
-    v = logits.topk(4 * min_pixels, dim=1).values[:, -1].sort(descending=True).values
+    # a slice holds hematoma when more than min_pixels of its pixels have a positive mask logit, i.e.
+    # when its (min_pixels + 1)-th largest logit is positive: shift that value of the n-th slice below 0
+    v = logits.topk(min_pixels + 1, dim=1).values[:, -1].sort(descending=True).values
     n = min(max(n_hematoma, 1), len(v) - 1)
     with torch.no_grad():
         model.unet.segmentation_head[0].bias -= float(v[n - 1] + v[n]) / 2
@@ -102,7 +105,8 @@ def bench_preset(name: str, args: argparse.Namespace, study: Path, warm: Path, t
     pre_cfg = ckpt.preprocess
     t_pre, c_pre, pre = clock(lambda: preprocess_volume(read_study(study).volume, None, pre_cfg))
     if not args.checkpoint:
-        shift_mask_head(model, pre.slices[pre.brain_fraction >= 0.02], args.hematoma_slices, pre_cfg.min_mask_pixels)
+        brain = pre.slices[pre.brain_fraction >= MIN_BRAIN_FRACTION]
+        shift_mask_head(model, brain, args.hematoma_slices, pre_cfg.min_mask_pixels)
     site = write_site(tmp / f"site-{name}", n_studies=2, shape=(8, args.calibration_matrix, args.calibration_matrix))
     cache, _ = build_site_cache(site, tmp / f"cache-{name}", pre_cfg)
     print(f"\n{name} ({mcfg.image_size} px), {torch.get_num_threads()} threads")

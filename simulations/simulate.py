@@ -10,6 +10,7 @@ where ``<name>-<timestamp>/`` with ``report.html``, ``metrics.json`` and CSVs go
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -99,7 +100,8 @@ def run_experiment(
                     _overlay_model(runner, case.name, exp), examples, figures / f"{slug(case.name)}_overlays.png"
                 )
     tables = study_tables(runner.results.studies, n_boot)
-    report = write_report(out_dir, exp, runner.results, extra, environment(), synthetic, experiment_text, tables)
+    env = environment()
+    report = write_report(out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables)
     log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
     for scenario, t in tables.items():
         log("\n" + console(t["headline"], scenario))
@@ -110,6 +112,11 @@ def run_experiment(
                 t["headline"], t["paired"], f"{exp.name}: {scenario} (seeds {seeds}; {n_boot} bootstrap replicates)"
             )
             for scenario, t in tables.items()
+        )
+        text += (
+            f"\nWritten by `python {env['command']}` (experiment {exp.name}, data {data_root.name}) at commit "
+            f"{env['git_commit'][:10]}{' + local changes' if env['git_dirty'] else ''}, in "
+            f"{time.perf_counter() - t0:.0f} s on {os.cpu_count()} CPU(s), training and evaluation included.\n"
         )
         for path in publish_results(text, results_file, readme):
             log(f"wrote {path}")
