@@ -45,10 +45,10 @@ from tests.helpers.data import head_phantom, write_series, write_site
 SPACING = (5.0, 0.45, 0.45)
 
 
-def steps(calibration: Path) -> list[tuple[str, InferenceOptions]]:
-    """The fast-path steps, each adding one option to the previous one."""
+def steps(calibration: Path, tmp: Path) -> list[tuple[str, InferenceOptions]]:
+    """The fast-path steps, each adding one option to the previous one (ONNX exports kept in ``tmp``)."""
     torch_fast = replace(REFERENCE, channels_last=True)
-    onnx = InferenceOptions(backend="onnx", cache_dir=calibration.parent / "onnx")
+    onnx = InferenceOptions(backend="onnx", cache_dir=tmp / "onnx")
     return [
         ("plain fp32 PyTorch, all brain slices", REFERENCE),
         ("+ channels_last", torch_fast),
@@ -89,8 +89,10 @@ def scored(pred: StudyPrediction) -> int:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks; 1 when both are empty (the two paths agree: no hematoma)."""
     a, b = a > 0.5, b > 0.5
-    return 2 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
+    total = int(a.sum() + b.sum())
+    return 2 * float((a & b).sum()) / total if total else 1.0
 
 
 def bench_preset(name: str, args: argparse.Namespace, study: Path, warm: Path, tmp: Path) -> None:
@@ -107,12 +109,16 @@ def bench_preset(name: str, args: argparse.Namespace, study: Path, warm: Path, t
     if not args.checkpoint:
         brain = pre.slices[pre.brain_fraction >= MIN_BRAIN_FRACTION]
         shift_mask_head(model, brain, args.hematoma_slices, pre_cfg.min_mask_pixels)
-    site = write_site(tmp / f"site-{name}", n_studies=2, shape=(8, args.calibration_matrix, args.calibration_matrix))
-    cache, _ = build_site_cache(site, tmp / f"cache-{name}", pre_cfg)
+    if args.calibration:  # the site's own cache, as `hemexp predict --int8 --calibration` takes it
+        calibration = args.calibration
+    else:
+        shape = (8, args.calibration_matrix, args.calibration_matrix)
+        site = write_site(tmp / f"site-{name}", n_studies=2, shape=shape)
+        calibration = build_site_cache(site, tmp / f"cache-{name}", pre_cfg)[0].path
     print(f"\n{name} ({mcfg.image_size} px), {torch.get_num_threads()} threads")
     print(f"  {'read DICOM + preprocess':42s} {t_pre:6.2f} s wall {c_pre:6.2f} s CPU")
     ref = None
-    for label, options in steps(cache.path)[args.skip : args.steps or None]:
+    for label, options in steps(calibration, tmp)[args.skip : args.steps or None]:
         t_make, _, scorer = clock(lambda options=options: make_scorer(model, "cpu", options))
         predict_study(warm, ckpt, model=model, options=options, scorer=scorer)
         runs = [
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=0, help="only the first N steps (0: all)")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N steps (agreement is then to the first run)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint instead of random weights")
+    ap.add_argument("--study", type=Path, default=None, help="score this DICOM study instead of the phantom")
+    ap.add_argument("--calibration", type=Path, default=None, help="site cache calibrating int8 (default: a phantom)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -157,9 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         write_series(tmp / "study", hu, spacing=SPACING)
         mid = args.slices // 2
         write_series(tmp / "warm", hu[mid - 1 : mid + 2], spacing=SPACING, seed=1)  # 3 slices to warm up on
-        print(f"{args.slices}-slice {args.matrix}x{args.matrix} study, torch {torch.__version__}")
+        study = args.study or tmp / "study"
+        shape = read_study(study).volume.shape
+        print(f"{shape[0]}-slice {shape[1]}x{shape[2]} study ({study.name}), torch {torch.__version__}")
         for name in [args.checkpoint.stem] if args.checkpoint else args.presets:
-            bench_preset(name, args, tmp / "study", tmp / "warm", tmp)
+            bench_preset(name, args, study, tmp / "warm", tmp)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from common.model import JointModel
 
 #: Slices used to calibrate an int8 model: enough to see a site's range of activations.
 CALIBRATION_SLICES = 16
+#: Candidate slices per calibration slice scored by the fp32 U-Net when choosing them.
+CANDIDATES = 4
 _INPUTS = {"segment": ["x"], "classify": ["x", "features"]}
 _OUTPUTS = {"segment": ["mask_logits", "features"], "classify": ["logits"]}
 
@@ -70,9 +72,16 @@ def export_parts(model: JointModel, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def calibration_slices(cache_dir: Path | str, n: int = CALIBRATION_SLICES) -> np.ndarray:
-    """``n`` brain slices of a site cache, those with the most reference hematoma first (what the
-    classifier sees in the clinic), spread over the studies; uint8 [n, S, S]."""
+def calibration_slices(
+    cache_dir: Path | str, model: JointModel | None = None, n: int = CALIBRATION_SLICES
+) -> np.ndarray:
+    """``n`` brain slices of a site cache to calibrate on; uint8 [n, S, S].
+
+    Half are those where ``model`` (fp32) predicts the most hematoma, half those with the most
+    reference hematoma: min/max calibration must see the positive mask logits and the classifier's
+    inputs of hematoma slices, or int8 clips them away (measured: a trained U-Net calibrated on
+    slices where it predicted no hematoma found none in int8). Candidates: the ``CANDIDATES`` x
+    ``n`` slices with the most reference hematoma, then evenly spread brain slices."""
     from client.data.cache import open_cache
     from client.data.dataset import brain_slices
 
@@ -80,9 +89,22 @@ def calibration_slices(cache_dir: Path | str, n: int = CALIBRATION_SLICES) -> np
     idx = brain_slices(cache)
     if idx.size == 0:
         raise ValueError(f"site cache {cache_dir} has no brain slices to calibrate on")
-    pixels = np.asarray(cache.masks[idx]).reshape(len(idx), -1).sum(axis=1)
-    order = np.lexsort((idx, -pixels))
-    return np.asarray(cache.images[np.sort(idx[order[:n]])])
+    reference = np.asarray(cache.masks[idx]).reshape(len(idx), -1).sum(axis=1)
+    by_reference = idx[np.lexsort((idx, -reference))]
+    if model is None:
+        return np.asarray(cache.images[np.sort(by_reference[:n])])
+    spread = idx[np.linspace(0, len(idx) - 1, min(len(idx), CANDIDATES * n)).astype(int)]
+    candidates = np.unique(np.concatenate([by_reference[: CANDIDATES * n], spread]))
+    images = np.asarray(cache.images[candidates])
+    scorer = TorchScorer(model, "cpu", channels_last=False)
+    x = scale_slices(images)
+    logits = np.concatenate([scorer.segment(x[i : i + 8])[0] for i in range(0, len(x), 8)])
+    predicted = (logits[:, 0] > 0).reshape(len(x), -1).sum(axis=1)  # mask probability > 0.5
+    by_prediction = np.argsort(-predicted, kind="stable").tolist()
+    position = {int(c): i for i, c in enumerate(candidates)}
+    references = [position[int(c)] for c in by_reference if int(c) in position]
+    chosen = list(dict.fromkeys([*by_prediction[: n // 2], *references, *by_prediction]))[:n]
+    return images[np.sort(chosen)]
 
 
 class _Feeds:
@@ -136,7 +158,7 @@ def prepare_models(model: JointModel, options: InferenceOptions) -> dict[str, Pa
         export_parts(model, folder)
     if not options.int8:
         return paths
-    slices = calibration_slices(options.calibration)
+    slices = calibration_slices(options.calibration, model)
     tag = hashlib.sha256(slices.tobytes()).hexdigest()[:12]
     feeds = None
     for part in options.int8:
