@@ -26,6 +26,6 @@ def test_bench_inference_prints_every_step(capsys) -> None:
         ["--presets", "tiny", "--slices", "8", "--matrix", "64", "--calibration-matrix", "64", "--repeats", "1"]
     )
     out = capsys.readouterr().out
-    for label, _ in bench_inference.steps(Path("x")):
+    for label, _ in bench_inference.steps(Path("x"), Path("y")):
         assert label in out
     assert "Grad-CAM" in out and "read DICOM" in out
