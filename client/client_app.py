@@ -56,7 +56,7 @@ from common.records import (
     state_to_record,
 )
 from common.runtime import resolve_device
-from common.validation import ValidationStats
+from common.validation import ValidationStats, selectable
 
 #: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md).
 app = ClientApp(mods=[policy_mod])
@@ -133,7 +133,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     Test split: scalar metrics (the per-round record). Validation split: the sums of
     ``common.validation.ValidationStats`` (``val/`` keys: summed NLL per temperature, per-bin
     study counts, pixel counts) from which the server picks the best round, the thresholds and the
-    temperatures; never a study's own logit. The message holds the half of the current stage; the other half is the site's own copy: the
+    temperatures; never a study's own logit. Only for rounds that can be chosen
+    (``common.validation.selectable``: stage-1 rounds of a run with stage 2 cannot). The message holds the half of the current stage; the other half is the site's own copy: the
     frozen global U-Net (stage 2) or the untrained classifier built from the run's seed (stage 1).
     """
     site, run = _site_and_run(context)
@@ -151,9 +152,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         }
     )
     metrics[NUM_EXAMPLES] = len(data.test)
-    val = evaluate(model, data.val, resolve_device(site.device), run.eval_batch_size)
-    stats = ValidationStats.from_outputs(val["arrays"]["studies"], val["arrays"]["dice_counts"].values())
-    metrics.update(stats.to_metrics())
+    if selectable(order.stage, run.config.rounds.stage2):
+        val = evaluate(model, data.val, resolve_device(site.device), run.eval_batch_size)
+        stats = ValidationStats.from_outputs(val["arrays"]["studies"], val["arrays"]["dice_counts"].values())
+        metrics.update(stats.to_metrics())
     return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
 
 

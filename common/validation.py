@@ -160,6 +160,13 @@ def metric_lengths(n_labels: int, prefix: str = "val/") -> dict[str, int]:
     }
 
 
+def selectable(stage: int, stage2_rounds: int) -> bool:
+    """Whether a round of ``stage`` can become the chosen model, so is worth scoring on validation:
+    a stage-2 round always beats a stage-1 one, so stage-1 rounds count only in a run without
+    stage 2 (skipping them saves a validation pass per stage-1 round)."""
+    return stage == 2 or stage2_rounds == 0
+
+
 def selection_score(stats: ValidationStats, stage: int, marker_columns: Iterable[int]) -> float:
     """The validation metric a round (or a baseline's epoch) is chosen by: stage 2 the pooled macro
     study-AUROC over the markers, stage 1 the pooled Dice. NaN when undefined (never chosen then)."""

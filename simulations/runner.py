@@ -54,7 +54,7 @@ from common.records import HALF_OF_STAGE, TrainInstruction
 from common.run_config import TrainOptions, model_from_run_config, parse_run_config
 from common.runtime import resolve_device
 from common.study_metrics import StudyOutputs
-from common.validation import ValidationStats, calibration_meta, selection_score
+from common.validation import ValidationStats, calibration_meta, selectable, selection_score
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
@@ -291,14 +291,18 @@ class BestOnValidation:
         batch_size: int,
         target_sensitivity: float,
         device: torch.device | str = "cpu",
+        stage2_rounds: int = 1,
     ) -> None:
         self.model, self.batch_size, self.target, self.device = model, batch_size, target_sensitivity, device
         self.val = [v for v in val if len(v.data)]
+        self.stage2_rounds = stage2_rounds
         self.key: tuple[int, float] | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.stats: ValidationStats | None = None
 
     def __call__(self, rnd: int, stage: int) -> None:
+        if not selectable(stage, self.stage2_rounds):
+            return
         parts = []
         for v in self.val:
             m = evaluate(self.model, v.data, self.device, self.batch_size)["arrays"]
@@ -456,7 +460,10 @@ class Runner:
         return [SliceDataset(c, s["train"]) for c, s in zip(case.caches, splits)], sites("test"), sites("val")
 
     def _selector(self, model: JointModel, val: Sequence[EvalSite], rc: dict) -> BestOnValidation:
-        return BestOnValidation(model, val, self.eval_batch, parse_run_config(rc).eval.target_sensitivity, self.device)
+        cfg = parse_run_config(rc)
+        return BestOnValidation(
+            model, val, self.eval_batch, cfg.eval.target_sensitivity, self.device, cfg.rounds.stage2
+        )
 
     def run_local(self, case: Case, method: Method, rc: dict) -> None:
         """Each site alone, its share of the budget, its round chosen on its own validation patients;

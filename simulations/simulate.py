@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads of the local and pooled baselines (the "
-        "tiny model runs fastest on one; a busy second core makes small convolutions much slower)",
+        default=os.cpu_count() or 1,
+        help="torch threads of the local and pooled baselines (default: every core, %(default)s here; they run "
+        "alone: give 1 on a machine whose other cores are busy, where small convolutions slow down on more)",
     )
     p.add_argument("--no-generate", action="store_true", help="fail instead of generating missing data")
     p.add_argument(

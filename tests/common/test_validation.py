@@ -87,3 +87,11 @@ def test_metric_lengths_describe_what_a_site_sends():
         assert (len(sent[key]) if isinstance(sent[key], list) else 0) == n
         if key != "val/temperature_nll":
             assert all(isinstance(v, int) and v >= 0 for v in (sent[key] if n else [sent[key]]))
+
+
+def test_only_rounds_that_can_be_chosen_are_scored_on_validation():
+    from common.validation import selectable
+
+    assert selectable(2, 4) and selectable(2, 0)
+    assert not selectable(1, 4)  # a stage-2 round will beat it
+    assert selectable(1, 0)  # a U-Net-only run chooses among its stage-1 rounds
