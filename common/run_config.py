@@ -43,6 +43,19 @@ POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
 MARKER_SAMPLING = ("natural", "balanced")
 #: ``privacy.site-dp``: no site-level DP, or Flower's fixed-clipping wrapper with the server or the site clipping.
 SITE_DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
+#: Strategies whose aggregate is not the plain mean of the updates that Flower's site-level noise is sized
+#: for (``privacy.site-dp``), and why.
+NOT_A_PLAIN_MEAN: dict[str, str] = {
+    **dict.fromkeys(
+        sorted(ROBUST_STRATEGIES),
+        "a median, trimmed mean or Krum's pick moves by more than C / n when one site changes",
+    ),
+    **dict.fromkeys(
+        ("fedadam", "fedyogi"),
+        "Flower adds the noise after the server optimiser's step, which rescales the mean per coordinate "
+        "by moments of earlier means without noise",
+    ),
+}
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -327,10 +340,10 @@ class RunConfig:
                 "the server sees only the unmasked mean of the updates, never one site's update to clip or check",
             ),
             (
-                self.strategy.name in ROBUST_STRATEGIES,
+                self.strategy.name in NOT_A_PLAIN_MEAN,
                 f"strategy.name {self.strategy.name!r}",
-                "a median, trimmed mean or Krum's pick moves by more than C / n when one site changes, "
-                "so noise of std sigma C / n would not cover it",
+                f"{NOT_A_PLAIN_MEAN.get(self.strategy.name)}, so noise of std sigma C / n would not cover it "
+                f"(use one of {sorted(set(STRATEGY_NAMES) - set(NOT_A_PLAIN_MEAN))})",
             ),
             (
                 self.strategy.imbalance_head,

@@ -149,7 +149,7 @@ def update_norm(arrays: ArrayRecord, sent: ArrayRecord) -> float:
 def refuse_integer_arrays(arrays: ArrayRecord) -> None:
     """Flower scales each update by C / norm in place, which an integer array (a BatchNorm step
     counter) cannot take, and adds noise to it; every array sent must be floating point."""
-    ints = [k for k, v in arrays.items() if v.numpy().dtype.kind != "f"]
+    ints = [k for k, v in arrays.items() if np.dtype(v.dtype).kind != "f"]
     if ints:
         raise ValueError(f"privacy.site-dp clips and noises every array sent, but {ints[:3]} are not floating point")
 

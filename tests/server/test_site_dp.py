@@ -267,9 +267,14 @@ def test_bad_values_name_their_key(overrides, message):
     "overrides, other",
     [
         ({"privacy.secure-updates": True}, "privacy.secure-updates"),
-        ({"strategy.name": "krum"}, "strategy.name 'krum'"),
+        ({"strategy.name": "krum"}, "strategy.name 'krum': a median, trimmed mean or Krum's pick"),
         ({"strategy.name": "fedmedian"}, "strategy.name 'fedmedian'"),
         ({"strategy.name": "fedtrimmedavg"}, "strategy.name 'fedtrimmedavg'"),
+        (
+            {"strategy.name": "fedadam"},
+            "strategy.name 'fedadam': Flower adds the noise after the server optimiser's step",
+        ),
+        ({"strategy.name": "fedyogi"}, "strategy.name 'fedyogi'"),
         ({"strategy.imbalance-head": True}, "strategy.imbalance-head"),
     ],
 )
@@ -278,7 +283,7 @@ def test_combinations_that_cannot_work_are_refused_naming_both_keys(mode, overri
         parse_run_config(run_config(**{"privacy.site-dp": mode, **overrides}))
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedbn"])
 def test_mean_based_strategies_are_accepted(name):
     assert (
         parse_run_config(run_config(**{"privacy.site-dp": "server-fixed", "strategy.name": name})).strategy.name == name
@@ -349,7 +354,8 @@ def test_federation_server_clips_a_sites_update_in_a_real_round(tmp_path):
     assert isinstance(fed.strategies[1], ServerSideSiteDP)
     floats = sum(v.numel() for v in half_state_dict(fed.model, "unet").values())
     shift, spread, out = round_shift(fed, 1, 1, "unet")
-    assert shift == pytest.approx((0.5 + CLIP) / 2 / np.sqrt(floats), rel=1e-3) and spread < 1e-6
+    expected = (0.5 + CLIP) / 2 / np.sqrt(floats)
+    assert shift == pytest.approx(expected, rel=1e-3) and spread < 1e-2 * expected  # every float alike
     assert out["aggregated"][NUM_EXAMPLES] == 50 and out["sent"] == 2
 
 
@@ -361,5 +367,6 @@ def test_federation_sites_clip_their_own_update_in_stage_2(tmp_path):
     assert isinstance(fed.strategies[2], ClientSideSiteDP)
     floats = sum(v.numel() for v in half_state_dict(fed.model, "classifier").values())
     shift, spread, out = round_shift(fed, 2, 2, "classifier")
-    assert shift == pytest.approx((0.5 + CLIP) / 2 / np.sqrt(floats), rel=1e-3) and spread < 1e-6
+    expected = (0.5 + CLIP) / 2 / np.sqrt(floats)
+    assert shift == pytest.approx(expected, rel=1e-3) and spread < 1e-2 * expected
     assert out["aggregated"][NUM_EXAMPLES] == 50 and set(out["sites"]) == {"site-100", "site-101", "site-102"}
