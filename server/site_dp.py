@@ -65,6 +65,7 @@ class SiteRound:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Flower's train messages; keeps the arrays they carry (FedBN: without its local norm keys)."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent = messages[0].content[ARRAYS] if messages else ArrayRecord()
         refuse_integer_arrays(self.sent)
@@ -73,6 +74,7 @@ class SiteRound:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's clipping and noise over the admissible replies, each weighted 1 and n = their number."""
         replies = self.admissible(list(replies))
         self.num_sampled_clients = max(len(replies), 1)
         with entropy_noise():
