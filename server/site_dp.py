@@ -42,7 +42,7 @@ from common.records import ARRAYS, METRICS, NUM_EXAMPLES
 from common.run_config import PrivacyOptions
 from server.replies import with_metric
 
-#: Relative slack on C when the server checks a site's own clipping (float32 rounding at the site).
+#: Relative slack on C when the server checks a site's own clipping (the scaling's rounding at the site).
 CLIP_SLACK = 1e-4
 
 
@@ -103,8 +103,11 @@ class ClientSideSiteDP(SiteRound, DifferentialPrivacyClientSideFixedClipping):
     """``privacy.site-dp = "client-fixed"``: each site clips its own update (Flower sends C in the config)."""
 
     def admissible(self, replies: list[Message]) -> list[Message]:
-        """The replies whose update is within C; one above it (a site that did not clip) is left out."""
-        bound = self.clipping_norm * (1 + CLIP_SLACK)
+        """The replies whose update is within C; one above it (a site that did not clip) is left out.
+        The site adds its clipped update to float32 arrays, which may round each coordinate by half a
+        float32 epsilon of the array's value: that much more is allowed."""
+        rounding = float(np.finfo(np.float32).eps) * get_norm(self.sent.to_numpy_ndarrays())
+        bound = self.clipping_norm * (1 + CLIP_SLACK) + rounding
         kept = []
         for reply in replies:
             norm = update_norm(reply.content[ARRAYS], self.sent)
