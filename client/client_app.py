@@ -24,6 +24,7 @@ from client.federation.node import SiteNode
 from client.federation.policy import read_policy
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
 from client.federation.secure_updates import masked_update_record, update_step
+from client.federation.site_clipping import site_clipping_mod
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
 from client.federation.site_gan import stage2_training_set
 from client.federation.site_run import SiteRunConfig
@@ -58,8 +59,10 @@ from common.records import (
 from common.runtime import resolve_device
 from common.validation import ValidationStats, selectable
 
-#: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md).
-app = ClientApp(mods=[policy_mod])
+#: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md); with
+#: ``privacy.site-dp = "client-fixed"`` a train reply's update is then clipped last, by Flower's mod
+#: (``client.federation.site_clipping``); other runs pass that mod untouched.
+app = ClientApp(mods=[policy_mod, site_clipping_mod])
 
 
 def _site_and_run(context: Context) -> tuple[SiteNode, SiteRunConfig]:

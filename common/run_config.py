@@ -41,6 +41,21 @@ CENSUS_MODES: tuple[str, ...] = ("off", "before", "only")
 POS_WEIGHT_MODES: tuple[str, ...] = ("global", "local", "none")
 #: Stage-2 sampling: natural draws (the paper) or marker-positive slices oversampled to about half.
 MARKER_SAMPLING = ("natural", "balanced")
+#: ``privacy.site-dp``: no site-level DP, or Flower's fixed-clipping wrapper with the server or the site clipping.
+SITE_DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
+#: Strategies whose aggregate is not the plain mean of the updates that Flower's site-level noise is sized
+#: for (``privacy.site-dp``), and why.
+NOT_A_PLAIN_MEAN: dict[str, str] = {
+    **dict.fromkeys(
+        sorted(ROBUST_STRATEGIES),
+        "a median, trimmed mean or Krum's pick moves by more than C / n when one site changes",
+    ),
+    **dict.fromkeys(
+        ("fedadam", "fedyogi"),
+        "Flower adds the noise after the server optimiser's step, which rescales the mean per coordinate "
+        "by moments of earlier means without noise",
+    ),
+}
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -187,7 +202,10 @@ class PrivacyOptions:
     ``delta`` 0: min(1e-5, 0.1 / patients) per patient, 1 / slices per slice; ``max_grad_norm``: the
     clipping bound C of one unit's gradient; ``unit``: "patient" (sample and clip whole patients) or
     "slice" (per-slice DP-SGD, whose epsilon does not protect a patient);
-    ``secure_counts``: label counts leave a site only masked (docs/secure-aggregation.md).
+    ``secure_counts``: label counts leave a site only masked (docs/secure-aggregation.md);
+    ``site_dp``: site-level DP by Flower's fixed-clipping wrappers (``server.site_dp``): each site's
+    update is clipped to ``site_clipping_norm`` C, and the mean of the n sites' updates gets Gaussian
+    noise of std ``site_noise_multiplier`` x C / n.
     """
 
     dp: bool
@@ -200,8 +218,17 @@ class PrivacyOptions:
     #: Train replies carry masked fixed-point updates only; the server unmasks their weighted mean
     #: (``common.secure_updates``, docs/secure-aggregation.md).
     secure_updates: bool
+    site_dp: str
+    site_noise_multiplier: float
+    site_clipping_norm: float
 
     def __post_init__(self) -> None:
+        _check_choice("privacy.site-dp", self.site_dp, SITE_DP_MODES)
+        if not (self.site_noise_multiplier >= 0 and self.site_clipping_norm > 0):
+            raise ValueError(
+                f"privacy.site-noise-multiplier must be >= 0 and privacy.site-clipping-norm > 0, "
+                f"got {self.site_noise_multiplier} and {self.site_clipping_norm}"
+            )
         if not self.noise_multiplier >= 0:
             raise ValueError(
                 f"privacy.noise-multiplier must be >= 0 (0: derived from privacy.target-epsilon), "
@@ -298,6 +325,37 @@ class RunConfig:
                 f"every site's own update (a median, a trimmed mean, Krum's distances, per-site head weights): "
                 f"use it with {sorted(set(STRATEGY_NAMES) - ROBUST_STRATEGIES)} and no imbalance head"
             )
+        self._check_site_dp()
+
+    def _check_site_dp(self) -> None:
+        """Flower's site-level noise (sigma C / n) is sized for the plain mean of n clipped updates that
+        the server itself aggregates; a run whose aggregate is anything else is refused."""
+        mode = self.privacy.site_dp
+        if mode == "off":
+            return
+        clashes = (
+            (
+                self.privacy.secure_updates,
+                "privacy.secure-updates",
+                "the server sees only the unmasked mean of the updates, never one site's update to clip or check",
+            ),
+            (
+                self.strategy.name in NOT_A_PLAIN_MEAN,
+                f"strategy.name {self.strategy.name!r}",
+                f"{NOT_A_PLAIN_MEAN.get(self.strategy.name)}, so noise of std sigma C / n would not cover it "
+                f"(use one of {sorted(set(STRATEGY_NAMES) - set(NOT_A_PLAIN_MEAN))})",
+            ),
+            (
+                self.strategy.imbalance_head,
+                "strategy.imbalance-head",
+                "its head rows are weighted by each site's positives, not the plain mean the noise is sized for",
+            ),
+        )
+        for clash, other, why in clashes:
+            if clash:
+                raise ValueError(
+                    f"privacy.site-dp {mode!r} cannot be used with {other}: {why}; switch one of the two off"
+                )
 
     def architecture(self) -> tuple[ModelConfig, PreprocessConfig]:
         """The architecture and the preprocessing every site and the server share.
@@ -305,11 +363,17 @@ class RunConfig:
         ``model.image-size`` 0 keeps the preset's size; the preprocessing size always equals it.
         ``model.classifier``, ``model.masked-input`` and ``model.norm`` override the preset. With
         ``privacy.dp`` the norm is always group (Opacus cannot privatise BatchNorm, whose statistics
-        mix the slices of a batch), at every site and the server alike.
+        mix the slices of a batch), at every site and the server alike; with ``privacy.site-dp`` too
+        (its noise would make a running variance negative, and its integer step counter cannot be scaled).
         """
         norm = self.model.norm
-        if self.privacy.dp and norm != "group":
-            log(INFO, "privacy.dp: model.norm %r replaced by 'group' (GroupNorm; DP-SGD cannot use BatchNorm)", norm)
+        if (self.privacy.dp or self.privacy.site_dp != "off") and norm != "group":
+            key, why = (
+                ("privacy.dp", "DP-SGD cannot use BatchNorm")
+                if self.privacy.dp
+                else ("privacy.site-dp", "site-level DP would clip and noise BatchNorm's statistics and step counter")
+            )
+            log(INFO, "%s: model.norm %r replaced by 'group' (GroupNorm; %s)", key, norm, why)
             norm = "group"
         overrides: dict[str, Any] = {
             "classifier": self.model.classifier,

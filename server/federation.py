@@ -63,6 +63,7 @@ from server.history import History
 from server.replies import Messenger, idle_reason, metrics_dict, with_metric
 from server.secure_updates import secure_train
 from server.server_config import ServerRunConfig, resolve_run_dir
+from server.site_dp import with_site_dp
 from server.strategies import build_strategy
 from server.validation import array_specs, bound_examples, counts_schema, evaluate_schema, train_schema
 
@@ -78,8 +79,10 @@ class Federation:
         self.local_keys = norm_state_keys(self.model) if cfg.strategy.name == "fedbn" else set()
         head = final_layer_keys(self.model)
         # One strategy per stage: server-side optimiser state is per array, and stages exchange different arrays.
+        # With privacy.site-dp each sits inside Flower's fixed-clipping wrapper (server.site_dp).
         self.strategies: dict[int, Strategy] = {
-            s: build_strategy(cfg.strategy, local_keys=self.local_keys, head_keys=head) for s in HALF_OF_STAGE
+            s: with_site_dp(build_strategy(cfg.strategy, local_keys=self.local_keys, head_keys=head), cfg.privacy)
+            for s in HALF_OF_STAGE
         }
         self.out_dir = resolve_run_dir(cfg)
         self.history = History(self.out_dir)
@@ -103,11 +106,12 @@ class Federation:
             return self.history
         log(
             INFO,
-            "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s, output %s",
+            "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s%s, output %s",
             cfg.rounds_stage1,
             cfg.rounds_stage2,
             cfg.strategy.name,
             " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
+            "" if cfg.privacy.site_dp == "off" else f" + site-level DP ({cfg.privacy.site_dp})",
             self.out_dir,
         )
         if cfg.census == "before" and self.start_round == 0:

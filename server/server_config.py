@@ -10,7 +10,7 @@ from typing import Any
 
 from common.config import PreprocessConfig
 from common.presets import ModelConfig
-from common.run_config import RunConfig, StrategyOptions, parse_run_config
+from common.run_config import PrivacyOptions, RunConfig, StrategyOptions, parse_run_config
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class ServerRunConfig:
     init_checkpoint: str
     #: ``eval.target-sensitivity``: 0 = Youden's threshold per marker (``common.validation``).
     target_sensitivity: float
+    #: ``privacy.*``: the server reads the site-level DP settings of it (``server.site_dp``).
+    privacy: PrivacyOptions
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -77,6 +79,7 @@ class ServerRunConfig:
             secure_updates=cfg.privacy.secure_updates,
             init_checkpoint=train.init_checkpoint,
             target_sensitivity=cfg.eval.target_sensitivity,
+            privacy=cfg.privacy,
         )
 
     @property
@@ -102,6 +105,11 @@ class ServerRunConfig:
             "secure_counts": self.secure_counts,
             "secure_updates": self.secure_updates,
             "init_checkpoint": self.init_checkpoint,
+            "site_dp": {
+                "mode": self.privacy.site_dp,
+                "noise_multiplier": self.privacy.site_noise_multiplier,
+                "clipping_norm": self.privacy.site_clipping_norm,
+            },
         }
 
 
