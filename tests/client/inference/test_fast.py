@@ -127,6 +127,24 @@ def test_onnx_fp32_and_int8_agree_with_the_plain_path(study, checkpoint, site_ca
     assert delta8 < 0.01 and dice(quantised.mask_probability, ref.mask_probability) > 0.99
 
 
+def test_calibration_includes_the_slices_where_the_model_sees_most_hematoma(site_cache, checkpoint) -> None:
+    """Half the int8 calibration slices are those where the fp32 U-Net predicts the most hematoma
+    (computed here independently over every brain slice); the rest are chosen by reference masks."""
+    from client.inference.fast import TorchScorer, scale_slices
+    from client.inference.onnx_runtime import calibration_slices
+
+    _, model = checkpoint
+    images = np.asarray(site_cache.images[brain_slices(site_cache)])
+    logits = TorchScorer(model, "cpu", channels_last=False).segment(scale_slices(images))[0]
+    predicted = (logits[:, 0] > 0).reshape(len(images), -1).sum(axis=1)
+    n = 4
+    chosen = calibration_slices(site_cache.path, model, n=n)
+    assert chosen.shape == (n, *images.shape[1:])
+    top = images[np.argsort(-predicted, kind="stable")[: n // 2]]
+    assert all(any(np.array_equal(t, c) for c in chosen) for t in top)
+    assert predicted.max() > 0  # the check means something: the model does find hematoma
+
+
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="int8 needs"):
         InferenceOptions(int8=("segment",))
