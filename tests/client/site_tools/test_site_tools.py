@@ -72,12 +72,12 @@ def test_prepare_takes_the_run_from_site_toml(tmp_path, capsys):
     data = open_site(SiteNode(site, "site-11", cache), SiteRunConfig.from_run_config(app_run_config(OVERRIDES)))
     assert data.train.cache.hit and built_sizes(cache) == {32}
     # the command line wins over site.toml, key by key (the centre step stays site.toml's)
-    cfg = run_preprocess("model.image-size=48", site_dir=site)
-    assert (cfg.size, cfg.centre) == (48, False)
-    assert run_preprocess("model.image-size=48", size=40, site_dir=site).size == 40
-    wider = ["prepare", str(site), "--cache-dir", str(cache), "--run-config", "model.image-size=48"]
+    cfg = run_preprocess("model.image-size=64", site_dir=site)
+    assert (cfg.size, cfg.centre) == (64, False)
+    assert run_preprocess("model.image-size=64", size=40, site_dir=site).size == 40
+    wider = ["prepare", str(site), "--cache-dir", str(cache), "--run-config", "model.image-size=64"]
     assert flwr_client_main(wider) == 0
-    assert "48x48" in capsys.readouterr().out and built_sizes(cache) == {32, 48}
+    assert "64x64" in capsys.readouterr().out and built_sizes(cache) == {32, 64}
 
 
 @pytest.mark.parametrize(
