@@ -1,7 +1,8 @@
 """Site failures in one real federation on loopback (docs/site-policy.md, server/replies.py).
 
 Four SuperNodes started with ``flwr-client start`` (``--insecure``: loopback only) join one
-``flower-superlink``; one ``flwr run`` of two rounds (one per stage) must finish with the one site that trains while
+``flower-superlink``; one ``flwr run`` of two rounds (one per stage) must finish with the one site
+that trains while
 
 - ``refuser``'s ``site.toml`` ``[policy]`` refuses the run's config (``max-rounds``),
 - ``pinned``'s ``allowed-apps`` does not hold this app's digest,
