@@ -15,7 +15,6 @@ own session and stopped (with its children) in ``finally``.
 from __future__ import annotations
 
 import subprocess
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -34,8 +33,9 @@ from client.site_tools.supernode import (
 )
 from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_SITE_ID
 from server.certs import make_ca, make_server_cert, make_site_keys
-from simulations.engine import BIN, flwr_env, free_port, stop_process_group, wait_for_port
+from simulations.engine import BIN, flwr_env, free_port
 from tests.helpers.data import write_site
+from tests.helpers.deployment import Processes, site_node_command, wait_for, write_connection
 from tests.helpers.flower import REPO
 
 
@@ -218,20 +218,10 @@ def test_certificates(tmp_path):
 # --- integration: a TLS federation with SuperNode authentication on loopback --------------------
 
 
-def _wait_for(predicate, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(what)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(330)
 def test_tls_federation_on_loopback(tmp_path):
     certs, home, data = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "data"
-    home.mkdir()
     make_ca(certs)
     make_server_cert(certs)
     sites = ["site-a", "site-b", "rogue"]
@@ -243,46 +233,21 @@ def test_tls_federation_on_loopback(tmp_path):
     write_site(data / "outsider", n_studies=1, shape=(3, 40, 40), seed=99)
     make_ca(tmp_path / "other-ca", name="some other CA")
     port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
-    )
+    write_connection(home, port, f'root-certificates = "{certs / "ca.crt"}"')
     env = flwr_env(home, PYTHONPATH=str(REPO))  # flwr-client of this checkout, not of the installed one
 
     with ExitStack() as stack:
-
-        def launch(cmd: list[str], name: str) -> tuple[subprocess.Popen, Path]:
-            log = tmp_path / f"{name}.log"
-            fh = stack.enter_context(log.open("w"))
-            proc = subprocess.Popen(
-                cmd, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            stack.callback(stop_process_group, proc)
-            return proc, log
-
-        superlink, sl_log = launch(
-            [
-                str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile",
-                str(certs / "ca.crt"),
-                "--ssl-certfile",
-                str(certs / "server.crt"),
-                "--ssl-keyfile",
-                str(certs / "server.key"),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(tmp_path / "state.db"),
-            ],
-            "superlink",
+        procs = Processes(stack, env, tmp_path)
+        procs.superlink(
+            port,
+            "--ssl-ca-certfile",
+            str(certs / "ca.crt"),
+            "--ssl-certfile",
+            str(certs / "server.crt"),
+            "--ssl-keyfile",
+            str(certs / "server.key"),
+            "--enable-supernode-auth",
         )
-        wait_for_port(port, superlink, sl_log)
 
         for name in [*sites[:2], "outsider"]:  # the rogue's key is never registered
             reg = subprocess.run(
@@ -295,68 +260,51 @@ def test_tls_federation_on_loopback(tmp_path):
             )
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
 
+        cache = tmp_path / "cache"
         nodes = {}
         for name in sites:
-            nodes[name] = launch(
-                [
-                    str(BIN / "flwr-client"),
-                    "start",
-                    "--superlink",
-                    f"127.0.0.1:{port}",
-                    "--data",
-                    str(data / name),
-                    "--cache-dir",
-                    str(tmp_path / "cache"),
+            nodes[name] = procs.launch(
+                site_node_command(
+                    port,
+                    data / name,
+                    cache,
                     "--root-certificates",
                     str(certs / "ca.crt"),
                     "--auth-key",
                     str(certs / name / name),
                     "--run-config",
                     "model.image-size=32",
-                    "--device",
-                    "cpu",
-                    "--clientappio-port",
-                    str(free_port()),
-                ],
+                ),
                 name,
             )
 
-        nodes["outsider"] = launch(
-            [
-                str(BIN / "flwr-client"),
-                "start",
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--data",
-                str(data / "outsider"),
-                "--cache-dir",
-                str(tmp_path / "cache"),
+        nodes["outsider"] = procs.launch(
+            site_node_command(
+                port,
+                data / "outsider",
+                cache,
                 "--root-certificates",
                 str(tmp_path / "other-ca" / "ca.crt"),
                 "--auth-key",
                 str(certs / "outsider" / "outsider"),
                 "--no-prepare",
-                "--device",
-                "cpu",
-                "--clientappio-port",
-                str(free_port()),
-            ],
+            ),
             "outsider",
         )
 
         # the unregistered SuperNode is refused by the SuperLink and gives up
         rogue, rogue_log = nodes["rogue"]
-        _wait_for(lambda: "Failed to activate SuperNode" in rogue_log.read_text(), 60, "rogue node not refused")
+        wait_for(lambda: "Failed to activate SuperNode" in rogue_log.read_text(), 60, "rogue node not refused")
         # without the federation's CA a SuperNode cannot verify the SuperLink: the TLS handshake fails and
         # it stops before sending anything (its registered key does not help)
         outsider, outsider_log = nodes["outsider"]
-        _wait_for(lambda: outsider.poll() is not None, 60, "outsider node did not stop")
+        wait_for(lambda: outsider.poll() is not None, 60, "outsider node did not stop")
         text = outsider_log.read_text()
         assert outsider.returncode != 0, text[-3000:]
         assert "SSL/TLS handshake error" in text and "CERTIFICATE_VERIFY_FAILED" in text, text[-3000:]
         assert "SuperNode ID:" not in text, text[-3000:]
         for name in sites[:2]:
-            _wait_for(lambda log=nodes[name][1]: "SuperNode ID:" in log.read_text(), 60, f"{name} did not connect")
+            wait_for(lambda log=nodes[name][1]: "SuperNode ID:" in log.read_text(), 60, f"{name} did not connect")
             assert "cache built" in nodes[name][1].read_text()  # prepared before joining
 
         # `start` prepared the run's cache (its preset at image-size 32): no round may build another

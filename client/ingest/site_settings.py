@@ -1,22 +1,29 @@
-"""``site.toml``: what a site says about itself (id, display name, HU window).
+"""``site.toml``: what a site says about itself (id, display name, HU window) and the run it
+prepares its cache for (``[prepare]``).
 
 Owned by the site's IT; distinct from a SuperNode's ``node_config`` (``client.federation.node``).
+Its ``[policy]`` table is read by ``client.federation.policy``.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class SiteSettings:
-    """``site.toml``: optional site id, display name and HU window."""
+    """``site.toml``: optional site id, display name and HU window; ``prepare``: the ``[prepare]``
+    table as dotted run-config keys (``"model.image-size"``), what ``flwr-client prepare`` and
+    ``start`` build the cache for unless the command line says otherwise."""
 
     site_id: str
     name: str
     window: tuple[float, float] | None = None
+    prepare: Mapping[str, Any] = field(default_factory=dict)
 
 
 def read_site_settings(site_dir: Path) -> SiteSettings:
@@ -38,4 +45,23 @@ def read_site_settings(site_dir: Path) -> SiteSettings:
         site_id=str(data.get("site_id", default.site_id)),
         name=str(data.get("name", default.name)),
         window=window,
+        prepare=_prepare_table(path, data.get("prepare", {})),
     )
+
+
+def _prepare_table(path: Path, table: Any, prefix: str = "") -> dict[str, Any]:
+    """``[prepare]`` flattened to dotted keys: ``model.image-size = 32`` and ``"model.image-size" = 32``
+    are the same key, as in the app's ``[tool.flwr.app.config]``. Which keys exist is the app's to say
+    (``client.site_tools.run_setup``)."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: prepare must be a table ([prepare])")
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _prepare_table(path, value, f"{name}.")
+        elif isinstance(value, (str, int, float, bool)):
+            flat[name] = value
+        else:
+            raise ValueError(f"{path}: [prepare] {name} must be a string, number or boolean, got {value!r}")
+    return flat

@@ -36,8 +36,15 @@ def add_check_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_check)
 
 
-def prepare_config(args: argparse.Namespace) -> PreprocessConfig:
-    """The run's preprocessing (``--run-config`` over the app's defaults), the explicit flags over it."""
+def usage_error(exc: Exception) -> int:
+    """Print why the command cannot go on (the exception's message, no traceback); exit status 2."""
+    print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+    return 2
+
+
+def prepare_config(args: argparse.Namespace, site_dir: Path) -> PreprocessConfig:
+    """The run's preprocessing: the app's defaults, ``site_dir``'s ``site.toml`` ``[prepare]`` over
+    them, ``--run-config`` over that, the explicit flags over all (the command line always wins)."""
     from client.site_tools.run_setup import run_preprocess
 
     return run_preprocess(
@@ -47,6 +54,7 @@ def prepare_config(args: argparse.Namespace) -> PreprocessConfig:
         denoise=False if args.no_denoise else None,
         strip_skull=False if args.no_skull_strip else None,
         centre=False if args.no_centre else None,
+        site_dir=site_dir,
     )
 
 
@@ -65,7 +73,10 @@ def add_run_config_options(p: argparse.ArgumentParser) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     from client.data.cache import build_site_cache
 
-    cfg = prepare_config(args)
+    try:
+        cfg = prepare_config(args, args.site_dir)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        return usage_error(exc)
     cache, problems = build_site_cache(args.site_dir, args.cache_dir, cfg, progress=True)
     for p in problems:
         print(f"problem: {p.path}: {p.reason}", file=sys.stderr)
@@ -78,7 +89,9 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def add_prepare_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "prepare", help="preprocess a site folder once into its local cache, for the run's preset and preprocessing"
+        "prepare",
+        help="preprocess a site folder once into its local cache, for the run's preset and preprocessing "
+        "(site.toml [prepare], then --run-config and the flags below)",
     )
     p.add_argument("site_dir", type=Path)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"cache root (default {DEFAULT_CACHE})")
@@ -108,7 +121,11 @@ def run_start(args: argparse.Namespace) -> int:
     )
     if args.no_prepare:
         return start(opts, prepare=None)
-    return start(opts, prepare=prepare_config(args))
+    try:
+        cfg = prepare_config(args, args.data)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        return usage_error(exc)
+    return start(opts, prepare=cfg)
 
 
 def add_start_command(sub: argparse._SubParsersAction) -> None:
@@ -172,8 +189,7 @@ def run_policy(args: argparse.Namespace) -> int:
             return 0
         cfg = parse_run_config(app_run_config(args.run_config, args.app_dir))
     except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
     broken = policy_verdict(policy, cfg, app_identities(args.app_dir.resolve()))
     for v in broken:
         print(f"refused: {v}")

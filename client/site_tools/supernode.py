@@ -223,7 +223,7 @@ def start(opts: StartOptions, prepare: PreprocessConfig | None, connect_timeout:
             print(prepare_cache(opts, prepare), flush=True)
         exe = find_supernode()
         cmd = build_command(opts, site_id, executable=exe)
-    except StartError as exc:
+    except ValueError as exc:  # a StartError, or an unreadable site.toml
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

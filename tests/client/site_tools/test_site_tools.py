@@ -50,6 +50,55 @@ def test_prepare_builds_the_cache_round_one_opens(site, tmp_path, capsys):
     assert list(cache.glob("site-09-*/index.json")) == [built] and built.stat().st_mtime_ns == stamp
 
 
+def prepared_site(root: Path, prepare: str) -> Path:
+    """A small site whose ``site.toml`` has the ``[prepare]`` table ``prepare``."""
+    site = write_site(root / "site-11", n_studies=2, shape=(3, 40, 40), seed=11)
+    (site / "site.toml").write_text(f'site_id = "site-11"\n[prepare]\n{prepare}')
+    return site
+
+
+def built_sizes(cache: Path) -> set[int]:
+    return {json.loads(p.read_text())["preprocess"]["size"] for p in cache.glob("site-11-*/index.json")}
+
+
+def test_prepare_takes_the_run_from_site_toml(tmp_path, capsys):
+    site = prepared_site(tmp_path, 'model.image-size = 32\n"preprocess.centre" = false\n')
+    own = run_preprocess(site_dir=site)
+    assert (own.size, own.centre) == (32, False)
+    cache = tmp_path / "cache"
+    assert flwr_client_main(["prepare", str(site), "--cache-dir", str(cache)]) == 0
+    assert "32x32" in capsys.readouterr().out and built_sizes(cache) == {32}
+    # the cache a run with the same keys opens at its first message, not another one
+    data = open_site(SiteNode(site, "site-11", cache), SiteRunConfig.from_run_config(app_run_config(OVERRIDES)))
+    assert data.train.cache.hit and built_sizes(cache) == {32}
+    # the command line wins over site.toml, key by key (the centre step stays site.toml's)
+    cfg = run_preprocess("model.image-size=64", site_dir=site)
+    assert (cfg.size, cfg.centre) == (64, False)
+    assert run_preprocess("model.image-size=64", size=40, site_dir=site).size == 40
+    wider = ["prepare", str(site), "--cache-dir", str(cache), "--run-config", "model.image-size=64"]
+    assert flwr_client_main(wider) == 0
+    assert "64x64" in capsys.readouterr().out and built_sizes(cache) == {32, 64}
+
+
+@pytest.mark.parametrize(
+    ("prepare", "named"),
+    [
+        ("model.imagesize = 32\n", "[prepare] has no run-config key 'model.imagesize'"),
+        ('"model.image-size" = "32"\n', "[prepare] model.image-size must be int, got '32'"),
+        ("model = [1]\n", "[prepare] model must be a string, number or boolean"),
+    ],
+)
+def test_bad_prepare_table_is_an_error_naming_file_and_key(tmp_path, capsys, prepare, named):
+    site = prepared_site(tmp_path, prepare)
+    cache = tmp_path / "cache"
+    assert flwr_client_main(["prepare", str(site), "--cache-dir", str(cache)]) == 2
+    assert f"error: {site / 'site.toml'}: {named}" in capsys.readouterr().err
+    start = ["start", "--superlink", "127.0.0.1:9", "--data", str(site), "--cache-dir", str(cache), "--insecure"]
+    assert flwr_client_main(start) == 2  # refused before it looks for the SuperLink
+    assert f"{site / 'site.toml'}: {named}" in capsys.readouterr().err
+    assert not cache.exists()
+
+
 def test_start_accepts_every_layout_check_accepts(tmp_path):
     ctich = tmp_path / "ctich"
     (ctich / "ct_scans").mkdir(parents=True)
