@@ -29,3 +29,47 @@ def test_bench_inference_prints_every_step(capsys) -> None:
     for label, _ in bench_inference.steps(Path("x"), Path("y")):
         assert label in out
     assert "Grad-CAM" in out and "read DICOM" in out
+
+
+def _entry(method: str, seed: int, patients: list[str], logits: list[float]) -> dict:
+    import numpy as np
+
+    from common.config import MARKERS
+    from common.study_metrics import StudyOutputs
+
+    n, m = len(patients), len(MARKERS)
+    labels = np.tile(np.arange(n) % 2, (m, 1)).T.astype(float)  # alternate negatives and positives
+    outputs = StudyOutputs(
+        MARKERS,
+        np.asarray([f"st{i}" for i in range(n)]),
+        np.asarray(patients),
+        np.asarray(["site-01"] * n),
+        labels,
+        np.tile(np.asarray(logits, dtype=float), (m, 1)).T,
+        np.zeros(n, dtype=bool),
+    )
+    return {
+        "scenario": "s",
+        "method": method,
+        "seed": seed,
+        "site": "site-01",
+        "outputs": outputs,
+        "temperature": np.ones(m),
+        "thresholds": np.full(m, 0.5),
+        "dice_counts": {},
+    }
+
+
+def test_reproducibility_compares_test_patients_and_macro_auroc_per_seed() -> None:
+    from benchmarks.bench_reproducibility import compare
+
+    a = [_entry("fedavg", 0, ["p1", "p2", "p3", "p4"], [0.1, 0.9, 0.2, 0.8])]  # AUROC 1
+    b = [
+        _entry("fedavg", 0, ["p1", "p2", "p3", "p4"], [0.9, 0.1, 0.2, 0.8])
+    ]  # AUROC 0.25: 1 of 4 (pos, neg) pairs ordered
+    problems, figures = compare(a, b + [_entry("fedavg", 1, ["p9", "p8"], [0.0, 1.0])])  # seed 1: only in B, ignored
+    assert problems == []
+    assert figures == [(("s", "fedavg", 0), 1.0, 0.25)]
+    moved = [_entry("fedavg", 0, ["p1", "p2", "p3", "p5"], [0.1, 0.9, 0.2, 0.8])]
+    problems, _ = compare(a, moved)
+    assert problems == ["('s', 'fedavg', 0, 'site-01'): 2 test patient(s) differ"]
