@@ -21,8 +21,9 @@ study-AUROC over the markers; stage 1: the pooled validation Dice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -184,3 +185,33 @@ def calibration_meta(stats: ValidationStats, names: Iterable[str], target_sensit
         "thresholds": {n: float(v) for n, v in zip(names, th)},
         "target_sensitivity": float(target_sensitivity),
     }
+
+
+#: Threshold and temperature of an output when a checkpoint names none (trained before validation choices).
+DEFAULT_THRESHOLD, DEFAULT_TEMPERATURE = 0.5, 1.0
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Per output: the temperature and the threshold a checkpoint's meta carries (``calibration_meta``
+    wrote them), defaults where it has none."""
+
+    temperature: dict[str, float]
+    thresholds: dict[str, float]
+    source: str  # "validation" | "default"
+
+    @classmethod
+    def of(cls, labels: Sequence[str], meta: Mapping[str, Any]) -> OperatingPoint:
+        temp, th = meta.get("temperature") or {}, meta.get("thresholds") or {}
+        return cls(
+            {n: float(temp.get(n, DEFAULT_TEMPERATURE)) for n in labels},
+            {n: float(th.get(n, DEFAULT_THRESHOLD)) for n in labels},
+            "validation" if th and temp else "default",
+        )
+
+    def arrays(self, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Temperature and thresholds as arrays over ``labels``."""
+        return (
+            np.asarray([self.temperature[n] for n in labels]),
+            np.asarray([self.thresholds[n] for n in labels]),
+        )

@@ -54,7 +54,7 @@ from common.records import HALF_OF_STAGE, TrainInstruction
 from common.run_config import TrainOptions, model_from_run_config, parse_run_config
 from common.runtime import resolve_device
 from common.study_metrics import StudyOutputs
-from common.validation import ValidationStats, calibration_meta, selectable, selection_score
+from common.validation import OperatingPoint, ValidationStats, calibration_meta, selectable, selection_score
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
@@ -339,15 +339,6 @@ def chained(*steps: Callable[[int, int], None] | None) -> Callable[[int, int], N
     return after_round
 
 
-def calibration_arrays(meta: dict[str, Any], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A checkpoint meta's temperature and thresholds as arrays over ``names`` (1 and 0.5 where absent)."""
-    temp, th = meta.get("temperature") or {}, meta.get("thresholds") or {}
-    return (
-        np.asarray([float(temp.get(n, 1.0)) for n in names]),
-        np.asarray([float(th.get(n, 0.5)) for n in names]),
-    )
-
-
 def score(
     model: JointModel, sites: Sequence[EvalSite], batch_size: int, device: torch.device | str = "cpu"
 ) -> dict[str, dict[str, Any]]:
@@ -394,7 +385,7 @@ class Runner:
             arrays = metrics["arrays"]
             outputs: StudyOutputs | None = arrays.get("studies")
             if outputs is not None:
-                temp, th = calibration_arrays(calibration or {}, outputs.names)
+                temp, th = OperatingPoint.of(outputs.names, calibration or {}).arrays(outputs.names)
                 self.results.studies.append(
                     {
                         "scenario": case.name,

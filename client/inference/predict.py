@@ -25,7 +25,6 @@ import json
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +38,8 @@ from client.preprocessing.pipeline import preprocess_volume, to_input_grid
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
 from common.model import JointModel, to_input
 from common.study_metrics import sigmoid, study_scores_from_slices
+from common.validation import OperatingPoint
 
-#: Threshold and temperature of an output when the checkpoint names none (trained before validation choices).
-DEFAULT_THRESHOLD, DEFAULT_TEMPERATURE = 0.5, 1.0
 #: Mask probability above which a pixel is hematoma.
 MASK_THRESHOLD = 0.5
 ALGORITHM_NAME = "hemexp"
@@ -49,24 +47,6 @@ ALGORITHM_NAME = "hemexp"
 MIN_SLICES = 3
 #: File names of the DICOM results in the output folder.
 SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """Per output: the temperature and the threshold of the checkpoint (defaults where it has none)."""
-
-    temperature: dict[str, float]
-    thresholds: dict[str, float]
-    source: str  # "validation" | "default"
-
-    @classmethod
-    def of(cls, labels: tuple[str, ...], meta: dict[str, Any]) -> OperatingPoint:
-        temp, th = meta.get("temperature") or {}, meta.get("thresholds") or {}
-        return cls(
-            {n: float(temp.get(n, DEFAULT_TEMPERATURE)) for n in labels},
-            {n: float(th.get(n, DEFAULT_THRESHOLD)) for n in labels},
-            "validation" if th and temp else "default",
-        )
 
 
 def slice_probabilities(logits: np.ndarray, temperature: np.ndarray) -> np.ndarray:
@@ -201,7 +181,7 @@ def predict_study(
     pixels = hematoma_pixels(mask_prob)
     hematoma = [i for i in brain if pixels[i] > cfg.min_mask_pixels]
     operating = OperatingPoint.of(ckpt.labels, ckpt.meta)
-    temperature = np.asarray([operating.temperature[n] for n in ckpt.labels])
+    temperature, _ = operating.arrays(ckpt.labels)
     combined = study_scores_from_slices(logits[brain], np.zeros(len(brain)), pixels[brain], cfg.min_mask_pixels)
     probs = sigmoid(combined.values[0] / temperature)
     # Rounded once here, so prediction.json and the DICOM SR hold the very same numbers.

@@ -17,15 +17,14 @@ from pydicom.sr.codedict import codes
 
 from client.inference.dicom_results import SCHEME, finding_code, probability_code
 from client.inference.predict import (
-    DEFAULT_THRESHOLD,
     SEG_FILE,
     SR_FILE,
-    OperatingPoint,
     load_scoring_model,
     predict_study,
     run_prediction,
 )
 from common.config import MARKERS
+from common.validation import DEFAULT_THRESHOLD, OperatingPoint
 from tests.helpers.clinic import leaks, tiny_checkpoint
 
 
