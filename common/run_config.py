@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from common.config import PreprocessConfig
 from common.gan import GAN_PRESETS
 from common.presets import ModelConfig, get_preset
+from common.validation import TEST_ROUNDS
 
 #: ``strategy.name`` values (``server.strategies.STRATEGIES`` builds each one).
 STRATEGY_NAMES: tuple[str, ...] = (
@@ -280,8 +281,10 @@ class EvalOptions:
     """``eval.*``: how the operating point is chosen on validation (``common.validation``)."""
 
     target_sensitivity: float  # 0: Youden's threshold; else the highest threshold reaching this sensitivity
+    test_rounds: str  # every | stage-ends | last: which rounds are scored on the test patients
 
     def __post_init__(self) -> None:
+        _check_choice("eval.test-rounds", self.test_rounds, TEST_ROUNDS)
         if not 0 <= self.target_sensitivity <= 1:
             raise ValueError(f"eval.target-sensitivity must be in [0, 1] (0: Youden), got {self.target_sensitivity}")
 

@@ -123,7 +123,7 @@ class Federation:
             entry: dict[str, Any] = {"round": rnd, "stage": stage, "failures": [], "rejected": []}
             log(INFO, "[ROUND %d/%d] stage %d (%s)", rnd, cfg.total_rounds, stage, HALF_OF_STAGE[stage])
             entry["train"] = self.train_round(rnd, stage, entry)
-            entry["evaluate"], calibration = self.evaluate_round(rnd, stage, entry)
+            entry["evaluate"], calibration = self.evaluate_round(rnd, stage, entry) if cfg.evaluates(rnd) else ({}, {})
             entry["seconds"] = time.perf_counter() - t0
             self.history.add_round(entry)
             self.history.save()

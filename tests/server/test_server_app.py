@@ -273,6 +273,24 @@ def test_site_failing_or_silent_mid_run(data_root, tmp_path):
     assert len(round_checkpoints(tmp_path / "run")) == 3
 
 
+def test_eval_test_rounds_last_skips_the_other_evaluations(data_root, tmp_path):
+    """With ``eval.test-rounds = last`` no site scores a stage-1 round of a two-stage run (none can be
+    chosen), every stage-2 round is still scored (validation chooses among them), and the history
+    and checkpoints of the skipped rounds say so (no test metrics, no calibration)."""
+    rc = config(data_root, tmp_path, **{"eval.test-rounds": "last"})
+    grid = make_grid(rc)
+    history = run_federation(grid, rc)
+    scored = [
+        s.message.content[CONFIG][SERVER_ROUND]
+        for s in grid.log
+        if s.message.metadata.message_type == MessageType.EVALUATE
+    ]
+    assert sorted(set(scored)) == [3, 4] and len(scored) == 2 * N_SITES
+    assert [bool(r["evaluate"]) for r in history.rounds] == [False, False, True, True]
+    metas = [load_checkpoint(p).meta for p in round_checkpoints(tmp_path / "run")]
+    assert ["thresholds" in m for m in metas] == [False, False, True, True]
+
+
 def test_accept_failures_false_keeps_the_previous_model(data_root, tmp_path):
     rc = config(data_root, tmp_path, **{"strategy.accept-failures": False, "rounds.stage2": 0, "rounds.timeout": 0.5})
     grid = make_grid(rc)
