@@ -641,7 +641,8 @@ def test_dp_on_stage_2_only_keeps_the_pretrained_unet_and_spends_the_budget_ther
     assert len(ledgers) == 2
     for path in ledgers:
         ledger = json.loads(path.read_text())
-        ((q, steps),) = ledger["planned"]  # stage 2 only
-        assert steps == 2 * 2 and [r["stage"] for r in ledger["rounds"]] == [2, 2]  # 2 rounds of 2 local steps
+        ((_, planned),) = ledger["planned"]  # stage 2 only
+        assert [r["stage"] for r in ledger["rounds"]] == [2, 2]
+        assert planned == sum(r["steps"] for r in ledger["rounds"]) > 0  # the plan is what the two rounds ran
         spent = independent_epsilon([tuple(h) for h in ledger["history"]], ledger["delta"])
         assert 8.0 - 0.01 <= spent <= 8.0  # the whole budget, on stage 2
