@@ -32,7 +32,9 @@ import numpy as np
 
 from common.config import LABELS
 from common.study_metrics import summarise
+from simulations.report.figures import _plt, _save
 from simulations.report.files import json_safe
+from simulations.report.html import html_table, img
 from simulations.report.studies import cell, entries_of, methods_of, pooled
 from simulations.report.tables import slug
 from simulations.synthetic.ceiling import (
@@ -136,8 +138,6 @@ def console(rows: Sequence[dict], scenario: str) -> str:
 def plot_ceiling(rows: Sequence[dict], scenario: str, path: Path) -> Path | None:
     """Each method's study AUROC per label (95 % interval as an error bar), the ceiling of its
     studies drawn as a black line across its bar, chance as a dotted line."""
-    from simulations.report.figures import _plt, _save
-
     labels = list(dict.fromkeys(r["label"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     if not rows:
@@ -169,11 +169,9 @@ def plot_ceiling(rows: Sequence[dict], scenario: str, path: Path) -> Path | None
 def ceiling_parts(
     out_dir: Path, data_root: Path | str | None, studies: Sequence[dict], figs: Path, n_boot: int
 ) -> list[str]:
-    """The report's hook: write ``ceiling.json`` and return the section's HTML (nothing without a
-    truth). A ceiling that cannot be computed (caches built with another pseudonym key) leaves a
+    """The section: write ``ceiling.json`` and return the section's HTML for ``write_report``'s
+    ``sections`` (nothing without a truth; ``figs``: where the chart goes). A ceiling that cannot be computed (caches built with another pseudonym key) leaves a
     note that says why, not a lost report."""
-    from simulations.report.html import html_table, img
-
     if data_root is None:
         return []
     try:

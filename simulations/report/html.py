@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from common.config import MARKERS
-from simulations.report.ceiling_section import ceiling_parts
 from simulations.report.figures import (
     plot_dice_per_site,
     plot_privacy,
@@ -65,15 +64,12 @@ def write_report(
     synthetic: bool,
     experiment_text: str,
     tables: dict[str, dict[str, list]] | None = None,
-    data_root: Path | None = None,
-    n_boot: int | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write metrics.json, the CSVs, the PNGs and report.html into ``out_dir``; returns the HTML path.
     ``tables``: the study-level tables (``simulations.report.studies.study_tables``), computed here if None;
-    ``data_root``: the data, for the ceiling section where they hold a truth; ``n_boot``: bootstrap
-    replicates of the intervals computed here (default ``N_BOOT_REPORT``)."""
-    n_boot = N_BOOT_REPORT if n_boot is None else n_boot
-    tables = study_tables(results.studies, n_boot) if tables is None else tables
+    ``sections``: more HTML sections, placed after the scenarios' (e.g. ``ceiling_section.ceiling_parts``)."""
+    tables = study_tables(results.studies, N_BOOT_REPORT) if tables is None else tables
     (out_dir / "studies.json").write_text(json.dumps(json_safe(to_json(results.studies))))
     (out_dir / "study_metrics.json").write_text(json.dumps(json_safe(tables), indent=1))
     summary = summarise(results.rows)
@@ -88,7 +84,7 @@ def write_report(
     for scenario in dict.fromkeys(r["scenario"] for r in results.rows):
         parts += study_parts(scenario, tables.get(scenario), results.studies, figs)
         parts += scenario_parts(scenario, results, figures_extra.get(scenario, {}), figs)
-    parts += ceiling_parts(out_dir, data_root, results.studies, figs, n_boot)
+    parts += sections
     parts += privacy_parts(results.privacy, figs)
     parts += run_parts(results.failures, results.timings)
     parts += configuration_parts(env, experiment_text)

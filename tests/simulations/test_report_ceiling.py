@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,7 @@ def test_the_section_in_the_report_names_no_study_or_patient(report, studies, sy
     page = (report / "report.html").read_text()
     assert "<h2>Ceiling</h2>" in page and "AUROC vs truth" in page and "ceiling.png" in page
     assert (report / "figures" / "natural_ceiling.png").is_file()
-    written = (report / CEILING_FILE).read_text() + page
+    written = (report / CEILING_FILE).read_text() + re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     ids = set()
     for site in sorted(synthetic_root.glob("site-*")):
         with (site / "labels.csv").open() as f:
