@@ -93,6 +93,7 @@ def test_bench_difficulty_help_and_errors(capsys, tmp_path) -> None:
     assert (exp.budget.local_steps, exp.budget.rounds_stage1, exp.budget.rounds_stage2) == (5, 2, 1)
 
 
+@pytest.mark.slow
 def test_bench_difficulty_runs_the_pooled_method_and_prints_the_ceiling(synthetic_root, tmp_path, capsys) -> None:
     import json
 

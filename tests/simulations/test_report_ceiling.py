@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.config import MARKERS
-from simulations.report.ceiling_section import CEILING_FILE, ceiling_parts, ceiling_tables, console, read_ceiling
+from common.config import LABELS, MARKERS
+from common.study_metrics import StudyOutputs
+from simulations.report.ceiling_section import (
+    CEILING_FILE,
+    ceiling_parts,
+    ceiling_tables,
+    console,
+    method_ceiling_rows,
+    read_ceiling,
+)
 from simulations.report.studies import from_json
 from simulations.simulate import main
 from simulations.synthetic.ceiling import (
@@ -27,6 +35,44 @@ from simulations.synthetic.ceiling import (
 )
 from simulations.synthetic.truth import read_truth
 from tests.helpers.experiments import BASELINES, TINY_WIDE_TEST
+
+
+def test_rows_from_a_written_out_truth():
+    """Eight baselines and a follow-up (left out) of one site model, every label incl. expansion."""
+    sev = np.array([0.0, 0.1, 0.0, 0.5, 0.7, 0.2, 0.9, 0.3])
+    readers = np.array([0, 0, 1, 1, 1, 0, 1, 0], float)
+    true = (sev > 0.25).astype(float)
+    truth = {("s", f"p{i}", f"b{i}"): {"kind": "baseline", "expansion_risk": str(sev[i])} for i in range(8)}
+    for i, row in enumerate(truth.values()):
+        row |= {f"{m}_severity": str(sev[i]) for m in MARKERS} | {f"{n}_true": str(int(true[i])) for n in LABELS}
+    truth[("s", "p0", "f0")] = {"kind": "followup"}
+    keys = list(truth)
+    z = np.array([-1.0, 0.7, -0.4, -0.2, -0.2, 0.4, 0.7, -1.0])  # exact ties count half
+    logits = np.tile(np.r_[z, 3.0][:, None], (1, len(LABELS)))
+    labels = np.tile(np.r_[readers, np.nan][:, None], (1, len(LABELS)))
+    outputs = StudyOutputs(
+        LABELS,
+        np.asarray([f"cache/{k[2]}" for k in keys]),
+        np.asarray([k[1] for k in keys]),
+        np.full(9, "s"),
+        labels,
+        logits,
+        np.zeros(9, bool),
+    )
+    entry = {"seed": 0, "outputs": outputs, "temperature": np.full(5, 2.0), "thresholds": np.full(5, 0.5)}
+    rows = method_ceiling_rows([entry], truth, {k[2]: k for k in keys}, n_boot=50)
+    assert [r["label"] for r in rows] == list(LABELS)  # expansion too: the model predicts it
+    for r in rows:
+        assert (r["n"], r["reader_pos"], r["true_pos"], r["n_truth"]) == (8, 4, int(true.sum()), 8)
+        assert r["ceiling"] == pytest.approx(roc_auc_score(readers, sev))
+        assert r["auroc"]["estimate"] == pytest.approx(roc_auc_score(readers, z))
+        assert r["fraction"]["estimate"] == pytest.approx(roc_auc_score(readers, z) / roc_auc_score(readers, sev))
+        assert r["vs_truth"]["estimate"] == pytest.approx(roc_auc_score(true, z))
+        assert r["vs_truth"]["low"] <= r["vs_truth"]["estimate"] <= r["vs_truth"]["high"]
+
+
+#: The tests below share one generated dataset and one tiny simulate.py run (about 80 s on 2 busy cores).
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +108,7 @@ def _baseline_keys(entries: list[dict], root: Path) -> tuple[list, np.ndarray, n
     return keys, np.asarray(labels), np.asarray(logits)
 
 
+@SLOW
 def test_the_runners_study_keys_map_to_the_truth(studies, synthetic_root):
     labels = read_labels(synthetic_root)
     by = pseudonym_map(synthetic_root)
@@ -76,6 +123,7 @@ def test_the_runners_study_keys_map_to_the_truth(studies, synthetic_root):
         truth_keys(["site-01-x/S-000000000000"], by)
 
 
+@SLOW
 def test_every_figure_equals_an_independent_computation(report, studies, synthetic_root):
     doc = read_ceiling(report)
     assert set(doc) == {"natural"} and {r["method"] for r in doc["natural"]} == {"local", "pooled"}
@@ -105,6 +153,7 @@ def test_every_figure_equals_an_independent_computation(report, studies, synthet
     assert defined >= 2  # the test split holds both classes of most markers
 
 
+@SLOW
 def test_seeds_are_strata_of_the_ceiling(studies, synthetic_root):
     """Sites 1-2 as one seed and site 3 as another: each figure is the mean of the two seeds'."""
     pooled = [e for e in studies if e["method"] == "pooled"]
@@ -118,6 +167,7 @@ def test_seeds_are_strata_of_the_ceiling(studies, synthetic_root):
         assert rows[m]["n"] == sum(t[m]["n"] for t in tables)
 
 
+@SLOW
 def test_the_section_in_the_report_names_no_study_or_patient(report, studies, synthetic_root, tmp_path, capsys):
     page = (report / "report.html").read_text()
     assert "<h2>Ceiling</h2>" in page and "AUROC vs truth" in page and "ceiling.png" in page
