@@ -1,15 +1,18 @@
-"""How hard is the synthetic benchmark? The default pooled model's study-level AUROC per marker
-beside the ceiling (a perfect observer of the truth scored against the readers' labels), and the
-same model scored against the truth; expansion beside a marker-count score.
+"""How hard is the synthetic benchmark? An experiment's pooled model's study AUROC per label beside
+the ceiling (a perfect observer of the truth scored against the readers' labels), the same model
+scored against the truth, and expansion beside a marker-count score.
 
 Usage: python -m benchmarks.bench_difficulty [--data data/synthetic] [--experiment default]
-       [--method pooled] [--seed 0] [--out runs/bench_difficulty] [--local-steps N]
+       [--method pooled] [--seed 0] [--local-steps N] [--rounds STAGE1 STAGE2] [--device auto]
+       [--boot 2000] [--out runs/bench_difficulty]
 
-Trains the experiment's pooled method exactly as ``simulations/simulate.py`` does (same caches,
-split, budget and run config) on a dataset written by ``hemexp generate`` (it needs its
-``.truth/truth.csv``), then prints one row per label: test studies, reader positives, true
-positives, the model's AUROC against the labels, the ceiling, the model as a fraction of the
-ceiling, and the model's AUROC against the truth.
+Runs one method of the experiment (its first scenario, one seed) through the simulation's own
+runner (``simulations.runner.Runner``: same caches, split, budget, run config and model choice on
+validation as ``simulations/simulate.py``), optionally with a larger budget, on a dataset written
+by ``hemexp generate`` (it needs its ``.truth/truth.csv``), then prints the report's ceiling table
+(``simulations.report.ceiling_section``): per label the test baselines, reader and true positives,
+the model's AUROC [95 % CI], the ceiling, the share of it and the AUROC against the truth [95 % CI].
+``OUT/difficulty.json`` keeps the rows and the marker-count AUROCs.
 """
 
 from __future__ import annotations
@@ -23,27 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.data.dataset import dataset_study_keys
-from client.training.evaluate import predict_dataset
 from common.config import MARKERS
-from common.metrics import roc_auc_per_marker, study_scores
-from common.model import build_joint_model
-from common.records import model_from_run_config, run_value
-from simulations.baselines import pooled
-from simulations.experiment import load_experiment
-from simulations.runner import full_run_config, iterate_cases, train_rounds
-from simulations.synthetic.ceiling import (
-    ceiling_table,
-    fraction_of_ceiling,
-    pseudonym_map,
-    read_labels,
-    score_against_truth,
-    truth_keys,
-)
-from simulations.synthetic.truth import read_truth
+from common.metrics import roc_auc_per_marker
+from simulations.experiment import Experiment, Method, load_experiment
+from simulations.report.ceiling_section import ceiling_tables, console
+from simulations.report.files import json_safe
+from simulations.runner import Runner, iterate_cases
+from simulations.synthetic.ceiling import pseudonym_map, read_labels, truth_keys
+from simulations.synthetic.truth import TruthKey, read_truth, truth_path
+
+#: Method kinds the runner trains in this process (no Flower engine needed).
+IN_PROCESS = ("pooled", "local")
 
 
-def marker_count_auroc(data_root: Path, keys: list[tuple[str, str, str]]) -> dict[str, float]:
+def marker_count_auroc(data_root: Path, keys: list[TruthKey]) -> dict[str, float]:
     """AUROC for expansion of the number of markers: the readers' labels, and the truth."""
     truth, labels = read_truth(data_root), read_labels(data_root)
     rows = [k for k in keys if truth[k]["kind"] == "baseline" and labels[k].get("expansion", "") != ""]
@@ -54,71 +50,69 @@ def marker_count_auroc(data_root: Path, keys: list[tuple[str, str, str]]) -> dic
     return {f"marker count ({k})": v for k, v in auc.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def one_run(exp: Experiment, name: str, seed: int, local_steps: int | None, rounds: list[int] | None) -> Experiment:
+    """The experiment cut to one method, its first scenario and one seed, with the budget's
+    overrides; an error names the methods that can run here."""
+    runnable = [m.name for m in exp.methods if m.kind in IN_PROCESS]
+    method: Method | None = next((m for m in exp.methods if m.name == name), None)
+    if method is None or method.kind not in IN_PROCESS:
+        raise ValueError(f"experiment {exp.name}: {name!r} is not a pooled or local method; choose from {runnable}")
+    budget = exp.budget
+    if local_steps is not None:
+        budget = replace(budget, local_steps=local_steps)
+    if rounds is not None:
+        budget = replace(budget, rounds_stage1=rounds[0], rounds_stage2=rounds[1])
+    return replace(exp, seeds=(seed,), methods=(method,), scenarios=exp.scenarios[:1], budget=budget)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("data/synthetic"))
-    ap.add_argument("--experiment", default="default")
-    ap.add_argument("--method", default="pooled", help="a pooled method of the experiment")
+    ap.add_argument("--data", type=Path, default=Path("data/synthetic"), help="written by hemexp generate")
+    ap.add_argument("--experiment", default="default", help="a bundled experiment's name or a TOML file")
+    ap.add_argument("--method", default="pooled", help="a pooled (or local) method of the experiment")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_difficulty"))
     ap.add_argument("--local-steps", type=int, help="steps per site per round (default: the experiment's)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    exp = load_experiment(args.experiment)
-    method = next(m for m in exp.methods if m.name == args.method)
-    if method.kind != "pooled":
-        raise SystemExit(f"{args.method} is a {method.kind} method; pick a pooled one")
-    exp = replace(exp, seeds=(args.seed,), methods=(method,), scenarios=exp.scenarios[:1])
+    ap.add_argument("--rounds", type=int, nargs=2, metavar=("STAGE1", "STAGE2"), help="rounds per stage")
+    ap.add_argument("--device", default="auto", help="where the model trains and is scored (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates of the intervals")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_difficulty"))
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     data = args.data.resolve()
+    if not truth_path(data).is_file():
+        raise SystemExit(f"{truth_path(data)}: no truth (give --data a folder written by hemexp generate)")
+    try:
+        exp = one_run(load_experiment(args.experiment), args.method, args.seed, args.local_steps, args.rounds)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    runner = Runner(exp, args.out, print, device=args.device)
     case, _ = next(iterate_cases(exp, data, args.out, print))
     t_cache = time.perf_counter() - t0
-    rc = full_run_config(exp.method_run_config(method), case.seed)
-    model_cfg, _ = model_from_run_config(rc)
-    model = build_joint_model(model_cfg, seed=case.seed)
-    ds = pooled(case.train)
-    steps = args.local_steps or int(run_value(rc, "train.local-steps"))
-    train_rounds(model, ds, rc, steps * len(case.train), case.seed)
+    runner.run_method(case, exp.methods[0])
     t_train = time.perf_counter() - t0 - t_cache
-    test = pooled([e.data for e in case.evaluate])
-    pred = predict_dataset(model, test)
-    studies, scores = study_scores(pred.scores, dataset_study_keys(test))
-    keys = truth_keys(studies, pseudonym_map(data))
-    names = list(model.output_names)
-    args.out.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out / "study_scores.npz", keys=np.array(keys), scores=scores, names=np.array(names))
-    labels = read_labels(data)
-    y = np.array([[float(labels[k][n]) if labels[k].get(n, "") != "" else np.nan for n in names] for k in keys])
-    model_auc = roc_auc_per_marker(y, scores, names)
-    ceiling = ceiling_table(data, keys)
-    marker_cols = [n for n in names if n in MARKERS]
-    vs_truth = score_against_truth(data, keys, {m: scores[:, names.index(m)] for m in marker_cols})
+    tables = ceiling_tables(data, runner.results.studies, args.boot, seed=args.seed)
+    b = exp.budget
     print(
-        f"\n{exp.name}/{method.name}, seed {case.seed}, {steps} steps x {len(case.train)} sites per round: "
-        f"{len(keys)} test studies "
-        f"(caches {t_cache:.0f} s, training {t_train:.0f} s)\n"
+        f"\n{exp.name}/{exp.methods[0].name}, seed {case.seed}, {b.rounds_stage1} + {b.rounds_stage2} rounds x "
+        f"{b.local_steps} steps x {len(case.train)} sites (caches {t_cache:.0f} s, training and scoring "
+        f"{t_train:.0f} s)\n"
     )
-    head = f"{'label':18s} {'n':>4s} {'pos':>4s} {'true+':>5s} {'model':>6s} {'ceiling':>7s} {'share':>6s} {'vs truth':>8s}"
-    print(head + "\n" + "-" * len(head))
-    rows = {}
-    for n in (*MARKERS, "expansion"):
-        c = ceiling[n]
-        auc = model_auc.get(n, float("nan"))
-        rows[n] = {
-            **c,
-            "model": auc,
-            "fraction_of_ceiling": fraction_of_ceiling(auc, c["ceiling"]),
-            "model_vs_truth": vs_truth.get(n, float("nan")),
-        }
-        r = rows[n]
-        print(
-            f"{n:18s} {c['n']:4d} {c['positives']:4d} {c['true_positives']:5d} {auc:6.3f} {c['ceiling']:7.3f} "
-            f"{r['fraction_of_ceiling']:6.2f} {r['model_vs_truth']:8.3f}"
-        )
-    counts = marker_count_auroc(data, keys)
+    for scenario, rows in tables.items():
+        print(console(rows, scenario))
+    studies = np.concatenate([e["outputs"].studies for e in runner.results.studies])
+    counts = marker_count_auroc(data, truth_keys(studies, pseudonym_map(data)))
     for k, v in counts.items():
         print(f"expansion by {k}: AUROC {v:.3f}")
-    (args.out / "difficulty.json").write_text(json.dumps({"rows": rows, "marker_count": counts}, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"experiment": exp.name, "method": exp.methods[0].name, "seed": case.seed, "budget": b.run_config()}
+    doc |= {"ceiling": tables, "marker_count": counts, "seconds": {"caches": t_cache, "training": t_train}}
+    (args.out / "difficulty.json").write_text(json.dumps(json_safe(doc), indent=2))
     return 0
 
 

@@ -62,6 +62,8 @@ def run_experiment(
     import torch
 
     from simulations.engine import SimulationEngine
+    from simulations.report.ceiling_section import ceiling_parts, read_ceiling
+    from simulations.report.ceiling_section import console as ceiling_console
     from simulations.report.figures import plot_overlays, plot_site_shift
     from simulations.report.files import environment, publish_results
     from simulations.report.html import write_report
@@ -102,10 +104,13 @@ def run_experiment(
                 )
     tables = study_tables(runner.results.studies, n_boot)
     env = environment()
-    report = write_report(out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables)
+    ceiling = ceiling_parts(out_dir, data_root, runner.results.studies, figures, n_boot)  # generated data only
+    report = write_report(out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables, ceiling)
     log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
     for scenario, t in tables.items():
         log("\n" + console(t["headline"], scenario))
+    for scenario, rows in read_ceiling(out_dir).items():
+        log("\n" + ceiling_console(rows, scenario))
     if results_file is not None:
         seeds = ", ".join(str(s) for s in exp.seeds)
         text = "".join(

@@ -64,9 +64,11 @@ def write_report(
     synthetic: bool,
     experiment_text: str,
     tables: dict[str, dict[str, list]] | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write metrics.json, the CSVs, the PNGs and report.html into ``out_dir``; returns the HTML path.
-    ``tables``: the study-level tables (``simulations.report.studies.study_tables``), computed here if None."""
+    ``tables``: the study-level tables (``simulations.report.studies.study_tables``), computed here if None;
+    ``sections``: more HTML sections, placed after the scenarios' (e.g. ``ceiling_section.ceiling_parts``)."""
     tables = study_tables(results.studies, N_BOOT_REPORT) if tables is None else tables
     (out_dir / "studies.json").write_text(json.dumps(json_safe(to_json(results.studies))))
     (out_dir / "study_metrics.json").write_text(json.dumps(json_safe(tables), indent=1))
@@ -82,6 +84,7 @@ def write_report(
     for scenario in dict.fromkeys(r["scenario"] for r in results.rows):
         parts += study_parts(scenario, tables.get(scenario), results.studies, figs)
         parts += scenario_parts(scenario, results, figures_extra.get(scenario, {}), figs)
+    parts += sections
     parts += privacy_parts(results.privacy, figs)
     parts += run_parts(results.failures, results.timings)
     parts += configuration_parts(env, experiment_text)

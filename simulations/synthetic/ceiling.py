@@ -7,7 +7,9 @@ true severity (0 when absent) as the score against the written labels on the cho
 for expansion the AUROC of the true expansion risk (the logistic model's probability from the
 true markers, volume and onset time) against the expansion label. A method's result is then read
 as a fraction of that ceiling (``fraction_of_ceiling``); ``score_against_truth`` scores a model's
-study scores against the true marker state instead of the labels.
+study scores against the true marker state instead of the labels. ``truth_scores`` and
+``truth_states`` give both per study and label as arrays, so that the simulation report can
+score them with the evaluation's own metrics and intervals (``simulations.report.ceiling_section``).
 
 Studies are named by (site_id, patient_id, study_id) as in labels.csv; ``pseudonym_map`` and
 ``truth_keys`` turn the pseudonymised study keys of the site caches (``client.data.dataset``) into
@@ -48,27 +50,56 @@ def _baselines(truth: Mapping[TruthKey, Mapping[str, str]], study_keys: Iterable
     return [k for k in keys if k in truth and truth[k]["kind"] == "baseline"]
 
 
+def _truth_matrix(
+    truth: Mapping[TruthKey, Mapping[str, str]], keys: Sequence[TruthKey], names: Sequence[str], column
+) -> np.ndarray:
+    """[S, C] floats from the truth column ``column(name)`` of each baseline; NaN where the study is
+    not a baseline of the truth or the cell is empty (a follow-up carries no markers; expansion is
+    known only where a follow-up exists)."""
+    out = np.full((len(keys), len(names)), np.nan)
+    for i, k in enumerate(keys):
+        row = truth.get(tuple(k))
+        if row is None or row["kind"] != "baseline":
+            continue
+        for c, name in enumerate(names):
+            value = row.get(column(name), "")
+            out[i, c] = float(value) if value != "" else np.nan
+    return out
+
+
+def truth_scores(
+    truth: Mapping[TruthKey, Mapping[str, str]], keys: Sequence[TruthKey], names: Sequence[str]
+) -> np.ndarray:
+    """[S, C]: what a perfect observer of the truth scores each label with: a marker's true
+    severity (0 when absent), expansion's true risk (the risk model's probability)."""
+    return _truth_matrix(truth, keys, names, lambda n: "expansion_risk" if n == "expansion" else f"{n}_severity")
+
+
+def truth_states(
+    truth: Mapping[TruthKey, Mapping[str, str]], keys: Sequence[TruthKey], names: Sequence[str]
+) -> np.ndarray:
+    """[S, C]: the true state of each label (0/1: ``<m>_true``, ``expansion_true``), NaN where unknown."""
+    return _truth_matrix(truth, keys, names, lambda n: f"{n}_true")
+
+
 def ceiling_table(data_root: Path | str, study_keys: Iterable[TruthKey] | None = None) -> dict[str, dict[str, Any]]:
     """Per marker (and ``expansion``): ``ceiling`` (AUROC of the perfect observer of the truth
     against the written labels), ``n`` (annotated studies), ``positives`` (label = 1) and
     ``true_positives`` (truth = 1), over the baselines among ``study_keys`` (all when None)."""
     truth, labels = read_truth(data_root), read_labels(data_root)
     keys = _baselines(truth, study_keys)
+    names = (*MARKERS, "expansion")
+    y = np.array([[float(labels[k][n]) if labels[k].get(n, "") != "" else np.nan for n in names] for k in keys])
+    y = y.reshape(len(keys), len(names))
+    score, true = truth_scores(truth, keys, names), truth_states(truth, keys, names)
     table: dict[str, dict[str, Any]] = {}
-    for name in (*MARKERS, "expansion"):
-        known = [k for k in keys if labels[k].get(name, "") != ""]
-        y = np.array([int(labels[k][name]) for k in known])
-        if name == "expansion":
-            score = np.array([float(truth[k]["expansion_risk"]) for k in known])
-            true = np.array([int(truth[k].get("expansion_true") or 0) for k in known])
-        else:
-            score = np.array([float(truth[k][f"{name}_severity"]) for k in known])
-            true = np.array([int(truth[k][f"{name}_true"]) for k in known])
+    for c, name in enumerate(names):
+        known = ~np.isnan(y[:, c])
         table[name] = {
-            "ceiling": _auroc(y, score),
-            "n": len(known),
-            "positives": int(y.sum()),
-            "true_positives": int(true.sum()),
+            "ceiling": _auroc(y[known, c], score[known, c]),
+            "n": int(known.sum()),
+            "positives": int(y[known, c].sum()),
+            "true_positives": int(np.nansum(true[known, c])),
         }
     return table
 
@@ -76,16 +107,12 @@ def ceiling_table(data_root: Path | str, study_keys: Iterable[TruthKey] | None =
 def score_against_truth(
     data_root: Path | str, study_keys: Sequence[TruthKey], scores: Mapping[str, Sequence[float]]
 ) -> dict[str, float]:
-    """AUROC of a model's study scores (per marker, in ``study_keys`` order) against the true
-    marker state rather than the readers' labels (baselines only: follow-ups carry no markers)."""
-    truth = read_truth(data_root)
-    base = set(_baselines(truth, study_keys))
-    out = {}
-    for m, s in scores.items():
-        pairs = [(int(truth[tuple(k)][f"{m}_true"]), v) for k, v in zip(study_keys, s) if tuple(k) in base]
-        y, v = (np.array(x) for x in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
-        out[m] = _auroc(y, v)
-    return out
+    """AUROC of a model's study scores (per label, in ``study_keys`` order) against the true state
+    rather than the readers' labels (baselines only: follow-ups carry no markers; expansion where
+    a follow-up exists)."""
+    names = list(scores)
+    states = truth_states(read_truth(data_root), [tuple(k) for k in study_keys], names)
+    return {n: _auroc(states[:, c], np.asarray(scores[n], dtype=float)) for c, n in enumerate(names)}
 
 
 def fraction_of_ceiling(auroc: float, ceiling: float) -> float:
@@ -96,14 +123,32 @@ def fraction_of_ceiling(auroc: float, ceiling: float) -> float:
 def pseudonym_map(data_root: Path | str, cache_root: Path | str | None = None) -> dict[str, TruthKey]:
     """Study pseudonym (what a site cache and ``client.data.dataset`` study keys hold, after the
     ``<cache>/``) -> (site_id, patient_id, study_id). ``cache_root`` defaults to the caches of
-    ``simulations.sites.prepare_caches`` (``DATA_ROOT/.cache``), whose pseudonym key it reads: a
-    research-harness view of synthetic data, never something a site does."""
-    from client.data.cache import pseudonym, site_secret
+    ``simulations.sites.prepare_caches`` (``DATA_ROOT/.cache``), whose pseudonym key it reads (never
+    creates: a new key would name no cached study): a research-harness view of synthetic data,
+    never something a site does. Two studies with one pseudonym (the same patient and study id at
+    two sites) cannot be told apart: an error."""
+    from client.data.cache import SECRET_FILE, pseudonym, site_secret
 
-    secret = site_secret(Path(cache_root) if cache_root else Path(data_root) / ".cache")
-    return {pseudonym(secret, "study", f"{pid}/{sid}"): (site, pid, sid) for site, pid, sid in read_labels(data_root)}
+    root = Path(cache_root) if cache_root else Path(data_root) / ".cache"
+    if not (root / SECRET_FILE).is_file():
+        raise FileNotFoundError(f"{root / SECRET_FILE}: no pseudonym key (no site cache was built there)")
+    secret = site_secret(root)
+    out: dict[str, TruthKey] = {}
+    for site, pid, sid in read_labels(data_root):
+        name = pseudonym(secret, "study", f"{pid}/{sid}")
+        if name in out:
+            raise ValueError(f"study pseudonym {name} names a study of {out[name][0]} and one of {site}")
+        out[name] = (site, pid, sid)
+    return out
 
 
 def truth_keys(study_keys: Iterable[str], by_pseudonym: Mapping[str, TruthKey]) -> list[TruthKey]:
-    """Dataset study keys (``<cache>/<pseudonym>``) as truth keys, in the same order."""
-    return [by_pseudonym[str(k).rsplit("/", 1)[-1]] for k in study_keys]
+    """Dataset study keys (``<cache>/<pseudonym>``, also of virtual sites, which keep their source
+    studies' pseudonyms) as truth keys, in the same order."""
+    out = []
+    for k in study_keys:
+        name = str(k).rsplit("/", 1)[-1]
+        if name not in by_pseudonym:
+            raise KeyError(f"study {name} is not a study of the data root (caches built with another key?)")
+        out.append(by_pseudonym[name])
+    return out

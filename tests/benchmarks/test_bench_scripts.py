@@ -73,3 +73,43 @@ def test_reproducibility_compares_test_patients_and_macro_auroc_per_seed() -> No
     moved = [_entry("fedavg", 0, ["p1", "p2", "p3", "p5"], [0.1, 0.9, 0.2, 0.8])]
     problems, _ = compare(a, moved)
     assert problems == ["('s', 'fedavg', 0, 'site-01'): 2 test patient(s) differ"]
+
+
+def test_bench_difficulty_help_and_errors(capsys, tmp_path) -> None:
+    from benchmarks import bench_difficulty
+    from simulations.experiment import load_experiment
+
+    with pytest.raises(SystemExit) as done:
+        bench_difficulty.main(["--help"])
+    assert done.value.code == 0 and "--local-steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no truth"):
+        bench_difficulty.main(["--data", str(tmp_path)])
+    with pytest.raises(
+        ValueError, match=r"'fedavg' is not a pooled or local method; choose from \['local', 'pooled'\]"
+    ):
+        bench_difficulty.one_run(load_experiment("default"), "fedavg", 0, None, None)
+    exp = bench_difficulty.one_run(load_experiment("default"), "pooled", 3, 5, [2, 1])
+    assert (exp.seeds, [m.name for m in exp.methods], len(exp.scenarios)) == ((3,), ["pooled"], 1)
+    assert (exp.budget.local_steps, exp.budget.rounds_stage1, exp.budget.rounds_stage2) == (5, 2, 1)
+
+
+@pytest.mark.slow
+def test_bench_difficulty_runs_the_pooled_method_and_prints_the_ceiling(synthetic_root, tmp_path, capsys) -> None:
+    import json
+
+    from benchmarks import bench_difficulty
+    from common.config import MARKERS
+    from tests.helpers.experiments import BASELINES, TINY_WIDE_TEST
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(TINY_WIDE_TEST.format(seeds="[0]", methods=BASELINES, extra_scenarios=""))
+    out = tmp_path / "out"
+    argv = ["--data", str(synthetic_root), "--experiment", str(exp), "--out", str(out), "--boot", "20"]
+    assert bench_difficulty.main([*argv, "--local-steps", "3", "--rounds", "1", "1", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 + 1 rounds x 3 steps x 3 sites" in printed and "expansion by marker count (true)" in printed
+    doc = json.loads((out / "difficulty.json").read_text())
+    assert doc["budget"]["train.local-steps"] == 3 and doc["method"] == "pooled"
+    rows = doc["ceiling"]["natural"]
+    assert [r["label"] for r in rows] == list(MARKERS) and {r["method"] for r in rows} == {"pooled"}
+    assert all(m in printed for m in MARKERS)

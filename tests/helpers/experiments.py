@@ -27,3 +27,7 @@ kind = "local"
 name = "pooled"
 kind = "pooled"
 """
+
+#: TINY with 40 % of the patients in the test split, so that the small generated dataset of the
+#: ceiling tests (``synthetic_root``) holds both classes of most labels there.
+TINY_WIDE_TEST = TINY.replace("batch_size = 4\n", "batch_size = 4\ntest_fraction = 0.4\n")

@@ -19,7 +19,13 @@ from sklearn.linear_model import LogisticRegression
 from common.config import MARKERS
 from simulations.synthetic import default_profiles, generate_dataset
 from simulations.synthetic.anatomy import HeadPose, ScanGrid, make_head, sample_anatomy
-from simulations.synthetic.ceiling import _auroc, ceiling_table, fraction_of_ceiling, score_against_truth
+from simulations.synthetic.ceiling import (
+    _auroc,
+    ceiling_table,
+    fraction_of_ceiling,
+    pseudonym_map,
+    score_against_truth,
+)
 from simulations.synthetic.cohort import (
     EXPANSION_OR,
     EXPANSION_RATE,
@@ -301,3 +307,9 @@ def test_truth_is_outside_every_site_folder_and_cache(noiseless, tmp_path):
     text = json.dumps(index)
     assert "severity" not in text and "mimic" not in text and "reader" not in text
     assert not any(TRUTH_DIR in str(p) for p in (tmp_path / "cache").rglob("*"))
+    # The report maps cache pseudonyms to the truth with the caches' own key, and never makes one.
+    with pytest.raises(FileNotFoundError, match="no pseudonym key"):
+        pseudonym_map(noiseless)
+    assert not (noiseless / ".cache").exists()
+    assert {s["study"] for s in index["studies"]} <= set(pseudonym_map(noiseless, tmp_path / "cache"))
+    assert inputs_key(site, cfg) == key
