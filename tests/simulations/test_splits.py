@@ -229,9 +229,8 @@ def test_privacy_patient_methods_are_valid_runs_of_the_same_length():
     from common.run_config import parse_run_config
     from tests.helpers.flower import run_config
 
-    exp = load_experiment("privacy_patient")
-    assert len(exp.methods) <= 9
-    for method in exp.methods:
+    methods = [m for name in ("privacy_patient", "privacy_patient_ablations") for m in load_experiment(name).methods]
+    for method in methods:
         rounds = parse_run_config(run_config(**exp.method_run_config(method))).rounds
         assert rounds.stage1 + rounds.stage2 == 8, method.name
         assert (rounds.stage1 == 0) == ("stage 2 only" in method.name), method.name
