@@ -40,7 +40,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
-from torch import nn
+from torch import Tensor, nn
 
 from common.checkpoint import load_checkpoint
 from common.config import LABELS
@@ -298,7 +298,7 @@ class Federation:
         usable = self._bound_weights(self._with_examples(replies, GAN_STAGE), entry)
         state, aggregated = self._aggregate(rnd, EXCHANGED[GAN_STAGE], strategy, usable, entry)
         if state is not None:  # power-iteration vectors back to unit length (common.gan.with_unit_power_vectors)
-            load_gan_state_dict(*self.gan, with_unit_power_vectors(state))
+            load_gan_state_dict(*self.gan, with_unit_power_vectors(in_dtypes_of(state, gan_state_dict(*self.gan))))
         return {
             "aggregated": aggregated,
             "sites": self._site_metrics(replies),
@@ -514,6 +514,12 @@ def load_initial_weights(model: JointModel, path: str) -> None:
             f"(with privacy.dp the norm is group): {str(exc).splitlines()[0]}"
         ) from None
     log(INFO, "train.init-checkpoint: the global model starts from %s", path)
+
+
+def in_dtypes_of(state: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An aggregate in the dtypes of ``like``: a mean of integer counters (batch norm's steps) is
+    rounded, where loading the float into the integer buffer would truncate it."""
+    return {k: (v if like[k].is_floating_point() else v.round()).to(like[k].dtype) for k, v in state.items()}
 
 
 def final_layer_keys(model: JointModel) -> tuple[str, str]:
