@@ -73,3 +73,17 @@ def test_reproducibility_compares_test_patients_and_macro_auroc_per_seed() -> No
     moved = [_entry("fedavg", 0, ["p1", "p2", "p3", "p5"], [0.1, 0.9, 0.2, 0.8])]
     problems, _ = compare(a, moved)
     assert problems == ["('s', 'fedavg', 0, 'site-01'): 2 test patient(s) differ"]
+
+
+@pytest.mark.slow
+def test_bench_gan_federated_writes_both_designs_rounds(tmp_path, capsys) -> None:
+    from benchmarks import bench_gan
+
+    out = tmp_path / "cost.txt"
+    bench_gan.main(["--federated", "--sites", "2", "--gan-rounds", "1", "--gan-local-steps", "1", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("# python -m benchmarks.bench_gan --federated")
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[2]) for r in rows] == [("i", "1"), ("i", "gan"), ("i", "2"), ("ii", "1"), ("ii", "2")]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 and r[7] == "0" for r in rows)
+    assert capsys.readouterr().out == out.read_text()

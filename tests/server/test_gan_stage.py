@@ -43,7 +43,7 @@ from server.federation import run_federation
 from server.validation import gan_metric_rules
 from simulations.sites import prepare_caches
 from tests.helpers.data import write_site
-from tests.helpers.flower import FakeGrid, make_context, set_task_identity, tiny_run_config
+from tests.helpers.flower import FakeGrid, set_task_identity, site_grid, tiny_run_config
 
 N_SITES = 3
 GAN_TYPE = f"{MessageType.TRAIN}.gan"
@@ -84,12 +84,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def make_grid(rc: dict) -> FakeGrid:
-    return FakeGrid(
-        {
-            100 + i: (client_app, make_context({"partition-id": i, "num-partitions": N_SITES}, rc, node_id=100 + i))
-            for i in range(N_SITES)
-        }
-    )
+    return site_grid(client_app, rc, N_SITES)
 
 
 @pytest.fixture(scope="module")
