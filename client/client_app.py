@@ -134,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.train(GAN_ACTION)
-@site_errors("gan")
+@site_errors("GAN round")
 def train_gan_round(msg: Message, context: Context) -> Message:
     """A round of the federated GAN stage (``rounds.gan``, docs/gan.md design (i)): train the global
     G and D on the training split's hematoma crops; reply with their state and scalars only."""
