@@ -70,9 +70,9 @@ def stage2_training_set(
     ``generator``: the global one of a GAN stage (design (i)); None: the site's own (design (ii)),
     trained at its first stage-2 round and kept in its store. A site whose training split cannot
     train its own conditional GAN (no crop with the marker annotated, or one class only) trains on
-    its real slices: failing every stage-2 round would drop it from the
-    federation's stage 2 altogether. The global generator needs carriers only (crops of either
-    class): a site without positive crops still gets generated positives."""
+    its real slices: failing every stage-2 round would drop it from the federation's stage 2
+    altogether. The global generator needs carriers only (crops of either class): a site without
+    positive crops still gets generated positives."""
     aug = gan_augment(run)
     if aug is None:
         return train
@@ -87,7 +87,9 @@ def stage2_training_set(
     return ds
 
 
-def global_generator(msg: Message, order: TrainInstruction, run: SiteRunConfig, store: SiteStore) -> dict | None:
+def global_generator(
+    msg: Message, order: TrainInstruction, run: SiteRunConfig, store: SiteStore
+) -> dict[str, Tensor] | None:
     """Stage 2 after a GAN stage: the final global generator's state (``Generator`` keys), sent once
     with a stage-2 train message and kept in the store under its digest; None without a GAN stage."""
     if not run.config.rounds.gan:
