@@ -111,8 +111,13 @@ def reference_state() -> dict[str, torch.Tensor]:
     return gan_state_dict(*build_gan(get_gan_preset("tiny"), seed=0))
 
 
+def same(a, b) -> bool:
+    """Equal values; a scalar buffer travels as shape (1,) and comes back as ()."""
+    return np.array_equal(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1))
+
+
 def test_a_gan_round_carries_only_g_and_d_arrays_and_scalars(gan_run):
-    expected = {k: tuple(v.shape) for k, v in reference_state().items()}
+    expected = {k: tuple(v.shape) or (1,) for k, v in reference_state().items()}  # scalars travel as (1,)
     sent = gan_deliveries(gan_run["grid"])
     assert len(sent) == 2 * N_SITES
     for s in sent:
@@ -151,7 +156,7 @@ def test_the_gan_stage_is_fedavg_of_g_and_d_weighted_by_crops(gan_run):
         np.testing.assert_allclose(value.numpy().astype(np.float64), mean, rtol=1e-5, atol=1e-6, err_msg=key)
     # round 3 starts from that aggregate
     for s in gan_deliveries(gan_run["grid"], 3):
-        assert all(np.array_equal(s.message.content[ARRAYS][k].numpy(), saved[k].numpy()) for k in saved)
+        assert all(same(s.message.content[ARRAYS][k].numpy(), saved[k]) for k in saved)
 
 
 def test_history_names_the_gan_rounds_with_their_bytes_and_seconds(gan_run):
@@ -190,7 +195,7 @@ def test_stage2_samples_from_the_final_global_generator_sent_once(gan_run):
     for i in range(N_SITES):
         store = Path(gan_run["rc"]["data.root"]) / ".cache" / "federation" / f"site-{i + 1:02d}" / "run"
         kept = torch.load(store / f"gan-generator-{digest}.pt")
-        assert all(torch.equal(kept[GAN_G_PREFIX + k], v) for k, v in generator.items())
+        assert all(same(kept[GAN_G_PREFIX + k], v) for k, v in generator.items())
         assert not (store / "gan-generator.pt").exists()  # design (ii)'s own generator: never trained
     for path in round_checkpoints(out):
         meta = load_checkpoint(path)
@@ -215,7 +220,8 @@ def test_a_failed_site_is_named_and_the_gan_round_goes_on(data_root, tmp_path):
     assert [(f["site"], f["phase"]) for f in gan["failures"]] == [("site-02", GAN_STAGE)]
     assert "partition 99 has no site" in gan["failures"][0]["reason"]
     assert sorted(gan["train"]["sites"]) == ["site-01", "site-03"]
-    (site01,) = [s.reply for s in gan_deliveries(grid, 2) if s.reply.content[SITE]["site-id"] == "site-01"]
+    replies = [s.reply for s in gan_deliveries(grid, 2) if not s.reply.has_error()]
+    (site01,) = [r for r in replies if r.content[SITE]["site-id"] == "site-01"]
     saved = load_checkpoint(round_checkpoint_path(tmp_path / "run", 2)).gan
     key = next(k for k in saved if k.endswith("out_conv.weight"))
     assert np.allclose(saved[key].numpy(), site01.content[ARRAYS][key].numpy())  # the mean of one site
@@ -234,4 +240,4 @@ def test_resume_in_the_gan_stage_continues_from_the_checkpointed_g_and_d(gan_run
     assert [r["round"] for r in history.rounds] == [1, 2, 3, 4, 5]
     saved = load_checkpoint(round_checkpoint_path(tmp_path / "run", 2)).gan
     for s in gan_deliveries(grid, 3):
-        assert all(np.array_equal(s.message.content[ARRAYS][k].numpy(), saved[k].numpy()) for k in saved)
+        assert all(same(s.message.content[ARRAYS][k].numpy(), saved[k]) for k in saved)
