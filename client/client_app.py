@@ -26,7 +26,7 @@ from client.federation.secure_counts import secure_counts_keys, secure_counts_ma
 from client.federation.secure_updates import masked_update_record, update_step
 from client.federation.site_clipping import site_clipping_mod
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
-from client.federation.site_gan import stage2_training_set
+from client.federation.site_gan import gan_round, gan_round_metrics, global_generator, stage2_training_set
 from client.federation.site_run import SiteRunConfig
 from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
@@ -37,6 +37,7 @@ from common.model import half_state_dict
 from common.records import (
     ARRAYS,
     CONFIG,
+    GAN_ACTION,
     HELLO_ACTION,
     LABEL_NEG,
     LABEL_POS,
@@ -51,6 +52,7 @@ from common.records import (
     TRAIN_SECONDS,
     UPDATE_PHASES,
     EvaluateInstruction,
+    GanInstruction,
     TrainInstruction,
     pack_counts,
     record_to_state,
@@ -83,8 +85,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run.train_config(order)
     privacy = SitePrivacy.open(run.config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
     train_ds = data.train
-    if order.stage == 2:  # with gan.augment-ratio > 0: plus the site's generated slices, in this process only
-        train_ds = stage2_training_set(data.train, run, store, order.server_round, resolve_device(site.device))
+    if order.stage == 2:  # with gan.augment-ratio > 0: plus generated slices, in this process only
+        generator = global_generator(msg, order, run, store)  # rounds.gan > 0: the GAN stage's; else the site's own
+        train_ds = stage2_training_set(
+            data.train, run, store, order.server_round, resolve_device(site.device), generator
+        )
     loader = cfg.loader(train_ds, order.stage)
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = (
@@ -125,6 +130,22 @@ def train(msg: Message, context: Context) -> Message:
     if privacy is not None:
         metrics.update(privacy.metrics())
     content = RecordDict({ARRAYS: arrays, METRICS: metrics, SITE: site_record(site)})
+    return Message(content, reply_to=msg)
+
+
+@app.train(GAN_ACTION)
+@site_errors("GAN round")
+def train_gan_round(msg: Message, context: Context) -> Message:
+    """A round of the federated GAN stage (``rounds.gan``, docs/gan.md design (i)): train the global
+    G and D on the training split's hematoma crops; reply with their state and scalars only."""
+    site, run = _site_and_run(context)
+    order = GanInstruction.from_record(msg.content[CONFIG])
+    data = open_site(site, run)
+    received = record_to_state(msg.content[ARRAYS])
+    state, crops, result = gan_round(data.train, run, order, received, resolve_device(site.device))
+    content = RecordDict(
+        {ARRAYS: state_to_record(state), METRICS: gan_round_metrics(crops, result), SITE: site_record(site)}
+    )
     return Message(content, reply_to=msg)
 
 

@@ -5,13 +5,18 @@ A checkpoint is a ``torch.save``d dict of plain types only, so it loads with
 
 ``{"format": "hemexp-checkpoint/1", "model_config": ModelConfig.to_dict(),
 "preprocess": PreprocessConfig.to_dict(), "labels": [output names], "state_dict": {name: Tensor},
-"meta": {free-form str/int/float/None: stage, round, method, created ...}}``
+"meta": {free-form str/int/float/None: stage, round, method, created ...}}``, plus
+``"gan": {name: Tensor}`` in the checkpoints of a federated GAN round only (G and D,
+``common.gan.gan_state_dict``, so that ``resume`` continues the GAN stage; docs/gan.md). A
+checkpoint after a stage-2 round never holds it: generator weights can reproduce training crops,
+and ``global.pt`` / ``best.pt`` go to clinics.
 
 It never holds a patient identifier: weights, configs and aggregate numbers only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ class Checkpoint:
     labels: tuple[str, ...]
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    gan: dict[str, torch.Tensor] | None = None
 
 
 def save_checkpoint(
@@ -39,8 +45,10 @@ def save_checkpoint(
     model_config: ModelConfig,
     preprocess: PreprocessConfig,
     meta: dict[str, Any] | None = None,
+    gan: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write atomically (temp file + rename), so a crash never leaves half a checkpoint."""
+    """Write atomically (temp file + rename), so a crash never leaves half a checkpoint.
+    ``gan``: a GAN round's G and D state (module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -51,6 +59,8 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
+    if gan is not None:
+        payload["gan"] = {k: v.detach().cpu().clone() for k, v in gan.items()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -72,6 +82,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         tuple(payload["labels"]),
         payload["state_dict"],
         payload["meta"],
+        payload.get("gan"),
     )
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from common.config import MARKERS, check_known_keys
+from common.records import GAN_D_PREFIX, GAN_G_PREFIX
 
 #: Side of the generator's first feature map; every block doubles it.
 BASE_SIDE: int = 4
@@ -249,3 +250,37 @@ def spectral_norms(module: nn.Module) -> dict[str, float]:
             w = sub.weight.detach()
             out[name] = float(torch.linalg.svdvals(w.reshape(w.shape[0], -1)).max())
     return out
+
+
+# --- the federated GAN stage (docs/gan.md design (i)) -----------------------------------------
+
+#: State-dict key endings of spectral norm's power-iteration vectors (``parametrizations.weight.0._u``).
+POWER_VECTORS: tuple[str, ...] = ("._u", "._v")
+
+
+def gan_state_dict(G: Generator, D: Discriminator | None = None) -> dict[str, Tensor]:
+    """G's (and D's) state dict under ``gan.g.`` / ``gan.d.`` keys: what a GAN round exchanges.
+
+    D's spectral-normalised layers appear as ``parametrizations.weight.original`` (the raw weight)
+    plus the power-iteration vectors ``_u``, ``_v``; the normalised weight is a function of these,
+    so averaging them and loading the mean back gives one consistent discriminator."""
+    out = {GAN_G_PREFIX + k: v for k, v in G.state_dict().items()}
+    if D is not None:
+        out |= {GAN_D_PREFIX + k: v for k, v in D.state_dict().items()}
+    return out
+
+
+def load_gan_state_dict(G: Generator, D: Discriminator | None, state: Mapping[str, Tensor]) -> None:
+    """``gan_state_dict`` reversed, strictly: every key of G (and of D, when given) must be there."""
+    G.load_state_dict({k[len(GAN_G_PREFIX) :]: v for k, v in state.items() if k.startswith(GAN_G_PREFIX)})
+    if D is not None:
+        D.load_state_dict({k[len(GAN_D_PREFIX) :]: v for k, v in state.items() if k.startswith(GAN_D_PREFIX)})
+
+
+def with_unit_power_vectors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with every power-iteration vector scaled to unit length.
+
+    A weighted mean of unit vectors is shorter than 1; in eval mode spectral norm reads sigma as
+    ``u @ W @ v`` from the stored vectors without normalising them, so an averaged D would be
+    mis-scaled. (In train mode the next power iteration normalises them anyway.)"""
+    return {k: F.normalize(v, dim=0, eps=1e-12) if k.endswith(POWER_VECTORS) else v for k, v in state.items()}

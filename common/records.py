@@ -117,6 +117,21 @@ NODE_PARTITION_ID = "partition-id"
 #: Which half of the joint model each stage trains and exchanges.
 HALF_OF_STAGE: dict[int, str] = {1: "unet", 2: "classifier"}
 
+# --- the federated GAN stage (``rounds.gan``, docs/gan.md design (i)) -------------------------
+#: A GAN round's train messages are ``train.gan`` (their own ClientApp handler); its CONFIG's STAGE
+#: and the history's stage name of the round are ``GAN_STAGE``.
+GAN_ACTION = "gan"
+GAN_STAGE = "gan"
+#: The GAN round's ARRAYS: the generator's and the discriminator's state dicts under these prefixes
+#: (``common.gan.gan_state_dict``).
+GAN_G_PREFIX, GAN_D_PREFIX = "gan.g.", "gan.d."
+#: Stage 2 after a GAN stage: the final global generator (``GAN_G_PREFIX`` keys), sent once per site with
+#: a stage-2 train message, and its content digest in every stage-2 train CONFIG (as the frozen U-Net's).
+GAN_GENERATOR = "gan-generator"
+GAN_DIGEST = "gan-digest"
+#: A GAN reply's mean losses per generator step (NaN when the site took no step).
+GAN_D_LOSS, GAN_G_LOSS = "gan-d-loss", "gan-g-loss"
+
 
 @dataclass(frozen=True)
 class TrainInstruction:
@@ -132,6 +147,7 @@ class TrainInstruction:
     local_norm: bool = False
     unet_digest: str = ""
     run_name: str = ""
+    gan_digest: str = ""  # stage 2 after a GAN stage: the global generator to sample from
 
     def __post_init__(self) -> None:
         if self.stage not in HALF_OF_STAGE:
@@ -158,6 +174,8 @@ class TrainInstruction:
             rec[POS_WEIGHT] = [float(w) for w in self.pos_weight]
         if self.unet_digest:
             rec[UNET_DIGEST] = self.unet_digest
+        if self.gan_digest:
+            rec[GAN_DIGEST] = self.gan_digest
         return rec
 
     @classmethod
@@ -173,6 +191,32 @@ class TrainInstruction:
             proximal_mu=float(rec.get(PROXIMAL_MU, 0.0)),
             local_norm=bool(rec.get(LOCAL_NORM, False)),
             unet_digest=str(rec.get(UNET_DIGEST, "")),
+            run_name=str(rec.get(RUN_NAME, "")),
+            gan_digest=str(rec.get(GAN_DIGEST, "")),
+        )
+
+
+@dataclass(frozen=True)
+class GanInstruction:
+    """What the server asks of a site for one GAN round: ``local_steps`` generator updates from the
+    global G and D of the message (the ConfigRecord, typed; STAGE is ``GAN_STAGE``)."""
+
+    server_round: int
+    local_steps: int
+    run_name: str = ""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {SERVER_ROUND: self.server_round, STAGE: GAN_STAGE, LOCAL_STEPS: self.local_steps, RUN_NAME: self.run_name}
+        )
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> GanInstruction:
+        if rec.get(STAGE) != GAN_STAGE:
+            raise ValueError(f"a GAN round's config has stage {GAN_STAGE!r}, got {rec.get(STAGE)!r}")
+        return cls(
+            server_round=int(rec.get(SERVER_ROUND, 0)),
+            local_steps=int(rec[LOCAL_STEPS]),
             run_name=str(rec.get(RUN_NAME, "")),
         )
 

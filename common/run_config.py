@@ -150,12 +150,18 @@ class RoundOptions:
     stage2: int
     timeout: float  # seconds; 0: no limit
     census: str  # off | before (a census, then training) | only (the census alone; server.census)
+    #: Rounds of the federated GAN stage between stages 1 and 2 (docs/gan.md design (i)); 0: none.
+    gan: int
 
     def __post_init__(self) -> None:
         _check_choice("rounds.census", self.census, CENSUS_MODES)
         rounds = self.stage1, self.stage2
         if min(rounds) < 0 or sum(rounds) == 0:
             raise ValueError(f"rounds.stage1 and rounds.stage2 must be >= 0 and not both 0, got {rounds}")
+        if self.gan < 0:
+            raise ValueError(f"rounds.gan must be >= 0 (0: no GAN stage), got {self.gan}")
+        if self.gan and not self.stage2:
+            raise ValueError("rounds.gan > 0 trains the generator stage 2 samples from, but rounds.stage2 is 0")
 
 
 @dataclass(frozen=True)
@@ -266,17 +272,20 @@ class GanOptions:
 
     ``augment_ratio`` 0: off; else each site adds ``augment_ratio`` x its training slices of
     generated ones (half marker-positive) to stage 2, from a GAN of ``preset`` trained for ``steps``
-    generator updates on its training crops, kept at the site.
+    generator updates on its training crops, kept at the site. With ``rounds.gan`` > 0 the GAN is
+    federated instead: ``local_steps`` generator updates per site per GAN round, and ``steps`` is unused.
     """
 
     augment_ratio: float
     preset: str
     steps: int
+    local_steps: int
 
     def __post_init__(self) -> None:
-        if self.augment_ratio < 0 or self.steps < 1:
+        if self.augment_ratio < 0 or self.steps < 1 or self.local_steps < 1:
             raise ValueError(
-                f"gan.augment-ratio must be >= 0 and gan.steps >= 1, got {self.augment_ratio}, {self.steps}"
+                f"gan.augment-ratio must be >= 0, gan.steps and gan.local-steps >= 1, "
+                f"got {self.augment_ratio}, {self.steps}, {self.local_steps}"
             )
         if self.preset not in GAN_PRESETS:
             raise ValueError(f"gan.preset: unknown GAN preset {self.preset!r}; valid: {sorted(GAN_PRESETS)}")
@@ -322,6 +331,7 @@ class RunConfig:
     eval: EvalOptions
 
     def __post_init__(self) -> None:
+        self._check_gan_stage()
         if self.privacy.secure_counts and self.strategy.imbalance_head:
             raise ValueError(
                 "strategy.imbalance-head weights each head row by every site's own positive counts, "
@@ -344,6 +354,32 @@ class RunConfig:
                 f"use it with {sorted(set(STRATEGY_NAMES) - ROBUST_STRATEGIES)} and no imbalance head"
             )
         self._check_site_dp()
+
+    def _check_gan_stage(self) -> None:
+        """``rounds.gan`` > 0 (docs/gan.md design (i)) only where it has a use and no privacy option it would break."""
+        if not self.rounds.gan:
+            return
+        if self.gan.augment_ratio <= 0:
+            raise ValueError(
+                "rounds.gan > 0 trains a federated generator for stage-2 augmentation, but gan.augment-ratio is 0: "
+                "set gan.augment-ratio > 0 or rounds.gan = 0"
+            )
+        clashes = (
+            (self.privacy.dp, "privacy.dp", "G and D train on the sites' crops without DP-SGD"),
+            (
+                self.privacy.secure_updates,
+                "privacy.secure-updates",
+                "the GAN rounds send each site's G and D in the clear, which the masked updates are there to prevent",
+            ),
+            (
+                self.privacy.site_dp != "off",
+                f"privacy.site-dp {self.privacy.site_dp!r}",
+                "the GAN rounds' updates are neither clipped nor noised",
+            ),
+        )
+        for clash, other, why in clashes:
+            if clash:
+                raise ValueError(f"rounds.gan > 0 cannot be used with {other}: {why}; switch one of the two off")
 
     def _check_site_dp(self) -> None:
         """Flower's site-level noise (sigma C / n) is sized for the plain mean of n clipped updates that

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -32,9 +33,13 @@ def save_round_checkpoint(
     preprocess: PreprocessConfig,
     meta: dict,
     keep: int = 0,
+    gan: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the global model after round ``meta['round']``; keep the last ``keep`` (0: all)."""
-    path = save_checkpoint(round_checkpoint_path(out_dir, int(meta["round"])), model, model_cfg, preprocess, meta)
+    """Write the global model after round ``meta['round']``; keep the last ``keep`` (0: all).
+    ``gan``: after a GAN round, the global G and D (``common.checkpoint``)."""
+    path = save_checkpoint(
+        round_checkpoint_path(out_dir, int(meta["round"])), model, model_cfg, preprocess, meta, gan=gan
+    )
     if keep > 0:
         for old in round_checkpoints(out_dir)[:-keep]:
             old.unlink(missing_ok=True)

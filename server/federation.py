@@ -1,7 +1,10 @@
 """One federated run on the coordinator: stage-aware, class-imbalance-aware federated training.
 
-Round schedule: ``rounds.stage1`` rounds that exchange only the U-Net, then ``rounds.stage2`` rounds
-that exchange only the classifier (the U-Net frozen at the sites, paper §4). Before the first
+Round schedule: ``rounds.stage1`` rounds that exchange only the U-Net, then ``rounds.gan`` rounds of
+the federated GAN stage (0 by default; the conditional SNGAN's G and D trained at the sites and
+FedAvg'd, docs/gan.md design (i)), then ``rounds.stage2`` rounds that exchange only the classifier
+(the U-Net frozen at the sites, paper §4; after a GAN stage every site samples its augmentation from
+the final global generator, sent once per site). Before the first
 stage-2 round a counts round (``server.counts``) asks every site for its per-label positive/negative
 counts; the server sums them and sends the global ``pos-weight`` = negatives / positives (paper
 formula 2) with every stage-2 round, so every site optimises the same weighted loss.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -36,20 +40,23 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
-from torch import nn
+from torch import Tensor, nn
 
 from common.checkpoint import load_checkpoint
 from common.config import LABELS
+from common.gan import build_gan, gan_state_dict, get_gan_preset, load_gan_state_dict, with_unit_power_vectors
 from common.losses import pos_weight_from_counts
 from common.model import JointModel, build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.records import (
     ARRAYS,
     CONFIG,
+    GAN_STAGE,
     HALF_OF_STAGE,
     METRICS,
     NUM_EXAMPLES,
     SECURE_PHASE,
     EvaluateInstruction,
+    GanInstruction,
     TrainInstruction,
     arrays_digest,
     record_to_state,
@@ -57,15 +64,32 @@ from common.records import (
 )
 from common.validation import ValidationStats, calibration_meta, selectable, selection_score
 from server.census import run_census, write_census
-from server.checkpoints import latest_checkpoint, publish_best, publish_final, save_round_checkpoint
+from server.checkpoints import (
+    latest_checkpoint,
+    publish_best,
+    publish_final,
+    round_checkpoint_path,
+    save_round_checkpoint,
+)
 from server.counts import count_labels
 from server.history import History
-from server.replies import Messenger, idle_reason, metrics_dict, with_metric
+from server.replies import Messenger, idle_reason, metrics_dict, retyped, with_metric
 from server.secure_updates import secure_train
 from server.server_config import ServerRunConfig, resolve_run_dir
 from server.site_dp import with_site_dp
 from server.strategies import build_strategy
-from server.validation import array_specs, bound_examples, counts_schema, evaluate_schema, train_schema
+from server.validation import (
+    GAN_MESSAGE_TYPE,
+    array_specs,
+    bound_examples,
+    counts_schema,
+    evaluate_schema,
+    gan_schema,
+    train_schema,
+)
+
+#: What a round of each stage exchanges, for the log.
+EXCHANGED = {**HALF_OF_STAGE, GAN_STAGE: "generator and discriminator"}
 
 
 class Federation:
@@ -91,6 +115,9 @@ class Federation:
         self.counts: tuple[np.ndarray, np.ndarray] | None = None
         self.declared: dict[str, float] = {}  # site -> training slices it declared in the counts round
         self.best: tuple[int, float] | None = None  # (stage, validation score) of best.pt
+        # rounds.gan > 0: the global G and D (built from the run's seed), FedAvg'd by num-examples (crops)
+        self.gan = build_gan(get_gan_preset(cfg.gan.preset), seed=cfg.seed) if cfg.rounds_gan else None
+        self.gan_strategy = build_strategy(replace(cfg.strategy, name="fedavg", imbalance_head=False))
 
     # --- the schedule --------------------------------------------------------------------
 
@@ -106,8 +133,9 @@ class Federation:
             return self.history
         log(
             INFO,
-            "hemexp: %d stage-1 + %d stage-2 rounds, strategy %s%s%s, output %s",
+            "hemexp: %d stage-1 + %d GAN + %d stage-2 rounds, strategy %s%s%s, output %s",
             cfg.rounds_stage1,
+            cfg.rounds_gan,
             cfg.rounds_stage2,
             cfg.strategy.name,
             " + imbalance-aware head" if cfg.strategy.imbalance_head else "",
@@ -121,9 +149,14 @@ class Federation:
             t0 = time.perf_counter()
             stage = cfg.stage_of(rnd)
             entry: dict[str, Any] = {"round": rnd, "stage": stage, "failures": [], "rejected": []}
-            log(INFO, "[ROUND %d/%d] stage %d (%s)", rnd, cfg.total_rounds, stage, HALF_OF_STAGE[stage])
-            entry["train"] = self.train_round(rnd, stage, entry)
-            entry["evaluate"], calibration = self.evaluate_round(rnd, stage, entry) if cfg.evaluates(rnd) else ({}, {})
+            log(INFO, "[ROUND %d/%d] stage %s (%s)", rnd, cfg.total_rounds, stage, EXCHANGED[stage])
+            if stage == GAN_STAGE:  # the joint model does not change: nothing to evaluate
+                entry["train"], entry["evaluate"], calibration = self.gan_round(rnd, entry), {}, {}
+            else:
+                entry["train"] = self.train_round(rnd, stage, entry)
+                entry["evaluate"], calibration = (
+                    self.evaluate_round(rnd, stage, entry) if cfg.evaluates(rnd) else ({}, {})
+                )
             entry["seconds"] = time.perf_counter() - t0
             self.history.add_round(entry)
             self.history.save()
@@ -134,8 +167,9 @@ class Federation:
                 "stage": stage,
                 "seed": cfg.seed,
             }
+            gan = gan_state_dict(*self.gan) if stage == GAN_STAGE else None  # never in a stage-2 checkpoint
             last = save_round_checkpoint(
-                self.out_dir, self.model, cfg.model, cfg.preprocess, meta | calibration, keep=cfg.keep_checkpoints
+                self.out_dir, self.model, cfg.model, cfg.preprocess, meta | calibration, cfg.keep_checkpoints, gan
             )
             self._keep_if_best(last, stage, calibration.get("validation", {}).get("score"))
         if last is not None:
@@ -177,12 +211,27 @@ class Federation:
             )
         self.model.load_state_dict(ckpt.state_dict, strict=True)
         self.start_round = int(ckpt.meta["round"])
+        self._resume_gan()
         self.history = History.load(self.out_dir, up_to_round=self.start_round)
         best = self.out_dir / "best.pt"
         if best.is_file():
             meta = load_checkpoint(best).meta
             self.best = (int(meta["stage"]), float(meta["validation"]["score"]))
         log(INFO, "resume: continuing %s after round %d", self.out_dir, self.start_round)
+
+    def _resume_gan(self) -> None:
+        """The global G and D after the last GAN round already run: from that round's checkpoint."""
+        last_gan = min(self.start_round, self.cfg.rounds_stage1 + self.cfg.rounds_gan)
+        if self.gan is None or last_gan <= self.cfg.rounds_stage1:
+            return
+        path = round_checkpoint_path(self.out_dir, last_gan)
+        gan = load_checkpoint(path).gan if path.is_file() else None
+        if gan is None:
+            raise ValueError(
+                f"resume: {path} (the last GAN round's G and D) is missing or holds no GAN state; "
+                "output.keep-checkpoints may have removed it"
+            )
+        load_gan_state_dict(*self.gan, gan)
 
     # --- one round -----------------------------------------------------------------------
 
@@ -202,6 +251,7 @@ class Federation:
                 }
                 pos_weight = weights if cfg.pos_weight == "global" else None
         unet, digest = self._frozen_unet(stage)
+        generator, gan_digest = self._global_generator(stage)
         order = TrainInstruction(
             server_round=rnd,
             stage=stage,
@@ -211,32 +261,73 @@ class Federation:
             pos_weight=pos_weight,
             unet_digest=digest,
             run_name=self.out_dir.name,
+            gan_digest=gan_digest,
         )
         arrays = state_to_record(half_state_dict(self.model, half))
         messages = messenger.attach_unet(
             strategy.configure_train(rnd, arrays, order.to_record(), self.grid), unet, digest
         )
+        messages = messenger.attach_generator(messages, generator, gan_digest)
         if cfg.secure_updates:  # masked updates: validated by the secure protocol's own checks
             return self._secure_train_round(rnd, half, strategy, messages, entry, digest)
         n_labels, max_mb = len(cfg.model.output_names), cfg.strategy.max_reply_mb
         schema = train_schema(array_specs(arrays, exclude=self.local_keys), n_labels, stage, max_mb)
-        replies = messenger.exchange("train", messages, entry, digest, schema)
-        sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in replies}
+        replies = messenger.exchange("train", messages, entry, digest, schema, generator=gan_digest)
+        usable = self._bound_weights(self._with_examples(replies, stage), entry)
+        aggregated = self._aggregate_train(rnd, half, strategy, usable, entry)
+        return {
+            "aggregated": aggregated,
+            "sites": self._site_metrics(replies),
+            "sent": len(messages),
+            "received": len(replies),
+        }
+
+    def gan_round(self, rnd: int, entry: dict) -> dict[str, Any]:
+        """One round of the GAN stage: the global G and D to every sampled site (``train.gan``), each
+        trains them on its crops; their mean weighted by num-examples (crops) becomes the global pair.
+        Replies pass ``server.validation.gan_schema`` (the exact G and D arrays), weights
+        ``bound_examples``; a failed, rejected or idle (0 crops) site is logged and left out."""
+        assert self.gan is not None
+        messenger, strategy = self.messenger, self.gan_strategy
+        order = GanInstruction(server_round=rnd, local_steps=self.cfg.gan.local_steps, run_name=self.out_dir.name)
+        arrays = state_to_record(gan_state_dict(*self.gan))
+        messages = [
+            retyped(m, GAN_MESSAGE_TYPE) for m in strategy.configure_train(rnd, arrays, order.to_record(), self.grid)
+        ]
+        replies = messenger.exchange(
+            GAN_STAGE, messages, entry, schema=gan_schema(array_specs(arrays), self.cfg.strategy.max_reply_mb)
+        )
+        usable = self._bound_weights(self._with_examples(replies, GAN_STAGE), entry)
+        state, aggregated = self._aggregate(rnd, EXCHANGED[GAN_STAGE], strategy, usable, entry)
+        if state is not None:  # power-iteration vectors back to unit length (common.gan.with_unit_power_vectors)
+            load_gan_state_dict(*self.gan, with_unit_power_vectors(in_dtypes_of(state, gan_state_dict(*self.gan))))
+        return {
+            "aggregated": aggregated,
+            "sites": self._site_metrics(replies),
+            "sent": len(messages),
+            "received": len(replies),
+        }
+
+    def _site_metrics(self, replies: list[Message]) -> dict[str, dict[str, Any]]:
+        return {self.messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in replies}
+
+    def _with_examples(self, replies: list[Message], stage: int | str) -> list[Message]:
+        """The replies with num-examples > 0; the others are logged (why: ``idle_reason``) and left out."""
         usable = []
         for r in replies:
             if float(r.content[METRICS][NUM_EXAMPLES]) > 0:
                 usable.append(r)
-            else:
-                log(
-                    INFO,
-                    "train: site %s %s in stage %d; left out of the aggregate",
-                    messenger.site_of(r),
-                    idle_reason(r.content[METRICS]),
-                    stage,
-                )
-        usable = self._bound_weights(usable, entry)
-        aggregated = self._aggregate_train(rnd, half, strategy, usable, entry)
-        return {"aggregated": aggregated, "sites": sites, "sent": len(messages), "received": len(replies)}
+                continue
+            why = idle_reason(r.content[METRICS])
+            log(INFO, "train: site %s %s in stage %s; left out of the aggregate", self.messenger.site_of(r), why, stage)
+        return usable
+
+    def _global_generator(self, stage: int) -> tuple[ArrayRecord | None, str]:
+        """Stage 2 after a GAN stage: the final global generator (G only) and its digest, for the sites to sample from."""
+        if stage != 2 or self.gan is None:
+            return None, ""
+        generator = state_to_record(gan_state_dict(self.gan[0]))
+        return generator, arrays_digest(generator)
 
     def _bound_weights(self, replies: list[Message], entry: dict) -> list[Message]:
         """Cap each reply's ``num-examples`` by ``server.validation.bound_examples``; the capped sites
@@ -268,7 +359,7 @@ class Federation:
 
         sent = record_to_state(messages[0].content[ARRAYS]) if messages else {}
         result = secure_train(messages, exchange, rnd, {k: v.numpy() for k, v in sent.items()}, messenger.site_name)
-        sites = {messenger.site_of(r): metrics_dict(r.content[METRICS]) for r in result.replies}
+        sites = self._site_metrics(result.replies)
         trained = sum(1 for r in result.replies if float(r.content[METRICS][NUM_EXAMPLES]) > 0)
         usable = [result.aggregate] if result.aggregate is not None else []
         aggregated = self._aggregate_train(rnd, half, strategy, usable, entry, counted=trained if usable else 0)
@@ -277,7 +368,21 @@ class Federation:
     def _aggregate_train(
         self, rnd: int, half: str, strategy: Strategy, replies: list[Message], entry: dict, counted: int | None = None
     ) -> dict:
-        """``counted``: how many sites the replies stand for (secure updates: one reply for all)."""
+        """The half's aggregate loaded into the global model; the aggregated metrics returned."""
+        state, metrics = self._aggregate(rnd, half, strategy, replies, entry, counted)
+        if state is not None:
+            full = half_state_dict(self.model, half)
+            full.update(state)  # FedBN: the server's norm keys stay as they were
+            load_half_state_dict(self.model, half, full)
+        return metrics
+
+    def _aggregate(
+        self, rnd: int, what: str, strategy: Strategy, replies: list[Message], entry: dict, counted: int | None = None
+    ) -> tuple[dict | None, dict]:
+        """The strategy's aggregate of ``replies`` as a state dict (None when the round's aggregation is
+        skipped: too few usable replies, a failure without ``accept-failures``, or the strategy refused)
+        and the aggregated metrics. ``counted``: how many sites the replies stand for (secure updates:
+        one reply for all)."""
         cfg = self.cfg
         needed = getattr(strategy, "min_train_nodes", 1)
         n = len(replies) if counted is None else counted
@@ -292,21 +397,18 @@ class Federation:
                 needed,
                 len(entry["failures"]),
                 cfg.strategy.accept_failures,
-                half,
+                what,
             )
             entry["skipped"] = True
-            return {}
+            return None, {}
         try:
             arrays, metrics = strategy.aggregate_train(rnd, replies)
         except (InconsistentMessageReplies, AggregationError) as exc:
-            log(WARNING, "round %d: aggregation failed (%s); the global %s stays as it was", rnd, exc, half)
+            log(WARNING, "round %d: aggregation failed (%s); the global %s stays as it was", rnd, exc, what)
             entry["skipped"] = True
-            return {}
-        if arrays is not None:
-            state = half_state_dict(self.model, half)
-            state.update(record_to_state(arrays))  # FedBN: the server's norm keys stay as they were
-            load_half_state_dict(self.model, half, state)
-        return metrics_dict(metrics) if metrics is not None else {}
+            return None, {}
+        state = record_to_state(arrays) if arrays is not None else None
+        return state, metrics_dict(metrics) if metrics is not None else {}
 
     def evaluate_round(self, rnd: int, stage: int, entry: dict) -> tuple[dict[str, Any], dict[str, Any]]:
         """Every sampled site scores the global model; only the half of this stage is sent.
@@ -417,6 +519,12 @@ def load_initial_weights(model: JointModel, path: str) -> None:
             f"(with privacy.dp the norm is group): {str(exc).splitlines()[0]}"
         ) from None
     log(INFO, "train.init-checkpoint: the global model starts from %s", path)
+
+
+def in_dtypes_of(state: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An aggregate in the dtypes of ``like``: a mean of integer counters (batch norm's steps) is
+    rounded, where loading the float into the integer buffer would truncate it."""
+    return {k: (v if like[k].is_floating_point() else v.round()).to(like[k].dtype) for k, v in state.items()}
 
 
 def final_layer_keys(model: JointModel) -> tuple[str, str]:

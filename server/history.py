@@ -9,7 +9,11 @@ because they broke a rule of ``server.validation`` (the first rule and key, up t
 whose ``num-examples`` was bounded and the weight each got (rounds written before these keys existed
 lack them);
 stage-2 rounds add ``"label-counts": {"pos", "neg", "pos-weight"}`` (the global sums and weights), and a
-round whose aggregation was skipped (too few good replies) has ``"skipped": true``.
+round whose aggregation was skipped (too few good replies) has ``"skipped": true``. ``stage`` is 1, 2 or
+``"gan"`` (a round of the federated GAN stage, ``rounds.gan``: its ``train`` holds the G and D replies'
+scalars, its ``evaluate`` is empty). ``bytes``: ``{site: {"sent", "received"}}``, the payload bytes the
+round exchanged with each site, every phase together (``server.validation.content_bytes``: array
+payloads, keys and 8 bytes a number; not the wire's framing).
 ``failures`` holds one entry per site and round: the first phase it failed in and why ("refused by
 site policy: ..." for a refusal), ``phases`` every phase it failed in that round, ``seconds`` how long
 after the exchange started the failure was seen (the timeout for a site that never answered).

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from common.records import (
     CONFIG,
     FROZEN_UNET,
+    GAN_GENERATOR,
     HELLO_ACTION,
     METRICS,
     PRIVACY_EPSILON,
@@ -36,7 +37,7 @@ from common.records import (
     SITE_ID,
 )
 from server.history import finite_or_none
-from server.validation import SITE_ID_PATTERN, Problem, ReplySchema, check_reply
+from server.validation import SITE_ID_PATTERN, Problem, ReplySchema, check_reply, content_bytes
 
 #: Problems of one rejected reply kept in the history (the first ones; the log names the first).
 PROBLEMS_KEPT = 5
@@ -63,20 +64,28 @@ def action_queries(nodes: Iterable[int], action: str, server_round: int, group_i
 @dataclass
 class Messenger:
     """Exchanges a round's messages with the sites on ``grid``; learns each node's site id from its
-    replies, and which frozen U-Net each node holds."""
+    replies, and which frozen U-Net (and global generator) each node holds. Every exchange adds the
+    payload bytes sent to and received from each site to its round's ``entry["bytes"]``."""
 
     grid: Grid
     timeout: float | None  # ``rounds.timeout``; None: wait for every reply
     sites: dict[int, str] = field(default_factory=dict)  # node id -> site id, learned from replies
     unet_sent: dict[int, str] = field(default_factory=dict)  # node id -> digest of the frozen U-Net it holds
+    generator_sent: dict[int, str] = field(default_factory=dict)  # node id -> digest of the GAN stage's generator
     greeted: set[int] = field(default_factory=set)  # nodes sent a ``query.hello`` (once each)
 
     def exchange(
-        self, phase: str, messages: list[Message], entry: dict, digest: str = "", schema: ReplySchema | None = None
+        self,
+        phase: str,
+        messages: list[Message],
+        entry: dict,
+        digest: str = "",
+        schema: ReplySchema | None = None,
+        generator: str = "",
     ) -> list[Message]:
         """Send, wait up to ``rounds.timeout``, return the replies that pass ``schema``; log every
         failure and rejection. A site that replied to a stage-2 message holds the U-Net ``digest``
-        from then on.
+        (and the global generator ``generator``) from then on.
 
         Each reply is matched to the message it answers (``reply_to_message_id``), never taken for
         its ``src_node_id``'s: the SuperLink's own error replies ("node unavailable") carry the
@@ -84,7 +93,7 @@ class Messenger:
         if not messages:
             return []
         self.introduce({m.metadata.dst_node_id for m in messages}, entry)
-        return self._exchange(phase, messages, entry, digest, schema)
+        return self._exchange(phase, messages, entry, digest, schema, generator)
 
     def introduce(self, nodes: Iterable[int], entry: dict) -> None:
         """``query.hello`` to every node whose site id is still unknown, so that a site that fails
@@ -98,7 +107,13 @@ class Messenger:
         self._exchange("hello", hellos, entry, "")
 
     def _exchange(
-        self, phase: str, messages: list[Message], entry: dict, digest: str, schema: ReplySchema | None = None
+        self,
+        phase: str,
+        messages: list[Message],
+        entry: dict,
+        digest: str,
+        schema: ReplySchema | None = None,
+        generator: str = "",
     ) -> list[Message]:
         started = time.monotonic()
         replies, sent = send_and_receive(self.grid, messages, self.timeout)
@@ -123,12 +138,30 @@ class Messenger:
                 continue
             if digest:
                 self.unet_sent[node] = digest
+            if generator:
+                self.generator_sent[node] = generator
             good.append(reply)
         waited = time.monotonic() - started
         for node in sorted(set(sent.values()) - answered):
             reason = f"no reply within {self.timeout or 'unlimited'} s (site down or too slow)"
             self.failure(phase, node, reason, entry, waited)
+        self._count_bytes(entry, messages, [(sent.get(r.metadata.reply_to_message_id), r) for r, _ in replies])
         return good
+
+    def _count_bytes(self, entry: dict, messages: list[Message], replies: list[tuple[int | None, Message]]) -> None:
+        """Add each site's payload bytes (``server.validation.content_bytes``) to ``entry["bytes"]``:
+        ``{site: {"sent", "received"}}`` over every exchange of the round; error replies count 0."""
+        traffic = entry.setdefault("bytes", {})
+
+        def add(node: int, way: str, n: int) -> None:
+            site = traffic.setdefault(self.sites.get(node, str(node)), {"sent": 0, "received": 0})
+            site[way] += n
+
+        for m in messages:
+            add(m.metadata.dst_node_id, "sent", content_bytes(m.content))
+        for node, reply in replies:
+            if node is not None and not reply.has_error():
+                add(node, "received", content_bytes(reply.content))
 
     def _learn_site(self, node: int, reply: Message) -> None:
         """The node's site id, from its reply's SITE record when it holds a well-formed one."""
@@ -163,7 +196,8 @@ class Messenger:
                 "n_problems": len(problems),
             }
         )
-        self.unet_sent.pop(node, None)  # it may not hold the U-Net it was sent
+        self.unet_sent.pop(node, None)  # it may not hold the U-Net (or generator) it was sent
+        self.generator_sent.pop(node, None)
 
     def failure(self, phase: str, node: int, reason: str, entry: dict, seconds: float | None = None) -> None:
         """Log a node's failure; the round's history keeps one entry per node, with the first
@@ -172,6 +206,7 @@ class Messenger:
         when = "" if seconds is None else f" after {seconds:.1f} s"
         log(WARNING, "%s: %s (node %d) failed%s: %s", phase, site, node, when, reason)
         self.unet_sent.pop(node, None)  # it may have lost its copy; send it again next time
+        self.generator_sent.pop(node, None)
         for f in entry["failures"]:
             if f["node"] == node:
                 f["site"] = site if f["site"] == "unknown site" else f["site"]
@@ -191,13 +226,23 @@ class Messenger:
 
     def attach_unet(self, messages: Iterable[Message], unet: ArrayRecord | None, digest: str) -> list[Message]:
         """Add the frozen U-Net to the messages of sites not known to hold it already."""
-        messages = list(messages)
-        if unet is None:
-            return messages
-        return [
-            m if self.unet_sent.get(m.metadata.dst_node_id) == digest else with_record(m, FROZEN_UNET, unet)
-            for m in messages
-        ]
+        return _attach_once(messages, FROZEN_UNET, unet, digest, self.unet_sent)
+
+    def attach_generator(
+        self, messages: Iterable[Message], generator: ArrayRecord | None, digest: str
+    ) -> list[Message]:
+        """Stage 2 after a GAN stage: add the global generator to the messages of sites not known to hold it."""
+        return _attach_once(messages, GAN_GENERATOR, generator, digest, self.generator_sent)
+
+
+def _attach_once(
+    messages: Iterable[Message], name: str, record: ArrayRecord | None, digest: str, held: dict[int, str]
+) -> list[Message]:
+    """``record`` added as ``name`` to the messages of nodes whose ``held`` digest is not ``digest``."""
+    messages = list(messages)
+    if record is None:
+        return messages
+    return [m if held.get(m.metadata.dst_node_id) == digest else with_record(m, name, record) for m in messages]
 
 
 def send_and_receive(
@@ -230,12 +275,17 @@ def refusal_reason(record: ConfigRecord) -> str:
 
 def with_record(msg: Message, name: str, record: ArrayRecord) -> Message:
     """A copy of ``msg`` with one more record (strategies share one RecordDict among messages)."""
-    content = RecordDict({**dict(msg.content.items()), name: record})
+    return _copy(msg, RecordDict({**dict(msg.content.items()), name: record}), msg.metadata.message_type)
+
+
+def retyped(msg: Message, message_type: str) -> Message:
+    """A copy of ``msg`` as another message type: a strategy's train message as ``train.gan``."""
+    return _copy(msg, msg.content, message_type)
+
+
+def _copy(msg: Message, content: RecordDict, message_type: str) -> Message:
     return Message(
-        content,
-        dst_node_id=msg.metadata.dst_node_id,
-        message_type=msg.metadata.message_type,
-        group_id=msg.metadata.group_id,
+        content, dst_node_id=msg.metadata.dst_node_id, message_type=message_type, group_id=msg.metadata.group_id
     )
 
 

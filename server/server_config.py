@@ -10,7 +10,8 @@ from typing import Any
 
 from common.config import PreprocessConfig
 from common.presets import ModelConfig
-from common.run_config import PrivacyOptions, RunConfig, StrategyOptions, parse_run_config
+from common.records import GAN_STAGE
+from common.run_config import GanOptions, PrivacyOptions, RunConfig, StrategyOptions, parse_run_config
 from common.validation import evaluated
 
 
@@ -50,6 +51,10 @@ class ServerRunConfig:
     test_rounds: str
     #: ``privacy.*``: the server reads the site-level DP settings of it (``server.site_dp``).
     privacy: PrivacyOptions
+    #: ``rounds.gan``: rounds of the federated GAN stage between stages 1 and 2 (docs/gan.md design (i)).
+    rounds_gan: int
+    #: ``gan.*``: the GAN preset and the local steps of a GAN round.
+    gan: GanOptions
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ServerRunConfig:
@@ -84,17 +89,27 @@ class ServerRunConfig:
             target_sensitivity=cfg.eval.target_sensitivity,
             test_rounds=cfg.eval.test_rounds,
             privacy=cfg.privacy,
+            rounds_gan=cfg.rounds.gan,
+            gan=cfg.gan,
         )
 
     @property
     def total_rounds(self) -> int:
-        return self.rounds_stage1 + self.rounds_stage2
+        return self.rounds_stage1 + self.rounds_gan + self.rounds_stage2
 
-    def stage_of(self, server_round: int) -> int:
-        return 1 if server_round <= self.rounds_stage1 else 2
+    def stage_of(self, server_round: int) -> int | str:
+        """1, ``GAN_STAGE`` ("gan") or 2: the GAN stage's rounds come between the two stages."""
+        if server_round <= self.rounds_stage1:
+            return 1
+        return GAN_STAGE if server_round <= self.rounds_stage1 + self.rounds_gan else 2
 
     def evaluates(self, server_round: int) -> bool:
-        """Whether the sites score the global model after this round (``eval.test-rounds``)."""
+        """Whether the sites score the global model after this stage-1 or stage-2 round
+        (``eval.test-rounds``; GAN rounds leave the joint model as it was and are never scored)."""
+        if self.stage_of(server_round) == GAN_STAGE:
+            return False
+        if server_round > self.rounds_stage1:
+            server_round -= self.rounds_gan
         return evaluated(server_round, self.rounds_stage1, self.rounds_stage2, self.test_rounds)
 
     def summary(self) -> dict[str, Any]:
@@ -102,7 +117,12 @@ class ServerRunConfig:
             "model": self.model.to_dict(),
             "preprocess": self.preprocess.to_dict(),
             "seed": self.seed,
-            "rounds": {"stage1": self.rounds_stage1, "stage2": self.rounds_stage2, "census": self.census},
+            "rounds": {
+                "stage1": self.rounds_stage1,
+                "gan": self.rounds_gan,
+                "stage2": self.rounds_stage2,
+                "census": self.census,
+            },
             "lr": self.lr,
             "lr_stage2": self.lr_stage2,
             "local_epochs": self.local_epochs,

@@ -24,6 +24,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, Recor
 
 from common.records import (
     ARRAYS,
+    GAN_ACTION,
+    GAN_D_LOSS,
+    GAN_G_LOSS,
     LABEL_NEG,
     LABEL_POS,
     MASKED_COUNTS,
@@ -156,6 +159,13 @@ def train_metric_rules(n_labels: int) -> dict[str, Callable[[Any], str | None]]:
     }
 
 
+def gan_metric_rules() -> dict[str, Callable[[Any], str | None]]:
+    """The metric keys a GAN round's reply may hold (``client.federation.site_gan.gan_round_metrics``):
+    the crops trained on, steps, seconds, and the two hinge losses (G's may be negative)."""
+    loss = _bounded(-1e6, 1e6, nan_ok=True)  # NaN: no step taken (num-examples 0, checked below)
+    return {NUM_EXAMPLES: _count, STEPS: _count, TRAIN_SECONDS: _seconds, GAN_D_LOSS: loss, GAN_G_LOSS: loss}
+
+
 def evaluate_metric_rules(output_names: Sequence[str]) -> dict[str, Callable[[Any], str | None]]:
     """The metric keys an evaluate reply may hold (``client.training.evaluate.evaluate``)."""
     rules: dict[str, Callable[[Any], str | None]] = {
@@ -234,6 +244,17 @@ def train_schema(arrays: Mapping[str, ArraySpec], n_labels: int, stage: int, max
     )
 
 
+#: The message type of a GAN round (``train.gan``: its own ClientApp handler).
+GAN_MESSAGE_TYPE = f"{MessageType.TRAIN}.{GAN_ACTION}"
+
+
+def gan_schema(arrays: Mapping[str, ArraySpec], max_reply_mb: float) -> ReplySchema:
+    """A GAN round's reply: exactly the G and D arrays the server sent (``common.gan.gan_state_dict``)
+    and ``gan_metric_rules``; nothing image-shaped can pass, since no key beyond the networks' is allowed."""
+    rules = gan_metric_rules()
+    return ReplySchema(GAN_MESSAGE_TYPE, rules, frozenset(rules), arrays, default_max_bytes(arrays, max_reply_mb))
+
+
 def evaluate_schema(output_names: Sequence[str], max_reply_mb: float) -> ReplySchema:
     return ReplySchema(
         MessageType.EVALUATE, evaluate_metric_rules(output_names), max_bytes=default_max_bytes(None, max_reply_mb)
@@ -305,7 +326,7 @@ def check_reply(content: RecordDict, message_type: str, schema: ReplySchema) -> 
     return problems
 
 
-_MESSAGE_TYPES = {MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY}
+_MESSAGE_TYPES = {MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY, GAN_MESSAGE_TYPE}
 _RECORD_TYPE = {ARRAYS: ArrayRecord, METRICS: MetricRecord, SITE: ConfigRecord, SECURE: ConfigRecord}
 
 
@@ -343,6 +364,9 @@ def check_metrics(record: MetricRecord, schema: ReplySchema) -> list[Problem]:
     # (client.training.privacy: it is data-dependent and not privatised) and is sent as NaN.
     if TRAIN_LOSS in record and examples and PRIVACY_EPSILON not in record and math.isnan(record[TRAIN_LOSS]):
         problems.append(Problem("not-finite", TRAIN_LOSS))
+    problems += [
+        Problem("not-finite", k) for k in (GAN_D_LOSS, GAN_G_LOSS) if examples and math.isnan(record.get(k, 0))
+    ]
     if "n_studies" in record and "n_slices" in record and record["n_studies"] > record["n_slices"]:
         problems.append(Problem("counts-exceed-examples", "n_studies"))
     return problems

@@ -50,7 +50,7 @@ from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
 from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
-from common.records import HALF_OF_STAGE, TrainInstruction
+from common.records import GAN_STAGE, HALF_OF_STAGE, TrainInstruction
 from common.run_config import TrainOptions, model_from_run_config, parse_run_config
 from common.runtime import resolve_device
 from common.study_metrics import StudyOutputs
@@ -603,7 +603,7 @@ class Runner:
             "output.name": name,
         }
         cfg = parse_run_config(rc)
-        total = cfg.rounds.stage1 + cfg.rounds.stage2
+        total = cfg.rounds.stage1 + cfg.rounds.gan + cfg.rounds.stage2
         self.log(f"  {method.name}: flwr run on {len(case.plans)} virtual SuperNodes ({total} rounds)")
         self.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=self._flower_progress(method.name))
         history = json.loads((run_dir / name / "history.json").read_text())
@@ -615,11 +615,17 @@ class Runner:
                 for site, m in r.get("evaluate", {}).get("sites", {}).items()
                 if site in {e.site_id for e in case.evaluate}
             }
-            self.results.curves.append(
-                curve_point(
-                    per_site, scenario=case.name, method=method.name, seed=case.seed, round=r["round"], stage=r["stage"]
+            if r["stage"] != GAN_STAGE:  # a GAN round trains no half of the model and is not evaluated
+                self.results.curves.append(
+                    curve_point(
+                        per_site,
+                        scenario=case.name,
+                        method=method.name,
+                        seed=case.seed,
+                        round=r["round"],
+                        stage=r["stage"],
+                    )
                 )
-            )
             for f in r.get("failures", []) + r.get("rejected", []):  # the report lists both
                 self.results.failures.append(
                     {"scenario": case.name, "method": method.name, "seed": case.seed, "round": r["round"], **f}

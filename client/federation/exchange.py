@@ -33,19 +33,25 @@ def load_half(
 
 def frozen_unet(msg: Message, digest: str, store: SiteStore) -> dict[str, torch.Tensor]:
     """Stage 2 runs on the global U-Net: sent once per site, then read back from the site's disk."""
-    name = f"unet-{digest}"
-    if FROZEN_UNET in msg.content:
-        record = msg.content[FROZEN_UNET]
-        if arrays_digest(record) != digest:
-            raise SiteError("the global U-Net received does not match its digest")
-        state = record_to_state(record)
+    return sent_once(msg, FROZEN_UNET, digest, store, "unet", "global U-Net")
+
+
+def sent_once(
+    msg: Message, record: str, digest: str, store: SiteStore, prefix: str, what: str
+) -> dict[str, torch.Tensor]:
+    """A state the server sends a site once (``record`` of the message) and names by its content
+    ``digest`` afterwards: checked against the digest and kept in the store as ``<prefix>-<digest>``."""
+    name = f"{prefix}-{digest}"
+    if record in msg.content:
+        arrays = msg.content[record]
+        if arrays_digest(arrays) != digest:
+            raise SiteError(f"the {what} received does not match its digest")
+        state = record_to_state(arrays)
         store.save(name, state)
         return state
     state = store.load(name)
     if state is None:
-        raise SiteError(
-            f"the global U-Net {digest[:12]} is not stored at this site; the server sends it again next round"
-        )
+        raise SiteError(f"the {what} {digest[:12]} is not stored at this site; the server sends it again next round")
     return state
 
 

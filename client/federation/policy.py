@@ -136,7 +136,7 @@ def check_run(policy: SitePolicy, cfg: RunConfig) -> list[Violation]:
         out.append(
             Violation("require-secure-counts", "this site sends label counts only masked; privacy.secure-counts is off")
         )
-    rounds = cfg.rounds.stage1 + cfg.rounds.stage2
+    rounds = cfg.rounds.stage1 + cfg.rounds.gan + cfg.rounds.stage2
     if policy.max_rounds and rounds > policy.max_rounds:
         out.append(
             Violation("max-rounds", f"the run has {rounds} rounds; this site takes part in at most {policy.max_rounds}")

@@ -113,3 +113,17 @@ def test_bench_difficulty_runs_the_pooled_method_and_prints_the_ceiling(syntheti
     rows = doc["ceiling"]["natural"]
     assert [r["label"] for r in rows] == list(MARKERS) and {r["method"] for r in rows} == {"pooled"}
     assert all(m in printed for m in MARKERS)
+
+
+@pytest.mark.slow
+def test_bench_gan_federated_writes_both_designs_rounds(tmp_path, capsys) -> None:
+    from benchmarks import bench_gan
+
+    out = tmp_path / "cost.txt"
+    bench_gan.main(["--federated", "--sites", "2", "--gan-rounds", "1", "--gan-local-steps", "1", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("# python -m benchmarks.bench_gan --federated")
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[2]) for r in rows] == [("i", "1"), ("i", "gan"), ("i", "2"), ("ii", "1"), ("ii", "2")]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 and r[7] == "0" for r in rows)
+    assert capsys.readouterr().out == out.read_text()

@@ -3,18 +3,25 @@ GAN (generator, generated slices) is in the reply; the generator stays in the si
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import MessageType
+from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from client.client_app import app
 from client.data.cache import build_site_cache
-from client.federation.site_gan import GENERATOR
+from client.data.dataset import SliceDataset
+from client.federation.site_gan import GENERATOR, gan_round, gan_round_metrics
+from client.federation.site_run import SiteRunConfig
+from common.gan import build_gan, gan_state_dict, get_gan_preset
 from common.model import build_joint_model, half_state_dict
-from common.records import ARRAYS, METRICS, SITE
+from common.records import ARRAYS, METRICS, SITE, GanInstruction, state_to_record
 from common.run_config import model_from_run_config
+from server.validation import array_specs, check_reply, gan_schema
 from tests.client.test_client_app import train_message
+from tests.client.training.test_gan_augment import _cache
 from tests.helpers.data import write_site
 from tests.helpers.flower import make_context, make_message, run_config
 
@@ -53,11 +60,8 @@ def test_stage2_with_generated_slices_replies_with_the_classifier_only(site):
 
 
 def test_a_site_without_both_classes_trains_on_its_real_slices(tmp_path):
-    from client.data.dataset import SliceDataset
     from client.federation.site_gan import stage2_training_set
-    from client.federation.site_run import SiteRunConfig
     from client.federation.store import SiteStore
-    from tests.client.training.test_gan_augment import _cache
 
     real = SliceDataset(_cache([0, 0, 0]), np.arange(6))  # no hypodensity-positive crop
     store = SiteStore(tmp_path / "store")
@@ -66,3 +70,26 @@ def test_a_site_without_both_classes_trains_on_its_real_slices(tmp_path):
     both = SliceDataset(_cache([0, 1, 0, 1]), np.arange(8))
     augmented = stage2_training_set(both, SiteRunConfig.from_run_config(RUN), store, 1, "cpu")
     assert len(augmented) == 16 and store.load(GENERATOR) is not None  # ratio 1.0
+
+
+def test_a_gan_round_at_a_site_without_both_classes_sits_out_with_zero_examples():
+    """No hypodensity-positive crop: the site replies with the state it received and 0 examples,
+    which the server's reply check accepts (NaN losses only with 0 examples) and FedAvg leaves out."""
+    run = SiteRunConfig.from_run_config(run_config(**BASE, **{"gan.augment-ratio": 1.0, "rounds.gan": 1}))
+    received = gan_state_dict(*build_gan(get_gan_preset("tiny"), seed=3))
+    order = GanInstruction(server_round=2, local_steps=2)
+    state, crops, result = gan_round(SliceDataset(_cache([0, 0, 0]), np.arange(6)), run, order, received, "cpu")
+    assert crops == 0 and result is None and all(torch.equal(state[k], received[k]) for k in received)
+    metrics = gan_round_metrics(crops, result)
+    assert metrics["num-examples"] == 0 and metrics["steps"] == 0 and math.isnan(metrics["gan-d-loss"])
+    record = state_to_record(state)
+    schema = gan_schema(array_specs(record), 0)
+    reply = RecordDict({ARRAYS: record, METRICS: metrics, SITE: ConfigRecord({"site-id": "site-03"})})
+    assert check_reply(reply, f"{MessageType.TRAIN}.gan", schema) == []
+    metrics["num-examples"] = 5  # a site that claims to have trained must report finite losses
+    assert {p.rule for p in check_reply(reply, f"{MessageType.TRAIN}.gan", schema)} == {"not-finite"}
+
+    both = SliceDataset(_cache([0, 1, 0, 1]), np.arange(8))
+    state, crops, result = gan_round(both, run, order, received, "cpu")
+    assert crops == 4 and result.steps == 2 and set(state) == set(received)
+    assert any(not torch.equal(state[k], received[k]) for k in received)  # trained

@@ -11,9 +11,13 @@ from common.gan import (
     build_gan,
     d_hinge_loss,
     g_hinge_loss,
+    gan_state_dict,
     get_gan_preset,
+    load_gan_state_dict,
     spectral_norms,
+    with_unit_power_vectors,
 )
+from common.records import GAN_D_PREFIX, GAN_G_PREFIX, record_to_state, state_to_record
 
 #: 16-px networks: the smallest that exercise every block kind.
 CFG = GanConfig(z_dim=8, g_channels=(16, 8), d_channels=(8, 16), batch_size=4)
@@ -104,3 +108,36 @@ def test_config_sizes_round_trip_and_validation():
         GanConfig.from_dict({"z": 3})
     with pytest.raises(KeyError, match="unknown GAN preset"):
         get_gan_preset("huge")
+
+
+def test_gan_state_round_trips_through_a_record_with_spectral_norm_intact():
+    """What a GAN round exchanges (raw weights + power-iteration vectors) rebuilds the same networks."""
+    G, D = build_gan(CFG, seed=0)
+    D.train()
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 0, 1])
+    D(x, y)  # one power iteration: u and v move away from their initial values
+    state = gan_state_dict(G, D)
+    assert set(state) == {GAN_G_PREFIX + k for k in G.state_dict()} | {GAN_D_PREFIX + k for k in D.state_dict()}
+    assert any(k.endswith("parametrizations.weight.original") for k in state)
+    assert any(k.endswith("parametrizations.weight.0._u") for k in state)
+    G2, D2 = build_gan(CFG, seed=1)
+    load_gan_state_dict(G2, D2, record_to_state(state_to_record(state)))
+    D.eval(), D2.eval(), G.eval(), G2.eval()
+    z = torch.randn(4, CFG.z_dim)
+    with torch.no_grad():
+        assert torch.equal(D(x, y), D2(x, y)) and torch.equal(G(z, y), G2(z, y))
+
+
+def test_power_vectors_of_a_mean_are_scaled_back_to_unit_length():
+    (_, D1), (_, D2) = build_gan(CFG, seed=0), build_gan(CFG, seed=1)
+    s1, s2 = D1.state_dict(), D2.state_dict()
+    mean = {k: (s1[k] + s2[k]) / 2 for k in s1}
+    fixed = with_unit_power_vectors(mean)
+    vectors = [k for k in mean if k.endswith(("._u", "._v"))]
+    assert vectors and any(float(mean[k].norm()) < 0.99 for k in vectors)  # a mean of unit vectors is shorter
+    for k in mean:
+        if k in vectors:
+            assert float(fixed[k].norm()) == pytest.approx(1.0, abs=1e-6)
+            assert torch.allclose(fixed[k], mean[k] / mean[k].norm())
+        else:
+            assert torch.equal(fixed[k], mean[k])

@@ -83,3 +83,34 @@ def test_eval_target_sensitivity_is_checked():
     assert parse_run_config(run_config(**{"eval.target-sensitivity": 0.9})).eval.target_sensitivity == 0.9
     with pytest.raises(ValueError, match="eval.target-sensitivity"):
         parse_run_config(run_config(**{"eval.target-sensitivity": 1.5}))
+
+
+GAN_STAGE_ON = {"rounds.gan": 2, "gan.augment-ratio": 0.5}
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"rounds.gan": 2}, r"rounds.gan > 0 .* but gan.augment-ratio is 0"),
+        ({**GAN_STAGE_ON, "rounds.stage2": 0}, r"rounds.gan > 0 .* but rounds.stage2 is 0"),
+        ({"rounds.gan": -1}, r"rounds.gan must be >= 0"),
+        ({**GAN_STAGE_ON, "gan.local-steps": 0}, r"gan.local-steps >= 1"),
+        ({**GAN_STAGE_ON, "privacy.dp": True}, r"rounds.gan > 0 cannot be used with privacy.dp: .*without DP-SGD"),
+        (
+            {**GAN_STAGE_ON, "privacy.secure-updates": True},
+            r"rounds.gan > 0 cannot be used with privacy.secure-updates: .*in the clear",
+        ),
+        (
+            {**GAN_STAGE_ON, "privacy.site-dp": "server-fixed"},
+            r"rounds.gan > 0 cannot be used with privacy.site-dp 'server-fixed': .*neither clipped nor noised",
+        ),
+    ],
+)
+def test_the_gan_stage_is_refused_where_it_has_no_use_or_breaks_a_privacy_option(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        parse_run_config(run_config(**overrides))
+
+
+def test_the_gan_stage_parses():
+    cfg = parse_run_config(run_config(**GAN_STAGE_ON, **{"gan.local-steps": 7}))
+    assert cfg.rounds.gan == 2 and cfg.gan.local_steps == 7

@@ -81,6 +81,16 @@ def write_prepared_sites(
     return root
 
 
+def site_grid(app: Callable[[Message, Context], Message], rc: dict[str, Any], n_sites: int) -> FakeGrid:
+    """A FakeGrid of ``n_sites`` simulated nodes 100, 101, ... running ``app``, node i on partition i."""
+    return FakeGrid(
+        {
+            100 + i: (app, make_context({"partition-id": i, "num-partitions": n_sites}, rc, node_id=100 + i))
+            for i in range(n_sites)
+        }
+    )
+
+
 def make_context(node_config: dict[str, Any], run_cfg: dict[str, Any], node_id: int = 7) -> Context:
     return Context(
         run_id=RUN_ID, node_id=node_id, node_config=dict(node_config), state=RecordDict(), run_config=dict(run_cfg)

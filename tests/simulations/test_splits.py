@@ -229,8 +229,8 @@ def test_privacy_patient_methods_are_valid_runs_of_the_same_length():
     from common.run_config import parse_run_config
     from tests.helpers.flower import run_config
 
-    methods = [m for name in ("privacy_patient", "privacy_patient_ablations") for m in load_experiment(name).methods]
-    for method in methods:
+    runs = [(e, m) for e in map(load_experiment, ("privacy_patient", "privacy_patient_ablations")) for m in e.methods]
+    for exp, method in runs:
         rounds = parse_run_config(run_config(**exp.method_run_config(method))).rounds
         assert rounds.stage1 + rounds.stage2 == 8, method.name
         assert (rounds.stage1 == 0) == ("stage 2 only" in method.name), method.name
