@@ -142,6 +142,7 @@ def write_gan(out_dir: Path, rows: Sequence[dict], grids: Mapping[str, Mapping[s
     """``gan_quality.json`` (per site and per seed) when a method trained a GAN, and the report's section."""
     if not rows:
         return None
-    doc = {"note": NOTE, "sites": list(rows), "per_seed": per_seed(rows)}
+    drawn = {scenario: {**g, "path": Path(g["path"]).name} for scenario, g in grids.items()}
+    doc = {"note": NOTE, "sites": list(rows), "per_seed": per_seed(rows), "grids": drawn}
     (out_dir / "gan_quality.json").write_text(json.dumps(json_safe(doc), indent=1))
     return gan_section(rows, grids)
