@@ -219,10 +219,10 @@ def test_expansion_head_and_sngan_write_their_report_sections(tmp_path, expansio
     out = _run(tmp_path, _experiment(tmp_path, "[0]", methods), expansion_data)
     (row,) = json.loads((out / "expansion.json").read_text())["scenarios"]["natural"]
     # the head's C-statistic from the per-study test outputs, computed here independently
-    (entry,) = json.loads((out / "studies.json").read_text())
-    c = entry["outputs"]["names"].index("expansion")
-    y = np.asarray([r[c] for r in entry["outputs"]["labels"]], float)
-    z = np.asarray([r[c] for r in entry["outputs"]["logits"]], float)
+    entries = [e["outputs"] for e in json.loads((out / "studies.json").read_text())]  # one per test site
+    c = entries[0]["names"].index("expansion")
+    y = np.asarray([r[c] for e in entries for r in e["labels"]], float)
+    z = np.asarray([r[c] for e in entries for r in e["logits"]], float)
     known = ~np.isnan(y)
     assert row["n"] == known.sum() == 3 and row["n_pos"] == y[known].sum() == 1  # one test patient per site
     assert row["head"]["estimate"] == pytest.approx(roc_auc_score(y[known], z[known]))
