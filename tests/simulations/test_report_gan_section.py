@@ -105,3 +105,19 @@ def test_written_with_rows_only_and_the_grid_embedded_with_its_note(tmp_path):
     page = "".join(section_parts(section))
     assert "1.500" in page and "0.970" in page and "data:image/png;base64," in page
     assert "exists only because the simulation" in page
+
+
+def test_a_federated_sites_generator_is_read_back_from_its_store(tmp_path):
+    from client.federation.site_gan import GENERATOR
+    from client.federation.store import SiteStore
+    from client.training.gan import generate
+    from simulations.runner import stored_generator
+
+    cache = _cache([0, 1] * 3)
+    aug = GanAugment(CFG, steps=1, ratio=0.1)
+    _, G, _ = augmented_training_set(SliceDataset(cache, np.arange(12)), aug, seed=3)
+    store = SiteStore(tmp_path / "federation" / "site-01" / "run")
+    assert stored_generator(store, aug) is None and stored_generator(None, aug) is None  # no GAN trained there
+    store.save(GENERATOR, G.state_dict())  # what the site's train handler keeps (client.federation.site_gan)
+    again = stored_generator(store, aug)
+    assert torch.equal(generate(again, [0, 1], 2, seed=1)[0], generate(G, [0, 1], 2, seed=1)[0])
