@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from common.config import PreprocessConfig
 from common.gan import GAN_PRESETS
 from common.presets import ModelConfig, get_preset
+from common.validation import TEST_ROUNDS
 
 #: ``strategy.name`` values (``server.strategies.STRATEGIES`` builds each one).
 STRATEGY_NAMES: tuple[str, ...] = (
@@ -200,7 +201,10 @@ class PrivacyOptions:
     ``noise_multiplier`` 0: derived at each site from ``target_epsilon`` over the run's planned
     steps; ``target_epsilon``: the site's whole budget for the run, both stages together;
     ``delta`` 0: min(1e-5, 0.1 / patients) per patient, 1 / slices per slice; ``max_grad_norm``: the
-    clipping bound C of one unit's gradient; ``unit``: "patient" (sample and clip whole patients) or
+    clipping bound C of one unit's gradient (``max_grad_norm_stage2`` > 0: stage 2's own, since the U-Net's
+    and the classifier's gradients differ in scale; ``clipping_bound``); ``physical_batch`` > 0: each
+    Poisson batch is processed in micro-batches of at most this many slices, split at patient boundaries,
+    with one noisy step per Poisson batch (memory only: the guarantee is the same); ``unit``: "patient" (sample and clip whole patients) or
     "slice" (per-slice DP-SGD, whose epsilon does not protect a patient);
     ``secure_counts``: label counts leave a site only masked (docs/secure-aggregation.md);
     ``site_dp``: site-level DP by Flower's fixed-clipping wrappers (``server.site_dp``): each site's
@@ -214,6 +218,8 @@ class PrivacyOptions:
     target_epsilon: float
     delta: float
     max_grad_norm: float
+    max_grad_norm_stage2: float  # 0: privacy.max-grad-norm
+    physical_batch: int  # 0: the whole Poisson batch at once
     secure_counts: bool
     #: Train replies carry masked fixed-point updates only; the server unmasks their weighted mean
     #: (``common.secure_updates``, docs/secure-aggregation.md).
@@ -240,8 +246,18 @@ class PrivacyOptions:
             raise ValueError(f"privacy.delta must be in [0, 1) (0: a default per privacy.unit), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if not self.max_grad_norm_stage2 >= 0:
+            raise ValueError(
+                f"privacy.max-grad-norm-stage2 must be >= 0 (0: privacy.max-grad-norm), got {self.max_grad_norm_stage2}"
+            )
+        if self.physical_batch < 0:
+            raise ValueError(f"privacy.physical-batch must be >= 0 (0: no micro-batches), got {self.physical_batch}")
         if self.unit not in ("patient", "slice"):
             raise ValueError(f"privacy.unit must be 'patient' or 'slice', got {self.unit!r}")
+
+    def clipping_bound(self, stage: int) -> float:
+        """C of a stage: ``max_grad_norm``, or in stage 2 ``max_grad_norm_stage2`` when set."""
+        return self.max_grad_norm_stage2 if stage == 2 and self.max_grad_norm_stage2 > 0 else self.max_grad_norm
 
 
 @dataclass(frozen=True)
@@ -280,8 +296,10 @@ class EvalOptions:
     """``eval.*``: how the operating point is chosen on validation (``common.validation``)."""
 
     target_sensitivity: float  # 0: Youden's threshold; else the highest threshold reaching this sensitivity
+    test_rounds: str  # every | stage-ends | last: which rounds are scored on the test patients
 
     def __post_init__(self) -> None:
+        _check_choice("eval.test-rounds", self.test_rounds, TEST_ROUNDS)
         if not 0 <= self.target_sensitivity <= 1:
             raise ValueError(f"eval.target-sensitivity must be in [0, 1] (0: Youden), got {self.target_sensitivity}")
 

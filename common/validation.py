@@ -168,6 +168,21 @@ def selectable(stage: int, stage2_rounds: int) -> bool:
     return stage == 2 or stage2_rounds == 0
 
 
+#: ``eval.test-rounds``: which rounds score the model on the test patients (every round, the last round
+#: of each stage, or the run's last round); rounds that can be chosen are scored on validation anyway.
+TEST_ROUNDS: tuple[str, ...] = ("every", "stage-ends", "last")
+
+
+def evaluated(rnd: int, stage1: int, stage2: int, test_rounds: str) -> bool:
+    """Whether round ``rnd`` of a ``stage1`` + ``stage2`` schedule is scored: a test round of
+    ``test_rounds``, or a round that can be chosen (``selectable``: it needs its validation sums).
+    Skipping the others is what lets a large test split fit a short run (one pass per scored round)."""
+    stage = 1 if rnd <= stage1 else 2
+    if test_rounds == "every" or selectable(stage, stage2):
+        return True
+    return rnd == stage1 + stage2 or (test_rounds == "stage-ends" and rnd == stage1)
+
+
 def selection_score(stats: ValidationStats, stage: int, marker_columns: Iterable[int]) -> float:
     """The validation metric a round (or a baseline's epoch) is chosen by: stage 2 the pooled macro
     study-AUROC over the markers, stage 1 the pooled Dice. NaN when undefined (never chosen then)."""

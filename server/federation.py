@@ -55,7 +55,7 @@ from common.records import (
     record_to_state,
     state_to_record,
 )
-from common.validation import ValidationStats, calibration_meta, selection_score
+from common.validation import ValidationStats, calibration_meta, selectable, selection_score
 from server.census import run_census, write_census
 from server.checkpoints import latest_checkpoint, publish_best, publish_final, save_round_checkpoint
 from server.counts import count_labels
@@ -123,7 +123,7 @@ class Federation:
             entry: dict[str, Any] = {"round": rnd, "stage": stage, "failures": [], "rejected": []}
             log(INFO, "[ROUND %d/%d] stage %d (%s)", rnd, cfg.total_rounds, stage, HALF_OF_STAGE[stage])
             entry["train"] = self.train_round(rnd, stage, entry)
-            entry["evaluate"], calibration = self.evaluate_round(rnd, stage, entry)
+            entry["evaluate"], calibration = self.evaluate_round(rnd, stage, entry) if cfg.evaluates(rnd) else ({}, {})
             entry["seconds"] = time.perf_counter() - t0
             self.history.add_round(entry)
             self.history.save()
@@ -349,7 +349,10 @@ class Federation:
 
     def calibration_on_validation(self, stage: int, replies: list[Message]) -> dict[str, Any]:
         """The sites' validation sums added up: the round's selection score, per-marker temperature
-        and thresholds (``common.validation``). A reply whose sums are missing or malformed is left out."""
+        and thresholds (``common.validation``). A reply whose sums are missing or malformed is left out.
+        Rounds that cannot be chosen (``selectable``) carry no sums: the sites skip them, and so does this."""
+        if not selectable(stage, self.cfg.rounds_stage2):
+            return {}
         names = list(self.cfg.model.output_names)
         parts = []
         for r in replies:

@@ -11,6 +11,7 @@ from typing import Any
 from common.config import PreprocessConfig
 from common.presets import ModelConfig
 from common.run_config import PrivacyOptions, RunConfig, StrategyOptions, parse_run_config
+from common.validation import evaluated
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class ServerRunConfig:
     init_checkpoint: str
     #: ``eval.target-sensitivity``: 0 = Youden's threshold per marker (``common.validation``).
     target_sensitivity: float
+    #: ``eval.test-rounds``: which rounds are scored (``common.validation.evaluated``).
+    test_rounds: str
     #: ``privacy.*``: the server reads the site-level DP settings of it (``server.site_dp``).
     privacy: PrivacyOptions
 
@@ -79,6 +82,7 @@ class ServerRunConfig:
             secure_updates=cfg.privacy.secure_updates,
             init_checkpoint=train.init_checkpoint,
             target_sensitivity=cfg.eval.target_sensitivity,
+            test_rounds=cfg.eval.test_rounds,
             privacy=cfg.privacy,
         )
 
@@ -88,6 +92,10 @@ class ServerRunConfig:
 
     def stage_of(self, server_round: int) -> int:
         return 1 if server_round <= self.rounds_stage1 else 2
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the sites score the global model after this round (``eval.test-rounds``)."""
+        return evaluated(server_round, self.rounds_stage1, self.rounds_stage2, self.test_rounds)
 
     def summary(self) -> dict[str, Any]:
         return {

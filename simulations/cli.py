@@ -1,4 +1,4 @@
-"""``hemexp``: the research and clinic tool (generate data, check, convert, train, predict, serve).
+"""``hemexp``: the research and clinic tool (generate data, check, convert, train, clip-norms, predict, serve).
 
 Thin shell over the library; it lives on the research side because it reaches every package.
 """
@@ -111,6 +111,34 @@ def run_train(args: argparse.Namespace) -> int:
         f"test: dice {t['dice']:.3f}, macro-AUC (study) {t['macro_auc_study']:.3f}, volume MAE {t['volume_mae_ml']:.2f} ml"
     )
     print(f"wrote {args.out}/checkpoint.pt, metrics.json, curves.png")
+    return 0
+
+
+def run_clip_norms(args: argparse.Namespace) -> int:
+    """Per-patient gradient norms of a checkpoint on public data, per stage: the C to set (docs/privacy.md)."""
+    import numpy as np
+
+    from client.training.clip_tuning import dataset_norms, run_config_line, summarize
+    from client.training.train import TrainConfig
+    from common.checkpoint import build_from_checkpoint, load_checkpoint
+    from common.runtime import resolve_device
+    from simulations.baselines import FitConfig, pooled, site_splits, stage_pos_weight
+    from simulations.sites import prepare_caches
+
+    ckpt = load_checkpoint(args.model)
+    device = resolve_device(args.device)
+    model = build_from_checkpoint(ckpt, device)
+    caches, _ = prepare_caches(args.data, ckpt.preprocess, args.cache_dir, progress=False)
+    splits = site_splits(caches, FitConfig(train=TrainConfig(seed=args.seed)))
+    chosen = ("train", "val", "test") if args.split == "all" else (args.split,)
+    datasets = [s[name] for s in splits.values() for name in chosen if len(s[name])]
+    pos_weight = stage_pos_weight(model, pooled(datasets)).to(device)
+    summaries = {}
+    for stage in args.stages:
+        norms = np.concatenate([dataset_norms(model, ds, stage, pos_weight, device) for ds in datasets])
+        summaries[stage] = summarize(norms, stage)
+        print(summaries[stage].describe())
+    print(f"run config: {run_config_line(summaries)}")
     return 0
 
 
@@ -248,6 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", type=Path, default=None, help="default DATA_ROOT/.cache")
     t.add_argument("--device", default="auto")
     t.set_defaults(func=run_train)
+    n = sub.add_parser(
+        "clip-norms",
+        help="per-patient gradient norms of a checkpoint on public data: DP-SGD's clipping bound per stage",
+    )
+    n.add_argument("--model", type=Path, required=True, help="the run's train.init-checkpoint")
+    n.add_argument(
+        "--data", type=Path, required=True, help="folder of public or synthetic site folders (no hospital's)"
+    )
+    n.add_argument(
+        "--split",
+        choices=("all", "train", "val", "test"),
+        default="test",
+        help="patients of each site's split (hemexp train's, by --seed); test: those a checkpoint trained there never saw",
+    )
+    n.add_argument("--seed", type=int, default=0, help="the split's seed (hemexp train --seed)")
+    n.add_argument("--stages", type=int, nargs="+", choices=(1, 2), default=[1, 2])
+    n.add_argument("--cache-dir", type=Path, default=None, help="default DATA_ROOT/.cache")
+    n.add_argument("--device", default="auto")
+    n.set_defaults(func=run_clip_norms)
     p = sub.add_parser("predict", help="score one DICOM study (or --batch a folder): markers, volume, overlay")
     p.add_argument("study_dir", type=Path, nargs="?", help="one study folder")
     p.add_argument("--batch", type=Path, default=None, help="score every study folder below FOLDER; summary.csv")

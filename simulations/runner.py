@@ -56,7 +56,14 @@ from common.records import HALF_OF_STAGE, TrainInstruction
 from common.run_config import TrainOptions, model_from_run_config, parse_run_config
 from common.runtime import resolve_device
 from common.study_metrics import StudyOutputs
-from common.validation import OperatingPoint, ValidationStats, calibration_meta, selectable, selection_score
+from common.validation import (
+    OperatingPoint,
+    ValidationStats,
+    calibration_meta,
+    evaluated,
+    selectable,
+    selection_score,
+)
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
@@ -473,9 +480,14 @@ class Runner:
                     self.results.gan_grids[case.name] = {"path": str(path), **key}
 
     def _curve(
-        self, case: Case, method: str, models: Callable[[], dict[str, JointModel]]
+        self, case: Case, method: str, models: Callable[[], dict[str, JointModel]], rc: dict
     ) -> Callable[[int, int], None]:
+        """A curve point after every round that ``eval.test-rounds`` scores (as the federation does)."""
+        cfg = parse_run_config(rc)
+
         def after_round(rnd: int, stage: int) -> None:
+            if not evaluated(rnd, cfg.rounds.stage1, cfg.rounds.stage2, cfg.eval.test_rounds):
+                return
             per_site = {}
             for site in case.evaluate:
                 model = models()[site.site_id]
@@ -547,7 +559,9 @@ class Runner:
         for n, (site_id, ds) in enumerate(zip(models, trains), 1):
             one = [by_site[site_id]]
             self.log(f"  {method.name}: site {n}/{len(models)} {site_id} ({len(ds)} training slices)")
-            after = self._curve(Case(case.name, case.seed, [], [], [], one), f"{method.name}@{site_id}", lambda: models)
+            after = self._curve(
+                Case(case.name, case.seed, [], [], [], one), f"{method.name}@{site_id}", lambda: models, rc
+            )
             best = self._selector(models[site_id], [val_of[site_id]] if site_id in val_of else [], rc)
             G = train_rounds(models[site_id], ds, rc, steps, case.seed, chained(after, best), self.device)
             gans.update(gan_site(site_id, G, models[site_id], [ds], held_out_of(site_id, vals, evals)))
@@ -588,7 +602,7 @@ class Runner:
         steps = cfg.train.local_steps * len(trains)
         self.log(f"  {method.name}: {len(ds)} training slices from {len(trains)} sites, {steps} steps per round")
         curve = self._curve(
-            Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}
+            Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}, rc
         )
         best = self._selector(model, vals, rc)  # every training site's validation patients, pooled
         G = train_rounds(model, ds, rc, steps, case.seed, chained(curve, best), self.device)
@@ -650,6 +664,8 @@ class Runner:
         self.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=self._flower_progress(method.name))
         history = json.loads((run_dir / name / "history.json").read_text())
         for r in history["rounds"]:
+            if not r.get("evaluate"):  # a round eval.test-rounds does not score
+                continue
             per_site = {
                 site: m
                 for site, m in r.get("evaluate", {}).get("sites", {}).items()

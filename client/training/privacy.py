@@ -13,6 +13,11 @@ gradients and clips that sum, so the accountant's epsilon bounds what the update
 patient; "slice" samples and clips single slices, and its epsilon is per slice only (a patient
 contributes ~30 slices: docs/privacy.md).
 
+``privacy.physical-batch`` splits each Poisson batch into micro-batches of whole patients (memory): their
+clipped per-patient sums accumulate in Opacus' ``summed_grad`` (``DPOptimizer.signal_skip_step``, as
+Opacus' ``BatchMemoryManager`` does), and the noise, the optimizer step and the accountant's step come
+once per Poisson batch, so the update and the guarantee are those of the unsplit batch.
+
 Accounting (RDP, Opacus' ``RDPAccountant``) covers the whole run, both stages together, at each
 site. Each Flower message runs in a fresh process, so the accountant's history lives on the site's
 disk (``privacy.json`` in the site's per-run folder, ``client.federation.store.SiteStore``), written after a
@@ -30,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -191,6 +196,29 @@ class PatientPoissonSampler:
             yield batch.tolist()
 
 
+def micro_batch_indices(groups: np.ndarray, physical: int) -> list[np.ndarray]:
+    """The items of each micro-batch of one Poisson batch (``groups``: each item's patient): whole
+    patients in batch order, packed up to ``physical`` items; a patient of more items than that alone.
+    A patient is never split, so each micro-batch's per-patient sums are whole patients' (clipped whole).
+    ``physical`` 0, or a batch that fits: one micro-batch of every item."""
+    groups = np.asarray(groups)
+    if physical <= 0 or groups.size <= physical:
+        return [np.arange(groups.size)]
+    patients, first = np.unique(groups, return_index=True)
+    parts: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    size = 0
+    for patient in patients[np.argsort(first)]:
+        members = np.flatnonzero(groups == patient)
+        if current and size + members.size > physical:
+            parts.append(np.concatenate(current))
+            current, size = [], 0
+        current.append(members)
+        size += members.size
+    parts.append(np.concatenate(current))
+    return parts
+
+
 def sum_by_group(grad_sample: Tensor, groups: Tensor) -> Tensor:
     """Per-item gradients ``[B, ...]`` summed within each group: ``[distinct groups, ...]``."""
     if grad_sample.shape[0] != groups.numel():
@@ -234,22 +262,32 @@ class DPSGD:
     ``seed`` fixes noise and sampling: tests and benchmarks only (a known seed voids the guarantee).
     ``groups`` (a patient number per item of the dataset, ``patient_groups``): per-patient DP-SGD,
     patients Poisson-sampled with q = batch / items and each patient's summed gradient clipped;
-    None: per-slice DP-SGD.
+    None: per-slice DP-SGD. ``physical_batch`` > 0: ``micro_batches`` splits each Poisson batch into
+    micro-batches of at most that many items (whole patients), accumulated into one noisy step.
     """
 
     def __init__(
-        self, noise_multiplier: float, max_grad_norm: float, seed: int | None = None, groups: np.ndarray | None = None
+        self,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        seed: int | None = None,
+        groups: np.ndarray | None = None,
+        physical_batch: int = 0,
     ) -> None:
-        if noise_multiplier < 0 or not max_grad_norm > 0:
+        if noise_multiplier < 0 or not max_grad_norm > 0 or physical_batch < 0:
             raise ValueError(
-                f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}"
+                f"need noise_multiplier >= 0, max_grad_norm > 0 and physical_batch >= 0, "
+                f"got {noise_multiplier}, {max_grad_norm}, {physical_batch}"
             )
         self.noise_multiplier, self.max_grad_norm, self.seed = float(noise_multiplier), float(max_grad_norm), seed
         self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self.physical_batch = int(physical_batch)
         self.steps = 0
         self.sample_rate = math.nan
         self._hooks = None
         self._sampler: PatientPoissonSampler | None = None
+        self._optimizer = None
+        self._part_groups = np.zeros(0, dtype=np.int64)  # the patients of the micro-batch being processed
 
     def make_loader(self, ds: Dataset, batch_size: int) -> DataLoader:
         """Poisson batches: each slice (or each patient, with ``groups``) of ``ds`` in each batch with
@@ -316,7 +354,7 @@ class DPSGD:
             sampler = self._sampler
             expected = self.sample_rate * len(sampler.members)
             dp_opt = _grouped_optimizer_class()(
-                optimizer, expected_batch_size=expected, groups_of_batch=lambda: sampler.current, **common
+                optimizer, expected_batch_size=expected, groups_of_batch=lambda: self._part_groups, **common
             )
 
         def after_noise(opt) -> None:
@@ -325,8 +363,22 @@ class DPSGD:
                 for p, a in zip(opt.params, anchor):
                     p.grad.add_(p.detach() - a, alpha=proximal_mu)
 
-        dp_opt.attach_step_hook(after_noise)
+        dp_opt.attach_step_hook(after_noise)  # Opacus calls it on the noisy step only, not on skipped ones
+        self._optimizer = dp_opt
         return dp_opt, dp_loader
+
+    def micro_batches(self, batch: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+        """The Poisson batch just drawn, as micro-batches of whole patients (``micro_batch_indices``).
+        Every micro-batch but the last is a skipped step of the optimizer (``signal_skip_step``): its
+        clipped per-patient sums are kept, and noise, step and accounting come with the last one."""
+        n = int(batch["image"].shape[0])
+        groups = self._sampler.current if self._sampler is not None else np.arange(n)
+        parts = micro_batch_indices(groups, self.physical_batch)
+        for i, idx in enumerate(parts):
+            self._part_groups = groups[idx]
+            if i < len(parts) - 1:
+                self._optimizer.signal_skip_step(do_skip=True)
+            yield batch if len(parts) == 1 else {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
 
     def empty_step(self, optimizer) -> None:
         """The step of an empty Poisson batch: noise only (skipping it would tell the batch was empty)."""
@@ -362,6 +414,14 @@ class PrivacyLedger:
     history: list[list[float]] = field(default_factory=list)  # [[noise multiplier, sample rate, steps], ...]
     rounds: list[dict[str, Any]] = field(default_factory=list)  # {"round", "stage", "steps", "epsilon"}
     unit: str = "slice"  # whose contribution epsilon bounds: "patient" or "slice" (privacy.unit)
+    max_grad_norm_stage2: float = 0.0  # stage 2's C (privacy.max-grad-norm-stage2 resolved); 0: max_grad_norm
+
+    def __post_init__(self) -> None:
+        self.max_grad_norm_stage2 = self.max_grad_norm_stage2 or self.max_grad_norm  # a ledger from before the key
+
+    def clip(self, stage: int) -> float:
+        """The clipping bound C of a stage's noisy steps."""
+        return self.max_grad_norm_stage2 if stage == 2 else self.max_grad_norm
 
     def epsilon(self, more: Iterable[Sequence[float]] = ()) -> float:
         return epsilon_spent([*self.history, *more], self.delta)
@@ -383,7 +443,16 @@ def plan_ledger(cfg: PrivacyOptions, delta: float, phases: list[tuple[float, int
     derived = cfg.noise_multiplier == 0
     sigma = noise_for_budget(cfg.target_epsilon, delta, phases) if derived and phases else cfg.noise_multiplier
     planned = [list(p) for p in phases]
-    return PrivacyLedger(sigma, delta, cfg.target_epsilon, cfg.max_grad_norm, derived, planned, unit=cfg.unit)
+    return PrivacyLedger(
+        sigma,
+        delta,
+        cfg.target_epsilon,
+        cfg.max_grad_norm,
+        derived,
+        planned,
+        unit=cfg.unit,
+        max_grad_norm_stage2=cfg.clipping_bound(2),
+    )
 
 
 @dataclass
@@ -434,10 +503,11 @@ class SitePrivacy:
             ledger = plan_ledger(pc, delta, phases)
             log(
                 INFO,
-                "privacy: DP-SGD with noise multiplier %.4g, clipping %.3g, delta %.3g: budget epsilon %.3g for "
-                "the run (per %s)",
+                "privacy: DP-SGD with noise multiplier %.4g, clipping %.3g (stage 2: %.3g), delta %.3g: budget "
+                "epsilon %.3g for the run (per %s)",
                 ledger.noise_multiplier,
-                ledger.max_grad_norm,
+                ledger.clip(1),
+                ledger.clip(2),
                 ledger.delta,
                 ledger.target_epsilon,
                 ledger.unit,
@@ -470,8 +540,7 @@ class SitePrivacy:
             return TrainResult(math.nan, 0, 0, 0.0)
         if not self.steps:
             return TrainResult(math.nan, 0, 0, 0.0)
-        groups = patient_groups(self.train_set) if self.ledger.unit == "patient" else None
-        dp = DPSGD(self.ledger.noise_multiplier, self.ledger.max_grad_norm, seed=seed, groups=groups)
+        dp = self.dpsgd(seed)
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size)
         result = train_stage(model, loader, self.stage, cfg, device, pos_weight, privacy=dp)
         self.ledger.history.append([self.ledger.noise_multiplier, dp.sample_rate, dp.steps])
@@ -489,6 +558,18 @@ class SitePrivacy:
         )
         return TrainResult(math.nan, result.num_examples, result.steps, result.seconds)
 
+    def dpsgd(self, seed: int | None = None) -> DPSGD:
+        """The round's DP-SGD: the ledger's noise, the stage's clipping bound, patients as the unit (or
+        slices), micro-batches of ``privacy.physical-batch`` (memory only, changeable between rounds)."""
+        groups = patient_groups(self.train_set) if self.ledger.unit == "patient" else None
+        return DPSGD(
+            self.ledger.noise_multiplier,
+            self.ledger.clip(self.stage),
+            seed=seed,
+            groups=groups,
+            physical_batch=self.config.physical_batch,
+        )
+
     def metrics(self) -> dict[str, float | int]:
         """What the reply says about privacy: numbers only."""
         return {
@@ -505,6 +586,7 @@ def _check_unchanged(ledger: PrivacyLedger, pc: PrivacyOptions) -> None:
         for key, same in (
             ("privacy.target-epsilon", ledger.target_epsilon == pc.target_epsilon),
             ("privacy.max-grad-norm", ledger.max_grad_norm == pc.max_grad_norm),
+            ("privacy.max-grad-norm-stage2", ledger.clip(2) == pc.clipping_bound(2)),
             ("privacy.unit", ledger.unit == pc.unit),
             ("privacy.delta", not pc.delta or ledger.delta == pc.delta),
             (

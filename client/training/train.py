@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -39,6 +39,10 @@ class PrivateTraining(Protocol):
         anchor: list[Tensor] | None,
         proximal_mu: float,
     ) -> tuple[torch.optim.Optimizer, DataLoader]: ...
+
+    def micro_batches(self, batch: dict[str, Tensor]) -> Iterable[dict[str, Tensor]]:
+        """The batch in the parts whose gradients one noisy step accumulates (``privacy.physical-batch``)."""
+        ...
 
     def empty_step(self, optimizer: torch.optim.Optimizer) -> None: ...
 
@@ -341,21 +345,28 @@ def _train_stage(
         for batch in loader:
             if steps >= total:
                 break
-            loss = stage_loss(model, batch, stage, pos_weight, device, cfg, g, privacy is not None, accel)
             steps += 1
-            if loss is None:
-                if privacy is not None:
-                    privacy.empty_step(opt)  # skipping would reveal the empty batch; its noise must still go in
-                sched.step()
-                continue
-            if anchor is not None:
-                loss = loss + proximal_term(params, anchor, cfg.proximal_mu)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            # Under DP-SGD a batch may come in micro-batches: each one's opt.step() only accumulates its
+            # clipped gradients, and the last one's adds the noise and steps (one step per batch).
+            loss_sum, n = 0.0, 0
+            for part in privacy.micro_batches(batch) if privacy is not None else (batch,):
+                loss = stage_loss(model, part, stage, pos_weight, device, cfg, g, privacy is not None, accel)
+                if loss is None:
+                    if privacy is not None:
+                        privacy.empty_step(opt)  # skipping would reveal the empty batch; its noise must still go in
+                    continue
+                if anchor is not None:
+                    loss = loss + proximal_term(params, anchor, cfg.proximal_mu)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                k = int(part["image"].shape[0])
+                loss_sum, n = loss_sum + float(loss.detach()) * k, n + k
             sched.step()
-            losses.append(float(loss.detach()))
-            seen += int(batch["image"].shape[0])
+            if not n:
+                continue
+            losses.append(loss_sum / n)
+            seen += n
             if on_step is not None:
                 on_step(steps, losses[-1])
             if bar is not None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from common.config import LABELS, MARKERS
+from simulations.parallel import run_jobs
 from simulations.synthetic.cohort import StudyPlan, plan_site
 from simulations.synthetic.mimics import MIMICS, mimic_evidence
 from simulations.synthetic.montage import (
@@ -247,21 +246,12 @@ def _run_sites(jobs: list[tuple[Path, SiteProfile, int, int]], workers: int, pro
     Every site's draws are keyed by (seed, site number), so the order and the number of workers
     change nothing in the output.
     """
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1].n_patients)
-    results: list[tuple | None] = [None] * len(jobs)
-    if workers <= 1:
-        for i in order:
-            results[i] = _site_job(jobs[i])
-            if progress:
-                print(f"  {jobs[i][1].site_id}: {results[i][0].studies} studies", flush=True)
-        return results
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {i: pool.submit(_site_job, jobs[i]) for i in order}
-        for i in order:
-            results[i] = futures[i].result()
-            if progress:
-                print(f"  {jobs[i][1].site_id}: {results[i][0].studies} studies", flush=True)
-    return results
+
+    def done(i: int, result: tuple) -> None:
+        if progress:
+            print(f"  {jobs[i][1].site_id}: {result[0].studies} studies", flush=True)
+
+    return run_jobs(_site_job, jobs, workers, [job[1].n_patients for job in jobs], done)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:

@@ -95,3 +95,20 @@ def test_only_rounds_that_can_be_chosen_are_scored_on_validation():
     assert selectable(2, 4) and selectable(2, 0)
     assert not selectable(1, 4)  # a stage-2 round will beat it
     assert selectable(1, 0)  # a U-Net-only run chooses among its stage-1 rounds
+
+
+def test_eval_test_rounds_picks_the_scored_rounds():
+    from common.run_config import parse_run_config
+    from common.validation import evaluated
+    from tests.helpers.flower import run_config
+
+    def scored(s1: int, s2: int, mode: str) -> list[int]:
+        return [r for r in range(1, s1 + s2 + 1) if evaluated(r, s1, s2, mode)]
+
+    assert scored(4, 1, "every") == [1, 2, 3, 4, 5]
+    assert scored(4, 1, "stage-ends") == [4, 5]
+    assert scored(4, 1, "last") == [5]
+    assert scored(3, 2, "last") == [4, 5]  # stage-2 rounds can be chosen: scored on validation anyway
+    assert scored(3, 0, "last") == [1, 2, 3]  # a U-Net-only run chooses among its stage-1 rounds
+    with pytest.raises(ValueError, match="eval.test-rounds must be one of"):
+        parse_run_config(run_config(**{"eval.test-rounds": "sometimes"}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -91,8 +92,24 @@ def fedavg_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     rc = config(data_root, out, **{"strategy.imbalance-head": True})
     grid = make_grid(rc)
-    history = run_federation(grid, rc)
-    return {"grid": grid, "history": history, "out": out / "run", "rc": rc}
+    warnings = WarningRecorder()
+    logging.getLogger("flwr").addHandler(warnings)
+    try:
+        history = run_federation(grid, rc)
+    finally:
+        logging.getLogger("flwr").removeHandler(warnings)
+    return {"grid": grid, "history": history, "out": out / "run", "rc": rc, "warnings": warnings.lines}
+
+
+class WarningRecorder(logging.Handler):
+    """The server's WARNING lines of one run (the module-scoped run cannot use caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def train_deliveries(grid: FakeGrid, server_round: int):
@@ -256,6 +273,24 @@ def test_site_failing_or_silent_mid_run(data_root, tmp_path):
     assert len(round_checkpoints(tmp_path / "run")) == 3
 
 
+def test_eval_test_rounds_last_skips_the_other_evaluations(data_root, tmp_path):
+    """With ``eval.test-rounds = last`` no site scores a stage-1 round of a two-stage run (none can be
+    chosen), every stage-2 round is still scored (validation chooses among them), and the history
+    and checkpoints of the skipped rounds say so (no test metrics, no calibration)."""
+    rc = config(data_root, tmp_path, **{"eval.test-rounds": "last"})
+    grid = make_grid(rc)
+    history = run_federation(grid, rc)
+    scored = [
+        s.message.content[CONFIG][SERVER_ROUND]
+        for s in grid.log
+        if s.message.metadata.message_type == MessageType.EVALUATE
+    ]
+    assert sorted(set(scored)) == [3, 4] and len(scored) == 2 * N_SITES
+    assert [bool(r["evaluate"]) for r in history.rounds] == [False, False, True, True]
+    metas = [load_checkpoint(p).meta for p in round_checkpoints(tmp_path / "run")]
+    assert ["thresholds" in m for m in metas] == [False, False, True, True]
+
+
 def test_accept_failures_false_keeps_the_previous_model(data_root, tmp_path):
     rc = config(data_root, tmp_path, **{"strategy.accept-failures": False, "rounds.stage2": 0, "rounds.timeout": 0.5})
     grid = make_grid(rc)
@@ -289,6 +324,8 @@ def test_best_checkpoint_is_the_best_validation_round(fedavg_run):
     out = fedavg_run["out"]
     rounds = json.loads((out / "history.json").read_text())["rounds"]
     # the run has stage-2 rounds, so its stage-1 rounds are never chosen and never scored on validation
+    # (the sites send no sums for them, and the server does not ask: no "unusable" warning)
+    assert not [w for w in fedavg_run["warnings"] if "validation sums" in w]
     assert {r["stage"] for r in rounds} == {1, 2}
     assert all(r["evaluate"]["validation"] == {} for r in rounds if r["stage"] == 1)
     stage2 = [r for r in rounds if r["stage"] == 2]

@@ -197,6 +197,19 @@ def test_results_flag_writes_the_headline_with_intervals_and_the_readme_block(tm
     assert "no results block" in capsys.readouterr().err
 
 
+def test_eval_test_rounds_last_scores_only_the_rounds_that_count(tmp_path, data):
+    """``eval.test-rounds = last``: the baselines score no stage-1 round of a two-stage run (no
+    curve point there), and still score the chosen round on the test patients."""
+    text = TINY.format(seeds="[0]", methods=BASELINES, extra_scenarios="")
+    text = text.replace("rounds_stage1 = 1", "rounds_stage1 = 2").replace(
+        '"model.image-size" = 32', '"model.image-size" = 32\n"eval.test-rounds" = "last"'
+    )
+    (tmp_path / "exp.toml").write_text(text)
+    doc = json.loads((_run(tmp_path, tmp_path / "exp.toml", data) / "metrics.json").read_text())
+    assert {(c["method"], c["round"]) for c in doc["curves"]} == {("local", 3), ("pooled", 3)}
+    assert {r["method"] for r in doc["rows"] if r["metric"] == "dice"} == {"local", "pooled"}
+
+
 @pytest.fixture(scope="module")
 def expansion_data(tmp_path_factory) -> Path:
     """Three sites whose expansion labels differ by site (so the pooled test split holds both

@@ -223,6 +223,20 @@ def test_bundled_experiments_parse():
             }
 
 
+def test_privacy_patient_methods_are_valid_runs_of_the_same_length():
+    """Every method of the DP experiment parses as a run config (its keys and values), all run 8 rounds,
+    and the stage-2-only ones plan no stage 1."""
+    from common.run_config import parse_run_config
+    from tests.helpers.flower import run_config
+
+    exp = load_experiment("privacy_patient")
+    assert len(exp.methods) <= 9
+    for method in exp.methods:
+        rounds = parse_run_config(run_config(**exp.method_run_config(method))).rounds
+        assert rounds.stage1 + rounds.stage2 == 8, method.name
+        assert (rounds.stage1 == 0) == ("stage 2 only" in method.name), method.name
+
+
 def test_experiment_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such experiment file; bundled experiments"):
         load_experiment("nope")

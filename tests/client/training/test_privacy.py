@@ -12,6 +12,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,8 +28,11 @@ from client.training.privacy import (
     DPSGD,
     PRIVACY_FILE,
     PatientPoissonSampler,
+    PrivacyLedger,
+    SitePrivacy,
     default_delta,
     epsilon_spent,
+    micro_batch_indices,
     noise_for_budget,
     round_steps,
     sample_rate,
@@ -56,11 +60,11 @@ from server.federation import run_federation
 from server.replies import idle_reason
 from simulations.sites import prepare_caches
 from tests.helpers.data import write_site
+from tests.helpers.dp import IMAGE, FakeSlices, dp_model, half_of, slice_gradients
 from tests.helpers.flower import REPO, FakeGrid, make_context, make_message, run_config, set_task_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-IMAGE = 32
 DP = {
     "privacy.dp": True,
     "privacy.unit": "slice",  # the per-slice tests below; per-patient ones set "patient"
@@ -130,6 +134,12 @@ def test_round_steps_follow_train_stage():
         ("privacy.delta", 1.0, r"privacy.delta must be in \[0, 1\)"),
         ("privacy.unit", "study", r"privacy.unit must be 'patient' or 'slice'"),
         ("privacy.max-grad-norm", 0.0, "privacy.max-grad-norm must be > 0"),
+        (
+            "privacy.max-grad-norm-stage2",
+            -1.0,
+            r"privacy.max-grad-norm-stage2 must be >= 0 \(0: privacy.max-grad-norm\)",
+        ),
+        ("privacy.physical-batch", -1, r"privacy.physical-batch must be >= 0"),
     ],
 )
 def test_config_errors_name_the_key(key, value, message):
@@ -171,44 +181,6 @@ def test_opacus_validator_passes_on_the_dp_model():
 # --- per-slice gradients and clipping ---------------------------------------------------------
 
 
-class FakeSlices(torch.utils.data.Dataset):
-    """In-memory slices in SliceDataset's format: a bright blob as hematoma, labels, masks known."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.images = (torch.rand(n, IMAGE, IMAGE, generator=g) * 120).to(torch.uint8)
-        self.masks = torch.zeros(n, IMAGE, IMAGE, dtype=torch.uint8)
-        for i in range(n):
-            r, c = 6 + 3 * i % 18, 8 + 5 * i % 16
-            self.masks[i, r : r + 6, c : c + 5] = 1
-            self.images[i][self.masks[i].bool()] = 220
-        self.labels = torch.tensor(
-            [[i % 2, (i + 1) % 2, math.nan, i % 3 == 0, 0.0] for i in range(n)], dtype=torch.float32
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "image": self.images[i],
-            "mask": self.masks[i],
-            "labels": self.labels[i],
-            "mask_known": torch.tensor(True),
-            "study": torch.tensor(i),
-        }
-
-
-def dp_model():
-    model = build_joint_model(get_preset("tiny", image_size=IMAGE, norm="group"), seed=0)
-    model.unet.encoder._drop_connect_rate = 0.0  # deterministic: the loop below must see the same network
-    return model
-
-
-def half_of(model, stage: int):
-    return model.unet if stage == 1 else model.classifier
-
-
 def assert_near(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
     """Close in norm: a batch of 3 and a batch of 1 run different float32 convolution kernels, whose
     rounding differs by about 0.2 % through the classifier's 13 convolutions (plain autograd too)."""
@@ -240,9 +212,7 @@ def test_per_slice_gradients_match_one_slice_at_a_time(stage):
     assert all(not hasattr(p, "grad_sample") for p in params)  # detach leaves the parameters clean
     for g_hook, g_batch in zip(per_slice, batch_grads):  # the same forward: the mean is the batch gradient
         assert_near(g_hook.mean(dim=0), g_batch, 1e-4)
-    for i in range(3):
-        one = {k: v[i : i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(stage_loss(model, one, stage, None, torch.device("cpu"), per_sample=True), params)
+    for i, grads in enumerate(slice_gradients(model, batch, stage, params)):
         for g_hook, g_loop in zip(per_slice, grads):
             assert_near(g_hook[i], g_loop, 1e-2)
 
@@ -276,9 +246,7 @@ def test_clipping_bounds_the_update_by_lr_times_c(stage):
     params = [p for p in half.parameters() if p.requires_grad]
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     clipped = [torch.zeros_like(p) for p in params]
-    for i in range(4):
-        one = {k: v[i : i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(stage_loss(model, one, stage, None, torch.device("cpu"), per_sample=True), params)
+    for grads in slice_gradients(model, batch, stage, params):
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         assert norm > 100 * clip  # every slice is clipped
         for c, g in zip(clipped, grads):
@@ -518,9 +486,7 @@ def test_patient_clipping_bounds_a_patient_of_many_slices(stage):
     params = [p for p in half_of(model, stage).parameters() if p.requires_grad]
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=6)))
     per_patient = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-    for i in range(6):
-        one = {k: v[i : i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(stage_loss(model, one, stage, None, torch.device("cpu"), per_sample=True), params)
+    for i, grads in enumerate(slice_gradients(model, batch, stage, params)):
         for acc, g in zip(per_patient[groups[i]], grads):
             acc += g
     expected = [torch.zeros_like(p) for p in params]
@@ -568,3 +534,115 @@ def test_patient_dp_through_the_handler_counts_patients(site, tmp_path):
     acc = RDPAccountant()
     acc.history = [(ledger["noise_multiplier"], expected_patients / usable_patients, 2)]  # 2 local steps
     assert metrics[PRIVACY_EPSILON] == pytest.approx(acc.get_epsilon(delta=metrics[PRIVACY_DELTA]), rel=1e-9)
+
+
+# --- micro-batches (privacy.physical-batch), a clipping bound per stage, DP on stage 2 only -------------
+
+
+def test_micro_batches_hold_whole_patients():
+    """Patients of 3, 1, 2 and 4 slices, at most 3 slices per micro-batch: packed in batch order, the patient
+    of 4 alone (never split); a patient whose slices are not adjacent still goes whole."""
+    groups = np.array([5, 5, 5, 2, 7, 7, 1, 1, 1, 1])
+    parts = micro_batch_indices(groups, 3)
+    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert [p.tolist() for p in micro_batch_indices(groups, 0)] == [list(range(10))]  # off
+    assert [p.tolist() for p in micro_batch_indices(groups, 10)] == [list(range(10))]  # the batch fits
+    assert [p.tolist() for p in micro_batch_indices(np.array([0, 1, 0]), 2)] == [[0, 2], [1]]
+    assert [p.tolist() for p in micro_batch_indices(np.zeros(0, np.int64), 4)] == [[]]  # an empty Poisson batch
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_micro_batches_give_the_step_of_the_whole_batch(stage):
+    """The same Poisson batches (q = 1) and the same noise seed, with and without micro-batches of at most 3
+    slices (patients of 3, 1 + 2 and 4 slices: three micro-batches, the last patient larger than the physical
+    batch): the same two updates, so the clipped patient sums are accumulated, the noise is added once per
+    batch and the optimizer (SGD with momentum) steps once; the accountant's count is two steps either way."""
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 3, 3, 3])
+    cfg = replace(one_sgd_step(100.0), epochs=2, max_steps=2, batch_size=16)
+    updates, models = [], []
+    for physical in (0, 3):
+        model = dp_model()
+        params = [p for p in half_of(model, stage).parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        dp = DPSGD(0.5, 1e-4, seed=3, groups=groups, physical_batch=physical)
+        result = train_stage(model, torch.utils.data.DataLoader(FakeSlices(10), batch_size=16), stage, cfg, privacy=dp)
+        assert result.steps == dp.steps == 2 and result.num_examples == 20 and dp.sample_rate == 1.0
+        updates.append(torch.cat([(p.detach().double() - b.double()).flatten() for p, b in zip(params, before)]))
+        models.append(dp)
+    assert models[1]._part_groups.tolist() == [3, 3, 3, 3]  # the last micro-batch: the 4-slice patient alone
+    assert float(updates[0].norm()) > 0
+    assert_near(updates[1], updates[0], 1e-3)
+
+
+def test_each_stage_clips_at_its_own_bound(site, tmp_path):
+    """privacy.max-grad-norm-stage2 is stage 2's C (0: stage 1's); the ledger keeps both, a later round may
+    not change them, and privacy.physical-batch reaches the optimiser."""
+    shutil.copytree(site["cache-dir"], tmp_path / "cache")
+    node = {**site, "cache-dir": str(tmp_path / "cache")}
+    rc = run_config(
+        **{**DP, "privacy.unit": "patient", "privacy.max-grad-norm-stage2": 0.25, "privacy.physical-batch": 3}
+    )
+    run = SiteRunConfig.from_run_config(rc)
+    train = open_site(SiteNode.from_context(make_context(node, rc), run.config.data), run).train
+    for stage, clip in ((1, 1.0), (2, 0.25)):
+        order = TrainInstruction(server_round=stage, stage=stage, lr=1e-3, local_steps=2, run_name="clip")
+        private = SitePrivacy.open(run.config, tmp_path / "store", train, order, run.train_config(order), run.model)
+        dp = private.dpsgd()
+        assert (dp.max_grad_norm, dp.physical_batch) == (clip, 3)
+        private.ledger.save(private.path)
+    assert json.loads((tmp_path / "store" / PRIVACY_FILE).read_text())["max_grad_norm_stage2"] == 0.25
+    changed_rc = SiteRunConfig.from_run_config({**rc, "privacy.max-grad-norm-stage2": 0.5})
+    with pytest.raises(ValueError, match="privacy.max-grad-norm-stage2 changed since this site's first round"):
+        SitePrivacy.open(
+            changed_rc.config, tmp_path / "store", train, order, changed_rc.train_config(order), changed_rc.model
+        )
+    old = PrivacyLedger(1.0, 1e-5, 8.0, 0.7, True)  # a ledger written before the key: stage 2 clips at C
+    assert (old.clip(1), old.clip(2)) == (0.7, 0.7)
+
+
+def test_dp_on_stage_2_only_keeps_the_pretrained_unet_and_spends_the_budget_there(tmp_path):
+    """rounds.stage1 = 0 with train.init-checkpoint: the U-Net every site receives and the final model's are
+    the checkpoint's, the sites' plan holds stage 2's steps only, and the two stage-2 rounds spend the whole
+    budget (the derived sigma over the planned steps)."""
+    from common.checkpoint import load_checkpoint, save_checkpoint
+
+    set_task_identity()
+    root = tmp_path / "data"
+    for i in range(2):
+        write_site(root / f"site-{i + 1:02d}", n_studies=4, shape=(4, 40, 40), seed=30 + i)
+    base = run_config(**DP)
+    model_cfg, pre = model_from_run_config(base)
+    pretrained = build_joint_model(model_cfg, seed=7)
+    init = save_checkpoint(tmp_path / "pretrained.pt", pretrained, model_cfg, pre)
+    rc = run_config(
+        **{
+            **DP,
+            "privacy.unit": "patient",
+            "data.root": str(root),
+            "output.dir": str(tmp_path / "runs"),
+            "output.name": "stage2",
+            "rounds.stage1": 0,
+            "rounds.stage2": 2,
+            "train.init-checkpoint": str(init),
+        }
+    )
+    prepare_caches(root, pre, progress=False)
+    grid = FakeGrid(
+        {100 + i: (app, make_context({"partition-id": i, "num-partitions": 2}, rc, node_id=100 + i)) for i in range(2)}
+    )
+    run_federation(grid, rc)
+    history = json.loads((tmp_path / "runs" / "stage2" / "history.json").read_text())
+    assert [r["stage"] for r in history["rounds"]] == [2, 2]
+    final = load_checkpoint(tmp_path / "runs" / "stage2" / "global.pt").state_dict
+    start = pretrained.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in start.items() if k.startswith("unet."))
+    assert any(not torch.equal(final[k], v) for k, v in start.items() if k.startswith("classifier."))
+    ledgers = sorted((root / ".cache" / "federation").glob(f"*/stage2/{PRIVACY_FILE}"))
+    assert len(ledgers) == 2
+    for path in ledgers:
+        ledger = json.loads(path.read_text())
+        ((_, planned),) = ledger["planned"]  # stage 2 only
+        assert [r["stage"] for r in ledger["rounds"]] == [2, 2]
+        assert planned == sum(r["steps"] for r in ledger["rounds"]) > 0  # the plan is what the two rounds ran
+        spent = independent_epsilon([tuple(h) for h in ledger["history"]], ledger["delta"])
+        assert 8.0 - 0.01 <= spent <= 8.0  # the whole budget, on stage 2
