@@ -414,6 +414,12 @@ def _patient_class(y: np.ndarray, patients: np.ndarray, strata: np.ndarray) -> n
     return np.asarray(["pos" if k in positive else "neg" for k in key])
 
 
+def class_strata(y: np.ndarray, patients: np.ndarray, strata: np.ndarray) -> np.ndarray:
+    """The resampling strata of one label's interval: stratum (seed) x the patient's class, so that
+    every replicate keeps both classes (stratified, as pROC does)."""
+    return _row_keys(strata, _patient_class(y, patients, strata))
+
+
 def marker_intervals(
     outputs: StudyOutputs,
     column: int,
@@ -441,7 +447,7 @@ def marker_intervals(
         "sensitivity": lambda yy, pp: sensitivity_specificity(yy, pp, threshold)[0],
         "specificity": lambda yy, pp: sensitivity_specificity(yy, pp, threshold)[1],
     }
-    resample_strata = _row_keys(strata, _patient_class(y, patients, strata))
+    resample_strata = class_strata(y, patients, strata)
     row: dict[str, Any] = {
         "marker": outputs.names[column],
         "n": int(y.size),

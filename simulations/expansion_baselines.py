@@ -71,16 +71,25 @@ def fit_marker_score(train: StudyTable) -> LogisticRegression | None:
     return LogisticRegression().fit(train.features(), train.expansion)
 
 
+def comparator_scores(train: StudyTable, test: StudyTable) -> dict[str, np.ndarray]:
+    """Per test study, the two comparators' scores: ``volume`` (the baseline volume itself) and
+    ``marker_score`` (the probability of the score fitted on ``train``; NaN where it cannot be fitted)."""
+    fitted = fit_marker_score(train)
+    marker = np.full(len(test.studies), np.nan)
+    if fitted is not None and len(test.studies):
+        marker = fitted.predict_proba(test.features())[:, 1]
+    return {"volume": test.volume_ml, "marker_score": marker}
+
+
 def compare_expansion(train: StudyTable, test: StudyTable, model_auc: float) -> dict[str, float]:
     """The head's study AUROC beside volume alone and the marker-count score, on the same test studies."""
-    fitted = fit_marker_score(train)
-    marker = (
-        auroc(test.expansion, fitted.predict_proba(test.features())[:, 1]) if fitted and len(test.studies) else np.nan
-    )
+    scores = comparator_scores(train, test)
+    defined = len(test.studies) > 0
+    fitted = np.isfinite(scores["marker_score"]).all()
     return {
         "model": float(model_auc),
-        "volume": auroc(test.expansion, test.volume_ml) if len(test.studies) else float("nan"),
-        "marker_score": float(marker),
+        "volume": auroc(test.expansion, scores["volume"]) if defined else float("nan"),
+        "marker_score": auroc(test.expansion, scores["marker_score"]) if defined and fitted else float("nan"),
         "n_train": int(len(train.studies)),
         "n_test": int(len(test.studies)),
         "n_test_positive": int(test.expansion.sum()),

@@ -41,13 +41,15 @@ from torch.utils.data import Dataset
 
 from client.data.cache import SiteCache
 from client.data.dataset import SliceDataset, brain_slices, split_slices
-from client.federation.site_gan import gan_augment
+from client.federation.site_gan import GENERATOR, gan_augment
 from client.federation.site_run import SiteRunConfig
+from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
-from client.training.gan_augment import NoGanData, augmented_training_set
+from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set, fit_generator
 from client.training.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
+from common.gan import Generator
 from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import GAN_STAGE, HALF_OF_STAGE, TrainInstruction
@@ -65,7 +67,9 @@ from common.validation import (
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
-from simulations.report.tables import mean_sd
+from simulations.report.expansion_section import comparator_record
+from simulations.report.gan_section import DEFAULT_LIMIT, draw_grid, measure
+from simulations.report.tables import mean_sd, slug
 from simulations.sites import prepare_caches
 from simulations.splits import (
     SitePlan,
@@ -91,6 +95,11 @@ class EvalSite:
 
     site_id: str
     data: SliceDataset
+
+
+#: What the GAN figures of one generator need: it, the trained model (features), the training and
+#: the held-out datasets of its site(s).
+GanSite = tuple[Generator, JointModel, list[Dataset], list[Dataset]]
 
 
 @dataclass
@@ -123,6 +132,13 @@ class Results:
     studies: list[dict[str, Any]] = field(default_factory=list)
     #: Model choices made on validation: {scenario, method, seed, model, validation_score, chosen}.
     selections: list[dict[str, Any]] = field(default_factory=list)
+    #: GAN figures per scenario, method, seed and site (``simulations.report.gan_section``), and per
+    #: scenario the one picture grid drawn ({path, method, seed, site}).
+    gan: list[dict[str, Any]] = field(default_factory=list)
+    gan_grids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Per scenario and seed whose methods predict expansion: the comparators of its test studies
+    #: (``simulations.report.expansion_section.comparator_record``; in memory only).
+    expansion: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --- metrics as long-table rows ----------------------------------------------------------------
@@ -239,16 +255,18 @@ def stage2_weight(train: TrainOptions, model: JointModel, ds: Dataset) -> torch.
     return stage_pos_weight(model, ds, max_w if max_w > 0 else None)
 
 
-def stage2_data(ds: Dataset, site_run: SiteRunConfig, seed: int) -> Dataset:
+def stage2_data(ds: Dataset, site_run: SiteRunConfig, seed: int) -> tuple[Dataset, Generator | None]:
     """Stage 2's training set: ``ds`` plus SNGAN-generated slices with ``gan.augment-ratio`` > 0
-    (one GAN, trained once on ``ds``'s crops, as a site does: ``client.federation.site_gan``)."""
+    (one GAN, trained once on ``ds``'s crops, as a site does: ``client.federation.site_gan``), and
+    that GAN's generator (None without one: the report's GAN section measures it)."""
     aug = gan_augment(site_run)
     if aug is None or not len(ds):
-        return ds
+        return ds, None
     try:
-        return augmented_training_set(ds, aug, seed)[0]
+        augmented, G, _ = augmented_training_set(ds, aug, seed)
     except NoGanData:  # as at a site: no generated slices where no GAN can be trained
-        return ds
+        return ds, None
+    return augmented, G
 
 
 def train_rounds(
@@ -259,17 +277,19 @@ def train_rounds(
     seed: int,
     after_round: Callable[[int, int], None] | None = None,
     device: torch.device | str = "cpu",
-) -> None:
+) -> Generator | None:
     """The federation's schedule without the federation: ``rounds.stage1`` rounds of stage 1, then
     ``rounds.stage2`` of stage 2, each a fresh optimiser for ``steps_per_round`` steps at the
-    round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``)."""
+    round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``). Returns
+    stage 2's generator with ``gan.augment-ratio`` > 0 (else None)."""
     site_run = SiteRunConfig.from_run_config({**rc, "seed": seed})
     cfg = site_run.config
     lr1 = cfg.train.lr
     lr2 = cfg.train.lr_stage2 or lr1
     r1, r2 = cfg.rounds.stage1, cfg.rounds.stage2
     weight = stage2_weight(cfg.train, model, ds)
-    data_of = {1: ds, 2: stage2_data(ds, site_run, seed) if r2 else ds}
+    augmented, generator = stage2_data(ds, site_run, seed) if r2 else (ds, None)
+    data_of = {1: ds, 2: augmented}
     for rnd in range(1, r1 + r2 + 1):
         stage = 1 if rnd <= r1 else 2
         order = TrainInstruction(
@@ -285,6 +305,7 @@ def train_rounds(
             train_stage(model, loader, stage, train, device, weight if stage == 2 else None)
         if after_round is not None:
             after_round(rnd, stage)
+    return generator
 
 
 class BestOnValidation:
@@ -375,9 +396,13 @@ class Runner:
         log: Log = print,
         engine: SimulationEngine | None = None,
         device: torch.device | str = "auto",
+        gan_samples: int | None = None,
     ) -> None:
-        """``device``: where the local, pooled and fine-tuning baselines train and every model is scored."""
+        """``device``: where the local, pooled and fine-tuning baselines train and every model is scored;
+        ``gan_samples``: crops per set in the report's GAN figures (0: none measured; default
+        ``simulations.report.gan_section.DEFAULT_LIMIT``)."""
         self.exp, self.out_dir, self.log, self.engine = exp, out_dir, log, engine
+        self.gan_samples = DEFAULT_LIMIT if gan_samples is None else gan_samples
         self.device = resolve_device(str(device))
         self.results = Results()
         self.eval_batch = 32
@@ -424,11 +449,35 @@ class Runner:
             self.run_location_finetune(case, method, rc)
         else:
             self.run_federated(case, method, rc)
+        if parse_run_config(rc).model.predict_expansion:
+            self._expansion_comparators(case)
         seconds = time.perf_counter() - t0
         self.results.timings.append(
             {"scenario": case.name, "method": method.name, "seed": case.seed, "seconds": seconds}
         )
         self.log(f"  {method.name}: done in {seconds:.0f} s")
+
+    def _expansion_comparators(self, case: Case) -> None:
+        """Once per case: its test studies' expansion comparators for the report's expansion section."""
+        if not any(r["scenario"] == case.name and r["seed"] == case.seed for r in self.results.expansion):
+            tests = [e.data for e in case.evaluate]
+            self.results.expansion.append(comparator_record(case.name, case.seed, case.train, tests))
+
+    def _gan_figures(self, case: Case, method: str, rc: dict, sites: dict[str, GanSite]) -> None:
+        """The report's GAN figures of each site's generator (``simulations.report.gan_section``), and
+        the scenario's picture grid from the first generator measured."""
+        aug = gan_augment(SiteRunConfig.from_run_config({**rc, "seed": case.seed}))
+        if aug is None or self.gan_samples <= 0:
+            return
+        for site, (G, model, train, held) in sites.items():
+            key = {"scenario": case.name, "method": method, "seed": case.seed, "site": site}
+            figures = measure(G, model, train, held, aug.cfg, self.gan_samples, case.seed)
+            if figures is not None:
+                self.results.gan.append({**key, **figures})
+            if case.name not in self.results.gan_grids:
+                path = draw_grid(self.out_dir / "figures" / f"{slug(case.name)}_gan_grid.png", G, held, aug.cfg)
+                if path is not None:
+                    self.results.gan_grids[case.name] = {"path": str(path), **key}
 
     def _curve(
         self, case: Case, method: str, models: Callable[[], dict[str, JointModel]], rc: dict
@@ -480,11 +529,13 @@ class Runner:
         models: dict[str, JointModel] = {}
         for plan in case.plans:
             models[plan.site_id] = build_joint_model(model_cfg, seed=case.seed)
+        gans: dict[str, GanSite] = {}
         if case.held_out:
             per_model, chosen = [], []
             for site_id, ds in zip(models, trains):
                 best = self._selector(models[site_id], [val_of[site_id]] if site_id in val_of else [], rc)
-                train_rounds(models[site_id], ds, rc, steps, case.seed, best, self.device)
+                G = train_rounds(models[site_id], ds, rc, steps, case.seed, best, self.device)
+                gans.update(gan_site(site_id, G, models[site_id], [ds], held_out_of(site_id, vals, evals)))
                 calibration = best.restore()
                 per_model.append(score(models[site_id], evals, self.eval_batch, self.device)[case.held_out])
                 chosen.append((_nan_low(best.score), calibration))
@@ -502,6 +553,7 @@ class Runner:
             ]
             self.record(case, method.name, {case.held_out: _mean_metrics(per_model)})
             self.record(case, f"{method.name} (best site)", {case.held_out: per_model[k]}, chosen[k][1])
+            self._gan_figures(case, method.name, rc, gans)
             return
         by_site = {e.site_id: e for e in evals}
         for n, (site_id, ds) in enumerate(zip(models, trains), 1):
@@ -511,10 +563,12 @@ class Runner:
                 Case(case.name, case.seed, [], [], [], one), f"{method.name}@{site_id}", lambda: models, rc
             )
             best = self._selector(models[site_id], [val_of[site_id]] if site_id in val_of else [], rc)
-            train_rounds(models[site_id], ds, rc, steps, case.seed, chained(after, best), self.device)
+            G = train_rounds(models[site_id], ds, rc, steps, case.seed, chained(after, best), self.device)
+            gans.update(gan_site(site_id, G, models[site_id], [ds], held_out_of(site_id, vals, evals)))
             calibration = best.restore()
             self.record(case, method.name, score(models[site_id], one, self.eval_batch, self.device), calibration)
         self._merge_local_curves(case, method.name)
+        self._gan_figures(case, method.name, rc, gans)
         self.results.models.setdefault(f"{case.name}/{method.name}", next(iter(models.values())))
 
     def _merge_local_curves(self, case: Case, name: str) -> None:
@@ -551,10 +605,12 @@ class Runner:
             Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}, rc
         )
         best = self._selector(model, vals, rc)  # every training site's validation patients, pooled
-        train_rounds(model, ds, rc, steps, case.seed, chained(curve, best), self.device)
+        G = train_rounds(model, ds, rc, steps, case.seed, chained(curve, best), self.device)
         calibration = best.restore()
         self.record(case, method.name, score(model, evals, self.eval_batch, self.device), calibration)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
+        held = [s.data for s in (*vals, *evals)]
+        self._gan_figures(case, method.name, rc, gan_site("pooled", G, model, trains, held))
 
     def run_location_finetune(self, case: Case, method: Method, rc: dict) -> None:
         """Paper §5.1.2: a U-Net trained on every location, then fine-tuned on one location's
@@ -655,6 +711,15 @@ class Runner:
             per_site = score(model, case.evaluate, self.eval_batch, self.device)
         self.record(case, method.name, per_site, ckpt.meta)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
+        aug = gan_augment(SiteRunConfig.from_run_config({**rc, "seed": case.seed}))
+        if aug is not None:  # each site's own generator, from the site's store (design ii, docs/gan.md)
+            gans: dict[str, GanSite] = {}
+            for plan, train in zip(case.plans, case.train):
+                G = stored_generator(site_store(case, plan.site_id, name), aug)
+                gans.update(
+                    gan_site(plan.site_id, G, model, [train], held_out_of(plan.site_id, case.val, case.evaluate))
+                )
+            self._gan_figures(case, method.name, rc, gans)
 
     def _flower_progress(self, method: str) -> Callable[[str], None]:
         """Show the ServerApp's round lines and its warnings (a site failing, an update rejected)."""
@@ -669,17 +734,43 @@ class Runner:
         return show
 
 
+def site_store(case: Case, site_id: str, run_name: str) -> SiteStore | None:
+    """Where a federated site of ``case`` kept its own state in run ``run_name`` (``SiteStore.for_run``);
+    None for a site that did not train."""
+    ids = [p.site_id for p in case.plans]
+    if site_id not in ids:
+        return None
+    return SiteStore(case.caches[ids.index(site_id)].path.parent / "federation" / site_id / run_name)
+
+
+def stored_generator(store: SiteStore | None, aug: GanAugment) -> Generator | None:
+    """A federated site's SNGAN generator from its store (None where it trained none: ``NoGanData``)."""
+    state = store.load(GENERATOR) if store is not None else None
+    return fit_generator([], aug, 0, state=state)[0] if state is not None else None
+
+
+def gan_site(
+    site: str, G: Generator | None, model: JointModel, train: list[Dataset], held: list[Dataset]
+) -> dict[str, GanSite]:
+    """``{site: (G, model, train, held)}``, or nothing without a generator."""
+    return {site: (G, model, list(train), held)} if G is not None else {}
+
+
+def held_out_of(site_id: str, *groups: Sequence[EvalSite]) -> list[Dataset]:
+    """The site's held-out datasets (its validation and test patients) among ``groups`` of sites."""
+    return [s.data for group in groups for s in group if s.site_id == site_id]
+
+
 def with_site_norms(model: JointModel, case: Case, site_id: str, run_name: str) -> JointModel:
     """FedBN: the global model with one site's own normalisation layers (kept at that site)."""
-    if site_id not in [p.site_id for p in case.plans]:
+    store = site_store(case, site_id, run_name)
+    if store is None:
         return model
-    cache = case.caches[[p.site_id for p in case.plans].index(site_id)]
-    store = cache.path.parent / "federation" / site_id / run_name
     local = copy.deepcopy(model)
     state = local.state_dict()
     keys = norm_state_keys(local)
     for half in HALF_OF_STAGE.values():
-        path = store / f"norm-{half}.pt"
+        path = store.root / f"norm-{half}.pt"
         if path.is_file():
             state.update({k: v for k, v in torch.load(path, weights_only=True).items() if k in keys})
     local.load_state_dict(state)

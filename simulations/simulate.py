@@ -55,10 +55,12 @@ def run_experiment(
     results_file: Path | None = None,
     readme: Path | None = None,
     n_boot: int = 2000,
+    gan_samples: int | None = None,
 ) -> Path:
     """Everything ``simulate.py`` does; returns the report's path. ``ray_address``: run the virtual
     SuperNodes on that existing Ray cluster (``simulations.engine.SimulationEngine``). ``results_file``
-    (and ``readme``): where the study-level headline goes as markdown (``simulations.report.files.publish_results``)."""
+    (and ``readme``): where the study-level headline goes as markdown (``simulations.report.files.publish_results``).
+    ``gan_samples``: crops per set in the report's GAN figures (``simulations.runner.Runner``)."""
     import torch
 
     from simulations.engine import SimulationEngine
@@ -85,7 +87,7 @@ def run_experiment(
     federated = any(m.kind == "federated" for m in exp.methods)
     engine_ctx = SimulationEngine(out_dir / "engine", ray_address=ray_address) if federated else nullcontext()
     with engine_ctx as engine:
-        runner = Runner(exp, out_dir, log, engine)
+        runner = Runner(exp, out_dir, log, engine, gan_samples=gan_samples)
         extra: dict[str, dict] = {}
         for case, methods in iterate_cases(exp, data_root, out_dir, log):
             log(f"\n== {case.name} | seed {case.seed} | {len(case.plans)} training site(s)")
@@ -105,7 +107,7 @@ def run_experiment(
     tables = study_tables(runner.results.studies, n_boot)
     env = environment()
     ceiling = ceiling_parts(out_dir, data_root, runner.results.studies, figures, n_boot)  # generated data only
-    report = write_report(out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables, ceiling)
+    report = write_report(out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables, ceiling, n_boot)
     log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
     for scenario, t in tables.items():
         log("\n" + console(t["headline"], scenario))
@@ -181,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--readme", type=Path, default=None, help="with --results: rewrite this README's results block too")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates of the intervals (default %(default)s)")
+    p.add_argument(
+        "--gan-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="methods with gan.augment-ratio > 0: at most N training and N held-out crops per site enter the "
+        "report's GAN figures (default 256; 0: no GAN section)",
+    )
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.experiment)
@@ -206,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             results_file=args.results,
             readme=args.readme,
             n_boot=args.boot,
+            gan_samples=args.gan_samples,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -114,21 +114,28 @@ def gan_quality(
 ) -> dict[str, float]:
     """The report's GAN figures, computed at the site (two numbers leave it, never a crop).
 
-    ``frechet``: Fréchet distance between held-out real crops and as many generated ones (half
-    positive) in the features of the project's classifier (``model``, a trained ``JointModel``);
-    ``memorisation``: nearest-neighbour distance ratio to training vs held-out crops (about 1: no copying).
+    As many generated crops as held-out ones (half positive) go to ``quality_figures``.
     """
-    from common.gan_metrics import backbone_extractor, frechet_distance_of, memorisation
-
     real, _ = held_out.tensors()
     train_x, _ = train.tensors()
     if real.shape[0] < 2 or train_x.shape[0] < 1:
         raise ValueError("the GAN's quality needs at least two held-out and one training crop")
     n = real.shape[0]
     fake = torch.cat([generate(G, 0, n - n // 2, seed)[0], generate(G, 1, n // 2, seed + 1)[0]])
-    mem = memorisation(fake, train_x, real, seed)
+    return quality_figures(fake, train_x, real, model, seed)
+
+
+def quality_figures(
+    generated: Tensor, train: Tensor, held_out: Tensor, model: torch.nn.Module, seed: int = 0
+) -> dict[str, float]:
+    """``frechet``: Fréchet distance between the held-out real crops and the generated ones in the
+    features of the project's classifier (``model``, a trained ``JointModel``); ``memorisation``:
+    nearest-neighbour distance ratio of the generated crops to training vs held-out crops (about 1:
+    no copying; near 0: copies)."""
+    from common.gan_metrics import backbone_extractor, frechet_distance_of, memorisation
+
     return {
-        "frechet": frechet_distance_of(backbone_extractor(model), real, fake),
-        "memorisation": mem.ratio,
-        "n_held_out": float(n),
+        "frechet": frechet_distance_of(backbone_extractor(model), held_out, generated),
+        "memorisation": memorisation(generated, train, held_out, seed).ratio,
+        "n_held_out": float(held_out.shape[0]),
     }

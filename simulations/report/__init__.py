@@ -2,4 +2,7 @@
 
 ``tables`` (the long table, summaries, the console table), ``figures`` (matplotlib), ``files``
 (JSON, CSV, environment) and ``html`` (the page, and ``write_report``, which writes everything).
+Optional sections are data (``sections``) built by their own modules: ``gan_section`` (SNGAN sample
+quality, memorisation, picture grid) and ``expansion_section`` (the expansion head beside volume and
+the marker-count score).
 """

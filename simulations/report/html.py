@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import MARKERS
+from simulations.report.expansion_section import write_expansion
 from simulations.report.figures import (
     plot_dice_per_site,
     plot_privacy,
@@ -23,6 +24,8 @@ from simulations.report.figures import (
     plot_study_curves,
 )
 from simulations.report.files import json_safe, write_data
+from simulations.report.gan_section import write_gan
+from simulations.report.sections import Figure, Paragraph, Section, Table
 from simulations.report.studies import HEADLINE_COLUMNS, cell, study_tables, to_json
 from simulations.report.tables import auc_and_dice, fmt, paper_comparison, select, slug, summarise
 
@@ -65,11 +68,14 @@ def write_report(
     experiment_text: str,
     tables: dict[str, dict[str, list]] | None = None,
     sections: Sequence[str] = (),
+    n_boot: int | None = None,
 ) -> Path:
     """Write metrics.json, the CSVs, the PNGs and report.html into ``out_dir``; returns the HTML path.
     ``tables``: the study-level tables (``simulations.report.studies.study_tables``), computed here if None;
-    ``sections``: more HTML sections, placed after the scenarios' (e.g. ``ceiling_section.ceiling_parts``)."""
-    tables = study_tables(results.studies, N_BOOT_REPORT) if tables is None else tables
+    ``sections``: more HTML sections, placed after the scenarios' (e.g. ``ceiling_section.ceiling_parts``);
+    ``n_boot``: bootstrap replicates of the sections' intervals (default ``N_BOOT_REPORT``)."""
+    n_boot = N_BOOT_REPORT if n_boot is None else n_boot
+    tables = study_tables(results.studies, n_boot) if tables is None else tables
     (out_dir / "studies.json").write_text(json.dumps(json_safe(to_json(results.studies))))
     (out_dir / "study_metrics.json").write_text(json.dumps(json_safe(tables), indent=1))
     summary = summarise(results.rows)
@@ -85,6 +91,8 @@ def write_report(
         parts += study_parts(scenario, tables.get(scenario), results.studies, figs)
         parts += scenario_parts(scenario, results, figures_extra.get(scenario, {}), figs)
     parts += sections
+    parts += section_parts(write_gan(out_dir, results.gan, results.gan_grids))
+    parts += section_parts(write_expansion(out_dir, results.studies, results.expansion, n_boot))
     parts += privacy_parts(results.privacy, figs)
     parts += run_parts(results.failures, results.timings)
     parts += configuration_parts(env, experiment_text)
@@ -235,6 +243,22 @@ def scenario_parts(scenario: str, results, extra: dict[str, Any], figs: Path) ->
     parts.append(img(plot_roc(results.roc, scenario, figs / f"{part}_roc.png"), "ROC curves"))
     parts.append(img(extra.get("shift"), "site shift"))
     parts.append(img(extra.get("overlays"), "example overlays"))
+    return parts
+
+
+def section_parts(section: Section | None) -> list[str]:
+    """An optional section (``simulations.report.sections``) as HTML; nothing for None."""
+    if section is None:
+        return []
+    parts = [f"<h2>{html.escape(section.title)}</h2>"]
+    for block in section.blocks:
+        if isinstance(block, Paragraph):
+            tag = '<p class="note">' if block.note else "<p>"
+            parts.append(f"{tag}{html.escape(block.text)}</p>")
+        elif isinstance(block, Table):
+            parts.append(html_table(block.header, block.rows))
+        elif isinstance(block, Figure):
+            parts.append(img(block.path, block.caption))
     return parts
 
 

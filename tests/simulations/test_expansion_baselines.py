@@ -33,3 +33,19 @@ def test_single_class_training_split_gives_no_score():
     assert fit_marker_score(train) is None
     out = compare_expansion(train, _table([1, 2], [0, 1], [0, 1]), model_auc=float("nan"))
     assert np.isnan(out["marker_score"]) and out["volume"] == 1.0
+
+
+def test_comparator_scores_are_volume_and_the_score_fitted_on_train_alone():
+    from sklearn.linear_model import LogisticRegression
+
+    from simulations.expansion_baselines import comparator_scores
+
+    train = _table([10, 12, 30, 11, 29, 31], [0, 0, 0, 2, 3, 2], [0, 0, 0, 1, 1, 1])
+    test = _table([10, 40, 20, 5], [3, 0, 2, 0], [1, 0, 1, 0])
+    by_hand = LogisticRegression().fit(np.stack([train.marker_count, train.volume_ml], 1), train.expansion)
+    got = comparator_scores(train, test)
+    assert np.array_equal(got["volume"], test.volume_ml)
+    assert got["marker_score"] == pytest.approx(
+        by_hand.predict_proba(np.stack([test.marker_count, test.volume_ml], 1))[:, 1]
+    )
+    assert np.isnan(comparator_scores(_table([1, 2], [0, 1], [0, 0]), test)["marker_score"]).all()

@@ -208,3 +208,42 @@ def test_eval_test_rounds_last_scores_only_the_rounds_that_count(tmp_path, data)
     doc = json.loads((_run(tmp_path, tmp_path / "exp.toml", data) / "metrics.json").read_text())
     assert {(c["method"], c["round"]) for c in doc["curves"]} == {("local", 3), ("pooled", 3)}
     assert {r["method"] for r in doc["rows"] if r["metric"] == "dice"} == {"local", "pooled"}
+
+
+@pytest.fixture(scope="module")
+def expansion_data(tmp_path_factory) -> Path:
+    """Three sites whose expansion labels differ by site (so the pooled test split holds both
+    classes) and whose hypodensity labels hold both classes (so a GAN trains)."""
+    root = tmp_path_factory.mktemp("simulate-expansion") / "data"
+    for i, site in enumerate(SITES):
+        labels = [[str((i + k) % 2), str(k % 2), "0", str((k + 1) % 2), str(i % 2)] for k in range(5)]
+        write_site(root / site, n_studies=5, shape=(3, 40, 40), seed=10 * i, labels=labels)
+    return root
+
+
+@pytest.mark.timeout(300)
+def test_expansion_head_and_sngan_write_their_report_sections(tmp_path, expansion_data):
+    from sklearn.metrics import roc_auc_score
+
+    methods = (
+        '[[methods]]\nname = "pooled"\nkind = "pooled"\nrun_config = { "model.predict-expansion" = true, '
+        '"gan.augment-ratio" = 0.5, "gan.steps" = 2 }\n'
+    )
+    out = _run(tmp_path, _experiment(tmp_path, "[0]", methods), expansion_data)
+    (row,) = json.loads((out / "expansion.json").read_text())["scenarios"]["natural"]
+    # the head's C-statistic from the per-study test outputs, computed here independently
+    entries = [e["outputs"] for e in json.loads((out / "studies.json").read_text())]  # one per test site
+    c = entries[0]["names"].index("expansion")
+    y = np.asarray([r[c] for e in entries for r in e["labels"]], float)
+    z = np.asarray([r[c] for e in entries for r in e["logits"]], float)
+    known = ~np.isnan(y)
+    assert row["n"] == known.sum() == 3 and row["n_pos"] == y[known].sum() == 1  # one test patient per site
+    assert row["head"]["estimate"] == pytest.approx(roc_auc_score(y[known], z[known]))
+    for score in ("volume", "marker_score", "head_minus_volume", "head_minus_marker_score"):
+        assert row[score]["estimate"] is not None, score
+    assert row["n_train"] == 9 and row["n_train_positive"] == 3  # site-02's three training patients
+    (site,) = json.loads((out / "gan_quality.json").read_text())["sites"]
+    assert site["site"] == "pooled" and site["frechet"] >= 0 and site["memorisation"] > 0
+    page = (out / "report.html").read_text()
+    assert "Expansion prediction (study level)" in page and "SNGAN augmentation" in page
+    assert "natural_gan_grid.png" in page
