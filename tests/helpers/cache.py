@@ -66,3 +66,18 @@ def synthetic_caches(root: Path, size: int = 64) -> list[SiteCache]:
 
     cfg = PreprocessConfig(size=size)
     return [build_site_cache(site, root / ".cache-tests", cfg)[0] for site in sorted(root.glob("site-*"))]
+
+
+def hypodensity_cache(hypodensity: list[int]) -> SiteCache:
+    """One 2-slice study per hypodensity label, a 10x10 hematoma on slice 0 of each (32 px slices):
+    the smallest cache a GAN can take crops of, one class per study."""
+    n = len(hypodensity)
+    masks = np.zeros((2 * n, 32, 32), np.uint8)
+    masks[0::2, 10:20, 10:20] = 1
+    images = np.random.default_rng(0).integers(0, 255, masks.shape).astype(np.uint8)
+    labels = np.zeros((2 * n, len(LABELS)), np.float32)
+    labels[0::2, LABELS.index("hypodensity")] = hypodensity
+    studies = [
+        study_entry(f"S{i}", 2 * i, masks[2 * i : 2 * i + 2], [h, 0, 0, 0, None]) for i, h in enumerate(hypodensity)
+    ]
+    return memory_cache(images, masks, labels, studies)

@@ -17,7 +17,7 @@ from common.model import build_joint_model
 from common.presets import get_preset
 from simulations.report.gan_section import crops_of, draw_grid, measure, per_seed, write_gan
 from simulations.report.html import section_parts
-from tests.helpers.cache import memory_cache, study_entry
+from tests.helpers.cache import hypodensity_cache
 
 CFG = GanConfig(z_dim=8, g_channels=(16, 8), d_channels=(8, 16), n_dis=1, batch_size=4)
 HYPO = LABELS.index("hypodensity")
@@ -31,20 +31,6 @@ def _one_thread(one_torch_thread):
 @pytest.fixture(scope="module")
 def model():
     return build_joint_model(get_preset("tiny", image_size=32), seed=0)
-
-
-def _cache(hypodensity: list[int]):
-    """One 2-slice study per label, a 10x10 hematoma on slice 0 of each (32 px slices)."""
-    n = len(hypodensity)
-    masks = np.zeros((2 * n, 32, 32), np.uint8)
-    masks[0::2, 10:20, 10:20] = 1
-    images = np.random.default_rng(0).integers(0, 255, masks.shape).astype(np.uint8)
-    labels = np.zeros((2 * n, len(LABELS)), np.float32)
-    labels[0::2, HYPO] = hypodensity
-    studies = [
-        study_entry(f"S{i}", 2 * i, masks[2 * i : 2 * i + 2], [h, 0, 0, 0, None]) for i, h in enumerate(hypodensity)
-    ]
-    return memory_cache(images, masks, labels, studies)
 
 
 def test_generated_copies_of_training_crops_give_ratio_zero_and_identical_sets_no_distance(model):
@@ -75,7 +61,7 @@ def test_per_seed_is_the_mean_and_spread_over_sites():
 
 
 def test_measure_a_trained_generator_on_capped_crop_sets_and_draw_its_grid(tmp_path, model):
-    cache = _cache([0, 1] * 6)
+    cache = hypodensity_cache([0, 1] * 6)
     train, held = SliceDataset(cache, np.arange(12)), SliceDataset(cache, np.arange(12, 24))
     _, G, _ = augmented_training_set(train, GanAugment(CFG, steps=1, ratio=0.1), seed=0)
     images, labels = crops_of([held], CFG, limit=4, seed=0)
@@ -113,7 +99,7 @@ def test_a_federated_sites_generator_is_read_back_from_its_store(tmp_path):
     from client.training.gan import generate
     from simulations.runner import stored_generator
 
-    cache = _cache([0, 1] * 3)
+    cache = hypodensity_cache([0, 1] * 3)
     aug = GanAugment(CFG, steps=1, ratio=0.1)
     _, G, _ = augmented_training_set(SliceDataset(cache, np.arange(12)), aug, seed=3)
     store = SiteStore(tmp_path / "federation" / "site-01" / "run")

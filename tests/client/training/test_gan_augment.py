@@ -11,7 +11,7 @@ from client.training.gan import generate
 from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set, crop_tensors, training_crops
 from common.config import LABELS
 from common.gan import GanConfig
-from tests.helpers.cache import memory_cache, study_entry
+from tests.helpers.cache import hypodensity_cache
 
 CFG = GanConfig(z_dim=8, g_channels=(16, 8), d_channels=(8, 16), n_dis=1, batch_size=4)
 HYPO = LABELS.index("hypodensity")
@@ -22,22 +22,8 @@ def _one_thread(one_torch_thread):
     yield
 
 
-def _cache(hypodensity: list[int]):
-    """One 2-slice study per label, a 10x10 hematoma on slice 0 of each (32 px slices)."""
-    n = len(hypodensity)
-    masks = np.zeros((2 * n, 32, 32), np.uint8)
-    masks[0::2, 10:20, 10:20] = 1
-    images = np.random.default_rng(0).integers(0, 255, masks.shape).astype(np.uint8)
-    labels = np.zeros((2 * n, len(LABELS)), np.float32)
-    labels[0::2, HYPO] = hypodensity
-    studies = [
-        study_entry(f"S{i}", 2 * i, masks[2 * i : 2 * i + 2], [h, 0, 0, 0, None]) for i, h in enumerate(hypodensity)
-    ]
-    return memory_cache(images, masks, labels, studies)
-
-
 def test_generated_slices_are_added_at_the_ratio_with_the_markers_label_only():
-    real = SliceDataset(_cache([0, 1, 0, 1]), np.arange(8))
+    real = SliceDataset(hypodensity_cache([0, 1, 0, 1]), np.arange(8))
     aug = GanAugment(CFG, steps=2, ratio=0.5)
     ds, G, added = augmented_training_set(real, aug, seed=0)
     assert added == 4 and len(ds) == 12  # round(0.5 x 8)
@@ -52,10 +38,10 @@ def test_generated_slices_are_added_at_the_ratio_with_the_markers_label_only():
 
 
 def test_zero_ratio_changes_nothing_and_one_class_is_refused():
-    real = SliceDataset(_cache([0, 1]), np.arange(4))
+    real = SliceDataset(hypodensity_cache([0, 1]), np.arange(4))
     ds, _, added = augmented_training_set(real, GanAugment(CFG, steps=1, ratio=0.0), seed=0)
     assert ds is real and added == 0
-    only_negative = SliceDataset(_cache([0, 0]), np.arange(4))
+    only_negative = SliceDataset(hypodensity_cache([0, 0]), np.arange(4))
     with pytest.raises(NoGanData, match="one class of the marker only"):
         crop_tensors(training_crops([only_negative], CFG))
     with pytest.raises(ValueError, match="ratio >= 0"):
@@ -67,7 +53,7 @@ def test_quality_figures_are_numbers_from_held_out_crops():
     from common.model import build_joint_model
     from common.presets import get_preset
 
-    cache = _cache([0, 1, 0, 1, 0, 1])
+    cache = hypodensity_cache([0, 1, 0, 1, 0, 1])
     train, held = training_crops([SliceDataset(cache, np.arange(6)), SliceDataset(cache, np.arange(6, 12))], CFG)
     _, G, _ = augmented_training_set(SliceDataset(cache, np.arange(6)), GanAugment(CFG, steps=1, ratio=0.1), seed=0)
     model = build_joint_model(get_preset("tiny", image_size=32), seed=0)
