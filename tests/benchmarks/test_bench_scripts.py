@@ -127,3 +127,13 @@ def test_bench_gan_federated_writes_both_designs_rounds(tmp_path, capsys) -> Non
     assert [(r[0], r[2]) for r in rows] == [("i", "1"), ("i", "gan"), ("i", "2"), ("ii", "1"), ("ii", "2")]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 and r[7] == "0" for r in rows)
     assert capsys.readouterr().out == out.read_text()
+
+
+def test_bench_dice_help_and_a_missing_report(tmp_path, capsys) -> None:
+    from benchmarks import bench_dice
+
+    with pytest.raises(SystemExit) as done:
+        bench_dice.main(["--help"])
+    assert done.value.code == 0 and "studies.json" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="studies.json"):
+        bench_dice.main([str(tmp_path)])
