@@ -20,11 +20,12 @@ from pathlib import Path
 from simulations.experiment import Experiment, load_experiment
 
 DEFAULT_DATA = Path("data/synthetic")
-#: The built-in dataset the first command generates: the benchmark of ``hemexp generate`` (12 sites of
-#: unequal size, ~1,050 patients, >= 30 reader-positive studies per marker in a 20 % test split; markers
-#: with severities, mimics, reader noise; docs/synthetic-data.md), written at the tiny model's 64 px
-#: instead of 96 (the cache is 64 px either way, and generation takes half the time).
-QUICK_DATASET = {"matrix": 64}
+#: The built-in dataset the first command generates: the benchmark generator (markers with severities,
+#: mimics, reader noise; docs/synthetic-data.md) at a size whose whole run fits the README's 10 minutes on
+#: 2 cores (~150 patients). The full benchmark, ``hemexp generate`` with its defaults (~1,050 patients,
+#: >= 30 positives per marker in the test split), made the first command take ~15 minutes (measured:
+#: install 128 s, local 171 s, ...; docs/synthetic-data.md): run it with ``--data``.
+QUICK_DATASET = {"studies_scale": 0.9, "matrix": 64}
 
 
 def ensure_data(data_root: Path, generate: bool, log=print) -> bool:
