@@ -21,7 +21,7 @@ from common.records import ARRAYS, METRICS, SITE, GanInstruction, state_to_recor
 from common.run_config import model_from_run_config
 from server.validation import array_specs, check_reply, gan_schema
 from tests.client.test_client_app import train_message
-from tests.client.training.test_gan_augment import _cache
+from tests.helpers.cache import hypodensity_cache
 from tests.helpers.data import write_site
 from tests.helpers.flower import make_context, make_message, run_config
 
@@ -63,11 +63,11 @@ def test_a_site_without_both_classes_trains_on_its_real_slices(tmp_path):
     from client.federation.site_gan import stage2_training_set
     from client.federation.store import SiteStore
 
-    real = SliceDataset(_cache([0, 0, 0]), np.arange(6))  # no hypodensity-positive crop
+    real = SliceDataset(hypodensity_cache([0, 0, 0]), np.arange(6))  # no hypodensity-positive crop
     store = SiteStore(tmp_path / "store")
     assert stage2_training_set(real, SiteRunConfig.from_run_config(RUN), store, 1, "cpu") is real
     assert store.load(GENERATOR) is None  # no generator was made
-    both = SliceDataset(_cache([0, 1, 0, 1]), np.arange(8))
+    both = SliceDataset(hypodensity_cache([0, 1, 0, 1]), np.arange(8))
     augmented = stage2_training_set(both, SiteRunConfig.from_run_config(RUN), store, 1, "cpu")
     assert len(augmented) == 16 and store.load(GENERATOR) is not None  # ratio 1.0
 
@@ -78,7 +78,9 @@ def test_a_gan_round_at_a_site_without_both_classes_sits_out_with_zero_examples(
     run = SiteRunConfig.from_run_config(run_config(**BASE, **{"gan.augment-ratio": 1.0, "rounds.gan": 1}))
     received = gan_state_dict(*build_gan(get_gan_preset("tiny"), seed=3))
     order = GanInstruction(server_round=2, local_steps=2)
-    state, crops, result = gan_round(SliceDataset(_cache([0, 0, 0]), np.arange(6)), run, order, received, "cpu")
+    state, crops, result = gan_round(
+        SliceDataset(hypodensity_cache([0, 0, 0]), np.arange(6)), run, order, received, "cpu"
+    )
     assert crops == 0 and result is None and all(torch.equal(state[k], received[k]) for k in received)
     metrics = gan_round_metrics(crops, result)
     assert metrics["num-examples"] == 0 and metrics["steps"] == 0 and math.isnan(metrics["gan-d-loss"])
@@ -89,7 +91,7 @@ def test_a_gan_round_at_a_site_without_both_classes_sits_out_with_zero_examples(
     metrics["num-examples"] = 5  # a site that claims to have trained must report finite losses
     assert {p.rule for p in check_reply(reply, f"{MessageType.TRAIN}.gan", schema)} == {"not-finite"}
 
-    both = SliceDataset(_cache([0, 1, 0, 1]), np.arange(8))
+    both = SliceDataset(hypodensity_cache([0, 1, 0, 1]), np.arange(8))
     state, crops, result = gan_round(both, run, order, received, "cpu")
     assert crops == 4 and result.steps == 2 and set(state) == set(received)
     assert any(not torch.equal(state[k], received[k]) for k in received)  # trained
