@@ -327,6 +327,7 @@ class BestOnValidation:
         self.key: tuple[int, float] | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.stats: ValidationStats | None = None
+        self.round = 0
 
     def __call__(self, rnd: int, stage: int) -> None:
         if not selectable(stage, self.stage2_rounds):
@@ -341,8 +342,12 @@ class BestOnValidation:
         markers = [c for c, n in enumerate(self.model.output_names) if n in MARKERS]
         value = selection_score(stats, stage, markers)
         if not math.isnan(value) and (self.key is None or (stage, value) > self.key):
-            self.key, self.stats = (stage, value), stats
+            self.key, self.stats, self.round = (stage, value), stats, rnd
             self.state = copy.deepcopy(self.model.state_dict())
+
+    def chosen_round(self, last: int) -> int:
+        """The round ``restore`` loads: the best on validation, else the ``last`` (nothing chosen)."""
+        return self.round if self.state is not None else last
 
     @property
     def score(self) -> float:
@@ -354,6 +359,36 @@ class BestOnValidation:
             return {}
         self.model.load_state_dict(self.state)
         return calibration_meta(self.stats, self.model.output_names, self.target)
+
+
+class TestCurve:
+    """The test scores after each round ``eval.test-rounds`` scores: ``point`` records each as a curve
+    point; the last scored round's scores are kept so the final scoring of that same model is not
+    repeated (``scores_at``)."""
+
+    def __init__(
+        self,
+        stage1: int,
+        stage2: int,
+        test_rounds: str,
+        scores: Callable[[], dict[str, dict[str, Any]]],
+        point: Callable[[int, int, dict[str, dict[str, Any]]], None],
+    ) -> None:
+        self.stage1, self.stage2, self.test_rounds = stage1, stage2, test_rounds
+        self.scores, self.point = scores, point
+        self.last_round = stage1 + stage2
+        self.kept: tuple[int, dict[str, dict[str, Any]]] | None = None
+
+    def __call__(self, rnd: int, stage: int) -> None:
+        if not evaluated(rnd, self.stage1, self.stage2, self.test_rounds):
+            return
+        per_site = self.scores()
+        self.kept = (rnd, per_site)
+        self.point(rnd, stage, per_site)
+
+    def scores_at(self, rnd: int) -> dict[str, dict[str, Any]] | None:
+        """The scores of round ``rnd`` if it was the last one scored (None otherwise)."""
+        return self.kept[1] if self.kept is not None and self.kept[0] == rnd else None
 
 
 def chained(*steps: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
@@ -479,24 +514,30 @@ class Runner:
                 if path is not None:
                     self.results.gan_grids[case.name] = {"path": str(path), **key}
 
-    def _curve(
-        self, case: Case, method: str, models: Callable[[], dict[str, JointModel]], rc: dict
-    ) -> Callable[[int, int], None]:
+    def _curve(self, case: Case, method: str, models: Callable[[], dict[str, JointModel]], rc: dict) -> TestCurve:
         """A curve point after every round that ``eval.test-rounds`` scores (as the federation does)."""
         cfg = parse_run_config(rc)
 
-        def after_round(rnd: int, stage: int) -> None:
-            if not evaluated(rnd, cfg.rounds.stage1, cfg.rounds.stage2, cfg.eval.test_rounds):
-                return
-            per_site = {}
-            for site in case.evaluate:
-                model = models()[site.site_id]
-                per_site[site.site_id] = evaluate(model, site.data, self.device, self.eval_batch)
+        def point(rnd: int, stage: int, per_site: dict[str, dict[str, Any]]) -> None:
             self.results.curves.append(
                 curve_point(per_site, scenario=case.name, method=method, seed=case.seed, round=rnd, stage=stage)
             )
 
-        return after_round
+        def scores() -> dict[str, dict[str, Any]]:
+            return {
+                s.site_id: evaluate(models()[s.site_id], s.data, self.device, self.eval_batch)
+                for s in case.evaluate
+                if len(s.data)
+            }
+
+        return TestCurve(cfg.rounds.stage1, cfg.rounds.stage2, cfg.eval.test_rounds, scores, point)
+
+    def _final_scores(
+        self, model: JointModel, sites: Sequence[EvalSite], curve: TestCurve, best: BestOnValidation
+    ) -> dict[str, dict[str, Any]]:
+        """The chosen model's test scores: the curve's, where it already scored the chosen round
+        (one test pass fewer; with ``eval.test-rounds = "last"`` and one stage-2 round, always)."""
+        return curve.scores_at(best.chosen_round(curve.last_round)) or score(model, sites, self.eval_batch, self.device)
 
     def _resplit(self, case: Case, method: Method) -> tuple[list[Dataset], list[EvalSite], list[EvalSite]]:
         """Training sets, evaluation sites and validation sites for the method's split (the paper's
@@ -566,7 +607,7 @@ class Runner:
             G = train_rounds(models[site_id], ds, rc, steps, case.seed, chained(after, best), self.device)
             gans.update(gan_site(site_id, G, models[site_id], [ds], held_out_of(site_id, vals, evals)))
             calibration = best.restore()
-            self.record(case, method.name, score(models[site_id], one, self.eval_batch, self.device), calibration)
+            self.record(case, method.name, self._final_scores(models[site_id], one, after, best), calibration)
         self._merge_local_curves(case, method.name)
         self._gan_figures(case, method.name, rc, gans)
         self.results.models.setdefault(f"{case.name}/{method.name}", next(iter(models.values())))
@@ -607,7 +648,7 @@ class Runner:
         best = self._selector(model, vals, rc)  # every training site's validation patients, pooled
         G = train_rounds(model, ds, rc, steps, case.seed, chained(curve, best), self.device)
         calibration = best.restore()
-        self.record(case, method.name, score(model, evals, self.eval_batch, self.device), calibration)
+        self.record(case, method.name, self._final_scores(model, evals, curve, best), calibration)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
         held = [s.data for s in (*vals, *evals)]
         self._gan_figures(case, method.name, rc, gan_site("pooled", G, model, trains, held))

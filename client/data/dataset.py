@@ -75,6 +75,15 @@ def study_split_ids(cache: SiteCache) -> list[str]:
     return [f"{s.get('source', site)}#{s['patient_order']}" for s in cache.studies]
 
 
+def followup_slices(cache: SiteCache) -> np.ndarray:
+    """Whether each slice belongs to a follow-up study (one that a baseline's ``followup`` names)."""
+    names = {s["followup"] for s in cache.studies if s.get("followup")}
+    out = np.zeros(cache.n_slices, dtype=bool)
+    for s in cache.studies:
+        out[s["start"] : s["stop"]] = s["study"] in names
+    return out
+
+
 def split_slices(
     cache: SiteCache,
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
@@ -85,7 +94,11 @@ def split_slices(
     """Slice indices per split. ``by="patient"`` (default) keeps every patient in one split;
     ``by="slice"`` splits slices at random (only to show the leakage effect).
 
-    Membership depends on the seed, the site id and the data only (``assign_groups``).
+    Follow-up studies train (their masks teach the U-Net) but are not scored: each validation and
+    test patient counts once, on the admission CT the clinic runs the model on (the follow-up has no
+    marker labels, and scoring it too would weigh patients with a follow-up double in Dice and
+    cost a third more evaluation on the benchmark). Membership depends on the seed, the site id and
+    the data only (``assign_groups``).
     """
     if by not in ("patient", "slice"):
         raise ValueError(f"split by must be 'patient' or 'slice', got {by!r}")
@@ -99,7 +112,8 @@ def split_slices(
         keys = list(patient_of_slice[idx])
     assignment = assign_groups(keys, fractions, seed, site=cache.index["site_id"])
     split_of = np.asarray([assignment[k] for k in keys]) if len(keys) else np.zeros(0, dtype=str)
-    return {name: idx[split_of == name] for name in SPLITS}
+    scored = ~followup_slices(cache)[idx]
+    return {name: idx[(split_of == name) & (scored | (name == "train"))] for name in SPLITS}
 
 
 class SliceDataset(Dataset):

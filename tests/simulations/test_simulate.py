@@ -197,9 +197,15 @@ def test_results_flag_writes_the_headline_with_intervals_and_the_readme_block(tm
     assert "no results block" in capsys.readouterr().err
 
 
-def test_eval_test_rounds_last_scores_only_the_rounds_that_count(tmp_path, data):
+def test_eval_test_rounds_last_scores_only_the_rounds_that_count(tmp_path, data, monkeypatch):
     """``eval.test-rounds = last``: the baselines score no stage-1 round of a two-stage run (no
-    curve point there), and still score the chosen round on the test patients."""
+    curve point there), and still score the chosen round on the test patients, once: the final
+    scoring reuses the last round's test pass (every dataset, validation or test, is evaluated once)."""
+    import simulations.runner as runner
+
+    calls: list[int] = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda model, ds, *a, **k: calls.append(id(ds)) or real(model, ds, *a, **k))
     text = TINY.format(seeds="[0]", methods=BASELINES, extra_scenarios="")
     text = text.replace("rounds_stage1 = 1", "rounds_stage1 = 2").replace(
         '"model.image-size" = 32', '"model.image-size" = 32\n"eval.test-rounds" = "last"'
@@ -208,6 +214,8 @@ def test_eval_test_rounds_last_scores_only_the_rounds_that_count(tmp_path, data)
     doc = json.loads((_run(tmp_path, tmp_path / "exp.toml", data) / "metrics.json").read_text())
     assert {(c["method"], c["round"]) for c in doc["curves"]} == {("local", 3), ("pooled", 3)}
     assert {r["method"] for r in doc["rows"] if r["metric"] == "dice"} == {"local", "pooled"}
+    # each site's validation and test set once per method (local, pooled): twice in all
+    assert len(set(calls)) == 2 * len(SITES) and all(calls.count(c) == 2 for c in calls)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,43 @@ def test_patient_orders_rank_distinct_patients_whatever_their_listing_order() ->
     assert orders[0] == orders[2] and sorted(set(orders)) == [0, 1, 2]
     again = dict(zip(ids[::-1], patient_orders(ids[::-1])))
     assert dict(zip(ids, orders)) == again
+
+
+def _cache_with_followups(n_patients: int = 20, n_slices: int = 3):
+    """An in-memory cache: per patient a baseline study naming its follow-up, then the follow-up."""
+    from client.data.cache import SiteCache
+
+    studies, start = [], 0
+    for p in range(n_patients):
+        for kind in ("base", "fu"):
+            studies.append(
+                {
+                    "study": f"{kind}{p}",
+                    "patient": f"P{p}",
+                    "patient_order": p,
+                    "start": start,
+                    "stop": start + n_slices,
+                    "brain_fraction": [1.0] * n_slices,
+                    "followup": f"fu{p}" if kind == "base" else "",
+                }
+            )
+            start += n_slices
+    index = {"site_id": "site-01", "n_slices": start, "studies": studies}
+    zeros = np.zeros((start, 4, 4), np.uint8)
+    return SiteCache(Path("."), index, zeros, zeros, np.zeros((start, 5), np.float32))
+
+
+def test_follow_up_studies_train_but_are_never_scored() -> None:
+    cache = _cache_with_followups()
+    study_of = np.asarray([s["study"] for s in cache.studies])[cache.slice_study()]
+    for seed in range(3):
+        parts = split_slices(cache, seed=seed)
+        train_fu = [s for s in study_of[parts["train"]] if s.startswith("fu")]
+        assert len(train_fu) > 0  # follow-ups teach the U-Net
+        for name in ("val", "test"):
+            assert len(parts[name]) > 0
+            assert all(s.startswith("base") for s in study_of[parts[name]]), name
+        # every baseline slice is still in exactly one split
+        scored = np.concatenate([parts[k] for k in SPLITS])
+        base = np.flatnonzero(np.char.startswith(study_of.astype(str), "base"))
+        assert sorted(scored[np.isin(scored, base)]) == list(base)
