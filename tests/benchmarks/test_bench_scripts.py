@@ -85,9 +85,9 @@ def test_bench_difficulty_help_and_errors(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit, match="no truth"):
         bench_difficulty.main(["--data", str(tmp_path)])
     with pytest.raises(
-        ValueError, match=r"'fedavg' is not a pooled or local method; choose from \['local', 'pooled'\]"
+        ValueError, match=r"'fedavg\+imbalance' is not a pooled or local method; choose from \['local', 'pooled'\]"
     ):
-        bench_difficulty.one_run(load_experiment("default"), "fedavg", 0, None, None)
+        bench_difficulty.one_run(load_experiment("default"), "fedavg+imbalance", 0, None, None)
     exp = bench_difficulty.one_run(load_experiment("default"), "pooled", 3, 5, [2, 1])
     assert (exp.seeds, [m.name for m in exp.methods], len(exp.scenarios)) == ((3,), ["pooled"], 1)
     assert (exp.budget.local_steps, exp.budget.rounds_stage1, exp.budget.rounds_stage2) == (5, 2, 1)
