@@ -4,7 +4,7 @@ scored against the truth, and expansion beside a marker-count score.
 
 Usage: python -m benchmarks.bench_difficulty [--data data/synthetic] [--experiment default]
        [--method pooled] [--seed 0] [--local-steps N] [--rounds STAGE1 STAGE2] [--device auto]
-       [--boot 2000] [--out runs/bench_difficulty]
+       [--boot 2000] [--out runs/bench_difficulty] [--results FILE.md]
 
 Runs one method of the experiment (its first scenario, one seed) through the simulation's own
 runner (``simulations.runner.Runner``: same caches, split, budget, run config and model choice on
@@ -12,7 +12,8 @@ validation as ``simulations/simulate.py``), optionally with a larger budget, on 
 by ``hemexp generate`` (it needs its ``.truth/truth.csv``), then prints the report's ceiling table
 (``simulations.report.ceiling_section``): per label the test baselines, reader and true positives,
 the model's AUROC [95 % CI], the ceiling, the share of it and the AUROC against the truth [95 % CI].
-``OUT/difficulty.json`` keeps the rows and the marker-count AUROCs.
+``OUT/difficulty.json`` keeps the rows and the marker-count AUROCs; ``--results`` also writes them
+as markdown with the command that made them (``benchmarks/results/synthetic_difficulty.md``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from common.config import MARKERS
 from common.metrics import roc_auc_per_marker
 from simulations.experiment import Experiment, Method, load_experiment
-from simulations.report.ceiling_section import ceiling_tables, console
+from simulations.report.ceiling_section import ceiling_tables, console, markdown
 from simulations.report.files import json_safe
 from simulations.runner import Runner, iterate_cases
 from simulations.synthetic.ceiling import pseudonym_map, read_labels, truth_keys
@@ -65,6 +66,24 @@ def one_run(exp: Experiment, name: str, seed: int, local_steps: int | None, roun
     return replace(exp, seeds=(seed,), methods=(method,), scenarios=exp.scenarios[:1], budget=budget)
 
 
+def results_markdown(title: str, data: Path, tables: dict[str, list], counts: dict[str, float], argv) -> str:
+    """The run's tables as a markdown file, headed by the command and the dataset that made them."""
+    import sys
+
+    described = json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").is_file() else {}
+    facts = ", ".join(f"{k} {described[k]}" for k in ("seed", "matrix", "studies_scale") if k in described)
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    parts = [
+        "# How hard is the synthetic benchmark? (written by benchmarks/bench_difficulty.py)\n",
+        f"Command: `python -m benchmarks.bench_difficulty {args}`; data `{data.name}` ({facts}).\n",
+        f"{title}.\n",
+        *(markdown(rows, scenario) for scenario, rows in tables.items()),
+        "",
+        *(f"- expansion by {k}: AUROC {v:.3f}" for k, v in counts.items()),
+    ]
+    return "\n".join(parts) + "\n"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("data/synthetic"), help="written by hemexp generate")
@@ -77,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates of the intervals")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_difficulty"))
+    ap.add_argument("--results", type=Path, help="also write the tables as markdown here")
     return ap.parse_args(argv)
 
 
@@ -98,17 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.perf_counter() - t0 - t_cache
     tables = ceiling_tables(data, runner.results.studies, args.boot, seed=args.seed)
     b = exp.budget
-    print(
-        f"\n{exp.name}/{exp.methods[0].name}, seed {case.seed}, {b.rounds_stage1} + {b.rounds_stage2} rounds x "
+    title = (
+        f"{exp.name}/{exp.methods[0].name}, seed {case.seed}, {b.rounds_stage1} + {b.rounds_stage2} rounds x "
         f"{b.local_steps} steps x {len(case.train)} sites (caches {t_cache:.0f} s, training and scoring "
-        f"{t_train:.0f} s)\n"
+        f"{t_train:.0f} s)"
     )
+    print(f"\n{title}\n")
     for scenario, rows in tables.items():
         print(console(rows, scenario))
     studies = np.concatenate([e["outputs"].studies for e in runner.results.studies])
     counts = marker_count_auroc(data, truth_keys(studies, pseudonym_map(data)))
     for k, v in counts.items():
         print(f"expansion by {k}: AUROC {v:.3f}")
+    if args.results is not None:
+        args.results.write_text(results_markdown(title, data, tables, counts, argv))
+        print(f"wrote {args.results}")
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"experiment": exp.name, "method": exp.methods[0].name, "seed": case.seed, "budget": b.run_config()}
     doc |= {"ceiling": tables, "marker_count": counts, "seconds": {"caches": t_cache, "training": t_train}}

@@ -360,6 +360,8 @@ def stratum_mean(metric: Callable[[np.ndarray], float], strata: np.ndarray) -> C
     """A statistic over row indices: ``metric`` within each stratum (seed), averaged over strata
     where defined (NaN when none is)."""
     strata = np.asarray(strata)
+    if np.unique(strata).size <= 1:  # one seed: the metric itself (the bootstrap calls this 2,000 times)
+        return lambda idx: float(metric(idx))
 
     def statistic(idx: np.ndarray) -> float:
         vals = [metric(idx[strata[idx] == s]) for s in np.unique(strata[idx])]
@@ -367,6 +369,43 @@ def stratum_mean(metric: Callable[[np.ndarray], float], strata: np.ndarray) -> C
         return float(np.mean(vals)) if vals else float("nan")
 
     return statistic
+
+
+def resamples(
+    patients: np.ndarray, strata: np.ndarray | None = None, n_boot: int = N_BOOT, seed: int = 0
+) -> list[np.ndarray]:
+    """The row indices of each bootstrap replicate: within each stratum, as many patients as it has,
+    drawn with replacement; every row (study) of a drawn patient enters once per draw. A patient is
+    (stratum, patient key): the same person in two seeds' test sets counts twice. Made once and
+    shared by every metric of a row (``marker_intervals``), so its metrics see the same replicates."""
+    patients = np.asarray(patients).astype(str)
+    if n_boot <= 0 or not patients.size:
+        return []
+    strata = np.zeros(patients.size, dtype=str) if strata is None else np.asarray(strata).astype(str)
+    groups, inverse = np.unique(_row_keys(strata, patients), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    rows_of = np.split(order, np.cumsum(np.bincount(inverse, minlength=groups.size))[:-1])
+    group_stratum = strata[[r[0] for r in rows_of]]
+    by_stratum = [np.flatnonzero(group_stratum == s) for s in np.unique(group_stratum)]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        drawn = np.concatenate([members[rng.integers(0, members.size, members.size)] for members in by_stratum])
+        draws.append(np.concatenate([rows_of[g] for g in drawn]))
+    return draws
+
+
+def interval_over(
+    statistic: Callable[[np.ndarray], float], n_rows: int, draws: Sequence[np.ndarray], alpha: float = 0.05
+) -> Interval:
+    """Percentile interval of ``statistic(row_indices)`` over ``draws`` (``resamples``); replicates
+    with an undefined (NaN) statistic are dropped. No draws: the estimate alone."""
+    estimate = float(statistic(np.arange(n_rows)))
+    values = [v for v in (statistic(idx) for idx in draws) if not np.isnan(v)]
+    if not values:
+        return Interval(estimate, float("nan"), float("nan"), 0)
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return Interval(estimate, float(low), float(high), len(values))
 
 
 def bootstrap_ci(
@@ -377,34 +416,9 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> Interval:
-    """Percentile interval of ``statistic(row_indices)`` over patient resamples.
-
-    Each replicate draws, within each stratum, as many patients as the stratum has, with
-    replacement; every row (study) of a drawn patient enters once per draw. A patient is
-    (stratum, patient key): the same person in two seeds' test sets counts twice. Replicates with
-    an undefined (NaN) statistic are dropped. ``n_boot = 0`` gives the estimate alone.
-    """
-    patients = np.asarray(patients).astype(str)
-    strata = np.zeros(patients.size, dtype=str) if strata is None else np.asarray(strata).astype(str)
-    estimate = float(statistic(np.arange(patients.size)))
-    if n_boot <= 0 or not patients.size:
-        return Interval(estimate, float("nan"), float("nan"), 0)
-    pairs = _row_keys(strata, patients)
-    groups, inverse = np.unique(pairs, return_inverse=True)
-    rows_of = [np.flatnonzero(inverse == g) for g in range(groups.size)]
-    group_stratum = np.asarray([strata[r[0]] for r in rows_of])
-    by_stratum = [np.flatnonzero(group_stratum == s) for s in np.unique(group_stratum)]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        drawn = np.concatenate([members[rng.integers(0, members.size, members.size)] for members in by_stratum])
-        v = statistic(np.concatenate([rows_of[g] for g in drawn]))
-        if not np.isnan(v):
-            values.append(v)
-    if not values:
-        return Interval(estimate, float("nan"), float("nan"), 0)
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return Interval(estimate, float(low), float(high), len(values))
+    """Percentile interval of ``statistic(row_indices)`` over patient resamples (``resamples``).
+    Replicates with an undefined (NaN) statistic are dropped. ``n_boot = 0`` gives the estimate alone."""
+    return interval_over(statistic, len(patients), resamples(patients, strata, n_boot, seed), alpha)
 
 
 def _patient_class(y: np.ndarray, patients: np.ndarray, strata: np.ndarray) -> np.ndarray:
@@ -455,11 +469,12 @@ def marker_intervals(
         "n_patients": int(np.unique(_row_keys(strata, patients)).size),
         "threshold": float(threshold),
     }
+    draws = resamples(patients, resample_strata, n_boot, seed)
     for name, fn in metrics.items():
         if only is not None and name not in only:
             continue
         stat = stratum_mean(lambda idx, fn=fn: fn(y[idx], p[idx]), strata)
-        row[name] = bootstrap_ci(stat, patients, resample_strata, n_boot, alpha, seed).to_dict()
+        row[name] = interval_over(stat, y.size, draws, alpha).to_dict()
     return row
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,25 @@ from typing import Any
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
+#: What the FAB of a simulation run holds: the project file and the packages the apps import.
+APP_FILES = ("pyproject.toml", "README.md", ".gitignore")
+APP_PACKAGES = ("client", "server", "common", "simulations")
+
+
+def stage_app(repo: Path, dest: Path) -> Path:
+    """A copy of the app's own files in ``dest`` for ``flwr run`` to build its FAB from.
+
+    ``flwr run <dir>`` walks every file under ``<dir>`` before its ignore rules apply: in a checkout
+    with the virtual environment and the benchmark data (100,000 files) that walk took ~10 s per
+    federated run on 2 cores; the staged copy holds ~300 files and gives the same FAB content."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for name in APP_FILES:
+        if (repo / name).is_file():
+            shutil.copy2(repo / name, dest / name)
+    for pkg in APP_PACKAGES:
+        shutil.copytree(repo / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
 def free_port() -> int:
@@ -119,6 +139,7 @@ class SimulationEngine:
         self.cpus_per_site, self.total_cpus = cpus_per_site, total_cpus or os.cpu_count() or 1
         self.gpus_per_site = gpu_share(self.total_cpus // cpus_per_site) if gpus_per_site is None else gpus_per_site
         self.home = self.work / "flwr-home"
+        self.app = self.work / "app"
         self.port = 0
         self._proc: subprocess.Popen | None = None
 
@@ -129,6 +150,7 @@ class SimulationEngine:
 
     def __enter__(self) -> SimulationEngine:
         self.home.mkdir(parents=True, exist_ok=True)
+        stage_app(REPO, self.app)
         self.port = free_port()  # Flower 1.42 serves every SuperLink API over one HTTP port
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
@@ -180,7 +202,7 @@ class SimulationEngine:
         cmd = [
             str(BIN / "flwr"),
             "run",
-            str(REPO),
+            str(self.app),
             "sim",
             "--stream",
             "--federation-config",

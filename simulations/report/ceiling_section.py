@@ -135,6 +135,22 @@ def console(rows: Sequence[dict], scenario: str) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: Sequence[dict], scenario: str) -> str:
+    """The ceiling table as markdown (``benchmarks.bench_difficulty --results``)."""
+    lines = [
+        f"{scenario}: study AUROC beside the ceiling (a perfect observer of the truth vs the labels)",
+        "",
+        "| method | label | n | reader + | true + | AUROC [95 % CI] | ceiling | share | vs truth [95 % CI] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['label']} | {r['n']} | {r['reader_pos']} | {r['true_pos']} | {cell(r['auroc'])} | "
+            f"{_fixed(r['ceiling'])} | {_fixed(r['fraction']['estimate'], 2)} | {cell(r['vs_truth'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot_ceiling(rows: Sequence[dict], scenario: str, path: Path) -> Path | None:
     """Each method's study AUROC per label (95 % interval as an error bar), the ceiling of its
     studies drawn as a black line across its bar, chance as a dotted line."""

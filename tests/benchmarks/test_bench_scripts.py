@@ -105,7 +105,9 @@ def test_bench_difficulty_runs_the_pooled_method_and_prints_the_ceiling(syntheti
     exp.write_text(TINY_WIDE_TEST.format(seeds="[0]", methods=BASELINES, extra_scenarios=""))
     out = tmp_path / "out"
     argv = ["--data", str(synthetic_root), "--experiment", str(exp), "--out", str(out), "--boot", "20"]
-    assert bench_difficulty.main([*argv, "--local-steps", "3", "--rounds", "1", "1", "--device", "cpu"]) == 0
+    md = tmp_path / "difficulty.md"
+    run = [*argv, "--local-steps", "3", "--rounds", "1", "1", "--device", "cpu", "--results", str(md)]
+    assert bench_difficulty.main(run) == 0
     printed = capsys.readouterr().out
     assert "1 + 1 rounds x 3 steps x 3 sites" in printed and "expansion by marker count (true)" in printed
     doc = json.loads((out / "difficulty.json").read_text())
@@ -113,6 +115,10 @@ def test_bench_difficulty_runs_the_pooled_method_and_prints_the_ceiling(syntheti
     rows = doc["ceiling"]["natural"]
     assert [r["label"] for r in rows] == list(MARKERS) and {r["method"] for r in rows} == {"pooled"}
     assert all(m in printed for m in MARKERS)
+    text = md.read_text()  # the markdown holds the command and one table row per label, as the JSON
+    assert f"bench_difficulty {' '.join(run)}" in text
+    for r in rows:
+        assert f"| pooled | {r['label']} | {r['n']} | {r['reader_pos']} | {r['true_pos']} |" in text
 
 
 @pytest.mark.slow

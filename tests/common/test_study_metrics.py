@@ -14,6 +14,7 @@ from common.study_metrics import (
     bootstrap_ci,
     brier,
     choose_thresholds,
+    class_strata,
     concat_outputs,
     dice_interval,
     ece,
@@ -21,6 +22,7 @@ from common.study_metrics import (
     fit_temperature_from_stats,
     paired_difference,
     per_site_rows,
+    resamples,
     sensitivity_specificity,
     slice_auroc_on_hematoma,
     stratum_mean,
@@ -106,6 +108,32 @@ def test_bootstrap_drops_replicates_without_both_classes_and_is_seeded() -> None
     a = bootstrap_ci(lambda idx: auroc(y[idx], s[idx]), pat, n_boot=300, seed=3)
     assert a.estimate == 1.0 and 0 < a.n_boot < 300  # some draws miss the only positive
     assert a == bootstrap_ci(lambda idx: auroc(y[idx], s[idx]), pat, n_boot=300, seed=3)
+
+
+def test_resamples_draw_whole_patients_within_strata_and_every_metric_shares_them() -> None:
+    """Each replicate draws, per stratum, as many patients as it has, each drawn patient with all of its
+    rows; the draws follow the seeded generator stratum by stratum (a hand re-implementation)."""
+    patients = np.array(["a", "a", "b", "c", "c", "c", "d", "e"])
+    strata = np.array(["0", "0", "0", "0", "0", "0", "1", "1"])
+    draws = resamples(patients, strata, n_boot=50, seed=5)
+    rng = np.random.default_rng(5)
+    rows = {("0", "a"): [0, 1], ("0", "b"): [2], ("0", "c"): [3, 4, 5], ("1", "d"): [6], ("1", "e"): [7]}
+    groups = sorted(rows)  # the groups in (stratum, patient) order
+    for idx in draws:
+        expect = []
+        for stratum in ("0", "1"):
+            members = [g for g in groups if g[0] == stratum]
+            expect += [r for k in rng.integers(0, len(members), len(members)) for r in rows[members[k]]]
+        assert idx.tolist() == expect
+    # a row's metrics are computed on the same replicates as a lone bootstrap of one of them
+    y, p = np.array([0, 1, 0, 1, 1, 0, 1, 0.0]), np.linspace(0.1, 0.9, 8)
+    row = summarise(_outputs(y, np.log(p / (1 - p)), patients=patients), n_boot=200, seed=2)[0]
+    alone = bootstrap_ci(lambda idx: auroc(y[idx], p[idx]), patients, _class_strata(y, patients), 200, seed=2)
+    assert row["auroc"] == alone.to_dict()
+
+
+def _class_strata(y: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    return class_strata(y, patients, np.zeros(len(y), dtype=str))
 
 
 def _outputs(y, logits, patients=None, sites=None, names=("m",)) -> StudyOutputs:

@@ -1,0 +1,19 @@
+"""The app ``flwr run`` builds its FAB from: a staged copy of the project's own files."""
+
+from __future__ import annotations
+
+from client.federation.app_identity import code_digest
+from simulations.engine import APP_PACKAGES, REPO, stage_app
+
+
+def test_the_staged_app_holds_the_code_and_nothing_else(tmp_path) -> None:
+    (tmp_path / "app" / "data").mkdir(parents=True)  # left from an earlier stage: replaced
+    app = stage_app(REPO, tmp_path / "app")
+    top = {p.name for p in app.iterdir()}
+    assert top == {*APP_PACKAGES, "pyproject.toml", "README.md", ".gitignore"}
+    assert code_digest(app) == code_digest(REPO)  # the sites' allowed-apps identity is unchanged
+    assert not list(app.rglob("__pycache__"))
+    repo_py = {
+        p.relative_to(REPO) for pkg in APP_PACKAGES for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts
+    }
+    assert {p.relative_to(app) for p in app.rglob("*.py")} == repo_py
