@@ -48,12 +48,15 @@ def _run(tmp_path: Path, exp: Path, data: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys, monkeypatch):
-    methods = BASELINES + '\n[[methods]]\nname = "fedavg"\nkind = "federated"\n'
+    """The baselines and a federation through Flower's simulation engine; the federation with the
+    federated GAN stage (design i: one GAN round before stage 2, its generator then augmenting stage 2)."""
+    gan = '"gan.augment-ratio" = 0.5, "rounds.gan" = 1, "gan.local-steps" = 1, "gan.steps" = 2'
+    methods = BASELINES + f'\n[[methods]]\nname = "fedavg"\nkind = "federated"\nrun_config = {{ {gan} }}\n'
     monkeypatch.chdir(tmp_path)  # relative --out, as a user types it
     assert main(["--experiment", str(_experiment(tmp_path, "[0]", methods)), "--data", str(data), "--out", "runs"]) == 0
     (out,) = (tmp_path / "runs").iterdir()
     printed = capsys.readouterr().out
-    assert "[ROUND 2/2]" in printed and "report:" in printed  # Flower's rounds shown as progress
+    assert "[ROUND 3/3]" in printed and "report:" in printed  # Flower's rounds shown as progress
     doc = json.loads((out / "metrics.json").read_text())
     rows = doc["rows"]
     assert set(rows[0]) == {"scenario", "method", "seed", "site", "marker", "metric", "value"}
@@ -61,10 +64,14 @@ def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys, m
         for site in SITES:  # every method has per-site figures at every site
             got = {(r["metric"], r["marker"]) for r in rows if r["method"] == method and r["site"] == site}
             assert {("dice", ""), ("macro_auc_slice", ""), ("auc_slice", "hypodensity")} <= got, (method, site)
-    # the federated curve has one point per round, from the ServerApp's history
-    assert [c["round"] for c in doc["curves"] if c["method"] == "fedavg"] == [1, 2]
+    # the federated curve has one point per round that trains the joint model, from the ServerApp's history
     history = json.loads(next((out / "federated").glob("*/history.json")).read_text())
+    assert [r["stage"] for r in history["rounds"]] == [1, "gan", 2]
+    assert [c["round"] for c in doc["curves"] if c["method"] == "fedavg"] == [1, 3]
     assert set(history["rounds"][0]["evaluate"]["sites"]) == set(SITES)
+    gan_round = history["rounds"][1]  # G and D went out to and came back from every site
+    assert set(gan_round["bytes"]) == set(SITES) and not gan_round.get("failures")
+    assert all(b["sent"] > 0 and b["received"] > 0 for b in gan_round["bytes"].values())
     # the headline is the mean over sites of the long table (computed here independently)
     for s in doc["summary"]:
         dice = [r["value"] for r in rows if r["method"] == s["method"] and r["metric"] == "dice" and r["marker"] == ""]
