@@ -7,7 +7,9 @@ validation studies as sums that the server adds up, and the server chooses from 
 - ``pos_hist`` / ``neg_hist`` [B, C]: how many positive / negative validation studies fall in each
   study-logit bin (``LOGIT_EDGES``). Summed over sites they give the pooled ROC at the bin edges, so
   the pooled validation AUROC (ties within a bin count half), Youden's threshold and the threshold
-  for a target sensitivity; a bin is 0.125 logit wide, so the threshold is exact to that width;
+  for a target sensitivity; a bin is 1/64 logit wide, so the threshold is exact to that width (a
+  near-constant classifier's study logits, spread over a few tenths of a logit, still rank: with
+  0.125-wide bins they fell into one or two bins and the pooled AUROC read exactly 0.500);
 - ``dice_tp`` / ``dice_fp`` / ``dice_fn``: pixel counts of the validation studies (stage-1 Dice).
 
 A site with one validation study reveals that study's binned logit through the histograms (not who
@@ -30,7 +32,7 @@ import numpy as np
 from common.study_metrics import TEMPERATURES, StudyOutputs, fit_temperature_from_stats, sigmoid, temperature_nll_stats
 
 #: Study-logit bin edges of the validation histograms (values outside fall in the end bins).
-LOGIT_EDGES = np.linspace(-8.0, 8.0, 129)
+LOGIT_EDGES = np.linspace(-8.0, 8.0, 1025)
 N_BINS = len(LOGIT_EDGES) - 1
 
 

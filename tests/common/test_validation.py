@@ -112,3 +112,16 @@ def test_eval_test_rounds_picks_the_scored_rounds():
     assert scored(3, 0, "last") == [1, 2, 3]  # a U-Net-only run chooses among its stage-1 rounds
     with pytest.raises(ValueError, match="eval.test-rounds must be one of"):
         parse_run_config(run_config(**{"eval.test-rounds": "sometimes"}))
+
+
+def test_a_near_constant_classifier_still_ranks_on_the_pooled_histograms():
+    """Study logits spread over 0.16 logit (a classifier that has barely moved from its start) and
+    ranked perfectly: the binned validation AUROC stays near the exact 1.0 (with 0.125-wide bins
+    those studies fell into two bins and it read 0.825)."""
+    n = 40
+    y = (np.arange(n) >= n // 2).astype(float)[:, None].repeat(2, 1)
+    z = (2.95 + 0.004 * np.arange(n))[:, None].repeat(2, 1)
+    keys = np.asarray([f"s{i}" for i in range(n)])
+    stats = ValidationStats.from_outputs(StudyOutputs(("a", "b"), keys, keys, keys, y, z, np.zeros(n, bool)))
+    assert auroc(y[:, 0], z[:, 0]) == 1.0
+    assert stats.auroc()[0] > 0.95
