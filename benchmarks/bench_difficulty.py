@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -66,10 +67,10 @@ def one_run(exp: Experiment, name: str, seed: int, local_steps: int | None, roun
     return replace(exp, seeds=(seed,), methods=(method,), scenarios=exp.scenarios[:1], budget=budget)
 
 
-def results_markdown(title: str, data: Path, tables: dict[str, list], counts: dict[str, float], argv) -> str:
+def results_markdown(
+    title: str, data: Path, tables: dict[str, list], counts: dict[str, float], argv: list[str] | None
+) -> str:
     """The run's tables as a markdown file, headed by the command and the dataset that made them."""
-    import sys
-
     described = json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").is_file() else {}
     facts = ", ".join(f"{k} {described[k]}" for k in ("seed", "matrix", "studies_scale") if k in described)
     args = " ".join(sys.argv[1:] if argv is None else argv)

@@ -119,35 +119,51 @@ def _fixed(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None or np.isnan(v) else f"{v:.{digits}f}"
 
 
+#: The ceiling table's columns: header, console width, alignment (text columns cut to their width).
+COLUMNS = (
+    ("method", 20, "<"),
+    ("label", 17, "<"),
+    ("n", 4, ">"),
+    ("reader+", 7, ">"),
+    ("true+", 5, ">"),
+    ("AUROC [95 % CI]", 24, ">"),
+    ("ceiling", 7, ">"),
+    ("share", 5, ">"),
+    ("vs truth [95 % CI]", 24, ">"),
+)
+TITLE = "{}: study AUROC beside the ceiling (a perfect observer of the truth vs the labels)"
+
+
+def _cells(r: dict) -> list[str]:
+    """One row's values as text, in ``COLUMNS`` order (the console and the markdown table share them)."""
+    return [
+        r["method"],
+        r["label"],
+        str(r["n"]),
+        str(r["reader_pos"]),
+        str(r["true_pos"]),
+        cell(r["auroc"]),
+        _fixed(r["ceiling"]),
+        _fixed(r["fraction"]["estimate"], 2),
+        cell(r["vs_truth"]),
+    ]
+
+
 def console(rows: Sequence[dict], scenario: str) -> str:
     """The ceiling table as text (``simulate.py``'s console, ``benchmarks.bench_difficulty``)."""
-    head = (
-        f"  {'method':20s} {'label':17s} {'n':>4s} {'reader+':>7s} {'true+':>5s} {'AUROC [95 % CI]':>24s} "
-        f"{'ceiling':>7s} {'share':>5s} {'vs truth [95 % CI]':>24s}"
-    )
-    lines = [f"{scenario}: study AUROC beside the ceiling (a perfect observer of the truth vs the labels)", head]
-    for r in rows:
-        lines.append(
-            f"  {r['method'][:20]:20s} {r['label'][:17]:17s} {r['n']:4d} {r['reader_pos']:7d} {r['true_pos']:5d} "
-            f"{cell(r['auroc']):>24s} {_fixed(r['ceiling']):>7s} {_fixed(r['fraction']['estimate'], 2):>5s} "
-            f"{cell(r['vs_truth']):>24s}"
+
+    def line(values: Sequence[str]) -> str:
+        return "  " + " ".join(
+            f"{v[:w] if a == '<' else v:{a}{w}s}" for v, (_, w, a) in zip(values, COLUMNS, strict=True)
         )
-    return "\n".join(lines)
+
+    return "\n".join([TITLE.format(scenario), line([c[0] for c in COLUMNS]), *(line(_cells(r)) for r in rows)])
 
 
 def markdown(rows: Sequence[dict], scenario: str) -> str:
     """The ceiling table as markdown (``benchmarks.bench_difficulty --results``)."""
-    lines = [
-        f"{scenario}: study AUROC beside the ceiling (a perfect observer of the truth vs the labels)",
-        "",
-        "| method | label | n | reader + | true + | AUROC [95 % CI] | ceiling | share | vs truth [95 % CI] |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['label']} | {r['n']} | {r['reader_pos']} | {r['true_pos']} | {cell(r['auroc'])} | "
-            f"{_fixed(r['ceiling'])} | {_fixed(r['fraction']['estimate'], 2)} | {cell(r['vs_truth'])} |"
-        )
+    lines = [TITLE.format(scenario), "", "| " + " | ".join(c[0] for c in COLUMNS) + " |", "| --- " * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
