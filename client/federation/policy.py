@@ -38,6 +38,9 @@ class SitePolicy:
     allowed_metrics: tuple[str, ...] | None = None
     #: Accept ``strategy.imbalance-head`` (the server then learns each site's positives per label).
     allow_imbalance_head: bool = True
+    #: Accept a federated GAN stage (``rounds.gan`` > 0), which sends the site's GAN generator and
+    #: discriminator, trained on its hematoma crops, to the server every GAN round (docs/gan.md).
+    allow_gan_sharing: bool = True
     #: Accept only runs whose label counts leave the site masked (``privacy.secure-counts``).
     require_secure_counts: bool = False
     #: Most rounds (stage 1 + stage 2) a run may have; 0: no bound.
@@ -132,6 +135,13 @@ def check_run(policy: SitePolicy, cfg: RunConfig) -> list[Violation]:
             )
     if cfg.strategy.imbalance_head and not policy.allow_imbalance_head:
         out.append(Violation("allow-imbalance-head", "strategy.imbalance-head is not accepted by this site"))
+    if cfg.rounds.gan and not policy.allow_gan_sharing:
+        out.append(
+            Violation(
+                "allow-gan-sharing",
+                f"the run federates the GAN (rounds.gan = {cfg.rounds.gan}); this site's GAN never leaves the site",
+            )
+        )
     if policy.require_secure_counts and not privacy.secure_counts:
         out.append(
             Violation("require-secure-counts", "this site sends label counts only masked; privacy.secure-counts is off")

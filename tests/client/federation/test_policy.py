@@ -91,6 +91,11 @@ def test_read_policy_from_site_toml(tmp_path):
         (SitePolicy(max_epsilon=4.0), {"privacy.dp": True, "privacy.target-epsilon": 8.0}, "max-epsilon"),
         (SitePolicy(allow_imbalance_head=False), {"strategy.imbalance-head": True}, "allow-imbalance-head"),
         (SitePolicy(require_secure_counts=True), {}, "require-secure-counts"),
+        (
+            SitePolicy(allow_gan_sharing=False),
+            {"rounds.gan": 2, "gan.augment-ratio": 0.5, "rounds.stage2": 1},
+            "allow-gan-sharing",
+        ),
         (SitePolicy(max_rounds=4), {"rounds.stage1": 3, "rounds.stage2": 2}, "max-rounds"),
     ],
 )
@@ -103,6 +108,7 @@ def test_each_run_rule_refuses(policy, overrides, rule):
     [
         (SitePolicy(require_dp=True, max_epsilon=4.0), {"privacy.dp": True, "privacy.target-epsilon": 4.0}),
         (SitePolicy(require_secure_counts=True), {"privacy.secure-counts": True}),
+        (SitePolicy(allow_gan_sharing=False), {"gan.augment-ratio": 0.5}),  # per-site GANs (design ii) stay home
         (SitePolicy(max_rounds=5), {"rounds.stage1": 3, "rounds.stage2": 2}),
     ],
 )
