@@ -67,6 +67,7 @@ from common.validation import (
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario
+from simulations.report.cost_section import stage_costs
 from simulations.report.expansion_section import comparator_record
 from simulations.report.gan_section import DEFAULT_LIMIT, draw_grid, measure
 from simulations.report.tables import mean_sd, slug
@@ -139,6 +140,9 @@ class Results:
     #: Per scenario and seed whose methods predict expansion: the comparators of its test studies
     #: (``simulations.report.expansion_section.comparator_record``; in memory only).
     expansion: list[dict[str, Any]] = field(default_factory=list)
+    #: Per federated run and stage: rounds, seconds per round, payload bytes per site per round
+    #: (``simulations.report.cost_section.stage_costs``).
+    costs: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --- metrics as long-table rows ----------------------------------------------------------------
@@ -704,6 +708,9 @@ class Runner:
         self.log(f"  {method.name}: flwr run on {len(case.plans)} virtual SuperNodes ({total} rounds)")
         self.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=self._flower_progress(method.name))
         history = json.loads((run_dir / name / "history.json").read_text())
+        self.results.costs += [
+            {"scenario": case.name, "method": method.name, "seed": case.seed, **row} for row in stage_costs(history)
+        ]
         for r in history["rounds"]:
             if not r.get("evaluate"):  # a round eval.test-rounds does not score
                 continue

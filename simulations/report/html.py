@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import MARKERS
+from simulations.report.cost_section import write_costs
 from simulations.report.expansion_section import write_expansion
 from simulations.report.figures import (
     plot_dice_per_site,
@@ -93,6 +94,7 @@ def write_report(
     parts += sections
     parts += section_parts(write_gan(out_dir, results.gan, results.gan_grids))
     parts += section_parts(write_expansion(out_dir, results.studies, results.expansion, n_boot))
+    parts += section_parts(write_costs(out_dir, results.costs))
     parts += privacy_parts(results.privacy, figs)
     parts += run_parts(results.failures, results.timings)
     parts += configuration_parts(env, experiment_text)

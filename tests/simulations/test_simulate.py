@@ -72,6 +72,14 @@ def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys, m
     gan_round = history["rounds"][1]  # G and D went out to and came back from every site
     assert set(gan_round["bytes"]) == set(SITES) and not gan_round.get("failures")
     assert all(b["sent"] > 0 and b["received"] > 0 for b in gan_round["bytes"].values())
+    # the report's round cost: one row per stage of the federation, the GAN round's bytes as in its history
+    cost = json.loads((out / "round_cost.json").read_text())["mean_over_seeds"]
+    assert [(r["method"], r["stage"], r["rounds"]) for r in cost] == [
+        ("fedavg", "1", 1),
+        ("fedavg", "gan", 1),
+        ("fedavg", "2", 1),
+    ]
+    assert cost[1]["sent"] == pytest.approx(np.mean([b["sent"] for b in gan_round["bytes"].values()]))
     # the headline is the mean over sites of the long table (computed here independently)
     for s in doc["summary"]:
         dice = [r["value"] for r in rows if r["method"] == s["method"] and r["metric"] == "dice" and r["marker"] == ""]
