@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.config import check_known_keys
+from common.config import MARKERS, check_known_keys
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 METHOD_KINDS: tuple[str, ...] = ("local", "pooled", "federated", "location-finetune")
@@ -112,6 +112,22 @@ class Method:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """A planned paired comparison: ``a`` minus ``b`` in one marker's study AUROC (``[[comparisons]]``),
+    e.g. a method with SNGAN augmentation against the same method without."""
+
+    a: str
+    b: str
+    marker: str
+
+    def __post_init__(self) -> None:
+        if self.marker not in MARKERS:
+            raise ValueError(
+                f"comparison {self.a!r} - {self.b!r}: marker must be one of {list(MARKERS)}, got {self.marker!r}"
+            )
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     description: str
@@ -121,6 +137,7 @@ class Experiment:
     methods: tuple[Method, ...]
     run_config: Mapping[str, Any] = field(default_factory=dict)  # overrides shared by every method
     paper: Mapping[str, Any] = field(default_factory=dict)  # the source paper's figures, for the report
+    comparisons: tuple[Comparison, ...] = ()  # planned paired differences in one marker's AUROC
     source: str = ""
 
     def method_run_config(self, method: Method) -> dict[str, Any]:
@@ -147,6 +164,10 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: method names must be unique, got {names}")
     scenarios = tuple(_build(Scenario, s, f"{where}: scenario") for s in doc.get("scenarios", [{}]))
+    comparisons = tuple(_build(Comparison, c, f"{where}: comparison") for c in doc.get("comparisons", []))
+    for c in comparisons:
+        if {c.a, c.b} - set(names):
+            raise ValueError(f"{where}: comparison {c.a!r} - {c.b!r} names a method that is not in [[methods]] {names}")
     seeds = tuple(int(s) for s in doc.get("seeds", [0]))
     if not seeds:
         raise ValueError(f"{where}: seeds is empty")
@@ -159,6 +180,7 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
         methods=methods,
         run_config=dict(doc.get("run_config", {})),
         paper=dict(doc.get("paper", {})),
+        comparisons=comparisons,
         source=source,
     )
 

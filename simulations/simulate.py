@@ -105,7 +105,7 @@ def run_experiment(
                 pictures["overlays"] = plot_overlays(
                     _overlay_model(runner, case.name, exp), examples, figures / f"{slug(case.name)}_overlays.png"
                 )
-    tables = study_tables(runner.results.studies, n_boot)
+    tables = study_tables(runner.results.studies, n_boot, comparisons=exp.comparisons)
     env = environment()
     ceiling = ceiling_parts(out_dir, data_root, runner.results.studies, figures, n_boot)  # generated data only
     report = write_report(out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables, ceiling, n_boot)
@@ -118,7 +118,10 @@ def run_experiment(
         seeds = ", ".join(str(s) for s in exp.seeds)
         text = "".join(
             markdown(
-                t["headline"], t["paired"], f"{exp.name}: {scenario} (seeds {seeds}; {n_boot} bootstrap replicates)"
+                t["headline"],
+                t["paired"],
+                f"{exp.name}: {scenario} (seeds {seeds}; {n_boot} bootstrap replicates)",
+                t["planned"],
             )
             for scenario, t in tables.items()
         )

@@ -190,6 +190,17 @@ def study_parts(scenario: str, tables: dict[str, list] | None, studies, figs: Pa
                 ["A", "B", "difference [95 % CI]"], [[p["a"], p["b"], cell(p["difference"])] for p in tables["paired"]]
             )
         )
+    if tables.get("planned"):
+        parts.append("<h3>Planned comparisons (one marker's study AUROC, A - B, same test studies)</h3>")
+        parts.append(
+            html_table(
+                ["A", "B", "marker", "n (pos)", "difference [95 % CI]"],
+                [
+                    [p["a"], p["b"], p["marker"], f"{p['n']} ({p['n_pos']})", cell(p["difference"])]
+                    for p in tables["planned"]
+                ],
+            )
+        )
     parts.append(img(plot_study_curves(studies, scenario, figs / f"{part}_study_curves.png"), "study-level ROC and PR"))
     parts.append(img(plot_reliability(studies, scenario, figs / f"{part}_reliability.png"), "reliability diagram"))
     site_rows = [r for r in tables["per_site"] if r["marker"] in ("macro", "dice")]

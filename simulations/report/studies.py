@@ -30,6 +30,7 @@ import numpy as np
 from common.config import MARKERS
 from common.study_metrics import (
     StudyOutputs,
+    align_outputs,
     bootstrap_ci,
     concat_outputs,
     dice_interval,
@@ -126,6 +127,35 @@ def paired(studies: Sequence[dict], scenario: str, n_boot: int, seed: int = 0) -
         except ValueError:  # no common study (e.g. different splits)
             continue
         rows.append({"a": a, "b": b, "difference": diff.to_dict()})
+    return rows
+
+
+def planned(
+    studies: Sequence[dict], scenario: str, comparisons: Sequence[Any], n_boot: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The experiment's planned comparisons (``simulations.experiment.Comparison``: ``a``, ``b``,
+    ``marker``): ``a`` minus ``b`` in that marker's study AUROC (calibrated logits) on their common
+    studies, paired by study, patients resampled within each seed; n and n_pos of those studies."""
+    rows = []
+    for c in comparisons:
+        ea, eb = entries_of(studies, scenario, c.a), entries_of(studies, scenario, c.b)
+        if not ea or not eb:
+            continue
+        oa, ob = align_outputs(pooled(ea, "calibrated"), pooled(eb, "calibrated"))
+        col = list(oa.names).index(c.marker)
+        y = oa.labels[:, col]
+        diff = paired_difference(oa, ob, [col], n_boot=n_boot, seed=seed)
+        known = ~np.isnan(y)
+        rows.append(
+            {
+                "a": c.a,
+                "b": c.b,
+                "marker": c.marker,
+                "n": int(known.sum()),
+                "n_pos": int((y[known] == 1).sum()),
+                "difference": diff.to_dict(),
+            }
+        )
     return rows
 
 
@@ -235,8 +265,8 @@ def cell(iv: dict | None) -> str:
 HEADLINE_COLUMNS = ("auroc", "auprc", "brier", "ece", "sensitivity", "specificity")
 
 
-def markdown(rows: Sequence[dict], paired_rows: Sequence[dict], title: str) -> str:
-    """The headline and paired tables as markdown (``--results``, the README)."""
+def markdown(rows: Sequence[dict], paired_rows: Sequence[dict], title: str, planned_rows: Sequence[dict] = ()) -> str:
+    """The headline, paired and planned-comparison tables as markdown (``--results``, the README)."""
     lines = [f"### {title}", "", "| method | marker | n (pos) | " + " | ".join(HEADLINE_COLUMNS) + " |"]
     lines.append("| --- " * (3 + len(HEADLINE_COLUMNS)) + "|")
     for r in rows:
@@ -247,7 +277,23 @@ def markdown(rows: Sequence[dict], paired_rows: Sequence[dict], title: str) -> s
     if paired_rows:
         lines += ["", "| A | B | macro-AUROC A - B [95 % CI] |", "| --- | --- | --- |"]
         lines += [f"| {p['a']} | {p['b']} | {cell(p['difference'])} |" for p in paired_rows]
+    if planned_rows:
+        lines += ["", *planned_markdown(planned_rows)]
     return "\n".join(lines) + "\n"
+
+
+def planned_markdown(planned_rows: Sequence[dict]) -> list[str]:
+    """The planned comparisons' table as markdown lines."""
+    return [
+        "Planned comparisons (paired by study):",
+        "",
+        "| A | B | marker | n (pos) | study AUROC A - B [95 % CI] |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {p['a']} | {p['b']} | {p['marker']} | {p['n']} ({p['n_pos']}) | {cell(p['difference'])} |"
+            for p in planned_rows
+        ),
+    ]
 
 
 def console(rows: Sequence[dict], scenario: str) -> str:
@@ -261,13 +307,44 @@ def console(rows: Sequence[dict], scenario: str) -> str:
     return "\n".join(lines)
 
 
-def study_tables(studies: Sequence[dict], n_boot: int, seed: int = 0) -> dict[str, dict[str, list]]:
-    """Per scenario: the ``headline``, ``paired`` and ``per_site`` tables (``study_metrics.json``)."""
+def study_tables(
+    studies: Sequence[dict], n_boot: int, seed: int = 0, comparisons: Sequence[Any] = ()
+) -> dict[str, dict[str, list]]:
+    """Per scenario: the ``headline``, ``paired``, ``planned`` (the experiment's ``comparisons``) and
+    ``per_site`` tables (``study_metrics.json``)."""
     return {
         scenario: {
             "headline": headline(studies, scenario, n_boot, seed),
             "paired": paired(studies, scenario, n_boot, seed),
+            "planned": planned(studies, scenario, comparisons, n_boot, seed),
             "per_site": per_site(studies, scenario, min(n_boot, SITE_BOOT), seed),
         }
         for scenario in dict.fromkeys(e["scenario"] for e in studies)
     }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m simulations.report.studies RUN_DIR [--experiment NAME]``: the planned comparisons of
+    an existing run (its ``studies.json``) as markdown, e.g. for comparisons added after it ran."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from simulations.experiment import load_experiment
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--experiment", help="whose [[comparisons]] (default: the run's experiment.toml)")
+    parser.add_argument("--boot", type=int, default=2000)
+    args = parser.parse_args(argv)
+    exp = load_experiment(args.experiment or args.run_dir / "experiment.toml")
+    studies = from_json(json.loads((args.run_dir / "studies.json").read_text()))
+    for scenario in dict.fromkeys(e["scenario"] for e in studies):
+        rows = planned(studies, scenario, exp.comparisons, args.boot)
+        print(
+            "\n".join([f"### {exp.name}: {scenario} ({args.boot} bootstrap replicates)", "", *planned_markdown(rows)])
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -72,3 +72,48 @@ def test_paired_per_site_and_json_round_trip(studies):
     assert all(r["markers"][LABELS[0]]["n"] == 24 for r in macro)
     back = from_json(json.loads(json.dumps(to_json(studies))))
     assert json.dumps(study_tables(back, 20)) == json.dumps(study_tables(studies, 20))  # NaN-safe comparison
+
+
+def test_planned_comparison_is_one_markers_auroc_difference_mean_over_seeds(studies, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    from simulations.experiment import Comparison
+    from simulations.report.studies import main, planned
+
+    marker = LABELS[1]
+    (row,) = planned(studies, "s", [Comparison("local", "pooled", marker)], n_boot=50)
+    col = LABELS.index(marker)
+
+    def auc(method, seed):  # on the calibrated logits (divided by the validation temperature)
+        es = [e for e in studies if e["method"] == method and e["seed"] == seed]
+        y = np.concatenate([e["outputs"].labels[:, col] for e in es])
+        z = np.concatenate([e["outputs"].logits[:, col] / e["temperature"][col] for e in es])
+        return roc_auc_score(y, z)
+
+    expected = np.mean([auc("local", s) - auc("pooled", s) for s in (0, 1)])
+    assert row["difference"]["estimate"] == pytest.approx(expected)
+    assert row["difference"]["low"] <= expected <= row["difference"]["high"]
+    y = np.concatenate([e["outputs"].labels[:, col] for e in studies if e["method"] == "pooled"])
+    assert (row["marker"], row["n"], row["n_pos"]) == (marker, 48, int(y.sum()))
+    assert study_tables(studies, 20, comparisons=[Comparison("local", "pooled", marker)])["s"]["planned"][0]["n"] == 48
+    # the command-line view of an existing run: its studies.json and an experiment's comparisons
+    (tmp_path / "studies.json").write_text(json.dumps(to_json(studies)))
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        'name = "x"\n[[methods]]\nname = "local"\nkind = "local"\n[[methods]]\nname = "pooled"\nkind = "pooled"\n'
+        f'[[comparisons]]\na = "local"\nb = "pooled"\nmarker = "{marker}"\n'
+    )
+    main([str(tmp_path), "--experiment", str(exp), "--boot", "50"])
+    out = capsys.readouterr().out
+    assert f"| local | pooled | {marker} | 48 ({int(y.sum())}) | {row['difference']['estimate']:.3f} [" in out
+
+
+def test_a_comparison_must_name_known_methods_and_a_marker():
+    from simulations.experiment import parse_experiment
+
+    doc = {"methods": [{"name": "a", "kind": "local"}, {"name": "b", "kind": "pooled"}]}
+    with pytest.raises(ValueError, match="names a method that is not in"):
+        parse_experiment({**doc, "comparisons": [{"a": "a", "b": "c", "marker": "hypodensity"}]}, "x.toml")
+    with pytest.raises(ValueError, match="marker must be one of"):
+        parse_experiment({**doc, "comparisons": [{"a": "a", "b": "b", "marker": "size"}]}, "x.toml")
+    assert parse_experiment({**doc, "comparisons": [{"a": "a", "b": "b", "marker": "hypodensity"}]}).comparisons
