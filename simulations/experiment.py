@@ -17,6 +17,7 @@ An experiment is scenarios x methods x seeds under one training budget:
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -183,6 +184,12 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
         comparisons=comparisons,
         source=source,
     )
+
+
+def federated_run_name(run: str, scenario: str, method: str, seed: int | str) -> str:
+    """The folder (and Flower ``output.name``) of one federated run of simulation output ``run``:
+    only characters safe in a path; ``-s<seed>`` ends it."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{run}-{scenario}-{method}-s{seed}")
 
 
 def load_experiment(name_or_file: str | Path) -> Experiment:

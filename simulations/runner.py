@@ -66,7 +66,7 @@ from common.validation import (
 )
 from simulations.baselines import pooled, stage_pos_weight
 from simulations.engine import SimulationEngine
-from simulations.experiment import Experiment, Method, Scenario
+from simulations.experiment import Experiment, Method, Scenario, federated_run_name
 from simulations.report.cost_section import stage_costs
 from simulations.report.expansion_section import comparator_record
 from simulations.report.gan_section import DEFAULT_LIMIT, draw_grid, measure
@@ -694,7 +694,7 @@ class Runner:
         if self.engine is None:
             raise RuntimeError("federated methods need a SimulationEngine")
         run_dir = self.out_dir / "federated"
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.out_dir.name}-{case.name}-{method.name}-s{case.seed}")
+        name = federated_run_name(self.out_dir.name, case.name, method.name, case.seed)
         manifest = write_manifest(run_dir / f"{name}.partitions.json", case.plans, case.caches)
         overrides = {
             **self.exp.method_run_config(method),

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from simulations.experiment import Experiment, federated_run_name, load_experiment
 from simulations.report.sections import Paragraph, Section, Table
 
 #: Column order of the table; a stage's label in ``history.json`` (1, "gan", 2) shown as a string.
@@ -134,22 +135,37 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def runs_of(run_dir: Path) -> list[dict[str, Any]]:
-    """Every federated run of a simulation output folder, its stage rows labelled by the run's folder
-    name (scenario and method are in it; the seed is its ``-s<N>`` suffix)."""
+def runs_of(run_dir: Path, experiment: Experiment | None = None) -> list[dict[str, Any]]:
+    """Every federated run of a simulation output folder, as stage rows. Labelled by scenario and
+    method where ``experiment`` (the run's, e.g. its ``experiment.toml``) names a run's folder, else
+    by the folder's name less the output folder's (the seed is the folder's ``-s<N>`` suffix)."""
+    run_dir = Path(run_dir)
+    names = {
+        federated_run_name(run_dir.name, sc.name, m.name, seed): (sc.name, m.name)
+        for sc in (experiment.scenarios if experiment else ())
+        for m in experiment.methods
+        for seed in experiment.seeds
+    }
     rows = []
-    for path in sorted(Path(run_dir).glob("federated/*/history.json")):
-        name, _, seed = path.parent.name.removeprefix(f"{Path(run_dir).name}-").rpartition("-s")
+    for path in sorted(run_dir.glob("federated/*/history.json")):
+        folder = path.parent.name
+        stem, _, seed = folder.rpartition("-s")
+        scenario, method = names.get(folder, ("", stem.removeprefix(f"{run_dir.name}-")))
         for row in stage_costs(json.loads(path.read_text())):
-            rows.append({"scenario": "", "method": name, "seed": seed, **row})
+            rows.append({"scenario": scenario, "method": method, "seed": seed, **row})
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a simulate.py output folder (OUT/<experiment>-<timestamp>)")
+    parser.add_argument("--experiment", help="the run's experiment, to name its methods (default: its experiment.toml)")
     args = parser.parse_args(argv)
-    rows = runs_of(args.run_dir)
+    toml = args.run_dir / "experiment.toml"
+    experiment = (
+        load_experiment(args.experiment) if args.experiment else load_experiment(toml) if toml.is_file() else None
+    )
+    rows = runs_of(args.run_dir, experiment)
     if not rows:
         raise SystemExit(f"{args.run_dir}: no federated/*/history.json in it")
     print(markdown(rows))

@@ -70,15 +70,17 @@ def test_section_and_file(tmp_path):
 
 def test_cli_reads_a_run_folder(tmp_path, capsys):
     run = tmp_path / "exp-20260101-000000"
-    (run / "federated" / f"{run.name}-natural-fedavg-s3").mkdir(parents=True)
-    (run / "federated" / f"{run.name}-natural-fedavg-s3" / "history.json").write_text(json.dumps(HISTORY))
-    (row, *_) = runs_of(run)
-    assert (row["method"], row["seed"], row["stage"]) == ("natural-fedavg", "3", "1")
-    main([str(run)])
-    out = capsys.readouterr().out.splitlines()
-    assert (
-        out[0].startswith("| scenario | method | stage")
-        and out[3] == "|  | natural-fedavg | gan | 1 | 16.0 | 0.6 | 0.6 |"
+    folder = run / "federated" / f"{run.name}-natural-fedavg___sngan-s3"
+    folder.mkdir(parents=True)
+    (folder / "history.json").write_text(json.dumps(HISTORY))
+    (row, *_) = runs_of(run)  # without the experiment: the folder's name
+    assert (row["scenario"], row["method"], row["seed"], row["stage"]) == ("", "natural-fedavg___sngan", "3", "1")
+    (run / "experiment.toml").write_text(
+        'name = "exp"\nseeds = [3]\n[[methods]]\nname = "fedavg + sngan"\nkind = "federated"\n'
     )
+    main([str(run)])  # with the run's experiment.toml: scenario and method by name
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| scenario | method | stage")
+    assert out[3] == "| natural | fedavg + sngan | gan | 1 | 16.0 | 0.6 | 0.6 |"
     with pytest.raises(SystemExit, match="no federated/\\*/history.json"):
         main([str(tmp_path)])
