@@ -49,7 +49,7 @@ from client.training.gan_augment import GanAugment, NoGanData, augmented_trainin
 from client.training.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
-from common.gan import Generator
+from common.gan import Generator, build_gan, load_gan_state_dict
 from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import GAN_STAGE, HALF_OF_STAGE, TrainInstruction
@@ -760,10 +760,11 @@ class Runner:
         self.record(case, method.name, per_site, ckpt.meta)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
         aug = gan_augment(SiteRunConfig.from_run_config({**rc, "seed": case.seed}))
-        if aug is not None:  # each site's own generator, from the site's store (design ii, docs/gan.md)
+        if aug is not None:  # each site's own generator (design ii), or the one they all sampled from (i)
+            shared = final_global_generator(run_dir / name, aug) if cfg.rounds.gan else None
             gans: dict[str, GanSite] = {}
             for plan, train in zip(case.plans, case.train):
-                G = stored_generator(site_store(case, plan.site_id, name), aug)
+                G = shared or stored_generator(site_store(case, plan.site_id, name), aug)
                 gans.update(
                     gan_site(plan.site_id, G, model, [train], held_out_of(plan.site_id, case.val, case.evaluate))
                 )
@@ -795,6 +796,18 @@ def stored_generator(store: SiteStore | None, aug: GanAugment) -> Generator | No
     """A federated site's SNGAN generator from its store (None where it trained none: ``NoGanData``)."""
     state = store.load(GENERATOR) if store is not None else None
     return fit_generator([], aug, 0, state=state)[0] if state is not None else None
+
+
+def final_global_generator(run_dir: Path, aug: GanAugment) -> Generator | None:
+    """Design (i): the generator every site sampled from in stage 2, the last GAN round's global G
+    (from that round's checkpoint on the coordinator); None without a GAN round checkpoint."""
+    for path in sorted((run_dir / "checkpoints").glob("round-*.pt"), reverse=True):
+        state = load_checkpoint(path).gan
+        if state:
+            G, _ = build_gan(aug.cfg, 0)
+            load_gan_state_dict(G, None, state)
+            return G
+    return None
 
 
 def gan_site(

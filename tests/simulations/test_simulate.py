@@ -80,6 +80,9 @@ def test_tiny_experiment_through_the_simulation_engine(tmp_path, data, capsys, m
         ("fedavg", "2", 1),
     ]
     assert cost[1]["sent"] == pytest.approx(np.mean([b["sent"] for b in gan_round["bytes"].values()]))
+    # the GAN figures measure the global generator every site sampled from (design i), at each site
+    quality = json.loads((out / "gan_quality.json").read_text())["sites"]
+    assert {r["site"] for r in quality if r["method"] == "fedavg"} == set(SITES)
     # the headline is the mean over sites of the long table (computed here independently)
     for s in doc["summary"]:
         dice = [r["value"] for r in rows if r["method"] == s["method"] and r["metric"] == "dice" and r["marker"] == ""]
