@@ -764,7 +764,7 @@ class Runner:
             shared = final_global_generator(run_dir / name, aug) if cfg.rounds.gan else None
             gans: dict[str, GanSite] = {}
             for plan, train in zip(case.plans, case.train):
-                G = shared or stored_generator(site_store(case, plan.site_id, name), aug)
+                G = shared if shared is not None else stored_generator(site_store(case, plan.site_id, name), aug)
                 gans.update(
                     gan_site(plan.site_id, G, model, [train], held_out_of(plan.site_id, case.val, case.evaluate))
                 )

@@ -1,7 +1,8 @@
 """The report's GAN section (docs/gan.md, "Quality figures"), for every method with
 ``gan.augment-ratio`` > 0: per site (federated and local: the site's own generator; with a federated
-GAN stage: the final global one, at every site; pooled: the one generator) the Fréchet distance between generated crops and the site's held-out real crops in the
-trained classifier's backbone features, and the memorisation ratio (median nearest-neighbour
+GAN stage: the final global one, at every site; pooled: the one generator) the Fréchet distance
+between generated crops and the site's held-out real crops in the trained classifier's backbone
+features, and the memorisation ratio (median nearest-neighbour
 distance of generated crops to training crops over the one to held-out crops; about 1: no
 copying); the mean over sites with its spread per seed; and one picture grid per scenario (the
 paper's Figures 5-6).
