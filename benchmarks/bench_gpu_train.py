@@ -28,6 +28,7 @@ from client.training.train import (
     augment_batch,
     make_optimizer,
     output_columns,
+    stage2_logits,
     train_stage,
     trainable_half,
 )
@@ -36,6 +37,10 @@ from common.model import JointModel, build_joint_model, freeze_unet, to_input, u
 from common.presets import get_preset
 
 PEAK_TFLOPS = {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9}
+
+
+#: A head CT's pixel at 512 x 512 (a 225 mm field of view): the random slices' nominal pixel size.
+NOMINAL_PIXEL_MM = 0.44
 
 
 class RandomSlices(Dataset):
@@ -57,6 +62,7 @@ class RandomSlices(Dataset):
             "mask": self.mask[i],
             "labels": self.labels[i],
             "mask_known": torch.tensor(True),
+            "pixel_mm": torch.tensor(NOMINAL_PIXEL_MM * 512 / self.image.shape[-1]),
         }
 
 
@@ -88,13 +94,14 @@ def plain_loop(
             if len(losses) == cfg.max_steps:
                 break
             image, mask = to_input(batch["image"]), batch["mask"].unsqueeze(1).float()
-            if cfg.augment:
-                image, mask = augment_batch(image, mask, cfg, g)
-            image, mask = image.to(device), mask.to(device)
             if stage == 1:
-                loss = segmentation_loss(model.segment(image), mask)
-            else:
-                loss = weighted_bce(model(image)[1], batch["labels"][:, output_columns(model)].to(device), pos_weight)
+                if cfg.augment:
+                    image, mask = augment_batch(image, mask, cfg, g)
+                loss = segmentation_loss(model.segment(image.to(device)), mask.to(device))
+            else:  # the classifier's input is cut around the mask and augmented there (stage2_logits)
+                augment = cfg if cfg.augment else None
+                logits = stage2_logits(model, batch, image.to(device), mask.to(device), device, augment, g)
+                loss = weighted_bce(logits, batch["labels"][:, output_columns(model)].to(device), pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -117,7 +124,7 @@ def step_flops(model: JointModel, image: torch.Tensor, stage: int) -> float:
         with FlopCounterMode(display=False) as c_unet:
             model.segment(x)
         with FlopCounterMode(display=False) as c_all:
-            model(x)
+            model(x, pixel_mm=torch.full((x.shape[0],), NOMINAL_PIXEL_MM * 512 / x.shape[-1], device=x.device))
     unet, total = c_unet.get_total_flops(), c_all.get_total_flops()
     return (3 * unet if stage == 1 else unet + 3 * (total - unet)) / x.shape[0]
 

@@ -33,7 +33,7 @@ from client.data.cache import build_site_cache
 from client.data.dataset import MIN_BRAIN_FRACTION
 from client.inference.backends import make_scorer
 from client.inference.fast import REFERENCE, InferenceOptions, SegmentPart, scale_slices
-from client.inference.predict import StudyPrediction, grad_cam, predict_study
+from client.inference.predict import StudyPrediction, grad_cam, predict_study, study_pixel_mm
 from client.ingest.dicom import read_study
 from client.preprocessing.pipeline import preprocess_volume
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
@@ -140,7 +140,8 @@ def bench_preset(name: str, args: argparse.Namespace, study: Path, warm: Path, t
             flush=True,
         )
     k = (ref.hematoma_slices or ref.brain_slices)[0]
-    t_cam, c_cam, _ = clock(lambda: grad_cam(model, ref.slices[k], 0))
+    pixel_mm = study_pixel_mm(ref.geometry, ref.slices.shape[-1])
+    t_cam, c_cam, _ = clock(lambda: grad_cam(model, ref.slices[k], 0, pixel_mm))
     print(f"  {'Grad-CAM of one slice (run_prediction)':42s} {t_cam:6.2f} s wall {c_cam:6.2f} s CPU")
 
 

@@ -70,6 +70,7 @@ def bench_preset(
     model = build_joint_model(cfg, seed=0).to(device, memory_format=fmt)
     x = torch.rand(batch, 1, image_size, image_size, device=device).to(memory_format=fmt)
     mask = (torch.rand(batch, 1, image_size, image_size, device=device) > 0.9).float()
+    pixel_mm = torch.full((batch,), 0.44 * 512 / image_size, device=device)  # a 225 mm field of view
     labels = (torch.rand(batch, cfg.n_outputs, device=device) > 0.7).float()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -97,7 +98,7 @@ def bench_preset(
     def stage2() -> None:
         opt2.zero_grad(set_to_none=True)
         with autocast():
-            _, logits = model(x, mask)
+            _, logits = model(x, mask, pixel_mm)
             loss = weighted_bce(logits, labels)
         assert torch.isfinite(loss), "non-finite stage-2 loss"
         loss.backward()
@@ -108,7 +109,7 @@ def bench_preset(
 
     def infer() -> None:
         with torch.inference_mode(), autocast():
-            model(x)
+            model(x, pixel_mm=pixel_mm)
 
     model.eval()
     t3 = _median_seconds(infer, steps, sync)

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.data.dataset import hematoma_slices
 from client.federation.census import census_counts, census_record, guard_census, site_acquisitions
 from client.federation.errors import SiteError, site_errors
 from client.federation.exchange import receive_model, site_record
@@ -31,6 +32,7 @@ from client.federation.site_run import SiteRunConfig
 from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
 from client.training.privacy import SitePrivacy
+from client.training.stage2_features import with_unet_vectors
 from client.training.train import train_stage
 from common.census import CENSUS, CENSUS_ACTION, STUDIES
 from common.model import half_state_dict
@@ -88,8 +90,9 @@ def train(msg: Message, context: Context) -> Message:
     if order.stage == 2:  # with gan.augment-ratio > 0: plus generated slices, in this process only
         generator = global_generator(msg, order, run, store)  # rounds.gan > 0: the GAN stage's; else the site's own
         train_ds = stage2_training_set(
-            data.train, run, store, order.server_round, resolve_device(site.device), generator
+            hematoma_slices(data.train), run, store, order.server_round, resolve_device(site.device), generator
         )
+        train_ds = with_unet_vectors(model, train_ds, resolve_device(site.device), store.root)
     loader = cfg.loader(train_ds, order.stage)
     pos_weight = stage2_pos_weight(run.pos_weight, order, model, data.train) if order.stage == 2 else None
     result = (

@@ -69,13 +69,17 @@ def backbone_extractor(model: torch.nn.Module) -> Extractor:
     """Features of the project's classifier: crops resized to the model's input, through the Wavelet VGG16.
 
     ``model`` is a ``common.model.JointModel``; its classifier's backbone sees images in [0, 1]
-    at ``model.cfg.image_size``. The model is put in eval mode.
+    at its input size (the ROI's or the slice's). The ROI classifier's mask channel is all hematoma:
+    the GAN's crops are cut inside the hematoma. The model is put in eval mode.
     """
     model.eval()
-    size, device = model.cfg.image_size, next(model.parameters()).device
+    cfg, device = model.cfg, next(model.parameters()).device
+    size = cfg.roi_size if cfg.classifier_input == "roi" else cfg.image_size
 
     def extract(images: Tensor) -> Tensor:
         x = F.interpolate((images.float() + 1.0) / 2.0, size=(size, size), mode="bilinear", align_corners=False)
+        if cfg.classifier_channels > x.shape[1]:
+            x = torch.cat([x, torch.ones_like(x)], dim=1)
         return model.classifier.backbone(x.to(device))
 
     return extract

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common import roi
 from common.presets import ModelConfig
 
 #: The two halves that federated rounds exchange separately (stage 1: unet, stage 2: classifier).
@@ -175,12 +176,17 @@ def _head(in_features: int, hidden: int, n_out: int, dropout: float) -> nn.Seque
 
 
 class MarkerClassifier(nn.Module):
-    """Wavelet VGG16 + head: logits from concat(VGG features, pooled U-Net encoder features)."""
+    """Wavelet VGG16 + head: logits from concat(VGG features, pooled U-Net encoder features).
+
+    Its inputs are what ``classifier_inputs`` makes of a slice: the whole slice or the hematoma
+    ROI (``cfg.classifier_input``), and the U-Net's deepest features already pooled to a vector, so
+    that stage 2 can train from features computed once (``client.training.stage2_features``).
+    """
 
     def __init__(self, cfg: ModelConfig, unet_features: int) -> None:
         super().__init__()
         self.backbone = WaveletVGG16(
-            in_channels=cfg.in_channels,
+            in_channels=cfg.classifier_channels,
             width=cfg.classifier_width,
             pool="wavelet" if cfg.classifier == "wavelet" else "max",
             wavelet=cfg.wavelet,
@@ -190,10 +196,61 @@ class MarkerClassifier(nn.Module):
         self.head = _head(self.backbone.out_features + unet_features, cfg.head_hidden, cfg.n_outputs, cfg.dropout)
         _init_vgg(self.head)
 
-    def forward(self, image: Tensor, unet_feature_map: Tensor) -> Tensor:
+    def forward(self, image: Tensor, unet_vector: Tensor) -> Tensor:
+        """``image`` [B, classifier_channels, s, s], ``unet_vector`` [B, C] (``unet_vector``)."""
         own = self.backbone(image)
-        pooled = unet_feature_map.mean(dim=(2, 3)).to(own.dtype)
-        return self.head(torch.cat([own, pooled], dim=1))
+        return self.head(torch.cat([own, unet_vector.to(own.dtype)], dim=1))
+
+
+def unet_vector(cfg: ModelConfig, feature_map: Tensor, mask: Tensor) -> Tensor:
+    """The U-Net's deepest features [B, C, h, w] as the classifier's vector [B, C]: averaged inside
+    the hematoma ``mask`` [B, 1, H, W] for the ROI classifier, over the whole slice for the paper's."""
+    if cfg.classifier_input == "roi":
+        return roi.pool_inside(feature_map, mask)
+    return feature_map.mean(dim=(2, 3))
+
+
+def classifier_image(
+    cfg: ModelConfig,
+    x: Tensor,
+    mask: Tensor,
+    pixel_mm: Tensor | None,
+    mask_logits: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """What the classifier's backbone sees of slices ``x`` [B, 1, H, W], and the mask aligned to it.
+
+    ``cfg.classifier_input == "roi"``: the hematoma ROI of ``common.roi.roi_inputs`` (``pixel_mm`` [B]
+    needed: the ROI is a physical size; ``mask_logits`` place the ROI of a slice without mask
+    pixels; ``shift`` jitters it in training). ``"slice"``: the whole slice, times the mask with
+    ``cfg.masked_input`` (paper §5.2.2).
+    """
+    if cfg.classifier_input == "roi":
+        if pixel_mm is None:
+            raise ValueError("the ROI classifier needs each slice's pixel size in mm (pixel_mm)")
+        return roi.roi_inputs(
+            x, mask, pixel_mm, cfg.roi_mm, cfg.roi_size, cfg.roi_mask_channel, fallback_logits=mask_logits, shift=shift
+        )
+    keep = (mask > roi.MASK_THRESHOLD).to(x.dtype)
+    return (x * keep if cfg.masked_input else x), keep
+
+
+def classifier_inputs(
+    cfg: ModelConfig,
+    x: Tensor,
+    mask_logits: Tensor,
+    feature_map: Tensor,
+    pixel_mm: Tensor | None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The classifier's two inputs (image, U-Net vector) for slices ``x``: around ``mask`` when given
+    (the reference mask in training), else around the U-Net's own mask (``mask_logits > 0``).
+
+    The one place that turns a segmented slice into classifier input, for evaluation, ``hemexp
+    predict``/``serve`` (torch and ONNX), Grad-CAM and the DICOM results alike."""
+    use = (mask_logits.detach() > 0).to(x.dtype) if mask is None else mask.to(x.dtype)
+    image, _ = classifier_image(cfg, x, use, pixel_mm, mask_logits.detach())
+    return image, unet_vector(cfg, feature_map, use)
 
 
 #: smp's EfficientNet sets BatchNorm momentum 0.01 (TensorFlow's 0.99 decay): its running
@@ -207,10 +264,11 @@ SEGMENTATION_PRIOR_LOGIT: float = -4.0
 class JointModel(nn.Module):
     """U-Net (``self.unet``) + marker classifier (``self.classifier``) with one forward.
 
-    ``forward(x, mask=None)`` takes ``x`` [B, in_channels, H, W] in [0, 1] (see ``to_input``)
-    and returns ``(mask_logits [B, 1, H, W], marker_logits [B, n_outputs])``. With
-    ``cfg.masked_input`` the classifier sees ``x * mask``: the given (ground-truth) mask in
-    training, else the U-Net's own ``sigmoid > 0.5`` (paper §5.2.2).
+    ``forward(x, mask=None, pixel_mm=None)`` takes ``x`` [B, in_channels, H, W] in [0, 1] (see
+    ``to_input``) and returns ``(mask_logits [B, 1, H, W], marker_logits [B, n_outputs])``. The
+    classifier sees the hematoma ROI (``cfg.classifier_input = "roi"``, ``common.roi``) or the whole
+    slice (the paper's; with ``cfg.masked_input`` times the mask, paper §5.2.2), placed by the given
+    (ground-truth) mask in training, else by the U-Net's own ``sigmoid > 0.5``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -249,18 +307,16 @@ class JointModel(nn.Module):
         """Mask logits only: stage 1 needs no classifier (85 % of the FLOPs, docs/design.md §6)."""
         return self.unet(x)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, mask: Tensor | None = None, pixel_mm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``mask`` [B, 1, H, W] (or [B, H, W]): where the classifier looks (the ROI's mask, or the
+        masked input); None: the U-Net's own mask. ``pixel_mm`` [B]: needed by the ROI classifier."""
         self.unet.check_input_shape(x)
         features = self.unet.encoder(x)
         mask_logits = self.unet.segmentation_head(self.unet.decoder(features))
-        image = x
-        if self.cfg.masked_input:
-            if mask is None:
-                keep = mask_logits.detach() > 0  # sigmoid(logit) > 0.5
-            else:
-                keep = mask if mask.dim() == x.dim() else mask.unsqueeze(1)
-            image = x * keep.to(x.dtype)
-        return mask_logits, self.classifier(image, features[-1])
+        if mask is not None and mask.dim() != x.dim():
+            mask = mask.unsqueeze(1)
+        image, vector = classifier_inputs(self.cfg, x, mask_logits, features[-1], pixel_mm, mask)
+        return mask_logits, self.classifier(image, vector)
 
     def train(self, mode: bool = True) -> JointModel:
         """As ``nn.Module.train``, except that a frozen U-Net stays in eval mode."""

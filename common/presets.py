@@ -25,6 +25,9 @@ BAND_FUSIONS: tuple[str, ...] = ("project", "concat")
 NORMS: tuple[str, ...] = ("batch", "group")
 #: Spatial reduction of the classifier: five halvings, as VGG16's five pooling layers.
 CLASSIFIER_STRIDE: int = 32
+#: What the classifier sees: "roi", the hematoma-centred region (common.roi; the default), or
+#: "slice", the whole slice (the source paper's model, kept for its ablations).
+CLASSIFIER_INPUTS: tuple[str, ...] = ("roi", "slice")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class ModelConfig:
     head_hidden: width of the head's hidden layer; 0 for a linear head.
     dropout: dropout before the head's last layer.
     norm: "batch" or "group" (Opacus needs GroupNorm).
+    classifier_input: "roi" (hematoma-centred crops, ``common.roi``) or "slice" (the paper's whole slice).
+    roi_mm: side of the ROI in mm (the same anatomy at any matrix and pixel spacing).
+    roi_size: side of the ROI crop in pixels (a multiple of 32, the classifier's stride).
+    roi_mask_channel: the ROI crop carries the hematoma mask as a second channel.
     """
 
     encoder_name: str = "efficientnet-b3"
@@ -66,12 +73,21 @@ class ModelConfig:
     head_hidden: int = 256
     dropout: float = 0.2
     norm: str = "batch"
+    classifier_input: str = "roi"
+    roi_mm: float = 72.0
+    roi_size: int = 64
+    roi_mask_channel: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
         _check_choice("classifier", self.classifier, CLASSIFIERS)
         _check_choice("band_fusion", self.band_fusion, BAND_FUSIONS)
         _check_choice("norm", self.norm, NORMS)
+        _check_choice("classifier_input", self.classifier_input, CLASSIFIER_INPUTS)
+        if self.roi_size <= 0 or self.roi_size % CLASSIFIER_STRIDE:
+            raise ValueError(f"roi_size must be a positive multiple of 32, got {self.roi_size}")
+        if not self.roi_mm > 0:
+            raise ValueError(f"roi_mm must be > 0, got {self.roi_mm}")
         if not 2 <= self.encoder_depth <= 5:
             raise ValueError(f"encoder_depth must be in 2..5, got {self.encoder_depth}")
         if len(self.decoder_channels) != self.encoder_depth:
@@ -98,6 +114,12 @@ class ModelConfig:
         return self.n_markers + int(self.predict_expansion)
 
     @property
+    def classifier_channels(self) -> int:
+        """Channels of the classifier's image input: the slice's, plus the ROI's mask channel."""
+        roi_mask = self.classifier_input == "roi" and self.roi_mask_channel
+        return self.in_channels + int(roi_mask)
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         """Label name of each classifier logit, in output order."""
         names = MARKERS[: self.n_markers]
@@ -111,8 +133,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
-        return cls(**check_known_keys(cls, d, "model config"))
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped. A config written
+        before the ROI classifier existed (no ``classifier_input``) describes the whole-slice model."""
+        kw = check_known_keys(cls, d, "model config")
+        kw.setdefault("classifier_input", "slice")
+        return cls(**kw)
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -123,7 +148,7 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
 #: Named presets. "paper": the source paper's model (docs/design.md §1). "small": CPU demo size,
 #: so that a 12-site federation trains on 2 cores. "tiny": unit tests only.
 PRESETS: dict[str, ModelConfig] = {
-    "paper": ModelConfig(),
+    "paper": ModelConfig(roi_size=128),
     "small": ModelConfig(
         encoder_name="efficientnet-b0",
         encoder_depth=5,

@@ -75,6 +75,7 @@ class ModelOptions:
     masked_input: bool
     norm: str  # batch | group
     predict_expansion: bool  # a study's expansion as one more output, trained in stage 2 (docs/gan.md)
+    classifier_input: str  # roi (hematoma-centred crops, common/roi.py) | slice (the paper's whole slice)
 
 
 @dataclass(frozen=True)
@@ -434,6 +435,7 @@ class RunConfig:
             "masked_input": self.model.masked_input,
             "norm": norm,
             "predict_expansion": self.model.predict_expansion,
+            "classifier_input": self.model.classifier_input,
         }
         if self.model.image_size:
             overrides["image_size"] = self.model.image_size

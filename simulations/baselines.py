@@ -18,10 +18,11 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from client.data.cache import SiteCache
-from client.data.dataset import SliceDataset, dataset_labels, split_slices
+from client.data.dataset import SliceDataset, dataset_labels, hematoma_slices, split_slices
 from client.data.expansion import ExpansionRule, format_disagreements, with_derived_expansion
 from client.training.evaluate import evaluate
 from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set
+from client.training.stage2_features import with_unet_vectors
 from client.training.train import TrainConfig, output_columns, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import PreprocessConfig
@@ -61,8 +62,9 @@ def pooled(datasets: list[Dataset]) -> Dataset:
 
 
 def stage_pos_weight(model: JointModel, ds: Dataset, max_weight: float | None = None) -> torch.Tensor:
-    """The paper's weight neg/pos per output, from the training slices' labels (capped at ``max_weight``)."""
-    pos, neg = label_counts(dataset_labels(ds)[:, output_columns(model)])
+    """The paper's weight neg/pos per output, from the labels of the slices stage 2 trains on
+    (``hematoma_slices``), capped at ``max_weight``."""
+    pos, neg = label_counts(dataset_labels(hematoma_slices(ds))[:, output_columns(model)])
     return pos_weight_from_counts(pos, neg, max_weight=max_weight)
 
 
@@ -87,16 +89,18 @@ def fit_two_stages(
     device = resolve_device(str(device))
     history = []
     pos_weight = stage_pos_weight(model, train_ds)
-    train_of = {1: train_ds, 2: train_ds}
+    train_of = {1: train_ds, 2: hematoma_slices(train_ds)}
     for stage, epochs in ((1, fit.epochs_stage1), (2, fit.epochs_stage2)):
         if stage == 2 and fit.gan is not None and fit.gan.ratio > 0 and epochs:
             try:
-                train_of[2], _, added = augmented_training_set(train_ds, fit.gan, fit.train.seed, device)
+                train_of[2], _, added = augmented_training_set(train_of[2], fit.gan, fit.train.seed, device)
             except NoGanData as exc:
                 log(f"stage 2: no generated slices ({exc})")
             else:
                 pos_weight = stage_pos_weight(model, train_of[2])  # the paper's weights over what stage 2 sees
                 log(f"stage 2: {added} generated slices beside {len(train_ds)} real ones (in memory only)")
+        if stage == 2 and epochs:
+            train_of[2] = with_unet_vectors(model, train_of[2], device)  # the frozen U-Net, computed once
         lr = fit.lr_stage2 if stage == 2 and fit.lr_stage2 is not None else fit.train.lr
         cfg = replace(fit.train, epochs=1, schedule="constant")
         for epoch in range(epochs):

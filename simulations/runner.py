@@ -40,12 +40,13 @@ import torch
 from torch.utils.data import Dataset
 
 from client.data.cache import SiteCache
-from client.data.dataset import SliceDataset, brain_slices, split_slices
+from client.data.dataset import SliceDataset, brain_slices, hematoma_slices, split_slices
 from client.federation.site_gan import GENERATOR, gan_augment
 from client.federation.site_run import SiteRunConfig
 from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
 from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set, fit_generator
+from client.training.stage2_features import with_unet_vectors
 from client.training.train import train_stage
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.config import MARKERS
@@ -292,10 +293,12 @@ def train_rounds(
     lr2 = cfg.train.lr_stage2 or lr1
     r1, r2 = cfg.rounds.stage1, cfg.rounds.stage2
     weight = stage2_weight(cfg.train, model, ds)
-    augmented, generator = stage2_data(ds, site_run, seed) if r2 else (ds, None)
+    augmented, generator = stage2_data(hematoma_slices(ds), site_run, seed) if r2 else (ds, None)
     data_of = {1: ds, 2: augmented}
     for rnd in range(1, r1 + r2 + 1):
         stage = 1 if rnd <= r1 else 2
+        if rnd == r1 + 1:  # the U-Net is frozen from here on: its vectors are computed once
+            data_of[2] = with_unet_vectors(model, augmented, device)
         order = TrainInstruction(
             server_round=rnd,
             stage=stage,

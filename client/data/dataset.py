@@ -116,27 +116,40 @@ def split_slices(
     return {name: idx[(split_of == name) & (scored | (name == "train"))] for name in SPLITS}
 
 
-class SliceDataset(Dataset):
-    """Slices of one site cache: uint8 image, uint8 mask, labels (NaN = unknown), mask known."""
+#: The item key of a slice's frozen-U-Net vector, where stage 2 computed them once (``client.training.stage2_features``).
+UNET_VECTOR = "unet_vector"
 
-    def __init__(self, cache: SiteCache, indices: np.ndarray):
+
+class SliceDataset(Dataset):
+    """Slices of one site cache: uint8 image, uint8 mask, labels (NaN = unknown), mask known, the
+    study's pixel size in mm; with ``unet_vectors`` [N, C] also each slice's frozen-U-Net vector."""
+
+    def __init__(self, cache: SiteCache, indices: np.ndarray, unet_vectors: np.ndarray | None = None):
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
+        if unet_vectors is not None and len(unet_vectors) != len(self.indices):
+            raise ValueError(f"{len(unet_vectors)} U-Net vectors for {len(self.indices)} slices")
+        self.unet_vectors = unet_vectors
         self._known = cache.mask_known()
         self._study = cache.slice_study()
+        self._pixel_mm = study_pixel_mm(cache)
 
     def __len__(self) -> int:
         return int(self.indices.size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = int(self.indices[i])
-        return {
+        item = {
             "image": torch.from_numpy(np.array(self.cache.images[j])),
             "mask": torch.from_numpy(np.array(self.cache.masks[j])),
             "labels": torch.from_numpy(np.array(self.cache.slice_labels[j])),
             "mask_known": torch.tensor(bool(self._known[j])),
             "study": torch.tensor(int(self._study[j])),
+            "pixel_mm": torch.tensor(float(self._pixel_mm[self._study[j]])),
         }
+        if self.unet_vectors is not None:
+            item[UNET_VECTOR] = torch.from_numpy(self.unet_vectors[i])
+        return item
 
     def labels(self) -> np.ndarray:
         """Slice labels ``[N, len(LABELS)]`` of this dataset's slices (NaN = unknown)."""
@@ -185,6 +198,32 @@ class SliceDataset(Dataset):
     def min_mask_pixels(self) -> int:
         """Pixels a mask needs on a slice for the slice to hold hematoma (the cache's preprocessing)."""
         return int(self.cache.index["preprocess"]["min_mask_pixels"])
+
+
+def study_pixel_mm(cache: SiteCache) -> np.ndarray:
+    """Per study of the cache, the side of one model pixel in mm (what the ROI's physical size needs).
+    Slices are square-pixelled after preprocessing, so one number per study."""
+    return np.asarray([float(s["pixel_mm"][1]) for s in cache.studies], dtype=np.float32)
+
+
+def holds_hematoma(ds: SliceDataset) -> np.ndarray:
+    """Per slice of ``ds``, whether its reference mask holds hematoma (the slices that carry marker labels)."""
+    if not len(ds):
+        return np.zeros(0, dtype=bool)
+    return ds.cache.mask_known()[ds.indices] & (ds.hematoma_pixels() > ds.min_mask_pixels)
+
+
+def hematoma_slices(ds: Dataset) -> Dataset:
+    """Stage 2's training slices: those whose reference mask holds hematoma, per site part.
+
+    The study rule scores the slices holding (predicted) hematoma only, and a slice without hematoma
+    carries label 0 for every marker by construction: trained on every brain slice, the classifier
+    learns hematoma detection, not the markers (docs/design.md §1). Generated (GAN) slices are kept
+    whole: they are pasted into hematoma slices."""
+    parts = [
+        SliceDataset(p.cache, p.indices[holds_hematoma(p)]) if type(p) is SliceDataset else p for p in parts_of(ds)
+    ]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def parts_of(ds: Dataset) -> list[SliceDataset]:

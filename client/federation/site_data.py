@@ -11,10 +11,11 @@ import torch
 from flwr.common.logger import log
 
 from client.data.cache import build_site_cache, open_cache
-from client.data.dataset import SliceDataset, dataset_labels, split_slices
+from client.data.dataset import SliceDataset, dataset_labels, hematoma_slices, split_slices
 from client.data.expansion import ExpansionRule, disagreements, with_derived_expansion
 from client.federation.node import SiteNode
 from client.federation.site_run import SiteRunConfig
+from client.training.privacy import usable_slices
 from client.training.train import output_columns
 from common.config import LABELS
 from common.losses import label_counts, pos_weight_from_counts
@@ -71,7 +72,7 @@ def stage2_pos_weight(mode: str, order: TrainInstruction, model, train_ds) -> to
     if mode == "global":
         return torch.tensor(order.pos_weight) if order.pos_weight is not None else None
     if mode == "local":
-        pos, neg = label_counts(dataset_labels(train_ds)[:, output_columns(model)])
+        pos, neg = label_counts(dataset_labels(hematoma_slices(train_ds))[:, output_columns(model)])
         return pos_weight_from_counts(pos, neg)
     return None
 
@@ -81,17 +82,14 @@ def _output_columns(model_cfg: ModelConfig) -> list[int]:
 
 
 def site_label_counts(ds: SliceDataset, model_cfg: ModelConfig) -> tuple[list[int], list[int]]:
-    """Per-output (positives, negatives) of the training slices, annotated labels only."""
+    """Per-output (positives, negatives) of the slices stage 2 trains on (``hematoma_slices``), annotated
+    labels only: what the global pos-weight (negatives / positives) is computed from."""
     cols = _output_columns(model_cfg)
+    ds = hematoma_slices(ds)
     pos, neg = label_counts(ds.labels()[:, cols]) if len(ds) else (np.zeros(len(cols), int), np.zeros(len(cols), int))
     return [int(v) for v in pos], [int(v) for v in neg]
 
 
 def usable_examples(ds: SliceDataset, stage: int, model_cfg: ModelConfig) -> int:
-    """Training slices a stage can learn from: with a reference mask (1), with an annotated label (2)."""
-    if not len(ds):
-        return 0
-    if stage == 1:
-        return int(ds.cache.mask_known()[ds.indices].sum())
-    cols = _output_columns(model_cfg)
-    return int((~np.isnan(ds.labels()[:, cols])).any(axis=1).sum())
+    """Training slices a stage can learn from (``client.training.privacy.usable_slices``, the one rule)."""
+    return int(usable_slices(ds, stage, model_cfg).sum())

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.model import JointModel
+from common.model import JointModel, classifier_inputs
+from common.presets import ModelConfig
 
 #: A pixel holds hematoma when its mask probability exceeds this (the mask logit is above 0).
 HEMATOMA_PROBABILITY = 0.5
@@ -79,7 +80,8 @@ class SegmentPart(nn.Module):
 
 
 class SliceScorer(Protocol):
-    """The two halves of the joint model on float32 numpy batches (images already scaled to [0, 1])."""
+    """The two halves of the joint model on float32 numpy batches (images already scaled to [0, 1]);
+    ``classify`` takes what ``classifier_feed`` makes of ``segment``'s outputs."""
 
     def segment(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -146,26 +148,43 @@ def _sigmoid(a: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-a.astype(np.float64)))).astype(np.float32)
 
 
+def classifier_feed(
+    cfg: ModelConfig, x: np.ndarray, mask_logits: np.ndarray, features: np.ndarray, pixel_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's inputs (image, U-Net vector) for scaled slices ``x`` from their segment outputs,
+    by the one rule of ``common.model.classifier_inputs`` (the ROI around the U-Net's own mask)."""
+    with torch.inference_mode():
+        image, vector = classifier_inputs(
+            cfg,
+            torch.from_numpy(x),
+            torch.from_numpy(mask_logits),
+            torch.from_numpy(features),
+            torch.full((len(x),), float(pixel_mm)),
+        )
+    return image.numpy(), vector.numpy()
+
+
 def score_slices(
     scorer: SliceScorer,
     slices: np.ndarray,
     min_mask_pixels: int,
-    masked_input: bool = False,
+    cfg: ModelConfig,
+    pixel_mm: float,
     classify: str = "hematoma",
     batch_size: int = 8,
 ) -> SliceScores:
-    """Segment every slice, then classify the slices ``slices_to_classify`` picks (see the module doc)."""
+    """Segment every slice, then classify the slices ``slices_to_classify`` picks (see the module doc).
+    ``pixel_mm``: the side of one preprocessed pixel in mm (the ROI is a physical size)."""
     x = scale_slices(slices)
     parts = [scorer.segment(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     mask_logits = np.concatenate([p[0] for p in parts])
     features = np.concatenate([p[1] for p in parts])
     mask_probability = _sigmoid(mask_logits[:, 0])
     chosen = slices_to_classify(hematoma_pixels(mask_probability), min_mask_pixels, classify)
-    image = x * (mask_logits > 0) if masked_input else x  # the classifier sees the U-Net's own mask
-    logits = [
-        scorer.classify(image[chosen[i : i + batch_size]], features[chosen[i : i + batch_size]])
-        for i in range(0, len(chosen), batch_size)
-    ]
+    logits = []
+    for i in range(0, len(chosen), batch_size):
+        rows = chosen[i : i + batch_size]
+        logits.append(scorer.classify(*classifier_feed(cfg, x[rows], mask_logits[rows], features[rows], pixel_mm)))
     chosen_logits = np.concatenate(logits) if logits else np.zeros((0, 0), dtype=np.float32)
     out = np.full((len(x), chosen_logits.shape[1]), np.nan, dtype=np.float32)
     out[chosen] = chosen_logits

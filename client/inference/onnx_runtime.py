@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.inference.fast import InferenceOptions, SegmentPart, TorchScorer, scale_slices
-from common.model import JointModel
+from client.inference.fast import InferenceOptions, SegmentPart, TorchScorer, classifier_feed, scale_slices
+from common.model import JointModel, classifier_inputs
 
 #: Slices used to calibrate an int8 model: enough to see a site's range of activations.
 CALIBRATION_SLICES = 16
@@ -51,8 +51,9 @@ def export_parts(model: JointModel, folder: Path) -> dict[str, Path]:
     x = torch.zeros(2, model.cfg.in_channels, s, s)
     seg = SegmentPart(model)
     with torch.no_grad():
-        features = seg(x)[1]
-    modules = {"segment": (seg, (x,)), "classify": (model.classifier, (x, features))}
+        mask_logits, features = seg(x)
+        image, vector = classifier_inputs(model.cfg, x, mask_logits, features, torch.ones(2))
+    modules = {"segment": (seg, (x,)), "classify": (model.classifier, (image, vector))}
     paths = {}
     for part, (module, args) in modules.items():
         paths[part] = folder / f"{part}.onnx"
@@ -137,17 +138,29 @@ def quantize_part(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]]) -> 
     return out
 
 
-def calibration_feeds(model: JointModel, slices: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Inputs of each part on the calibration slices, one slice per feed (the classifier's as in the clinic)."""
+def calibration_feeds(model: JointModel, slices: np.ndarray, pixel_mm: float) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Inputs of each part on the calibration slices, one slice per feed (the classifier's as in the
+    clinic, ``classifier_feed``; ``pixel_mm``: the calibration site's typical model-pixel size)."""
     scorer = TorchScorer(model, "cpu", channels_last=False)
     x = scale_slices(slices)
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"segment": [], "classify": []}
     for i in range(len(x)):
         mask_logits, features = scorer.segment(x[i : i + 1])
-        image = x[i : i + 1] * (mask_logits > 0) if model.cfg.masked_input else x[i : i + 1]
+        image, vector = classifier_feed(model.cfg, x[i : i + 1], mask_logits, features, pixel_mm)
         feeds["segment"].append({"x": x[i : i + 1]})
-        feeds["classify"].append({"x": image, "features": features})
+        feeds["classify"].append({"x": image, "features": vector})
     return feeds
+
+
+def typical_pixel_mm(cache_dir: Path | str) -> float:
+    """The median model-pixel size (mm) of a site cache's studies: what its calibration slices are scored at."""
+    from client.data.cache import open_cache
+    from client.data.dataset import study_pixel_mm
+
+    sizes = study_pixel_mm(open_cache(cache_dir))
+    if not sizes.size:
+        raise ValueError(f"site cache {cache_dir} has no study to calibrate on")
+    return float(np.median(sizes))
 
 
 def prepare_models(model: JointModel, options: InferenceOptions) -> dict[str, Path]:
@@ -164,7 +177,7 @@ def prepare_models(model: JointModel, options: InferenceOptions) -> dict[str, Pa
     for part in options.int8:
         out = folder / f"{part}.int8-{tag}.onnx"
         if not out.exists():
-            feeds = feeds or calibration_feeds(model, slices)
+            feeds = feeds or calibration_feeds(model, slices, typical_pixel_mm(options.calibration))
             quantize_part(paths[part], out, feeds[part])
         paths[part] = out
     return paths

@@ -34,7 +34,8 @@ from client.inference.backends import make_scorer
 from client.inference.fast import InferenceOptions, SliceScorer, hematoma_pixels, score_slices
 from client.inference.site_norms import is_fedbn, load_site_norms, with_site_norms
 from client.ingest.dicom import Geometry, StudyError, read_study
-from client.preprocessing.pipeline import preprocess_volume, to_input_grid
+from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume, to_input_grid
+from common import roi
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
 from common.model import JointModel, to_input
 from common.study_metrics import sigmoid, study_scores_from_slices
@@ -175,7 +176,13 @@ def predict_study(
     logits = np.full((k, len(ckpt.labels)), np.nan, dtype=np.float32)
     mask_prob = np.zeros(pre.slices.shape, dtype=np.float32)
     scored = score_slices(
-        scorer, pre.slices[brain], cfg.min_mask_pixels, model.cfg.masked_input, options.classify, options.batch_size
+        scorer,
+        pre.slices[brain],
+        cfg.min_mask_pixels,
+        model.cfg,
+        study_pixel_mm(series.geometry, cfg.size),
+        options.classify,
+        options.batch_size,
     )
     logits[brain], mask_prob[brain] = scored.logits, scored.mask_probability
     pixels = hematoma_pixels(mask_prob)
@@ -213,9 +220,17 @@ def last_conv(module: torch.nn.Module) -> torch.nn.Conv2d:
     return convs[-1]
 
 
-def grad_cam(model: JointModel, slice_u8: np.ndarray, output: int, device: torch.device | str = "cpu") -> np.ndarray:
+def study_pixel_mm(geometry: Geometry, size: int) -> float:
+    """The side of one preprocessed pixel in mm (the ROI's physical size needs it; pixels are square)."""
+    return float(model_pixel_mm(geometry.pixel_spacing, geometry.shape[1:], size)[1])
+
+
+def grad_cam(
+    model: JointModel, slice_u8: np.ndarray, output: int, pixel_mm: float, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """Grad-CAM (Selvaraju et al. 2017) of one classifier output on the last 3x3 conv of the
-    Wavelet VGG: where the evidence for that marker lies. Returns [S, S] in [0, 1]."""
+    Wavelet VGG: where the evidence for that marker lies. Returns [S, S] in [0, 1] on the slice: the
+    ROI classifier's map is laid back where its ROI was cut (``common.roi.roi_to_slice``)."""
     device = torch.device(device)
     layer = last_conv(model.classifier)
     store: dict[str, torch.Tensor] = {}
@@ -225,17 +240,26 @@ def grad_cam(model: JointModel, slice_u8: np.ndarray, output: int, device: torch
         store["act"] = o.detach().requires_grad_(True)
         return store["act"]
 
+    x = to_input(slice_u8[None], device)
+    size = torch.full((1,), float(pixel_mm), device=device)
     hook = layer.register_forward_hook(cut)
     try:
         model.eval()
         with torch.enable_grad():
-            _, logits = model(to_input(slice_u8[None], device))
+            mask_logits, logits = model(x, pixel_mm=size)
             (grad,) = torch.autograd.grad(logits[0, output], store["act"])
     finally:
         hook.remove()
     act, grad = store["act"][0].detach(), grad[0]
     cam = torch.relu((grad.mean(dim=(1, 2))[:, None, None] * act).sum(0))[None, None]
-    cam = torch.nn.functional.interpolate(cam, size=slice_u8.shape, mode="bilinear", align_corners=False)[0, 0]
+    if model.cfg.classifier_input == "roi":
+        seen = model.cfg.roi_size
+        cam = torch.nn.functional.interpolate(cam, size=(seen, seen), mode="bilinear", align_corners=False)
+        centres = roi.roi_centres((mask_logits.detach() > 0).float(), mask_logits.detach())
+        half = roi.roi_half_extent(size, model.cfg.roi_mm, x.shape[-1])
+        cam = roi.roi_to_slice(cam, centres, half, slice_u8.shape[-1])[0, 0]
+    else:
+        cam = torch.nn.functional.interpolate(cam, size=slice_u8.shape, mode="bilinear", align_corners=False)[0, 0]
     cam = cam.detach().cpu().numpy()
     return cam / cam.max() if cam.max() > 0 else cam
 
@@ -300,7 +324,13 @@ def run_prediction(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a study that cannot be read leaves no folder
     top = max(pred.markers, key=pred.markers.get)
-    cam = grad_cam(scoring.model, pred.slices[pred.shown_slice], list(ckpt.labels).index(top), scoring.device)
+    cam = grad_cam(
+        scoring.model,
+        pred.slices[pred.shown_slice],
+        list(ckpt.labels).index(top),
+        study_pixel_mm(pred.geometry, pred.slices.shape[-1]),
+        scoring.device,
+    )
     draw_overlay(pred, cam, out_dir / "overlay.png", top)
     result = (
         pred.to_json()

@@ -57,7 +57,7 @@ def predict_dataset(
     offset = 0
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         image = to_input(batch["image"], device)
-        mask_logits, logits = model(image)
+        mask_logits, logits = model(image, pixel_mm=batch["pixel_mm"].to(device))
         pred = (mask_logits[:, 0] > 0).cpu().numpy()
         true = batch["mask"].numpy().astype(bool)
         known = batch["mask_known"].numpy()

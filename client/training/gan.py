@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
 from client.data.crops import HematomaCrops, paste_crop
+from client.data.dataset import study_pixel_mm
 from common.config import LABELS
 from common.gan import Discriminator, GanConfig, Generator, d_hinge_loss, g_hinge_loss
 
@@ -145,6 +146,8 @@ class GeneratedSlices(Dataset):
         self.carrier_of = rng.integers(0, max(len(carriers), 1), size=images.shape[0])
         self._labels = np.full((images.shape[0], len(LABELS)), np.nan, dtype=np.float32)
         self._labels[:, LABELS.index(carriers.cfg.marker)] = self.classes.numpy()
+        carrier_study = carriers.cache.slice_study()[carriers.slices] if len(carriers) else np.zeros(0, np.int64)
+        self._pixel_mm = study_pixel_mm(carriers.cache)[carrier_study][self.carrier_of] if len(carriers) else []
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -160,6 +163,7 @@ class GeneratedSlices(Dataset):
             "labels": torch.from_numpy(self._labels[i].copy()),
             "mask_known": torch.tensor(True),
             "study": torch.tensor(-1),
+            "pixel_mm": torch.tensor(float(self._pixel_mm[i])),
         }
 
     def labels(self) -> np.ndarray:

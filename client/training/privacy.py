@@ -47,6 +47,7 @@ from flwr.common.logger import log
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from client.data.dataset import holds_hematoma
 from client.training.train import TrainConfig, TrainResult, train_stage
 from common.config import LABELS
 from common.presets import ModelConfig
@@ -146,15 +147,16 @@ def patient_groups(ds: Dataset) -> np.ndarray:
 
 
 def usable_slices(ds: Dataset, stage: int, model_cfg: ModelConfig) -> np.ndarray:
-    """Which training slices a stage learns from (as ``client.federation.site_data.usable_examples`` counts them):
-    with a reference mask (stage 1), with an annotated label of the model's outputs (stage 2).
-    DP-SGD samples from these only, so that every non-empty batch has something to learn from."""
+    """Which training slices a stage learns from (``client.federation.site_data.usable_examples`` counts them):
+    with a reference mask (stage 1); holding reference hematoma, with an annotated label of the model's
+    outputs (stage 2, ``client.data.dataset.hematoma_slices``). DP-SGD samples from these only, so
+    that every non-empty batch has something to learn from."""
     if not len(ds):
         return np.zeros(0, bool)
     if stage == 1:
         return np.asarray(ds.cache.mask_known()[ds.indices], bool)
     cols = [LABELS.index(name) for name in model_cfg.output_names]
-    return (~np.isnan(ds.labels()[:, cols])).any(axis=1)
+    return holds_hematoma(ds) & (~np.isnan(ds.labels()[:, cols])).any(axis=1)
 
 
 # --- Opacus glue for one train_stage call ----------------------------------------------------

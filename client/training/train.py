@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from client.data.dataset import make_loader
+from client.data.dataset import UNET_VECTOR, make_loader
 from common.config import LABELS, check_known_keys
 from common.losses import segmentation_loss, weighted_bce
-from common.model import JointModel, freeze_unet, to_input, unfreeze_unet
+from common.model import JointModel, classifier_image, freeze_unet, to_input, unet_vector, unfreeze_unet
+from common.roi import roi_jitter
 from common.run_config import MARKER_SAMPLING
 
 
@@ -237,10 +238,11 @@ def stage_loss(
         return None
     image = to_input(batch["image"].to(device, non_blocking=True))
     mask = batch["mask"].to(device, non_blocking=True).unsqueeze(1).float()
-    if cfg is not None and cfg.augment and g is not None:
-        image, mask = augment_batch(image, mask, cfg, g)
-    image = image.contiguous(memory_format=accel.memory_format())
+    augment = cfg is not None and cfg.augment and g is not None
     if stage == 1:
+        if augment:
+            image, mask = augment_batch(image, mask, cfg, g)
+        image = image.contiguous(memory_format=accel.memory_format())
         known = batch["mask_known"].to(device)
         if not bool(known.any()):
             return None
@@ -250,10 +252,49 @@ def stage_loss(
     labels = batch["labels"][:, output_columns(model)].to(device)
     if bool(torch.isnan(labels).all()):
         return None
-    given_mask = mask if model.cfg.masked_input and bool(batch["mask_known"].all()) else None
     with accel.autocast(device):
-        _, logits = model(image, given_mask)
+        logits = stage2_logits(model, batch, image, mask, device, cfg if augment else None, g, accel)
     return weighted_bce(logits.float(), labels, pos_weight, per_sample=per_sample)
+
+
+def stage2_logits(
+    model: JointModel,
+    batch: dict[str, Tensor],
+    image: Tensor,
+    mask: Tensor,
+    device: torch.device,
+    augment: TrainConfig | None,
+    g: torch.Generator | None,
+    accel: Acceleration = Acceleration(),
+) -> Tensor:
+    """Stage 2's forward with the U-Net frozen: the classifier's image (the ROI or the slice, around
+    the reference mask; ``common.model.classifier_image``), augmented when ``augment`` is given, and
+    the U-Net's vector, taken from the batch where stage 2's features were computed once
+    (``client.training.stage2_features``), else from the frozen U-Net now. Both give the same step.
+
+    A slice without a reference mask (never in ``hematoma_slices``) is placed by the U-Net's own mask.
+    """
+    cfg = model.cfg
+    known = batch["mask_known"].to(device)
+    if not bool(known.all()):
+        with torch.no_grad():
+            predicted = (model.segment(image) > 0).to(mask.dtype)
+        mask = torch.where(known[:, None, None, None], mask, predicted)
+    if UNET_VECTOR in batch:
+        vector = batch[UNET_VECTOR].to(device)
+    else:
+        with torch.no_grad():
+            vector = unet_vector(cfg, model.unet.encoder(image)[-1], mask)
+    pixel_mm = batch["pixel_mm"].to(device) if "pixel_mm" in batch else None
+    shift = None
+    if augment is not None and g is not None and cfg.classifier_input == "roi" and pixel_mm is not None:
+        shift = roi_jitter(pixel_mm, image.shape[-1], g)
+    crop, crop_mask = classifier_image(cfg, image, mask, pixel_mm, shift=shift)
+    if augment is not None and g is not None:
+        own, crop_mask = augment_batch(crop[:, :1], crop_mask, augment, g)
+        crop = torch.cat([own, crop_mask], dim=1) if crop.shape[1] > 1 else own
+    crop = crop.contiguous(memory_format=accel.memory_format())
+    return model.classifier(crop, vector)
 
 
 def trainable_half(model: JointModel, stage: int) -> torch.nn.Module:

@@ -190,7 +190,7 @@ def plot_overlays(model, examples: Sequence[tuple[str, Any]], path: Path) -> Pat
     model.eval()
     for ax, (site, item) in zip(axes[0], examples):
         with torch.inference_mode():
-            logits, _ = model(to_input(item["image"][None], "cpu"))
+            logits = model.segment(to_input(item["image"][None], "cpu"))
         pred = (logits[0, 0] > 0).numpy()
         ax.imshow(item["image"].numpy(), cmap="gray", vmin=0, vmax=255)
         if item["mask"].numpy().any():

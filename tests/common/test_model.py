@@ -33,6 +33,11 @@ def _batch(cfg: ModelConfig, n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
 
 
+def _mm(x: torch.Tensor) -> torch.Tensor:
+    """A 225 mm field of view's pixel size for each slice of ``x`` (the ROI classifier needs one)."""
+    return torch.full((x.shape[0],), 225.0 / x.shape[-1])
+
+
 class BaseModelTester:
     """Checks every buildable configuration must pass; subclasses name the configuration."""
 
@@ -52,7 +57,7 @@ class BaseModelTester:
     def test_output_shapes(self, cfg: ModelConfig, model: JointModel) -> None:
         x = _batch(cfg)
         with torch.no_grad():
-            mask_logits, marker_logits = model(x)
+            mask_logits, marker_logits = model(x, pixel_mm=_mm(x))
         assert mask_logits.shape == (2, 1, cfg.image_size, cfg.image_size)
         assert marker_logits.shape == (2, cfg.n_outputs)
         assert torch.isfinite(mask_logits).all() and torch.isfinite(marker_logits).all()
@@ -60,7 +65,7 @@ class BaseModelTester:
     def test_segment_matches_forward(self, cfg: ModelConfig, model: JointModel) -> None:
         x = _batch(cfg)
         with torch.no_grad():
-            assert torch.allclose(model.segment(x), model(x)[0], atol=1e-6)
+            assert torch.allclose(model.segment(x), model(x, pixel_mm=_mm(x))[0], atol=1e-6)
 
     def test_relu_not_inplace(self, model: JointModel) -> None:
         assert not any(getattr(m, "inplace", False) for m in model.modules() if isinstance(m, nn.ReLU))
@@ -108,8 +113,23 @@ class TestGroupNorm(BaseModelTester):
         assert model.output_names == MARKERS + ("expansion",)
 
 
+class TestWholeSliceClassifier(BaseModelTester):
+    overrides = {"classifier_input": "slice"}
+
+    def test_no_pixel_size_needed(self, cfg: ModelConfig, model: JointModel) -> None:
+        with torch.no_grad():
+            assert model(_batch(cfg))[1].shape == (2, cfg.n_outputs)
+        assert model.classifier.backbone.features[0].in_channels == 1
+
+    def test_roi_classifier_refuses_without_pixel_size(self, cfg: ModelConfig) -> None:
+        roi_model = build_joint_model(get_preset("tiny"), seed=0).eval()
+        with pytest.raises(ValueError, match="pixel size in mm"):
+            roi_model(_batch(cfg))
+        assert roi_model.classifier.backbone.features[0].in_channels == 2  # slice + mask channel
+
+
 class TestMaskedInput(BaseModelTester):
-    overrides = {"masked_input": True}
+    overrides = {"masked_input": True, "classifier_input": "slice"}
 
     def test_given_mask_gates_classifier_input(self, cfg: ModelConfig, model: JointModel) -> None:
         x = _batch(cfg)
@@ -118,7 +138,7 @@ class TestMaskedInput(BaseModelTester):
         with torch.no_grad():
             _, logits = model(x, mask)
             feats = model.unet.encoder(x)
-            expected = model.classifier(x * mask[:, None], feats[-1])
+            expected = model.classifier(x * mask[:, None], feats[-1].mean(dim=(2, 3)))
         assert torch.allclose(logits, expected, atol=1e-6)
 
     def test_predicted_mask_without_ground_truth(self, cfg: ModelConfig, model: JointModel) -> None:
@@ -126,7 +146,7 @@ class TestMaskedInput(BaseModelTester):
         with torch.no_grad():
             mask_logits, logits = model(x)
             feats = model.unet.encoder(x)
-            expected = model.classifier(x * (torch.sigmoid(mask_logits) > 0.5).float(), feats[-1])
+            expected = model.classifier(x * (torch.sigmoid(mask_logits) > 0.5).float(), feats[-1].mean(dim=(2, 3)))
         assert torch.allclose(logits, expected, atol=1e-6)
 
 
@@ -136,7 +156,7 @@ def test_paper_preset_size_and_small_forward() -> None:
     assert 29e6 < n < 31.5e6, n  # docs/design.md §6: 30.3 M (less the unused EfficientNet head conv)
     assert count_parameters(model, ["unet"]) + count_parameters(model, ["classifier"]) == n
     with torch.no_grad():
-        mask_logits, marker_logits = model(torch.rand(1, 1, 64, 64))
+        mask_logits, marker_logits = model(torch.rand(1, 1, 64, 64), pixel_mm=torch.tensor([3.5]))
     assert mask_logits.shape == (1, 1, 64, 64) and marker_logits.shape == (1, len(MARKERS))
 
 
@@ -219,7 +239,8 @@ class TestFreezeUnet:
         labels = torch.tensor([[1.0, 0.0, float("nan"), 1.0]] * 4)
         for _ in range(2):
             opt.zero_grad()
-            mask_logits, logits = model(_batch(cfg, n=4))
+            x = _batch(cfg, n=4)
+            mask_logits, logits = model(x, pixel_mm=_mm(x))
             assert not mask_logits.requires_grad
             weighted_bce(logits, labels).backward()
             opt.step()

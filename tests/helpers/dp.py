@@ -38,11 +38,12 @@ class FakeSlices(torch.utils.data.Dataset):
             "labels": self.labels[i],
             "mask_known": torch.tensor(True),
             "study": torch.tensor(i),
+            "pixel_mm": torch.tensor(7.0),  # a 224 mm field of view at 32 px
         }
 
 
 def dp_model():
-    model = build_joint_model(get_preset("tiny", image_size=IMAGE, norm="group"), seed=0)
+    model = build_joint_model(get_preset("tiny", image_size=IMAGE, roi_size=32, norm="group"), seed=0)
     model.unet.encoder._drop_connect_rate = 0.0  # deterministic: the hand computations see the same network
     return model
 

@@ -1,0 +1,92 @@
+"""Stage 2 without recomputing the frozen U-Net (docs/design.md §6).
+
+In stage 2 the U-Net never changes, yet a live forward recomputes its encoder at every step (35-40 %
+of a step). At the start of stage 2 a site computes, once per set of U-Net weights, each training
+slice's U-Net vector (the deepest encoder features pooled inside the reference mask, or over the
+slice: ``common.model.unet_vector``) and trains the classifier from them; the classifier's image
+(the ROI crop) is still cut and augmented at every step, so augmentation is unchanged. The vectors
+are kept on the site's disk keyed by the U-Net's digest and the slices, so the later stage-2 rounds
+of a federated run (each a fresh process) load them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from client.data.dataset import SliceDataset, parts_of
+from common.model import JointModel, to_input, unet_vector
+
+
+def unet_digest(model: JointModel) -> str:
+    """sha256 of the U-Net half's weights and buffers and of the architecture (what the vectors depend on)."""
+    h = hashlib.sha256(repr(sorted(model.cfg.to_dict().items())).encode())
+    for key, value in sorted(model.unet.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def slices_key(part: SliceDataset) -> str:
+    """Which slices of which cache a vector file holds (the cache folder's name holds its input hash)."""
+    h = hashlib.sha256(part.cache.path.name.encode())
+    h.update(np.ascontiguousarray(part.indices).tobytes())
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def compute_unet_vectors(
+    model: JointModel, part: SliceDataset, device: torch.device | str = "cpu", batch_size: int = 64
+) -> np.ndarray:
+    """``[len(part), C]`` float32: each slice's U-Net vector around its reference mask (eval-mode U-Net,
+    as the frozen U-Net runs in stage 2)."""
+    device = torch.device(device)
+    was_training = model.unet.training
+    model.unet.to(device).eval()
+    out = []
+    try:
+        for batch in DataLoader(part, batch_size=batch_size, shuffle=False):
+            image = to_input(batch["image"], device)
+            mask = batch["mask"].to(device).unsqueeze(1).float()
+            out.append(unet_vector(model.cfg, model.unet.encoder(image)[-1], mask).float().cpu().numpy())
+    finally:
+        model.unet.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.unet.encoder.out_channels[-1]), np.float32)
+
+
+def with_unet_vectors(
+    model: JointModel,
+    ds: Dataset,
+    device: torch.device | str = "cpu",
+    folder: Path | None = None,
+    batch_size: int = 64,
+) -> Dataset:
+    """``ds`` whose items carry the frozen U-Net's vector, computed once (or loaded from ``folder``).
+
+    Only datasets made of site slices with reference masks get vectors: generated (GAN) slices
+    change every round and slices without a mask are placed by the live U-Net, so such a dataset is
+    returned as it is and stage 2 runs the U-Net live, with the same result."""
+    parts = parts_of(ds)
+    if not parts or any(type(p) is not SliceDataset or not p.cache.mask_known()[p.indices].all() for p in parts):
+        return ds
+    digest = unet_digest(model)[:16] if folder is not None else ""
+    out = []
+    for part in parts:
+        path = folder / f"unet-vectors-{digest}-{slices_key(part)[:16]}.npy" if folder is not None else None
+        if path is not None and path.is_file():
+            vectors = np.load(path)
+        else:
+            vectors = compute_unet_vectors(model, part, device, batch_size)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, vectors)
+                tmp.replace(path)
+        out.append(SliceDataset(part.cache, part.indices, unet_vectors=vectors))
+    return out[0] if len(out) == 1 else ConcatDataset(out)
