@@ -28,6 +28,15 @@ from client.federation.secure_updates import masked_update_record, update_step
 from client.federation.site_clipping import site_clipping_mod
 from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
 from client.federation.site_gan import gan_round, gan_round_metrics, global_generator, stage2_training_set
+from client.federation.site_radiomics import (
+    held_out_features,
+    local_update,
+    received_weights,
+    score_metrics,
+    select_metrics,
+    stats_metrics,
+    training_features,
+)
 from client.federation.site_run import SiteRunConfig
 from client.federation.store import SiteStore
 from client.training.evaluate import evaluate
@@ -45,9 +54,13 @@ from common.records import (
     LABEL_POS,
     METRICS,
     NUM_EXAMPLES,
+    RADIOMICS_ACTION,
+    RADIOMICS_STATS_ACTION,
+    SCORE_PHASE,
     SECURE_KEYS,
     SECURE_MASK,
     SECURE_PHASE,
+    SELECT_PHASE,
     SITE,
     STEPS,
     TRAIN_LOSS,
@@ -55,6 +68,7 @@ from common.records import (
     UPDATE_PHASES,
     EvaluateInstruction,
     GanInstruction,
+    RadiomicsInstruction,
     TrainInstruction,
     pack_counts,
     record_to_state,
@@ -236,3 +250,48 @@ def census(msg: Message, context: Context) -> Message:
     counts = guard_census(census_counts(cache, site_acquisitions(site)), read_policy(site.data_path))
     metrics = MetricRecord({NUM_EXAMPLES: int(counts[STUDIES][0])})
     return Message(RecordDict({METRICS: metrics, CENSUS: census_record(counts), SITE: site_record(site)}), reply_to=msg)
+
+
+@app.query(RADIOMICS_STATS_ACTION)
+@site_errors("radiomics stats")
+def radiomics_stats(msg: Message, context: Context) -> Message:
+    """The radiomics federation's first step (``client.federation.site_radiomics``): per-feature counts,
+    sums and sums of squares of the training studies, and their label counts; no study's features."""
+    site, run = _site_and_run(context)
+    order = RadiomicsInstruction.from_record(msg.content[CONFIG])
+    train = training_features(open_site(site, run), SiteStore.for_run(site, order.run_name))
+    metrics = MetricRecord(stats_metrics(train))
+    return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
+
+
+@app.train(RADIOMICS_ACTION)
+@site_errors("radiomics train")
+def radiomics_train(msg: Message, context: Context) -> Message:
+    """Local gradient steps of the global logistic weights on the site's training studies; reply with
+    the weights and scalars only."""
+    site, run = _site_and_run(context)
+    order = RadiomicsInstruction.from_record(msg.content[CONFIG])
+    train = training_features(open_site(site, run), SiteStore.for_run(site, order.run_name))
+    arrays, metrics = local_update(train, order, received_weights(msg, order))
+    content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: site_record(site)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate(RADIOMICS_ACTION)
+@site_errors("radiomics evaluate")
+def radiomics_evaluate(msg: Message, context: Context) -> Message:
+    """Phase "select": every L2 candidate's validation sums; "score": the chosen weights' scalar test metrics
+    and validation sums, as the deep evaluate reply. Validation and test studies are described on
+    the masks of the global U-Net the message names."""
+    site, run = _site_and_run(context)
+    order = RadiomicsInstruction.from_record(msg.content[CONFIG])
+    data = open_site(site, run)
+    store = SiteStore.for_run(site, order.run_name)
+    val, test = held_out_features(msg, order, run, data, store, str(resolve_device(site.device)))
+    weights = received_weights(msg, order)
+    if order.phase not in (SELECT_PHASE, SCORE_PHASE):
+        raise SiteError(f"unknown radiomics evaluate phase {order.phase!r}")
+    scores = (
+        score_metrics(val, test, order, weights) if order.phase == SCORE_PHASE else select_metrics(val, order, weights)
+    )
+    return Message(RecordDict({METRICS: MetricRecord(scores), SITE: site_record(site)}), reply_to=msg)

@@ -255,6 +255,92 @@ class EvaluateInstruction:
         )
 
 
+# --- the radiomics baseline's federation (``radiomics.rounds`` > 0, docs/simulations.md) -------
+#: ``query.radiomics_stats`` (per-feature sums and study label counts of the training studies),
+#: ``train.radiomics`` (local gradient steps from the global logistic weights) and
+#: ``evaluate.radiomics`` (``RADIOMICS_PHASE`` "select": validation sums of every L2 candidate;
+#: "score": the deep evaluate reply's metrics for the chosen weights). Never a study's features or score.
+RADIOMICS_ACTION = "radiomics"
+RADIOMICS_STATS_ACTION = "radiomics_stats"  # an action name must be a Python identifier (Flower)
+RADIOMICS_STAGE = "radiomics"
+#: The one array of a radiomics train or evaluate message and of a train reply: float64 [K, M, F + 1],
+#: per L2 candidate and marker the weights of the standardised features, the bias last.
+RADIOMICS_WEIGHTS = "radiomics.weights"
+RADIOMICS_PHASE = "radiomics-phase"
+SELECT_PHASE, SCORE_PHASE = "select", "score"
+#: CONFIG lists: the L2 strength of each candidate, the features' global mean and sd.
+L2 = "l2"
+FEATURE_MEAN, FEATURE_SD = "feature-mean", "feature-sd"
+#: Stats reply metrics (lists over features): non-NaN count, sum, sum of squares. Its LABEL_POS /
+#: LABEL_NEG count training studies (not slices) per marker, and NUM_EXAMPLES the training studies.
+FEATURE_N, FEATURE_SUM, FEATURE_SUMSQ = "feature-n", "feature-sum", "feature-sumsq"
+#: Prefix of a "select" reply's validation sums (``ValidationStats.to_metrics``), K x M columns.
+CANDIDATES_PREFIX = "candidates/"
+
+
+@dataclass(frozen=True)
+class RadiomicsInstruction:
+    """What the server asks of a site in the radiomics federation (the ConfigRecord, typed): the
+    local steps and their rate, the L2 candidates, the global pos-weight and feature statistics
+    (empty in the stats query, which computes them), the evaluate phase and the U-Net's digest."""
+
+    server_round: int
+    run_name: str = ""
+    lr: float = 0.0
+    local_steps: int = 0
+    l2: tuple[float, ...] = ()
+    pos_weight: tuple[float, ...] = ()
+    mean: tuple[float, ...] = ()
+    sd: tuple[float, ...] = ()
+    phase: str = ""
+    unet_digest: str = ""
+
+    def to_record(self) -> ConfigRecord:
+        rec = ConfigRecord(
+            {
+                SERVER_ROUND: self.server_round,
+                STAGE: RADIOMICS_STAGE,
+                RUN_NAME: self.run_name,
+                LR: float(self.lr),
+                LOCAL_STEPS: int(self.local_steps),
+            }
+        )
+        for key, values in (
+            (L2, self.l2),
+            (POS_WEIGHT, self.pos_weight),
+            (FEATURE_MEAN, self.mean),
+            (FEATURE_SD, self.sd),
+        ):
+            if values:
+                rec[key] = [float(v) for v in values]
+        if self.phase:
+            rec[RADIOMICS_PHASE] = self.phase
+        if self.unet_digest:
+            rec[UNET_DIGEST] = self.unet_digest
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> RadiomicsInstruction:
+        if rec.get(STAGE) != RADIOMICS_STAGE:
+            raise ValueError(f"a radiomics message's config has stage {RADIOMICS_STAGE!r}, got {rec.get(STAGE)!r}")
+
+        def floats(key: str) -> tuple[float, ...]:
+            return tuple(float(v) for v in rec.get(key, []))
+
+        return cls(
+            server_round=int(rec.get(SERVER_ROUND, 0)),
+            run_name=str(rec.get(RUN_NAME, "")),
+            lr=float(rec.get(LR, 0.0)),
+            local_steps=int(rec.get(LOCAL_STEPS, 0)),
+            l2=floats(L2),
+            pos_weight=floats(POS_WEIGHT),
+            mean=floats(FEATURE_MEAN),
+            sd=floats(FEATURE_SD),
+            phase=str(rec.get(RADIOMICS_PHASE, "")),
+            unet_digest=str(rec.get(UNET_DIGEST, "")),
+        )
+
+
 def pack_counts(pos: Iterable[int], neg: Iterable[int], num_examples: int) -> list[int]:
     """One site's counts as the vector secure summation adds up: positives, negatives, slices."""
     return [int(v) for v in pos] + [int(v) for v in neg] + [int(num_examples)]

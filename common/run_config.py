@@ -120,11 +120,13 @@ class TrainOptions:
     """``train.*``: local training at every site, and stage 2's marker weights."""
 
     batch_size: int
+    batch_size_stage2: int  # stage 2's own batch (ROI crops are small); 0: batch_size
     eval_batch_size: int
     lr: float
     lr_stage2: float  # 0: train.lr
     local_epochs: int
     local_steps: int  # 0: whole epochs
+    local_steps_stage2: int  # stage 2's own cap (the ROI classifier is cheap per step); 0: local_steps
     weight_decay: float
     optimizer: str
     augment: bool
@@ -137,6 +139,14 @@ class TrainOptions:
     #: A checkpoint the global model starts from (every site gets it in round 1), e.g. pretrained on
     #: synthetic data at no privacy cost before private fine-tuning; "": the seed's random init.
     init_checkpoint: str
+
+    def steps(self, stage: int) -> int:
+        """Optimizer steps per round and site in ``stage`` (0: whole epochs)."""
+        return self.local_steps_stage2 or self.local_steps if stage == 2 else self.local_steps
+
+    def batch(self, stage: int) -> int:
+        """Slices per optimizer step in ``stage``."""
+        return self.batch_size_stage2 or self.batch_size if stage == 2 else self.batch_size
 
     def __post_init__(self) -> None:
         _check_choice("train.marker-sampling", self.marker_sampling, MARKER_SAMPLING)
@@ -314,6 +324,44 @@ class EvalOptions:
             raise ValueError(f"eval.target-sensitivity must be in [0, 1] (0: Youden), got {self.target_sensitivity}")
 
 
+def parse_l2(text: str) -> tuple[float, ...]:
+    """``radiomics.l2`` ("0.01 0.1 1", commas allowed) as 1 to 8 strengths > 0; ValueError otherwise."""
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"radiomics.l2 must be numbers separated by spaces, got {text!r}") from None
+    if not values or min(values) <= 0 or len(values) > 8:
+        raise ValueError(f"radiomics.l2 must hold 1 to 8 strengths > 0, got {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class RadiomicsOptions:
+    """``radiomics.*``: the radiomics baseline (``common.radiomics``; docs/simulations.md). ``rounds`` 0:
+    the run is the deep model's schedule; > 0: the radiomics federation instead (a feature-statistics
+    round, then ``rounds`` FedAvg rounds of per-marker logistic weights, each site taking
+    ``local_steps`` gradient steps of rate ``lr`` for every L2 strength of ``l2``, each marker's chosen
+    on the sites' summed validation sums). The simulation's local and pooled radiomics methods read
+    ``l2`` too."""
+
+    rounds: int
+    local_steps: int
+    lr: float
+    l2: str
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0 or self.local_steps < 1 or not self.lr > 0:
+            raise ValueError(
+                f"radiomics.rounds must be >= 0, radiomics.local-steps >= 1 and radiomics.lr > 0, "
+                f"got {self.rounds}, {self.local_steps}, {self.lr}"
+            )
+        parse_l2(self.l2)
+
+    @property
+    def l2_values(self) -> tuple[float, ...]:
+        return parse_l2(self.l2)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole run config, typed: ``seed``, ``resume`` and one options object per key group."""
@@ -330,9 +378,11 @@ class RunConfig:
     output: OutputOptions
     gan: GanOptions
     eval: EvalOptions
+    radiomics: RadiomicsOptions
 
     def __post_init__(self) -> None:
         self._check_gan_stage()
+        self._check_radiomics()
         if self.privacy.secure_counts and self.strategy.imbalance_head:
             raise ValueError(
                 "strategy.imbalance-head weights each head row by every site's own positive counts, "
@@ -355,6 +405,30 @@ class RunConfig:
                 f"use it with {sorted(set(STRATEGY_NAMES) - ROBUST_STRATEGIES)} and no imbalance head"
             )
         self._check_site_dp()
+
+    def _check_radiomics(self) -> None:
+        """``radiomics.rounds`` > 0 needs a trained U-Net (its masks give the validation and test
+        features) and sends plain sums and weights, which no privacy option of the deep schedule covers."""
+        if not self.radiomics.rounds:
+            return
+        if not self.train.init_checkpoint:
+            raise ValueError(
+                "radiomics.rounds > 0 segments the validation and test studies with the U-Net of "
+                "train.init-checkpoint: set it to a trained model's checkpoint"
+            )
+        privacy = self.privacy
+        clashes = (
+            (privacy.dp, "privacy.dp"),
+            (privacy.secure_counts, "privacy.secure-counts"),
+            (privacy.secure_updates, "privacy.secure-updates"),
+            (privacy.site_dp != "off", "privacy.site-dp"),
+        )
+        for clash, other in clashes:
+            if clash:
+                raise ValueError(
+                    f"radiomics.rounds > 0 cannot be used with {other}: the radiomics federation sends plain feature "
+                    "sums and logistic weights, which that option does not cover; switch one of the two off"
+                )
 
     def _check_gan_stage(self) -> None:
         """``rounds.gan`` > 0 (docs/gan.md design (i)) only where it has a use and no privacy option it would break."""

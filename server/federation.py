@@ -257,7 +257,7 @@ class Federation:
             stage=stage,
             lr=cfg.lr if stage == 1 else cfg.lr_stage2,
             local_epochs=cfg.local_epochs,
-            local_steps=cfg.local_steps,
+            local_steps=cfg.local_steps[stage],
             pos_weight=pos_weight,
             unet_digest=digest,
             run_name=self.out_dir.name,

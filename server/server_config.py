@@ -29,7 +29,7 @@ class ServerRunConfig:
     lr: float
     lr_stage2: float
     local_epochs: int
-    local_steps: int
+    local_steps: dict[int, int]  # per stage (TrainOptions.steps)
     max_pos_weight: float | None
     pos_weight: str
     strategy: StrategyOptions
@@ -74,7 +74,7 @@ class ServerRunConfig:
             lr=train.lr,
             lr_stage2=train.lr_stage2 or train.lr,
             local_epochs=train.local_epochs,
-            local_steps=train.local_steps,
+            local_steps={stage: train.steps(stage) for stage in (1, 2)},
             max_pos_weight=train.max_pos_weight if train.max_pos_weight > 0 else None,
             pos_weight=train.pos_weight,
             strategy=cfg.strategy,

@@ -24,6 +24,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, Recor
 
 from common.records import (
     ARRAYS,
+    CANDIDATES_PREFIX,
+    FEATURE_N,
+    FEATURE_SUM,
+    FEATURE_SUMSQ,
     GAN_ACTION,
     GAN_D_LOSS,
     GAN_G_LOSS,
@@ -36,6 +40,8 @@ from common.records import (
     PRIVACY_EPSILON,
     PRIVACY_EXHAUSTED,
     PUBLIC_KEY,
+    RADIOMICS_ACTION,
+    RADIOMICS_STATS_ACTION,
     SECURE,
     SECURE_KEYS,
     SECURE_MASK,
@@ -277,6 +283,61 @@ def counts_schema(secure_phase: str, n_labels: int, max_reply_mb: float) -> Repl
     return ReplySchema(MessageType.QUERY, rules, frozenset(rules), max_bytes=size, counts_within_examples=True)
 
 
+#: The radiomics federation's message types (``server.radiomics``): its own ClientApp handlers.
+RADIOMICS_STATS_TYPE = f"{MessageType.QUERY}.{RADIOMICS_STATS_ACTION}"
+RADIOMICS_TRAIN_TYPE = f"{MessageType.TRAIN}.{RADIOMICS_ACTION}"
+RADIOMICS_EVALUATE_TYPE = f"{MessageType.EVALUATE}.{RADIOMICS_ACTION}"
+
+
+def _float_list(n: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list) or len(v) != n:
+            return "wrong-length"
+        return None if all(_is_number(x) and math.isfinite(x) for x in v) else "not-finite"
+
+    return check
+
+
+def radiomics_stats_schema(n_features: int, n_markers: int, max_reply_mb: float) -> ReplySchema:
+    """A radiomics stats reply: per-feature counts, sums and sums of squares (>= 0) of the training
+    studies, and their label counts per marker (within num-examples, the studies)."""
+    rules = {
+        NUM_EXAMPLES: _count,
+        FEATURE_N: _count_list(n_features),
+        FEATURE_SUM: _float_list(n_features),
+        FEATURE_SUMSQ: _nll_list(n_features),
+        LABEL_POS: _count_list(n_markers),
+        LABEL_NEG: _count_list(n_markers),
+    }
+    size = default_max_bytes(None, max_reply_mb)
+    return ReplySchema(RADIOMICS_STATS_TYPE, rules, frozenset(rules), max_bytes=size, counts_within_examples=True)
+
+
+def radiomics_train_schema(arrays: Mapping[str, ArraySpec], max_reply_mb: float) -> ReplySchema:
+    """A radiomics train reply: exactly the weights array sent, the studies trained on, the loss and steps."""
+    rules = {NUM_EXAMPLES: _count, TRAIN_LOSS: _loss, STEPS: _count}
+    return ReplySchema(RADIOMICS_TRAIN_TYPE, rules, frozenset(rules), arrays, default_max_bytes(arrays, max_reply_mb))
+
+
+def radiomics_select_schema(n_columns: int, max_reply_mb: float) -> ReplySchema:
+    """A radiomics "select" reply: the validation sums of every L2 candidate and marker (``n_columns``)."""
+    rules: dict[str, Callable[[Any], str | None]] = {NUM_EXAMPLES: _count}
+    for key, length in metric_lengths(n_columns, CANDIDATES_PREFIX).items():
+        rules[key] = _count if length == 0 else _nll_list(length) if key.endswith("nll") else _count_list(length)
+    return ReplySchema(
+        RADIOMICS_EVALUATE_TYPE, rules, frozenset(rules), max_bytes=default_max_bytes(None, max_reply_mb)
+    )
+
+
+def radiomics_score_schema(output_names: Sequence[str], max_reply_mb: float) -> ReplySchema:
+    """A radiomics "score" reply: what a deep evaluate reply may hold (``evaluate_metric_rules``)."""
+    return ReplySchema(
+        RADIOMICS_EVALUATE_TYPE,
+        evaluate_metric_rules(output_names),
+        max_bytes=default_max_bytes(None, max_reply_mb),
+    )
+
+
 def content_bytes(content: RecordDict) -> int:
     """A reply's size as it travels: array payloads, plus 8 bytes a number and the length of every
     string or bytes value (keys included)."""
@@ -326,7 +387,15 @@ def check_reply(content: RecordDict, message_type: str, schema: ReplySchema) -> 
     return problems
 
 
-_MESSAGE_TYPES = {MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY, GAN_MESSAGE_TYPE}
+_MESSAGE_TYPES = {
+    MessageType.TRAIN,
+    MessageType.EVALUATE,
+    MessageType.QUERY,
+    GAN_MESSAGE_TYPE,
+    RADIOMICS_STATS_TYPE,
+    RADIOMICS_TRAIN_TYPE,
+    RADIOMICS_EVALUATE_TYPE,
+}
 _RECORD_TYPE = {ARRAYS: ArrayRecord, METRICS: MetricRecord, SITE: ConfigRecord, SECURE: ConfigRecord}
 
 

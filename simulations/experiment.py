@@ -6,8 +6,10 @@ An experiment is scenarios x methods x seeds under one training budget:
   ``site`` column of a pooled dataset's labels.csv, Dirichlet label skew, quantity skew, an IID split, with optional scanner shift, faulty
   sites, and leave-one-site-out;
 - a **method** is ``local`` (each site alone), ``pooled`` (all training patients in one place),
-  ``federated`` (the Flower ServerApp/ClientApp on the simulation engine) or
-  ``location-finetune`` (paper §5.1.2), each with run-config overrides (the keys of
+  ``federated`` (the Flower ServerApp/ClientApp on the simulation engine),
+  ``location-finetune`` (paper §5.1.2) or ``radiomics`` (the handcrafted-feature baseline of
+  ``simulations.radiomics_methods``, fitted per site, pooled or federated, on the masks of another
+  method's U-Net), each with run-config overrides (the keys of
   ``[tool.flwr.app.config]``: ``model.*``, ``preprocess.*``, ``train.*``, ``strategy.*``), which the
   baselines read exactly as the federation does;
 - the **budget** (rounds x local steps x batch size) is the same for every method: a federated
@@ -27,8 +29,18 @@ from typing import Any
 from common.config import MARKERS, check_known_keys
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
-METHOD_KINDS: tuple[str, ...] = ("local", "pooled", "federated", "location-finetune")
+METHOD_KINDS: tuple[str, ...] = ("local", "pooled", "federated", "location-finetune", "radiomics")
+#: Where a radiomics method's regression is fitted (``simulations.radiomics_methods``).
+RADIOMICS_SCOPES: tuple[str, ...] = ("local", "pooled", "federated")
+#: Kinds whose one trained U-Net a radiomics method can take its validation and test masks from (a
+#: local method holds one per site).
+UNET_KINDS: tuple[str, ...] = ("pooled", "federated")
 SPLITS: tuple[str, ...] = ("natural", "site-column", "dirichlet", "quantity", "iid")
+
+
+#: ``train.local-epochs`` under a budget: high enough never to cut a round's steps short (a site with
+#: fewer training slices than its steps x batch loops over them; the pooled and local baselines do too).
+BUDGET_EPOCHS = 1000
 
 
 @dataclass(frozen=True)
@@ -38,7 +50,9 @@ class Budget:
     rounds_stage1: int = 4
     rounds_stage2: int = 4
     local_steps: int = 16
+    local_steps_stage2: int = 0  # 0: local_steps
     batch_size: int = 8
+    batch_size_stage2: int = 0  # 0: batch_size
     val_fraction: float = 0.2
     test_fraction: float = 0.2
 
@@ -47,7 +61,7 @@ class Budget:
             raise ValueError(
                 f"budget rounds must be >= 0 and not both 0, got {self.rounds_stage1}, {self.rounds_stage2}"
             )
-        if self.local_steps < 1 or self.batch_size < 1:
+        if self.local_steps < 1 or self.batch_size < 1 or self.local_steps_stage2 < 0:
             raise ValueError("budget local_steps and batch_size must be >= 1")
         if not (0 <= self.val_fraction and 0 < self.test_fraction and self.val_fraction + self.test_fraction < 1):
             raise ValueError("budget val_fraction and test_fraction must leave a training split")
@@ -62,8 +76,10 @@ class Budget:
             "rounds.stage1": self.rounds_stage1,
             "rounds.stage2": self.rounds_stage2,
             "train.local-steps": self.local_steps,
-            "train.local-epochs": 1,
+            "train.local-steps-stage2": self.local_steps_stage2,
+            "train.local-epochs": BUDGET_EPOCHS,  # the budget is in steps: a site loops its slices until they are done
             "train.batch-size": self.batch_size,
+            "train.batch-size-stage2": self.batch_size_stage2,
             "data.val-fraction": self.val_fraction,
             "data.test-fraction": self.test_fraction,
         }
@@ -102,14 +118,36 @@ class Method:
     run_config: Mapping[str, Any] = field(default_factory=dict)
     split_by: str = "patient"  # "slice": the paper's random slice split (§5.1.1), pooled/local only
     finetune_steps: int = 0  # location-finetune: U-Net steps per location (0 = one stage-1 budget)
+    scope: str = "pooled"  # radiomics: the regression per site (local), on all sites (pooled) or federated
+    unet_from: str = ""  # radiomics: the (earlier) method whose trained U-Net segments the validation and test studies
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {list(METHOD_KINDS)}, got {self.kind!r}")
         if self.split_by not in ("patient", "slice"):
             raise ValueError(f"method {self.name!r}: split_by must be 'patient' or 'slice'")
-        if self.split_by == "slice" and self.kind == "federated":
-            raise ValueError(f"method {self.name!r}: a federated run always splits by patient at every site")
+        if self.split_by == "slice" and self.kind in ("federated", "radiomics"):
+            raise ValueError(f"method {self.name!r}: a {self.kind} method always splits by patient at every site")
+        self._check_radiomics()
+
+    def _check_radiomics(self) -> None:
+        """``scope`` and ``unet_from`` belong to radiomics methods, which need both to be sensible."""
+        if self.kind != "radiomics":
+            if self.scope != "pooled" or self.unet_from:
+                raise ValueError(f"method {self.name!r}: scope and unet_from are for kind = 'radiomics' methods")
+            return
+        if self.scope not in RADIOMICS_SCOPES:
+            raise ValueError(f"method {self.name!r}: scope must be one of {list(RADIOMICS_SCOPES)}, got {self.scope!r}")
+        if not self.unet_from:
+            raise ValueError(
+                f"method {self.name!r}: a radiomics method needs unet_from, the name of an earlier pooled or "
+                "federated method whose trained U-Net segments the validation and test studies"
+            )
+
+    @property
+    def needs_engine(self) -> bool:
+        """Whether the method runs on Flower's simulation engine."""
+        return self.kind == "federated" or (self.kind == "radiomics" and self.scope == "federated")
 
 
 @dataclass(frozen=True)
@@ -142,8 +180,17 @@ class Experiment:
     source: str = ""
 
     def method_run_config(self, method: Method) -> dict[str, Any]:
-        """Run-config overrides of one method: budget, then the experiment's, then the method's."""
-        return {**self.budget.run_config(), **self.run_config, **method.run_config}
+        """Run-config overrides of one method: budget, then the experiment's, then the method's. A
+        radiomics method reads its U-Net method's under its own (the same preprocessing and model,
+        so the same site caches)."""
+        unet = self.method_named(method.unet_from).run_config if method.kind == "radiomics" else {}
+        return {**self.budget.run_config(), **self.run_config, **unet, **method.run_config}
+
+    def method_named(self, name: str) -> Method:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(f"experiment {self.name!r} has no method {name!r}; methods: {[m.name for m in self.methods]}")
 
 
 def _build(cls: type, d: Mapping[str, Any], what: str):
@@ -164,6 +211,7 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: method names must be unique, got {names}")
+    check_unet_sources(methods, where)
     scenarios = tuple(_build(Scenario, s, f"{where}: scenario") for s in doc.get("scenarios", [{}]))
     comparisons = tuple(_build(Comparison, c, f"{where}: comparison") for c in doc.get("comparisons", []))
     for c in comparisons:
@@ -184,6 +232,26 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
         comparisons=comparisons,
         source=source,
     )
+
+
+def check_unet_sources(methods: tuple[Method, ...], where: str) -> None:
+    """Every radiomics method's ``unet_from`` names a pooled or federated method listed before it
+    (the runner trains methods in the file's order and keeps each one's trained model)."""
+    for i, m in enumerate(methods):
+        if m.kind != "radiomics":
+            continue
+        earlier = {e.name: e for e in methods[:i]}
+        source = earlier.get(m.unet_from)
+        if source is None:
+            later = " (it is listed after it: move it up)" if m.unet_from in {e.name for e in methods} else ""
+            raise ValueError(
+                f"{where}: radiomics method {m.name!r}: unet_from {m.unet_from!r} is not a method listed before it{later}"
+            )
+        if source.kind not in UNET_KINDS:
+            raise ValueError(
+                f"{where}: radiomics method {m.name!r}: unet_from {m.unet_from!r} is a {source.kind} method; "
+                f"it must be one of kind {list(UNET_KINDS)} (one trained U-Net for every site)"
+            )
 
 
 def federated_run_name(run: str, scenario: str, method: str, seed: int | str) -> str:

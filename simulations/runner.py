@@ -144,6 +144,10 @@ class Results:
     #: Per federated run and stage: rounds, seconds per round, payload bytes per site per round
     #: (``simulations.report.cost_section.stage_costs``).
     costs: list[dict[str, Any]] = field(default_factory=list)
+    #: Per method, seed and selectable round: the pooled validation score the round is chosen by
+    #: (stage 2: macro study AUROC over all sites' validation patients) and the seconds since the
+    #: method started ({scenario, method, seed, round, stage, score, seconds}): the learning curves.
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --- metrics as long-table rows ----------------------------------------------------------------
@@ -278,14 +282,15 @@ def train_rounds(
     model: JointModel,
     ds: Dataset,
     rc: dict,
-    steps_per_round: int,
+    sites: int,
     seed: int,
     after_round: Callable[[int, int], None] | None = None,
     device: torch.device | str = "cpu",
 ) -> Generator | None:
     """The federation's schedule without the federation: ``rounds.stage1`` rounds of stage 1, then
-    ``rounds.stage2`` of stage 2, each a fresh optimiser for ``steps_per_round`` steps at the
-    round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``). Returns
+    ``rounds.stage2`` of stage 2, each a fresh optimiser for ``sites`` x the stage's local steps
+    (``train.local-steps``, ``train.local-steps-stage2``; a pooled model trains for the whole
+    federation) at the round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``). Returns
     stage 2's generator with ``gan.augment-ratio`` > 0 (else None)."""
     site_run = SiteRunConfig.from_run_config({**rc, "seed": seed})
     cfg = site_run.config
@@ -299,12 +304,13 @@ def train_rounds(
         stage = 1 if rnd <= r1 else 2
         if rnd == r1 + 1:  # the U-Net is frozen from here on: its vectors are computed once
             data_of[2] = with_unet_vectors(model, augmented, device)
+        steps = cfg.train.steps(stage) * sites
         order = TrainInstruction(
             server_round=rnd,
             stage=stage,
             lr=lr1 if stage == 1 else lr2,
-            local_steps=steps_per_round,
-            local_epochs=max(1, math.ceil(steps_per_round / max(len(ds), 1))),
+            local_steps=steps,
+            local_epochs=max(1, math.ceil(steps / max(len(data_of[stage]), 1))),
         )
         train = site_run.train_config(order)
         loader = train.loader(data_of[stage], stage)
@@ -335,6 +341,9 @@ class BestOnValidation:
         self.state: dict[str, torch.Tensor] | None = None
         self.stats: ValidationStats | None = None
         self.round = 0
+        self.t0 = time.perf_counter()
+        #: (round, stage, score, seconds since this selector was made) of every round scored.
+        self.scores: list[tuple[int, int, float, float]] = []
 
     def __call__(self, rnd: int, stage: int) -> None:
         if not selectable(stage, self.stage2_rounds):
@@ -348,6 +357,7 @@ class BestOnValidation:
         stats = sum(parts[1:], parts[0])
         markers = [c for c, n in enumerate(self.model.output_names) if n in MARKERS]
         value = selection_score(stats, stage, markers)
+        self.scores.append((rnd, stage, value, time.perf_counter() - self.t0))
         if not math.isnan(value) and (self.key is None or (stage, value) > self.key):
             self.key, self.stats, self.round = (stage, value), stats, rnd
             self.state = copy.deepcopy(self.model.state_dict())
@@ -415,6 +425,17 @@ def score(
     return {s.site_id: evaluate(model, s.data, device, batch_size) for s in sites if len(s.data)}
 
 
+def validation_curve(history: dict[str, Any], **key: Any) -> list[dict[str, Any]]:
+    """A federated run's validation score per scored round, with the run's seconds up to that round."""
+    rows, seconds = [], 0.0
+    for r in history["rounds"]:
+        seconds += float(r.get("seconds") or 0.0)
+        score = (r.get("evaluate") or {}).get("validation", {}).get("score")
+        if score is not None:
+            rows.append({**key, "round": r["round"], "stage": r["stage"], "score": float(score), "seconds": seconds})
+    return rows
+
+
 def curve_point(per_site: dict[str, dict[str, Any]], **key: Any) -> dict[str, Any]:
     """Mean over sites of Dice and macro-AUCs after one round (sites without a value skipped)."""
     return {
@@ -448,6 +469,9 @@ class Runner:
         self.device = resolve_device(str(device))
         self.results = Results()
         self.eval_batch = 32
+        #: "scenario/method" -> the model that method trained at the current seed (``results.models``
+        #: keeps the first seed's, for the report): the U-Net of a radiomics method's ``unet_from``.
+        self.seed_models: dict[str, JointModel] = {}
 
     def record(
         self, case: Case, method: str, per_site: dict[str, dict[str, Any]], calibration: dict[str, Any] | None = None
@@ -483,14 +507,22 @@ class Runner:
     def run_method(self, case: Case, method: Method) -> None:
         rc = full_run_config(self.exp.method_run_config(method), case.seed)
         t0 = time.perf_counter()
+        key = f"{case.name}/{method.name}"
+        first = self.results.models.pop(key, None)  # the first seed's stays the report's; this seed's is noted
         if method.kind == "local":
             self.run_local(case, method, rc)
         elif method.kind == "pooled":
             self.run_pooled(case, method, rc)
         elif method.kind == "location-finetune":
             self.run_location_finetune(case, method, rc)
+        elif method.kind == "radiomics":
+            self.run_radiomics(case, method, rc)
         else:
             self.run_federated(case, method, rc)
+        if (model := self.results.models.get(key)) is not None:
+            self.seed_models[key] = model
+        if first is not None:
+            self.results.models[key] = first
         if parse_run_config(rc).model.predict_expansion:
             self._expansion_comparators(case)
         seconds = time.perf_counter() - t0
@@ -498,6 +530,13 @@ class Runner:
             {"scenario": case.name, "method": method.name, "seed": case.seed, "seconds": seconds}
         )
         self.log(f"  {method.name}: done in {seconds:.0f} s")
+
+    def run_radiomics(self, case: Case, method: Method, rc: dict) -> None:
+        """The radiomics baseline (``simulations.radiomics_methods``) on the masks of the U-Net that
+        ``method.unet_from`` trained at this seed."""
+        from simulations.radiomics_methods import run_radiomics
+
+        run_radiomics(self, case, method, rc)
 
     def _expansion_comparators(self, case: Case) -> None:
         """Once per case: its test studies' expansion comparators for the report's expansion section."""
@@ -571,7 +610,6 @@ class Runner:
         held-out site: the mean, and the model whose own validation score is best)."""
         cfg = parse_run_config(rc)
         model_cfg, _ = cfg.architecture()
-        steps = cfg.train.local_steps
         trains, evals, vals = self._resplit(case, method)
         val_of = {v.site_id: v for v in vals}
         models: dict[str, JointModel] = {}
@@ -582,7 +620,7 @@ class Runner:
             per_model, chosen = [], []
             for site_id, ds in zip(models, trains):
                 best = self._selector(models[site_id], [val_of[site_id]] if site_id in val_of else [], rc)
-                G = train_rounds(models[site_id], ds, rc, steps, case.seed, best, self.device)
+                G = train_rounds(models[site_id], ds, rc, 1, case.seed, best, self.device)
                 gans.update(gan_site(site_id, G, models[site_id], [ds], held_out_of(site_id, vals, evals)))
                 calibration = best.restore()
                 per_model.append(score(models[site_id], evals, self.eval_batch, self.device)[case.held_out])
@@ -611,7 +649,7 @@ class Runner:
                 Case(case.name, case.seed, [], [], [], one), f"{method.name}@{site_id}", lambda: models, rc
             )
             best = self._selector(models[site_id], [val_of[site_id]] if site_id in val_of else [], rc)
-            G = train_rounds(models[site_id], ds, rc, steps, case.seed, chained(after, best), self.device)
+            G = train_rounds(models[site_id], ds, rc, 1, case.seed, chained(after, best), self.device)
             gans.update(gan_site(site_id, G, models[site_id], [ds], held_out_of(site_id, vals, evals)))
             calibration = best.restore()
             self.record(case, method.name, self._final_scores(models[site_id], one, after, best), calibration)
@@ -648,12 +686,28 @@ class Runner:
         ds = pooled(trains)
         model = build_joint_model(model_cfg, seed=case.seed)
         steps = cfg.train.local_steps * len(trains)
-        self.log(f"  {method.name}: {len(ds)} training slices from {len(trains)} sites, {steps} steps per round")
+        steps2 = cfg.train.steps(2) * len(trains)
+        self.log(
+            f"  {method.name}: {len(ds)} training slices from {len(trains)} sites, "
+            f"{steps} (stage 1) / {steps2} (stage 2) steps per round"
+        )
         curve = self._curve(
             Case(case.name, case.seed, [], [], [], evals), method.name, lambda: {e.site_id: model for e in evals}, rc
         )
         best = self._selector(model, vals, rc)  # every training site's validation patients, pooled
-        G = train_rounds(model, ds, rc, steps, case.seed, chained(curve, best), self.device)
+        G = train_rounds(model, ds, rc, len(trains), case.seed, chained(curve, best), self.device)
+        self.results.validation += [
+            {
+                "scenario": case.name,
+                "method": method.name,
+                "seed": case.seed,
+                "round": r,
+                "stage": st,
+                "score": v,
+                "seconds": t,
+            }
+            for r, st, v, t in best.scores
+        ]
         calibration = best.restore()
         self.record(case, method.name, self._final_scores(model, evals, curve, best), calibration)
         self.results.models.setdefault(f"{case.name}/{method.name}", model)
@@ -668,7 +722,7 @@ class Runner:
         ds = pooled(case.train)
         base = build_joint_model(model_cfg, seed=case.seed)
         steps = cfg.train.local_steps * len(case.train)
-        train_rounds(base, ds, {**rc, "rounds.stage2": 0}, steps, case.seed, device=self.device)
+        train_rounds(base, ds, {**rc, "rounds.stage2": 0}, len(case.train), case.seed, device=self.device)
         site_run = SiteRunConfig.from_run_config({**rc, "seed": case.seed})
         for location, (train_loc, test_loc) in location_subsets(case).items():
             key = dict(scenario=case.name, seed=case.seed, site=f"location:{location}")
@@ -711,6 +765,7 @@ class Runner:
         self.log(f"  {method.name}: flwr run on {len(case.plans)} virtual SuperNodes ({total} rounds)")
         self.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=self._flower_progress(method.name))
         history = json.loads((run_dir / name / "history.json").read_text())
+        self.results.validation += validation_curve(history, scenario=case.name, method=method.name, seed=case.seed)
         self.results.costs += [
             {"scenario": case.name, "method": method.name, "seed": case.seed, **row} for row in stage_costs(history)
         ]

@@ -10,6 +10,7 @@ where ``<name>-<timestamp>/`` with ``report.html``, ``metrics.json`` and CSVs go
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -85,7 +86,7 @@ def run_experiment(
         f"method(s); output {out_dir}"
     )
     torch.set_num_threads(threads)
-    federated = any(m.kind == "federated" for m in exp.methods)
+    federated = any(m.needs_engine for m in exp.methods)
     engine_ctx = SimulationEngine(out_dir / "engine", ray_address=ray_address) if federated else nullcontext()
     with engine_ctx as engine:
         runner = Runner(exp, out_dir, log, engine, gan_samples=gan_samples)
@@ -105,6 +106,8 @@ def run_experiment(
                 pictures["overlays"] = plot_overlays(
                     _overlay_model(runner, case.name, exp), examples, figures / f"{slug(case.name)}_overlays.png"
                 )
+    # the pooled validation score of every selectable round: the learning curves (benchmarks.bench_learning_curve)
+    (out_dir / "validation_curve.json").write_text(json.dumps(runner.results.validation, indent=1))
     tables = study_tables(runner.results.studies, n_boot, comparisons=exp.comparisons)
     env = environment()
     ceiling = ceiling_parts(out_dir, data_root, runner.results.studies, figures, n_boot)  # generated data only

@@ -72,7 +72,7 @@ class SiteRunConfig:
         return TrainConfig(
             epochs=order.local_epochs,
             max_steps=order.local_steps,
-            batch_size=self.batch_size,
+            batch_size=self.config.train.batch(order.stage),
             lr=order.lr,
             weight_decay=self.weight_decay,
             optimizer=self.optimizer,

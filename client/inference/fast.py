@@ -100,7 +100,8 @@ class TorchScorer:
         self.seg = SegmentPart(self.model)
 
     def _tensor(self, a: np.ndarray) -> Tensor:
-        return torch.from_numpy(a).to(self.device).contiguous(memory_format=self.format)
+        t = torch.from_numpy(a).to(self.device)
+        return t.contiguous(memory_format=self.format) if t.dim() == 4 else t
 
     @torch.inference_mode()
     def segment(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

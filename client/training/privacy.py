@@ -492,12 +492,12 @@ class SitePrivacy:
         if ledger is None:
             n_patients = int(patient_groups(train).max()) + 1 if len(train) else 0
             delta = pc.delta or default_delta(pc.unit, len(train), n_patients)
-            epochs, max_steps = run.train.local_epochs, run.train.local_steps
+            epochs = run.train.local_epochs
             rounds = {1: run.rounds.stage1, 2: run.rounds.stage2}
             phases = [
                 (
-                    sample_rate(int(u.sum()), cfg.batch_size),
-                    rounds[s] * round_steps(int(u.sum()), cfg.batch_size, epochs, max_steps),
+                    sample_rate(int(u.sum()), run.train.batch(s)),
+                    rounds[s] * round_steps(int(u.sum()), run.train.batch(s), epochs, run.train.steps(s)),
                 )
                 for s, u in usable.items()
                 if u.sum() and rounds[s]

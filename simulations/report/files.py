@@ -110,7 +110,13 @@ def write_data(
             "budget": exp.budget.__dict__,
             "source": exp.source,
             "methods": [
-                {"name": m.name, "kind": m.kind, "run_config": exp.method_run_config(m), "split_by": m.split_by}
+                {
+                    "name": m.name,
+                    "kind": m.kind,
+                    "run_config": exp.method_run_config(m),
+                    "split_by": m.split_by,
+                    **({"scope": m.scope, "unet_from": m.unet_from} if m.kind == "radiomics" else {}),
+                }
                 for m in exp.methods
             ],
             "scenarios": [dict(s.__dict__) for s in exp.scenarios],

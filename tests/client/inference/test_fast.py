@@ -81,15 +81,16 @@ class CountingScorer:
         return logits, ids[:, None, None, None].astype(np.float32)
 
     def classify(self, x: np.ndarray, features: np.ndarray) -> np.ndarray:
-        self.classified += list(features[:, 0, 0, 0])
-        return np.repeat(features[:, 0, 0], 2, axis=1) - 3.0
+        self.classified += list(features[:, 0])  # the whole-slice classifier's vector: the map's mean
+        return np.repeat(features[:, :1], 2, axis=1) - 3.0
 
 
 def test_score_slices_classifies_only_hematoma_slices_in_batches() -> None:
     slices = np.zeros((6, 8, 32), dtype=np.uint8)
     slices[:, 0, 0] = np.arange(6)
     scorer = CountingScorer()
-    out = score_slices(scorer, slices, min_mask_pixels=10, batch_size=2)
+    cfg = get_preset("tiny", classifier_input="slice")
+    out = score_slices(scorer, slices, min_mask_pixels=10, cfg=cfg, pixel_mm=3.5, batch_size=2)
     assert out.classified == [3, 4, 5] and scorer.classified == [3.0, 4.0, 5.0]
     assert np.isnan(out.scores[:3]).all()
     np.testing.assert_allclose(out.scores[3:, 0], 1 / (1 + np.exp(-(np.arange(3, 6) - 3.0))), rtol=1e-6)
