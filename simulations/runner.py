@@ -310,7 +310,8 @@ def train_rounds(
             stage=stage,
             lr=lr1 if stage == 1 else lr2,
             local_steps=steps,
-            local_epochs=max(1, math.ceil(steps / max(len(data_of[stage]), 1))),
+            # enough passes over the data for the steps (a pass is len / batch steps)
+            local_epochs=max(1, math.ceil(steps * cfg.train.batch(stage) / max(len(data_of[stage]), 1))),
         )
         train = site_run.train_config(order)
         loader = train.loader(data_of[stage], stage)
