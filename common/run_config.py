@@ -76,6 +76,7 @@ class ModelOptions:
     norm: str  # batch | group
     predict_expansion: bool  # a study's expansion as one more output, trained in stage 2 (docs/gan.md)
     classifier_input: str  # roi (hematoma-centred crops, common/roi.py) | slice (the paper's whole slice)
+    roi_mask_channel: bool  # the ROI crop carries the hematoma mask as a second channel
 
 
 @dataclass(frozen=True)
@@ -407,15 +408,10 @@ class RunConfig:
         self._check_site_dp()
 
     def _check_radiomics(self) -> None:
-        """``radiomics.rounds`` > 0 needs a trained U-Net (its masks give the validation and test
-        features) and sends plain sums and weights, which no privacy option of the deep schedule covers."""
+        """``radiomics.rounds`` > 0 sends plain feature sums and weights, which no privacy option of the
+        deep schedule covers (its need of ``train.init-checkpoint`` is checked by the server, ``server.radiomics``)."""
         if not self.radiomics.rounds:
             return
-        if not self.train.init_checkpoint:
-            raise ValueError(
-                "radiomics.rounds > 0 segments the validation and test studies with the U-Net of "
-                "train.init-checkpoint: set it to a trained model's checkpoint"
-            )
         privacy = self.privacy
         clashes = (
             (privacy.dp, "privacy.dp"),
@@ -510,6 +506,7 @@ class RunConfig:
             "norm": norm,
             "predict_expansion": self.model.predict_expansion,
             "classifier_input": self.model.classifier_input,
+            "roi_mask_channel": self.model.roi_mask_channel,
         }
         if self.model.image_size:
             overrides["image_size"] = self.model.image_size

@@ -88,6 +88,11 @@ class RadiomicsFederation(Federation):
     ``train.init-checkpoint``, segments the sites' validation and test studies)."""
 
     def __init__(self, grid: Grid, cfg: ServerRunConfig, radiomics: RadiomicsOptions) -> None:
+        if not cfg.init_checkpoint:
+            raise ValueError(
+                "radiomics.rounds > 0 segments the sites' validation and test studies with the U-Net of "
+                "train.init-checkpoint: set it to a trained model's checkpoint"
+            )
         super().__init__(grid, cfg)
         self.radiomics = radiomics
         self.l2 = radiomics.l2_values

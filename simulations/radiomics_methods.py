@@ -65,6 +65,14 @@ from simulations.virtual import write_manifest
 
 #: FedAvg rounds of a federated radiomics method whose run config leaves ``radiomics.rounds`` at 0.
 DEFAULT_ROUNDS = 20
+#: The deep schedule's privacy options, off in a radiomics federation (which they do not cover, and
+#: which ``common.run_config`` refuses with them) even where the ``unet_from`` method had them on.
+NO_DEEP_PRIVACY = {
+    "privacy.dp": False,
+    "privacy.secure-counts": False,
+    "privacy.secure-updates": False,
+    "privacy.site-dp": "off",
+}
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,8 @@ def run_federated(
         "output.name": name,
         "radiomics.rounds": rounds,
         "train.init-checkpoint": str(unet_checkpoint(runner, case, method, unet, rc, run_dir)),
+        **NO_DEEP_PRIVACY,
+        "model.norm": unet.cfg.norm,  # the checkpoint's (a DP run's U-Net has GroupNorm)
     }
     runner.log(f"  {method.name}: flwr run on {len(case.plans)} virtual SuperNodes (1 + {rounds} radiomics rounds)")
     runner.engine.run(overrides, len(case.plans), run_dir / f"{name}.log", on_line=runner._flower_progress(method.name))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common.radiomics import (
+    DEFINED_WHEN_EMPTY,
     FEATURE_NAMES,
     N_FEATURES,
     RadiomicsModel,
@@ -39,14 +40,17 @@ def f(values: np.ndarray, name: str) -> float:
     return float(values[FEATURE_NAMES.index(name)])
 
 
-def disk_study(layered: bool = False, pixel_mm: float = 0.5, slices: int = 1) -> np.ndarray:
+def disk_image(layered: bool) -> np.ndarray:
+    """[1, S, S]: a dense disk in the brain; ``layered``: lighter serum above, denser cells below."""
     img = np.where(HEAD, BRAIN, 0).astype(np.uint8)
     img[DISK] = CLOT
-    if layered:  # lighter serum above, denser cells below (a fluid level)
+    if layered:
         img[DISK & (ROWS < 32)] = LIGHT
-    images = np.repeat(img[None], slices, axis=0)
-    masks = np.repeat(DISK[None], slices, axis=0).astype(np.uint8)
-    return study_features(images, masks, WINDOW, pixel_mm=pixel_mm, slice_mm=5.0, min_pixels=10)
+    return img[None]
+
+
+def disk_study(layered: bool = False, pixel_mm: float = 0.5) -> np.ndarray:
+    return study_features(disk_image(layered), DISK[None].astype(np.uint8), WINDOW, pixel_mm, 5.0, 10)
 
 
 def test_a_disk_of_known_hu_in_a_known_ring():
@@ -89,14 +93,6 @@ def test_a_two_layer_disk_shows_its_dependent_layer():
     assert f(upside_down, "vertical_contrast") == pytest.approx(light - clot)
 
 
-def disk_image(layered: bool) -> np.ndarray:
-    img = np.where(HEAD, BRAIN, 0).astype(np.uint8)
-    img[DISK] = CLOT
-    if layered:
-        img[DISK & (ROWS < 32)] = LIGHT
-    return img[None]
-
-
 def test_a_lobulated_margin_lowers_circularity_and_solidity():
     lobes = DISK | ((ROWS - 32) ** 2 + (COLS - 47) ** 2 <= 4**2) | ((ROWS - 17) ** 2 + (COLS - 32) ** 2 <= 4**2)
     img = np.where(HEAD, BRAIN, 0).astype(np.uint8)
@@ -121,7 +117,7 @@ def test_a_study_without_hematoma_has_only_its_volume_and_slice_count():
     masks[0, :3, :3] = 1  # 9 pixels: not more than min_pixels = 10
     x = study_features(np.zeros((2, S, S), np.uint8), masks, WINDOW, 1.0, 5.0, 10)
     defined = {n for n, v in zip(FEATURE_NAMES, x) if not np.isnan(v)}
-    assert defined == {"volume_ml", "hematoma_slices"}
+    assert defined == set(DEFINED_WHEN_EMPTY)
     assert f(x, "hematoma_slices") == 0 and f(x, "volume_ml") == pytest.approx(9 * 5 / 1000)
 
 

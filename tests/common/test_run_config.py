@@ -26,7 +26,7 @@ def test_no_dataclass_holds_a_default_of_its_own():
     """pyproject.toml is the one source of defaults."""
     cfg = parse_run_config(run_config())
     groups = [getattr(cfg, f.name) for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))]
-    assert len(groups) == 10  # ... output, gan, eval
+    assert len(groups) == 11  # ... output, gan, eval, radiomics
     for obj in [cfg, *groups]:
         assert [f.name for f in fields(obj) if f.default is not MISSING or f.default_factory is not MISSING] == []
 

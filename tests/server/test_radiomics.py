@@ -175,7 +175,7 @@ def test_fedavg_weights_the_sites_by_their_training_studies(run):
 
 def test_a_radiomics_run_needs_a_u_net_and_no_privacy_option_it_would_break():
     with pytest.raises(ValueError, match="train.init-checkpoint"):
-        parse_run_config(run_config(**{"radiomics.rounds": 2}))
+        run_radiomics_federation(site_grid(client_app, {}, 1), run_config(**{"radiomics.rounds": 2}))
     with pytest.raises(ValueError, match="privacy.secure-counts"):
         parse_run_config(
             run_config(**{"radiomics.rounds": 2, "train.init-checkpoint": "x.pt", "privacy.secure-counts": True})

@@ -1,8 +1,11 @@
-"""A short training on generated data really learns, and ``hemexp predict`` measures volumes.
+"""A short training on generated data really learns the markers, and ``hemexp predict`` measures volumes.
 
-Slow-ish (about a minute or two on 2 cores): tiny preset, 64x64 slices, one easy generated site
-(every marker at 50 % prevalence and obvious, no mimics, labels = truth, low noise, no missing
-labels, no annotator bias).
+The positive control of the classifier: on an easy generated site (every marker at 50 % prevalence
+and obvious, no mimics, labels = truth, low noise, no missing labels, no annotator bias) the
+hematoma-centred classifier, trained on the hematoma slices from U-Net vectors computed once, must
+tell the markers apart on held-out patients at study level (the whole-slice model trained on every
+brain slice learnt hematoma detection instead and stayed at chance per marker). Slow-ish (about a
+minute or two on 2 cores): tiny preset, 64x64 slices.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from client.data.cache import build_site_cache
-from client.data.dataset import SliceDataset, make_loader, split_slices
+from client.data.dataset import SliceDataset, hematoma_slices, make_loader, split_slices
 from client.training.evaluate import evaluate
+from client.training.stage2_features import with_unet_vectors
 from client.training.train import TrainConfig, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import MARKERS, PreprocessConfig
@@ -29,7 +33,7 @@ from simulations.synthetic import default_profiles, generate_site
 
 pytestmark = pytest.mark.slow
 
-EPOCHS_STAGE1, EPOCHS_STAGE2 = 5, 8
+EPOCHS_STAGE1, EPOCHS_STAGE2 = 5, 12
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def easy_site(tmp_path_factory) -> Path:
         noise_sigma_hu=3.0,
         missing_label_rate=0.0,
         annotator_bias_px=0,
-        n_patients=30,
+        n_patients=60,
         followup_rate=0.0,
         cupping_hu=0.0,
         streak_hu=0.0,
@@ -64,11 +68,13 @@ def trained(easy_site, tmp_path_factory):
     train_ds, test_ds = SliceDataset(cache, split["train"]), SliceDataset(cache, split["test"])
     model = build_joint_model(cfg, seed=0)
     losses = {1: [], 2: []}
-    pos, neg = label_counts(train_ds.labels()[:, : len(MARKERS)])
+    stage2_ds = hematoma_slices(train_ds)
+    pos, neg = label_counts(stage2_ds.labels()[:, : len(MARKERS)])
     pos_weight = pos_weight_from_counts(pos, neg)
     for stage, epochs in ((1, EPOCHS_STAGE1), (2, EPOCHS_STAGE2)):
         tc = TrainConfig(batch_size=16, epochs=epochs, lr=1e-2 if stage == 1 else 3e-3, seed=stage)
-        loader = make_loader(train_ds, 16, shuffle=True, seed=stage, balanced=True, stage=stage)
+        data = train_ds if stage == 1 else with_unet_vectors(model, stage2_ds)  # the U-Net is trained by now
+        loader = make_loader(data, 16, shuffle=True, seed=stage, balanced=stage == 1, stage=stage)
         train_stage(
             model,
             loader,
@@ -96,18 +102,21 @@ def test_losses_fall_in_both_stages(trained) -> None:
         assert last < factor * first, (stage, first, last)
 
 
-def test_segmentation_and_marker_outputs_learn_on_held_out_patients(trained) -> None:
-    """Dice beats chance, and the marker outputs separate slices with hematoma from slices without
-    (what stage 2 learns first). Marker discrimination *within* hematoma slices (``auc_slice/*``, the
-    evaluation's marker figure) stays near chance after this short training; it is reported, not
-    asserted here (the simulation's reports measure it)."""
+def test_segmentation_and_markers_learn_on_held_out_patients(trained) -> None:
+    """Dice beats chance, and every marker is told apart at study level on held-out patients (the
+    study rule over the U-Net's own hematoma slices; AUROC by scikit-learn, independent of the
+    project's own)."""
     test = trained["test"]
     assert test["dice"] > 0.6, test["dice"]
-    arrays = test["arrays"]
-    scores, holds = np.asarray(arrays["slice_scores"]), np.asarray(arrays["slice_holds_hematoma"], bool)
-    assert holds.any() and (~holds).any()
-    detection = [roc_auc_score(holds, scores[:, j]) for j in range(len(MARKERS))]
-    assert min(detection) > 0.75, detection
+    studies = test["arrays"]["studies"]
+    aucs = {}
+    for j, name in enumerate(MARKERS):
+        y, score = studies.labels[:, j], studies.logits[:, j]
+        known = ~np.isnan(y)
+        assert 0 < y[known].sum() < known.sum(), name  # both classes among the test studies
+        aucs[name] = roc_auc_score(y[known], score[known])
+    assert np.mean(list(aucs.values())) > 0.8, aucs
+    assert min(aucs.values()) > 0.65, aucs
 
 
 def test_predict_gives_a_volume_close_to_the_reference(trained, easy_site, tmp_path) -> None:

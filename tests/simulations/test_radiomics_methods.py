@@ -111,7 +111,9 @@ def test_local_and_pooled_radiomics_are_recorded_as_the_deep_methods_are(run):
     for site in sites:  # the same test studies and patients as the deep method's
         deep, rad = by[("pooled", site)]["outputs"], by[("radiomics pooled", site)]["outputs"]
         assert rad.studies.tolist() == deep.studies.tolist() and rad.patients.tolist() == deep.patients.tolist()
-        assert rad.names == tuple(MARKERS) and np.array_equal(rad.labels, deep.labels[:, : len(MARKERS)], equal_nan=True)
+        assert rad.names == tuple(MARKERS) and np.array_equal(
+            rad.labels, deep.labels[:, : len(MARKERS)], equal_nan=True
+        )
         assert by[("radiomics pooled", site)]["thresholds"].shape == (len(MARKERS),)
     tables = json.loads((run / "study_metrics.json").read_text())["natural"]
     assert {r["method"] for r in tables["headline"]} == {"pooled", "radiomics local", "radiomics pooled"}
