@@ -34,6 +34,18 @@ MASK_THRESHOLD = 0.5
 ROI_JITTER_MM = 7.0
 
 
+def placement_mask(unet_mask: Tensor, reference: Tensor) -> Tensor:
+    """The mask that places a training slice's ROI (and pools its U-Net features): the U-Net's own
+    mask where it finds hematoma on the slice, as at test; the reference mask where it finds none.
+
+    Measured on the benchmark (pooled, seed 0): trained around the reference masks and scored around
+    the U-Net's, the classifier lost 0.065 macro study AUROC against scoring around the reference
+    masks (blend sign 0.47 vs 0.62): the mask channel and the centre it learnt from are not the ones
+    it is shown at test. Both masks are [B, 1, H, W]."""
+    found = (unet_mask > MASK_THRESHOLD).flatten(1).any(dim=1)
+    return torch.where(found[:, None, None, None], unet_mask.to(reference.dtype), reference)
+
+
 def pixel_centres(size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Normalised coordinates of the ``size`` pixel centres along one axis (``align_corners=False``)."""
     return (torch.arange(size, device=device, dtype=dtype) * 2 + 1) / size - 1

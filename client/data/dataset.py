@@ -116,20 +116,29 @@ def split_slices(
     return {name: idx[(split_of == name) & (scored | (name == "train"))] for name in SPLITS}
 
 
-#: The item key of a slice's frozen-U-Net vector, where stage 2 computed them once (``client.training.stage2_features``).
-UNET_VECTOR = "unet_vector"
+#: Item keys of a slice's frozen-U-Net vector and mask, where stage 2 computed them once
+#: (``client.training.stage2_features``).
+UNET_VECTOR, UNET_MASK = "unet_vector", "unet_mask"
 
 
 class SliceDataset(Dataset):
     """Slices of one site cache: uint8 image, uint8 mask, labels (NaN = unknown), mask known, the
-    study's pixel size in mm; with ``unet_vectors`` [N, C] also each slice's frozen-U-Net vector."""
+    study's pixel size in mm; with ``unet_vectors`` [N, C] and ``unet_masks`` [N, S, S] (uint8) also each
+    slice's frozen-U-Net vector and mask."""
 
-    def __init__(self, cache: SiteCache, indices: np.ndarray, unet_vectors: np.ndarray | None = None):
+    def __init__(
+        self,
+        cache: SiteCache,
+        indices: np.ndarray,
+        unet_vectors: np.ndarray | None = None,
+        unet_masks: np.ndarray | None = None,
+    ):
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
-        if unet_vectors is not None and len(unet_vectors) != len(self.indices):
-            raise ValueError(f"{len(unet_vectors)} U-Net vectors for {len(self.indices)} slices")
-        self.unet_vectors = unet_vectors
+        for name, given in (("vectors", unet_vectors), ("masks", unet_masks)):
+            if given is not None and len(given) != len(self.indices):
+                raise ValueError(f"{len(given)} U-Net {name} for {len(self.indices)} slices")
+        self.unet_vectors, self.unet_masks = unet_vectors, unet_masks
         self._known = cache.mask_known()
         self._study = cache.slice_study()
         self._pixel_mm = study_pixel_mm(cache)
@@ -147,8 +156,9 @@ class SliceDataset(Dataset):
             "study": torch.tensor(int(self._study[j])),
             "pixel_mm": torch.tensor(float(self._pixel_mm[self._study[j]])),
         }
-        if self.unet_vectors is not None:
+        if self.unet_vectors is not None and self.unet_masks is not None:
             item[UNET_VECTOR] = torch.from_numpy(self.unet_vectors[i])
+            item[UNET_MASK] = torch.from_numpy(np.array(self.unet_masks[i]))
         return item
 
     def labels(self) -> np.ndarray:

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from client.data.dataset import UNET_VECTOR, make_loader
+from client.data.dataset import UNET_MASK, UNET_VECTOR, make_loader
 from common.config import LABELS, check_known_keys
 from common.losses import segmentation_loss, weighted_bce
 from common.model import JointModel, classifier_image, freeze_unet, to_input, unet_vector, unfreeze_unet
-from common.roi import roi_jitter
+from common.roi import placement_mask, roi_jitter
 from common.run_config import MARKER_SAMPLING
 
 
@@ -268,18 +268,19 @@ def stage2_logits(
     accel: Acceleration = Acceleration(),
 ) -> Tensor:
     """Stage 2's forward with the U-Net frozen: the classifier's image (the ROI or the slice, around
-    the reference mask; ``common.model.classifier_image``), augmented when ``augment`` is given, and
-    the U-Net's vector, taken from the batch where stage 2's features were computed once
-    (``client.training.stage2_features``), else from the frozen U-Net now. Both give the same step.
-
-    A slice without a reference mask (never in ``hematoma_slices``) is placed by the U-Net's own mask.
+    ``common.roi.placement_mask``: the U-Net's own mask where it finds hematoma, as at test, else the
+    reference mask; ``common.model.classifier_image``), augmented when ``augment`` is given, and the
+    U-Net's vector. The U-Net's mask and vector come from the batch where stage 2 computed them once
+    (``client.training.stage2_features``), else from the frozen U-Net now: both give the same step.
     """
     cfg = model.cfg
-    known = batch["mask_known"].to(device)
-    if not bool(known.all()):
+    if UNET_MASK in batch:
+        own = batch[UNET_MASK].to(device).unsqueeze(1).to(mask.dtype)
+    else:
         with torch.no_grad():
-            predicted = (model.segment(image) > 0).to(mask.dtype)
-        mask = torch.where(known[:, None, None, None], mask, predicted)
+            own = (model.segment(image) > 0).to(mask.dtype)
+    known = batch["mask_known"].to(device)[:, None, None, None]
+    mask = placement_mask(own, torch.where(known, mask, own))
     if UNET_VECTOR in batch:
         vector = batch[UNET_VECTOR].to(device)
     else:

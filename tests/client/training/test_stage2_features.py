@@ -11,11 +11,12 @@ from torch.utils.data import ConcatDataset
 from client.data.cache import build_site_cache
 from client.data.dataset import UNET_VECTOR, SliceDataset, brain_slices, hematoma_slices
 from client.training import stage2_features
-from client.training.stage2_features import compute_unet_vectors, unet_digest, with_unet_vectors
+from client.training.stage2_features import compute_unet_outputs, unet_digest, with_unet_vectors
 from client.training.train import TrainConfig, train_stage
 from common.config import LABELS, PreprocessConfig
 from common.model import build_joint_model, freeze_unet, to_input, unet_vector
 from common.presets import get_preset
+from common.roi import placement_mask
 from tests.helpers.cache import memory_cache, study_entry
 from tests.helpers.data import write_site
 
@@ -45,16 +46,28 @@ def test_stage2_slices_are_the_hematoma_slices() -> None:
     assert [p.indices.tolist() for p in pooled.datasets] == [[1], []]
 
 
-def test_vectors_equal_the_live_unet_pooled_inside_the_mask(site) -> None:
+def test_outputs_equal_the_live_unet_pooled_inside_the_placement_mask(site) -> None:
     model = build_joint_model(TINY, seed=1)
     ds = hematoma_slices(site)
-    vectors = compute_unet_vectors(model, ds, batch_size=3)
+    vectors, masks = compute_unet_outputs(model, ds, batch_size=3)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))
     with torch.no_grad():
         model.unet.eval()
-        fmap = model.unet.encoder(to_input(batch["image"]))[-1]
-        expected = unet_vector(TINY, fmap, batch["mask"].unsqueeze(1).float())
+        x = to_input(batch["image"])
+        own = (model.segment(x) > 0).float()
+        placed = placement_mask(own, batch["mask"].unsqueeze(1).float())
+        expected = unet_vector(TINY, model.unet.encoder(x)[-1], placed)
     assert np.allclose(vectors, expected.numpy(), atol=1e-5)
+    assert np.array_equal(masks, own[:, 0].numpy().astype(np.uint8))
+
+
+def test_placement_is_the_unets_mask_where_it_finds_hematoma() -> None:
+    reference = torch.zeros(2, 1, 8, 8)
+    reference[:, :, 2:4, 2:4] = 1
+    own = torch.zeros(2, 1, 8, 8)
+    own[0, 0, 5:7, 5:7] = 1  # slice 0: the U-Net found hematoma elsewhere; slice 1: nothing
+    placed = placement_mask(own, reference)
+    assert torch.equal(placed[0], own[0]) and torch.equal(placed[1], reference[1])
 
 
 @pytest.mark.parametrize("classifier_input", ["roi", "slice"])
@@ -82,16 +95,17 @@ def test_vectors_are_kept_on_disk_by_unet_digest(site, tmp_path, monkeypatch) ->
     model = build_joint_model(TINY, seed=0)
     ds = hematoma_slices(site)
     first = with_unet_vectors(model, ds, folder=tmp_path)
-    files = sorted(tmp_path.glob("unet-vectors-*.npy"))
+    files = sorted(tmp_path.glob("unet-outputs-*.npz"))
     assert len(files) == 1 and unet_digest(model)[:16] in files[0].name
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed although the vectors were on disk")
 
-    monkeypatch.setattr(stage2_features, "compute_unet_vectors", fail)
+    monkeypatch.setattr(stage2_features, "compute_unet_outputs", fail)
     again = with_unet_vectors(model, ds, folder=tmp_path)
     assert np.array_equal(again.unet_vectors, first.unet_vectors)
+    assert np.array_equal(again.unet_masks, first.unet_masks)  # stored as bits, read back whole
     other = build_joint_model(TINY, seed=5)  # other U-Net weights: other vectors, never the stale file
     monkeypatch.undo()
     with_unet_vectors(other, ds, folder=tmp_path)
-    assert len(list(tmp_path.glob("unet-vectors-*.npy"))) == 2
+    assert len(list(tmp_path.glob("unet-outputs-*.npz"))) == 2
