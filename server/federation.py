@@ -62,7 +62,7 @@ from common.records import (
     record_to_state,
     state_to_record,
 )
-from common.validation import ValidationStats, calibration_meta, selectable, selection_score
+from common.validation import calibration_meta, selectable, selection_score
 from server.census import run_census, write_census
 from server.checkpoints import (
     latest_checkpoint,
@@ -456,20 +456,14 @@ class Federation:
         if not selectable(stage, self.cfg.rounds_stage2):
             return {}
         names = list(self.cfg.model.output_names)
-        parts = []
-        for r in replies:
-            try:
-                parts.append(ValidationStats.from_metrics(r.content[METRICS], len(names)))
-            except (KeyError, ValueError) as exc:
-                log(WARNING, "validation sums of site %s unusable (%s)", self.messenger.site_of(r), type(exc).__name__)
-        if not parts:
+        stats, n_sites = self.messenger.summed_validation(replies, len(names))
+        if stats is None:
             return {}
-        stats = sum(parts[1:], parts[0])
         markers = [c for c, n in enumerate(names) if n != LABELS[-1]]
         score = selection_score(stats, stage, markers)
         meta = calibration_meta(stats, names, self.cfg.target_sensitivity)
         metric = "macro_auroc_study" if stage == 2 else "dice"
-        meta["validation"] = {"metric": metric, "score": score, "sites": len(parts), "dice": stats.dice()}
+        meta["validation"] = {"metric": metric, "score": score, "sites": n_sites, "dice": stats.dice()}
         meta["validation"]["auroc_study"] = {n: float(v) for n, v in zip(names, stats.auroc())}
         return meta
 

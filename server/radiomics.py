@@ -260,13 +260,8 @@ class RadiomicsFederation(Federation):
 
     def calibration(self, replies: list[Message]) -> dict[str, Any]:
         """The chosen weights' summed validation sums (``val/``) -> temperature, thresholds, score."""
-        parts = []
-        for r in replies:
-            try:
-                parts.append(ValidationStats.from_metrics(r.content[METRICS], len(MARKERS)))
-            except (KeyError, ValueError) as exc:
-                log(WARNING, "validation sums of site %s unusable (%s)", self.messenger.site_of(r), type(exc).__name__)
-        return self.calibration_of(sum(parts[1:], parts[0])) if parts else {}
+        stats, _ = self.messenger.summed_validation(replies, len(MARKERS))
+        return self.calibration_of(stats) if stats is not None else {}
 
     def calibration_of(self, stats: ValidationStats) -> dict[str, Any]:
         meta = calibration_meta(stats, MARKERS, self.cfg.target_sensitivity)

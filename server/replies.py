@@ -36,6 +36,7 @@ from common.records import (
     SITE,
     SITE_ID,
 )
+from common.validation import ValidationStats
 from server.history import finite_or_none
 from server.validation import SITE_ID_PATTERN, Problem, ReplySchema, check_reply, content_bytes
 
@@ -219,6 +220,17 @@ class Messenger:
 
     def site_of(self, reply: Message) -> str:
         return self.sites.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+
+    def summed_validation(self, replies: list[Message], n_labels: int) -> tuple[ValidationStats | None, int]:
+        """The replies' validation sums added up (``common.validation``) and how many sites gave them; a
+        reply whose sums are missing or malformed is left out and logged by site and error type."""
+        parts = []
+        for r in replies:
+            try:
+                parts.append(ValidationStats.from_metrics(r.content[METRICS], n_labels))
+            except (KeyError, ValueError) as exc:
+                log(WARNING, "validation sums of site %s unusable (%s)", self.site_of(r), type(exc).__name__)
+        return (sum(parts[1:], parts[0]) if parts else None), len(parts)
 
     def site_name(self, node: int) -> str:
         """How logs name a node: its site id (once known) and node id."""
