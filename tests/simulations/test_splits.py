@@ -243,7 +243,7 @@ def test_experiment_errors(tmp_path):
         parse_experiment({"sedes": [0], "methods": [{"name": "a", "kind": "local"}]}, "x.toml")
     with pytest.raises(ValueError, match="kind must be one of"):
         parse_experiment({"methods": [{"name": "a", "kind": "central"}]})
-    with pytest.raises(ValueError, match="a federated run always splits by patient"):
+    with pytest.raises(ValueError, match="a federated method always splits by patient"):
         parse_experiment({"methods": [{"name": "a", "kind": "federated", "split_by": "slice"}]})
     with pytest.raises(ValueError, match="bad_sites = 1 needs a fault table"):
         parse_experiment({"methods": [{"name": "a", "kind": "local"}], "scenarios": [{"bad_sites": 1}]})
