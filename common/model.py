@@ -235,6 +235,14 @@ def classifier_image(
     return (x * keep if cfg.masked_input else x), keep
 
 
+def frozen_unet_outputs(model: JointModel, x: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """Stage 2's U-Net outputs of slices ``x``, from one pass: its own mask (0/1, [B, 1, H, W]) and its
+    vector pooled inside ``common.roi.placement_mask(own, reference)`` (``reference`` 0 where unknown)."""
+    mask_logits, deepest = model.segment_with_features(x)
+    own = (mask_logits > 0).to(reference.dtype)
+    return own, unet_vector(model.cfg, deepest, roi.placement_mask(own, reference))
+
+
 def classifier_inputs(
     cfg: ModelConfig,
     x: Tensor,
@@ -311,12 +319,16 @@ class JointModel(nn.Module):
         """``mask`` [B, 1, H, W] (or [B, H, W]): where the classifier looks (the ROI's mask, or the
         masked input); None: the U-Net's own mask. ``pixel_mm`` [B]: needed by the ROI classifier."""
         self.unet.check_input_shape(x)
-        features = self.unet.encoder(x)
-        mask_logits = self.unet.segmentation_head(self.unet.decoder(features))
+        mask_logits, deepest = self.segment_with_features(x)
         if mask is not None and mask.dim() != x.dim():
             mask = mask.unsqueeze(1)
-        image, vector = classifier_inputs(self.cfg, x, mask_logits, features[-1], pixel_mm, mask)
+        image, vector = classifier_inputs(self.cfg, x, mask_logits, deepest, pixel_mm, mask)
         return mask_logits, self.classifier(image, vector)
+
+    def segment_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mask logits and the encoder's deepest features, from one U-Net pass."""
+        features = self.unet.encoder(x)
+        return self.unet.segmentation_head(self.unet.decoder(features)), features[-1]
 
     def train(self, mode: bool = True) -> JointModel:
         """As ``nn.Module.train``, except that a frozen U-Net stays in eval mode."""

@@ -20,8 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from client.data.dataset import SliceDataset, parts_of
-from common.model import JointModel, to_input, unet_vector
-from common.roi import placement_mask
+from common.model import JointModel, frozen_unet_outputs, to_input
 
 
 def unet_digest(model: JointModel) -> str:
@@ -52,11 +51,9 @@ def compute_unet_outputs(
     vectors, masks = [], []
     try:
         for batch in DataLoader(part, batch_size=batch_size, shuffle=False):
-            image = to_input(batch["image"], device)
-            features = model.unet.encoder(image)
-            own = (model.unet.segmentation_head(model.unet.decoder(features)) > 0).float()
-            placed = placement_mask(own, batch["mask"].to(device).unsqueeze(1).float())
-            vectors.append(unet_vector(model.cfg, features[-1], placed).float().cpu().numpy())
+            reference = batch["mask"].to(device).unsqueeze(1).float()
+            own, vector = frozen_unet_outputs(model, to_input(batch["image"], device), reference)
+            vectors.append(vector.float().cpu().numpy())
             masks.append(own[:, 0].to(torch.uint8).cpu().numpy())
     finally:
         model.unet.train(was_training)

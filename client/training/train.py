@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from client.data.dataset import UNET_MASK, UNET_VECTOR, make_loader
 from common.config import LABELS, check_known_keys
 from common.losses import segmentation_loss, weighted_bce
-from common.model import JointModel, classifier_image, freeze_unet, to_input, unet_vector, unfreeze_unet
+from common.model import JointModel, classifier_image, freeze_unet, frozen_unet_outputs, to_input, unfreeze_unet
 from common.roi import placement_mask, roi_jitter
 from common.run_config import MARKER_SAMPLING
 
@@ -274,18 +274,13 @@ def stage2_logits(
     (``client.training.stage2_features``), else from the frozen U-Net now: both give the same step.
     """
     cfg = model.cfg
-    if UNET_MASK in batch:
-        own = batch[UNET_MASK].to(device).unsqueeze(1).to(mask.dtype)
-    else:
-        with torch.no_grad():
-            own = (model.segment(image) > 0).to(mask.dtype)
-    known = batch["mask_known"].to(device)[:, None, None, None]
-    mask = placement_mask(own, torch.where(known, mask, own))
+    mask = mask * batch["mask_known"].to(device)[:, None, None, None]  # no reference: the U-Net's mask alone
     if UNET_VECTOR in batch:
-        vector = batch[UNET_VECTOR].to(device)
+        own, vector = batch[UNET_MASK].to(device).unsqueeze(1).to(mask.dtype), batch[UNET_VECTOR].to(device)
     else:
         with torch.no_grad():
-            vector = unet_vector(cfg, model.unet.encoder(image)[-1], mask)
+            own, vector = frozen_unet_outputs(model, image, mask)
+    mask = placement_mask(own, mask)
     pixel_mm = batch["pixel_mm"].to(device) if "pixel_mm" in batch else None
     shift = None
     if augment is not None and g is not None and cfg.classifier_input == "roi" and pixel_mm is not None:
