@@ -115,6 +115,7 @@ class StudyVolume:
 
     ``sources``: the file of each slice, in the volume's order, so that results written back as DICOM
     (client/inference/dicom_results.py) can reference the exact source instance of every slice.
+    ``skipped_localizers``: how many of ``problems`` are localizers left out (each named there).
     """
 
     volume: np.ndarray
@@ -217,10 +218,24 @@ def read_acquisition(folder: Path | str) -> tuple[str, float | None]:
     return "unknown", None
 
 
+def localizer_type(ds) -> str | None:
+    """The ImageType (0008,0008) value that marks a scout/localizer (LOCALIZER or SCOUT), else None."""
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return next((v for v in ("LOCALIZER", "SCOUT") if v in image_type), None)
+
+
 def is_localizer(ds) -> bool:
     """Scouts/localizers (ImageType (0008,0008) value 3 LOCALIZER) are not part of the axial series."""
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    return "LOCALIZER" in image_type or "SCOUT" in image_type
+    return localizer_type(ds) is not None
+
+
+def _localizer_problem(path: Path, ds) -> Problem | None:
+    """A localizer is left out like any other unusable file, and named, so that a site can tell why
+    its slice count differs from the PACS (even when it shares the axial series' SeriesInstanceUID)."""
+    kind = localizer_type(ds)
+    if kind is None:
+        return None
+    return Problem(str(path), f"localizer (ImageType {kind}): not part of the axial series, left out")
 
 
 def _check_ct_slice(path: Path, ds) -> Problem | None:
@@ -351,8 +366,8 @@ def _sort_and_check(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], n
 def read_study(folder: Path | str) -> StudyVolume:
     """Read the one axial CT series of a study folder.
 
-    Files that are not DICOM, not CT, or without pixel data are reported and skipped; localizers
-    are dropped. Raises :class:`StudyError` when no consistent series remains, or when the folder
+    Files that are not DICOM, not CT, without pixel data, or localizers are reported (in ``problems``)
+    and skipped. Raises :class:`StudyError` when no consistent series remains, or when the folder
     holds more than one axial CT series (naming them).
     """
     folder = Path(folder)
@@ -364,10 +379,11 @@ def read_study(folder: Path | str) -> StudyVolume:
     for path in list_files(folder):
         ds, problem = _read_header(path)
         if problem is None:
-            if is_localizer(ds):
+            problem = _localizer_problem(path, ds)
+            if problem is not None:
                 localizers += 1
-                continue
-            problem = _check_ct_slice(path, ds)
+            else:
+                problem = _check_ct_slice(path, ds)
         if problem is not None:
             problems.append(problem)
             continue

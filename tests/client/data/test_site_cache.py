@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from client.data.cache import build_site_cache, open_cache
+from client.ingest.dicom import Problem
 from client.site_tools.check import check_site, format_table
 from client.site_tools.cli import flwr_client_main
 from common.config import PreprocessConfig
@@ -125,3 +126,46 @@ def test_cache_records_the_model_pixel_size(site, tmp_path) -> None:
     # write_site: 48 x 48 slices at 0.8 mm, padded square side 48 spread over 32 pixels
     assert cache.studies[0]["pixel_mm"] == pytest.approx([0.8 * 48 / 32] * 2)
     assert model_pixel_mm((0.5, 0.6), (400, 512), 256) == pytest.approx((1.0, 1.2))
+
+
+def _insert_localizer(study_dir: Path) -> Path:
+    """One lateral scout written into an axial series' folder with that series' UIDs (as some
+    scanners export it): only its ImageType (0008,0008) tells it apart."""
+    import pydicom
+
+    axial = pydicom.dcmread(next(study_dir.glob("*.dcm")), stop_before_pixels=True)
+    (path,) = write_series(
+        study_dir, head_phantom((1, 48, 48)), row_dir=(0.0, 1.0, 0.0), col_dir=(0.0, 0.0, -1.0), seed=77
+    )
+    ds = pydicom.dcmread(path)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.PatientID, ds.StudyInstanceUID = axial.PatientID, axial.StudyInstanceUID
+    ds.SeriesInstanceUID = axial.SeriesInstanceUID
+    ds.save_as(path)
+    return path
+
+
+def test_a_localizer_inside_the_axial_series_is_named_and_the_series_used(site, tmp_path, capsys) -> None:
+    from simulations.cli import hemexp_main
+
+    study_dir = site / "dicom" / "P001" / "S001"
+    n_axial = len(list(study_dir.iterdir()))
+    scout = _insert_localizer(study_dir)
+    named = Problem(str(scout), "localizer (ImageType LOCALIZER): not part of the axial series, left out")
+    # check: the study stays usable with every axial slice, the scout is named with its reason
+    report = check_site(site)
+    study = next(s for s in report.studies if (s.patient_id, s.study_id) == ("P001", "S001"))
+    assert study.status == "ok" and study.n_slices == n_axial == 6 and study.has_mask
+    assert list(study.problems) == [named]
+    assert [s.n_slices for s in report.usable] == [6, 6, 6, 6]
+    assert hemexp_main(["check", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert f"  {scout}: localizer (ImageType LOCALIZER): not part of the axial series, left out" in out
+    assert "4 of 4 studies usable, 24 slices" in out
+    # the cache: built from the other slices, the scout among the build's problems and in prepare's log
+    cache, problems = build_site_cache(site, tmp_path / "cache", CFG)
+    assert problems == [named]
+    assert cache.n_slices == 4 * n_axial and [s["stop"] - s["start"] for s in cache.studies] == [n_axial] * 4
+    assert hemexp_main(["prepare", str(site), "--cache-dir", str(tmp_path / "c2"), "--size", "32"]) == 0
+    log = capsys.readouterr().err
+    assert f"problem: {scout}: localizer (ImageType LOCALIZER): not part of the axial series, left out" in log

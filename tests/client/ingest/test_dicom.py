@@ -103,16 +103,31 @@ def test_index_to_world_affine_matches_image_position_of_every_slice(tmp_path) -
     assert g.voxel_volume_mm3 == pytest.approx(3.0 * 0.5 * 0.6)
 
 
-def test_localizer_is_dropped(tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["LOCALIZER", "SCOUT"])
+def test_localizer_is_dropped_and_named(tmp_path, kind) -> None:
     hu = head_phantom((3, 12, 12))
-    write_series(tmp_path, hu)
+    axial = write_series(tmp_path, hu)
     scout = write_series(tmp_path / "scout", hu[:1], row_dir=(0.0, 1.0, 0.0), col_dir=(0.0, 0.0, -1.0), seed=3)
+    ds = pydicom.dcmread(scout[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", kind]
+    ds.save_as(scout[0])
+    study = read_study(tmp_path)
+    np.testing.assert_array_equal(study.volume, hu)
+    assert set(study.sources) == set(axial)
+    assert study.skipped_localizers == 1
+    assert [(p.path, p.reason) for p in study.problems] == [
+        (str(scout[0]), f"localizer (ImageType {kind}): not part of the axial series, left out")
+    ]
+
+
+def test_only_a_localizer_rejects_the_study_naming_it(tmp_path) -> None:
+    scout = write_series(tmp_path, head_phantom((1, 12, 12)), row_dir=(0.0, 1.0, 0.0), col_dir=(0.0, 0.0, -1.0))
     ds = pydicom.dcmread(scout[0])
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.save_as(scout[0])
-    study = read_study(tmp_path)
-    assert study.volume.shape[0] == 3
-    assert study.skipped_localizers == 1
+    with pytest.raises(StudyError, match="no usable axial CT image") as info:
+        read_study(tmp_path)
+    assert f"{scout[0]}: localizer (ImageType LOCALIZER)" in _reasons(info.value)
 
 
 def _reasons(exc: StudyError) -> str:
