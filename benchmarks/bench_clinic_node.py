@@ -56,7 +56,7 @@ def main() -> None:
         )
         log = (root / "serve.log").open("w")
         node = subprocess.Popen(
-            [sys.executable, "-m", "simulations.cli", "serve", "--model", str(ckpt)]
+            [sys.executable, "-m", "client.inference.cli", "serve", "--model", str(ckpt)]
             + ["--dest", f"PACS@{LOOPBACK}:{pacs_port}", "--host", LOOPBACK, "--port", str(node_port)]
             + ["--settle", str(args.settle), "--audit-log", str(root / "audit.log"), "--key-dir", str(root / "key")]
             + ["--device", "cpu"],

@@ -1,21 +1,27 @@
-"""``hemexp``: the research and clinic tool (generate data, check, convert, train, clip-norms, predict, serve).
+"""``hemexp``: the whole tool, research commands (generate, check, prepare, convert, rsna-site, train,
+clip-norms) and the clinic's (predict, serve).
 
-Thin shell over the library; it lives on the research side because it reaches every package.
+The clinic's commands are built and run by ``client.inference.cli``, which is also the ``hemexp`` console
+script: it runs a clinic command without importing this package and hands every other command (and
+``hemexp --help``) to ``hemexp_main`` here through the ``hemexp.cli`` entry point (pyproject.toml).
+This parser lives on the research side because it reaches every package.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from client.inference.cli import add_clinic_commands
 from client.site_tools.cli import add_check_command, add_prepare_command, dispatch
+from simulations.synthetic.generate import DEFAULT_MATRIX
+from simulations.synthetic.profiles import DEFAULT_STUDIES_SCALE, SiteProfile
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from simulations.synthetic import generate_dataset
-    from simulations.synthetic.generate import DEFAULT_MATRIX
-    from simulations.synthetic.profiles import DEFAULT_STUDIES_SCALE
 
     overrides = {
         k: v
@@ -26,8 +32,8 @@ def run_generate(args: argparse.Namespace) -> int:
         args.out,
         n_sites=args.sites,
         seed=args.seed,
-        matrix=args.matrix or DEFAULT_MATRIX,
-        studies_scale=DEFAULT_STUDIES_SCALE if args.scale is None else args.scale,
+        matrix=args.matrix,
+        studies_scale=args.scale,
         progress=True,
         overwrite=args.overwrite,
         workers=args.workers,
@@ -142,80 +148,9 @@ def run_clip_norms(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    from client.inference.backends import options_for
-    from client.inference.predict import load_scoring_model, run_prediction
-    from client.ingest.dicom import StudyError
-    from common.runtime import resolve_device
-
-    if (args.study_dir is None) == (args.batch is None):
-        print("error: give either STUDY_DIR or --batch FOLDER", file=sys.stderr)
-        return 2
-    window = tuple(args.window) if args.window else None
-    try:
-        device = resolve_device(args.device)
-        options = options_for(device, args.backend, tuple(args.int8), args.calibration)
-        model = load_scoring_model(args.model, str(device), options, args.site_norms)
-        if args.batch is not None:
-            return _run_batch(args, model, window)
-        result = run_prediction(args.study_dir, model, args.out, model.device, window, dicom=args.dicom)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p.path}: {p.reason}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    calls = result["present"]
-    markers = ", ".join(f"{k} {v:.2f} ({'yes' if calls[k] else 'no'})" for k, v in result["markers"].items())
-    extra = " and the DICOM SEG + SR" if args.dicom else ""
-    print(f"{markers}; hematoma {result['volume_ml']:.1f} ml; wrote {args.out}/prediction.json, overlay.png{extra}")
-    return 0
-
-
-def _run_batch(args: argparse.Namespace, model, window: tuple[float, float] | None) -> int:
-    from client.inference.batch import run_batch
-
-    path, rows = run_batch(args.batch, model, args.out, window, dicom=args.dicom, key_dir=args.key_dir)
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{len(rows)} studies: {ok} scored, {len(rows) - ok} not scored; wrote {path}")
-    return 0 if ok else 1
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    from client.inference.predict import load_scoring_model
-    from client.inference.serve import Destination, NodeConfig, serve_forever
-    from common.runtime import resolve_device
-
-    # Only the node's own lines at INFO: pynetdicom's and highdicom's name UIDs.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("hemexp").setLevel(logging.INFO)
-    if args.audit_log:
-        handler = logging.FileHandler(args.audit_log)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("hemexp.audit").addHandler(handler)
-    try:
-        config = NodeConfig(
-            destination=Destination.parse(args.dest),
-            ae_title=args.ae_title,
-            host=args.host,
-            port=args.port,
-            settle_s=args.settle,
-            allowed_calling=tuple(args.allow_ae or ()),
-            spool_dir=args.spool,
-            keep_dir=args.keep,
-            key_dir=args.key_dir,
-            device=str(resolve_device(args.device)),
-        )
-        model = load_scoring_model(args.model, config.device, site_norms=args.site_norms)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    serve_forever(config, model)
-    return 0
+def _profile_default(name: str) -> object:
+    """A ``SiteProfile`` field's default: what the generator uses when the flag is not given."""
+    return next(f.default for f in fields(SiteProfile) if f.name == name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,13 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers()
     g = sub.add_parser("generate", help="write the synthetic multi-site CT dataset (DICOM + NIfTI + labels)")
     g.add_argument("--out", type=Path, required=True)
-    g.add_argument("--sites", type=int, default=12)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--matrix", type=int, help="nominal in-plane matrix (sites vary around it; default 96)")
-    g.add_argument("--scale", type=float, help="multiply every site's number of patients (default 6)")
+    g.add_argument("--sites", type=int, default=12, help="number of hospitals (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="every draw's seed (default %(default)s)")
+    g.add_argument(
+        "--matrix",
+        type=int,
+        default=DEFAULT_MATRIX,
+        help="nominal in-plane matrix (sites vary around it; default %(default)s)",
+    )
+    g.add_argument(
+        "--scale",
+        type=float,
+        default=DEFAULT_STUDIES_SCALE,
+        help="multiply every site's number of patients (default %(default)s)",
+    )
     g.add_argument("--workers", type=int, help="sites written in parallel (default: one per CPU core)")
     g.add_argument(
-        "--reader-noise", type=float, help="1 = published reader agreement (default), 0 = labels are the truth"
+        "--reader-noise",
+        type=float,
+        default=_profile_default("reader_noise"),
+        help="1 = published reader agreement, 0 = labels are the truth (default %(default)s)",
     )
     g.add_argument("--mimic-scale", type=float, help="multiply every site's mimic rates (0 = no mimics)")
     g.add_argument("--readers", type=int, choices=(1, 2), help="2 = two readers per study, adjudicated")
@@ -295,40 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--cache-dir", type=Path, default=None, help="default DATA_ROOT/.cache")
     n.add_argument("--device", default="auto")
     n.set_defaults(func=run_clip_norms)
-    p = sub.add_parser("predict", help="score one DICOM study (or --batch a folder): markers, volume, overlay")
-    p.add_argument("study_dir", type=Path, nargs="?", help="one study folder")
-    p.add_argument("--batch", type=Path, default=None, help="score every study folder below FOLDER; summary.csv")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint.pt")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dicom", action="store_true", help="also write the DICOM SEG (seg.dcm) and SR (sr.dcm)")
-    p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
-    p.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: ONNX Runtime on a CPU")
-    p.add_argument("--int8", nargs="+", choices=("segment", "classify"), default=[], help="parts run as int8 (onnx)")
-    p.add_argument("--calibration", type=Path, default=None, help="site cache folder that calibrates --int8")
-    p.add_argument(
-        "--site-norms",
-        type=Path,
-        default=None,
-        help="a FedBN model: one site's stored normalisation layers (<cache>/federation/<site>/<run>)",
-    )
-    p.set_defaults(func=run_predict)
-    v = sub.add_parser("serve", help="DICOM node: receive CT series (C-STORE), send back SEG + SR (docs/clinic.md)")
-    v.add_argument("--model", type=Path, required=True, help="checkpoint.pt")
-    v.add_argument("--dest", required=True, help="where results go: AE@HOST:PORT (the PACS)")
-    v.add_argument("--ae-title", default="HEMEXP", help="this node's AE title")
-    v.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    v.add_argument("--port", type=int, default=11112)
-    v.add_argument("--settle", type=float, default=10.0, help="seconds without a new instance: series complete")
-    v.add_argument("--allow-ae", action="append", help="accept only these calling AE titles (repeat)")
-    v.add_argument("--spool", type=Path, default=None, help="folder for series being received (default: temporary)")
-    v.add_argument("--keep", type=Path, default=None, help="keep received series and results here (default: delete)")
-    v.add_argument("--audit-log", type=Path, default=None, help="append the per-study audit lines to this file")
-    v.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
-    v.add_argument("--device", default="auto")
-    v.add_argument("--site-norms", type=Path, default=None, help="a FedBN model: this site's normalisation layers")
-    v.set_defaults(func=run_serve)
+    add_clinic_commands(sub)
     return parser
 
 

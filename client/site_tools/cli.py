@@ -150,7 +150,11 @@ def add_start_command(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-retries", type=int, help="flower-supernode: reconnection attempts (default: unlimited)")
     p.add_argument("--max-wait-time", type=float, help="flower-supernode: seconds to keep reconnecting")
-    p.add_argument("--clientappio-port", type=int, help="local port of the SuperNode's Runtime API (default 9094)")
+    p.add_argument(
+        "--clientappio-port",
+        type=int,
+        help="local port of the SuperNode's Runtime API (flower-supernode's default 9094)",
+    )
     p.set_defaults(func=run_start)
 
 
@@ -213,7 +217,7 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     return int(args.func(args) or 0)
 
 
-def flwr_client_main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flwr-client", description="hemexp site tool: check data, build the cache, join the federation"
     )
@@ -223,7 +227,11 @@ def flwr_client_main(argv: list[str] | None = None) -> int:
     add_start_command(sub)
     add_status_command(sub)
     add_policy_command(sub)
-    return dispatch(parser, argv)
+    return parser
+
+
+def flwr_client_main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":

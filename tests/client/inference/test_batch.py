@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from client.inference.batch import SUMMARY_FILE, find_studies
-from simulations.cli import hemexp_main
+from client.inference.cli import hemexp_main
 from tests.helpers.clinic import leaks, phi_strings, write_study
 
 

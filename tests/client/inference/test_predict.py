@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from client.inference.cli import hemexp_main
 from client.inference.predict import findings, predict_study, run_prediction
 from client.inference.site_norms import load_site_norms, with_site_norms
 from common.checkpoint import load_checkpoint, save_checkpoint
@@ -17,7 +18,6 @@ from common.config import PreprocessConfig
 from common.model import build_joint_model, norm_state_keys
 from common.presets import get_preset
 from common.study_metrics import study_scores_from_slices
-from simulations.cli import hemexp_main
 from tests.helpers.data import head_phantom, write_series
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

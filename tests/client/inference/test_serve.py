@@ -44,7 +44,7 @@ def pacs(tmp_path) -> Iterator[tuple[int, Path]]:
 def node(tmp_path, pacs, clinic_checkpoint) -> Iterator[dict]:
     """``hemexp serve`` as AE HEMEXP on loopback, accepting only the calling AE MODALITY."""
     port, log_path = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "simulations.cli", "serve", "--model", str(clinic_checkpoint)]
+    cmd = [sys.executable, "-m", "client.inference.cli", "serve", "--model", str(clinic_checkpoint)]
     cmd += ["--dest", f"PACS@{LOOPBACK}:{pacs[0]}", "--ae-title", "HEMEXP", "--host", LOOPBACK, "--port", str(port)]
     cmd += ["--settle", "1", "--allow-ae", "MODALITY", "--spool", str(tmp_path / "spool")]
     cmd += ["--audit-log", str(tmp_path / "audit.log"), "--key-dir", str(tmp_path / "key"), "--device", "cpu"]
