@@ -1,5 +1,6 @@
 """How hard is the synthetic benchmark? An experiment's pooled model's study AUROC per label beside
-the ceiling (a perfect observer of the truth scored against the readers' labels), the same model
+the ceiling (the upper bound: an observer of the readers' evidence scored against their labels) and
+a perfect observer of the true severity, the same model
 scored against the truth, and expansion beside a marker-count score.
 
 Usage: python -m benchmarks.bench_difficulty [--data data/synthetic] [--experiment default]
@@ -11,7 +12,8 @@ runner (``simulations.runner.Runner``: same caches, split, budget, run config an
 validation as ``simulations/simulate.py``), optionally with a larger budget, on a dataset written
 by ``hemexp generate`` (it needs its ``.truth/truth.csv``), then prints the report's ceiling table
 (``simulations.report.ceiling_section``): per label the test baselines, reader and true positives,
-the model's AUROC [95 % CI], the ceiling, the share of it and the AUROC against the truth [95 % CI].
+the model's AUROC [95 % CI], the ceiling, the truth observer, the share of the ceiling and the AUROC
+against the truth [95 % CI].
 ``OUT/difficulty.json`` keeps the rows and the marker-count AUROCs; ``--results`` also writes them
 as markdown with the command that made them (``benchmarks/results/synthetic_difficulty.md``).
 """

@@ -7,9 +7,12 @@ baselines among the method's pooled test studies (seeds as strata, as in ``studi
 
 - ``auroc``: the method's study AUROC against the readers' labels (the headline's figure), with
   the evaluation's 95 % patient-bootstrap interval (``common.study_metrics``);
-- ``ceiling``: the AUROC of a perfect observer of the truth against the same labels
-  (``simulations.synthetic.ceiling``: true severity, true expansion risk), mean over seeds; it is
-  not a model figure, so it has no interval;
+- ``ceiling``: the upper bound, the AUROC of the evidence observer against the same labels
+  (``simulations.synthetic.ceiling``: the probability of each label given what the readers saw,
+  mimics included; for expansion the true risk), mean over seeds; it is not a model figure, so it
+  has no interval;
+- ``truth_observer``: the AUROC of a perfect observer of the truth (true severity, true expansion
+  risk) against the labels: below the ceiling, since the readers also react to mimics;
 - ``fraction``: the AUROC (and its interval bounds) as a share of the ceiling;
 - ``vs_truth``: the method's study AUROC against the true state instead of the labels, with its
   interval.
@@ -38,6 +41,7 @@ from simulations.report.html import html_table, img
 from simulations.report.studies import cell, entries_of, methods_of, pooled
 from simulations.report.tables import slug
 from simulations.synthetic.ceiling import (
+    evidence_scores,
     fraction_of_ceiling,
     pseudonym_map,
     truth_keys,
@@ -67,9 +71,10 @@ def method_ceiling_rows(
     model = summarise(out, columns=cols, n_boot=n_boot, seed=seed, only=only)
     vs_truth = summarise(replace(out, labels=states), columns=cols, n_boot=n_boot, seed=seed, only=only)
     observer = summarise(replace(out, logits=truth_scores(truth, keys, out.names)), columns=cols, n_boot=0, only=only)
+    evidence = evidence_scores(truth, keys, out.names)
     rows = []
     for c, m, t, o in zip(cols, model, vs_truth, observer):
-        ceiling = o["auroc"]["estimate"]
+        ceiling = _observer(out, evidence, c)
         known = ~np.isnan(out.labels[:, c])
         rows.append(
             {
@@ -79,12 +84,22 @@ def method_ceiling_rows(
                 "true_pos": int(np.nansum(states[known, c])),
                 "auroc": m["auroc"],
                 "ceiling": ceiling,
+                "truth_observer": o["auroc"]["estimate"],
                 "fraction": {k: fraction_of_ceiling(m["auroc"][k], ceiling) for k in ("estimate", "low", "high")},
                 "n_truth": t["n"],
                 "vs_truth": t["auroc"],
             }
         )
     return rows
+
+
+def _observer(out, scores: np.ndarray, column: int) -> float:
+    """An observer's AUROC on one label column of ``out`` (the evaluation's own metric), NaN where
+    its score is missing (data generated before the evidence observer was written)."""
+    if np.isnan(scores[~np.isnan(out.labels[:, column]), column]).any():
+        return float("nan")
+    est = summarise(replace(out, logits=scores), columns=[column], n_boot=0, only=("auroc",))[0]["auroc"]["estimate"]
+    return float("nan") if est is None else float(est)
 
 
 def ceiling_tables(data_root: Path | str, studies: Sequence[dict], n_boot: int, seed: int = 0) -> dict[str, list]:
@@ -128,10 +143,14 @@ COLUMNS = (
     ("true+", 5, ">"),
     ("AUROC [95 % CI]", 24, ">"),
     ("ceiling", 7, ">"),
+    ("truth obs.", 10, ">"),
     ("share", 5, ">"),
     ("vs truth [95 % CI]", 24, ">"),
 )
-TITLE = "{}: study AUROC beside the ceiling (a perfect observer of the truth vs the labels)"
+TITLE = (
+    "{}: study AUROC beside the ceiling (the upper bound: an observer of the readers' evidence vs the labels)"
+    " and a perfect observer of the true severity"
+)
 
 
 def _cells(r: dict) -> list[str]:
@@ -144,6 +163,7 @@ def _cells(r: dict) -> list[str]:
         str(r["true_pos"]),
         cell(r["auroc"]),
         _fixed(r["ceiling"]),
+        _fixed(r.get("truth_observer")),
         _fixed(r["fraction"]["estimate"], 2),
         cell(r["vs_truth"]),
     ]
@@ -187,8 +207,11 @@ def plot_ceiling(rows: Sequence[dict], scenario: str, path: Path) -> Path | None
         err = np.nan_to_num(np.stack([est - low, high - est]), nan=0.0)
         ax.bar(xs, np.nan_to_num(est), width * 0.9, yerr=err, capsize=2, label=method)
         ceilings = np.array([np.nan if r["ceiling"] is None else r["ceiling"] for r in mine], float)
+        observers = np.array([np.nan if r.get("truth_observer") is None else r["truth_observer"] for r in mine], float)
         ax.hlines(ceilings, np.subtract(xs, width / 2), np.add(xs, width / 2), colors="black", linewidth=2)
-    ax.plot([], [], color="black", linewidth=2, label="ceiling (perfect observer of the truth)")
+        ax.hlines(observers, np.subtract(xs, width / 2), np.add(xs, width / 2), colors="black", linestyles="--")
+    ax.plot([], [], color="black", linewidth=2, label="ceiling (observer of the readers' evidence)")
+    ax.plot([], [], color="black", linestyle="--", label="observer of the true severity")
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(labels)), [label.replace("_", "\n") for label in labels], fontsize=8)
     ax.set_ylim(0, 1.05)
@@ -217,9 +240,12 @@ def ceiling_parts(
     (out_dir / CEILING_FILE).write_text(json.dumps(json_safe(tables), indent=1))
     parts = [
         "<h2>Ceiling</h2><p>The labels are readers' calls, so no model can reach an AUROC of 1 against "
-        "them. <b>Ceiling</b>: the AUROC of a perfect observer of the generator's truth (true severity; "
-        "for expansion the true risk) against the same labels, on the baselines among each method's test "
-        "studies (mean over seeds). <b>Share</b>: the method's AUROC as a fraction of it. "
+        "them. <b>Ceiling</b> (the upper bound): the AUROC of an observer of what the readers saw "
+        "(the probability of each label given the evidence they react to, mimics included; for expansion "
+        "the true risk) against the same labels, on the baselines among each method's test studies (mean "
+        "over seeds). <b>Truth observer</b>: the AUROC of a perfect observer of the true severity; it is "
+        "lower, because the readers also call mimics, which a model can see too. <b>Share</b>: the "
+        "method's AUROC as a fraction of the ceiling. "
         "<b>vs truth</b>: the method's AUROC against the true state instead of the labels. Intervals: "
         f"95 % patient bootstrap, seeds as strata (<code>{CEILING_FILE}</code>).</p>"
     ]
@@ -227,11 +253,12 @@ def ceiling_parts(
         parts.append(f"<h3>{html.escape(scenario)}</h3>")
         parts.append(
             html_table(
-                ["method", "label", "n", "reader +", "true +", "AUROC [95 % CI]", "ceiling", "share [95 % CI]"]
-                + ["n (truth)", "AUROC vs truth [95 % CI]"],
+                ["method", "label", "n", "reader +", "true +", "AUROC [95 % CI]", "ceiling", "truth observer"]
+                + ["share [95 % CI]", "n (truth)", "AUROC vs truth [95 % CI]"],
                 [
                     [r["method"], r["label"], r["n"], r["reader_pos"], r["true_pos"], cell(r["auroc"])]
-                    + [_fixed(r["ceiling"]), cell(r["fraction"]), r["n_truth"], cell(r["vs_truth"])]
+                    + [_fixed(r["ceiling"]), _fixed(r.get("truth_observer"))]
+                    + [cell(r["fraction"]), r["n_truth"], cell(r["vs_truth"])]
                     for r in rows
                 ],
             )

@@ -1,15 +1,23 @@
-"""The ceiling of a generated dataset: how well a perfect observer of the truth scores against the
-noisy labels, and how to score any model against the truth instead.
+"""The ceiling of a generated dataset: the best AUROC any observer of the images can reach against
+the noisy labels, beside what a perfect observer of the truth reaches, and how to score any model
+against the truth instead.
 
-Labels are readers' calls (``readers``), so no model can reach an AUROC of 1 against them: the
-best any model can do is to know the truth. ``ceiling_table`` gives, per marker, the AUROC of the
-true severity (0 when absent) as the score against the written labels on the chosen studies, and
-for expansion the AUROC of the true expansion risk (the logistic model's probability from the
-true markers, volume and onset time) against the expansion label. A method's result is then read
-as a fraction of that ceiling (``fraction_of_ceiling``); ``score_against_truth`` scores a model's
-study scores against the true marker state instead of the labels. ``truth_scores`` and
-``truth_states`` give both per study and label as arrays, so that the simulation report can
-score them with the evaluation's own metrics and intervals (``simulations.report.ceiling_section``).
+Labels are readers' calls (``readers``), so no model can reach an AUROC of 1 against them. The
+readers react to *evidence*: a present marker's severity, and also mimics (lobulation, oedema,
+streaks, intraventricular blood) that are visible in the pixels. So the upper bound is the
+**evidence observer**: it scores each study by the probability that its label is 1 given what its
+site's readers saw (``readers.label_probability``, written by the generator as
+``<m>_label_probability``), which is the Bayes-optimal score against the labels. That is
+``ceiling``. The **truth observer** (``truth_observer``) scores the true severity (0 when absent):
+it ignores the mimics that sway the readers, so it sits below the ceiling and a model that sees the
+mimics can beat it. For expansion (not a reader's call, and not knowable at baseline beyond its
+risk) both are the AUROC of the true expansion risk (the logistic model's probability from the
+true markers, volume and onset time). A method's result is read as a fraction of the ceiling
+(``fraction_of_ceiling``); ``score_against_truth`` scores a model's study scores against the true
+marker state instead of the labels. ``evidence_scores``, ``truth_scores`` and ``truth_states`` give
+them per study and label as arrays, so that the simulation report can score them with the
+evaluation's own metrics and intervals (``simulations.report.ceiling_section``). Data generated
+before the evidence observer existed have no ``<m>_label_probability``: their ceiling is NaN.
 
 Studies are named by (site_id, patient_id, study_id) as in labels.csv; ``pseudonym_map`` and
 ``truth_keys`` turn the pseudonymised study keys of the site caches (``client.data.dataset``) into
@@ -33,6 +41,11 @@ from simulations.synthetic.truth import TruthKey, read_truth
 def _auroc(y: np.ndarray, score: np.ndarray) -> float:
     """AUROC of one label column (``common.metrics``, the metric every method is scored with)."""
     return roc_auc_per_marker(np.asarray(y, dtype=float), np.asarray(score, dtype=float), ["x"])["x"]
+
+
+def _observer_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """An observer's AUROC; NaN where its score is missing (data written before it existed)."""
+    return float("nan") if np.isnan(score).any() else _auroc(y, score)
 
 
 def read_labels(data_root: Path | str) -> dict[TruthKey, dict[str, str]]:
@@ -75,6 +88,16 @@ def truth_scores(
     return _truth_matrix(truth, keys, names, lambda n: "expansion_risk" if n == "expansion" else f"{n}_severity")
 
 
+def evidence_scores(
+    truth: Mapping[TruthKey, Mapping[str, str]], keys: Sequence[TruthKey], names: Sequence[str]
+) -> np.ndarray:
+    """[S, C]: what the evidence observer (the upper bound) scores each label with: the probability
+    that a marker's label is 1 given what the readers saw (mimics included); expansion's true risk."""
+    return _truth_matrix(
+        truth, keys, names, lambda n: "expansion_risk" if n == "expansion" else f"{n}_label_probability"
+    )
+
+
 def truth_states(
     truth: Mapping[TruthKey, Mapping[str, str]], keys: Sequence[TruthKey], names: Sequence[str]
 ) -> np.ndarray:
@@ -83,20 +106,23 @@ def truth_states(
 
 
 def ceiling_table(data_root: Path | str, study_keys: Iterable[TruthKey] | None = None) -> dict[str, dict[str, Any]]:
-    """Per marker (and ``expansion``): ``ceiling`` (AUROC of the perfect observer of the truth
-    against the written labels), ``n`` (annotated studies), ``positives`` (label = 1) and
-    ``true_positives`` (truth = 1), over the baselines among ``study_keys`` (all when None)."""
+    """Per marker (and ``expansion``): ``ceiling`` (AUROC of the evidence observer against the
+    written labels: the upper bound), ``truth_observer`` (AUROC of the true severity against them),
+    ``n`` (annotated studies), ``positives`` (label = 1) and ``true_positives`` (truth = 1), over the
+    baselines among ``study_keys`` (all when None)."""
     truth, labels = read_truth(data_root), read_labels(data_root)
     keys = _baselines(truth, study_keys)
     names = (*MARKERS, "expansion")
     y = np.array([[float(labels[k][n]) if labels[k].get(n, "") != "" else np.nan for n in names] for k in keys])
     y = y.reshape(len(keys), len(names))
     score, true = truth_scores(truth, keys, names), truth_states(truth, keys, names)
+    evidence = evidence_scores(truth, keys, names)
     table: dict[str, dict[str, Any]] = {}
     for c, name in enumerate(names):
         known = ~np.isnan(y[:, c])
         table[name] = {
-            "ceiling": _auroc(y[known, c], score[known, c]),
+            "ceiling": _observer_auroc(y[known, c], evidence[known, c]),
+            "truth_observer": _auroc(y[known, c], score[known, c]),
             "n": int(known.sum()),
             "positives": int(y[known, c].sum()),
             "true_positives": int(np.nansum(true[known, c])),

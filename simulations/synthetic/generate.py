@@ -27,7 +27,13 @@ from simulations.synthetic.montage import (
     save_montage,
 )
 from simulations.synthetic.profiles import DEFAULT_STUDIES_SCALE, SiteProfile, default_profiles, scale_studies
-from simulations.synthetic.readers import adjudicate, reader_calls, reader_params, study_evidence
+from simulations.synthetic.readers import (
+    adjudicate,
+    label_probability,
+    reader_calls,
+    reader_params,
+    study_evidence,
+)
 from simulations.synthetic.study import RenderedStudy, render_study
 from simulations.synthetic.truth import TRUTH_DIR, truth_path, write_truth
 from simulations.synthetic.writers import mask_affine, write_dicom_study, write_labels, write_mask, write_site_toml
@@ -102,8 +108,9 @@ def _label(value: bool, name: str, missing: frozenset[str]) -> int | None:
 
 
 def read_markers(profile: SiteProfile, plan: StudyPlan, realised: dict[str, bool], severity: dict[str, float]) -> dict:
-    """The site's reader(s) look at a baseline: per marker the evidence, each reader's call and
-    the label (one reader's call, or two readers' calls adjudicated); see ``readers``."""
+    """The site's reader(s) look at a baseline: per marker the evidence, the probability that the
+    label is 1 given it, each reader's call and the label (one reader's call, or two readers' calls
+    adjudicated); see ``readers``."""
     out: dict[str, Any] = {}
     uniforms = np.asarray(plan.reader_uniforms)  # reader 1, reader 2, adjudicator x MARKERS
     for i, m in enumerate(MARKERS):
@@ -113,6 +120,7 @@ def read_markers(profile: SiteProfile, plan: StudyPlan, realised: dict[str, bool
         label = adjudicate(list(calls[: profile.readers]), calls[2])
         out[m] = {
             "evidence": e,
+            "label_probability": float(label_probability(np.float64(e), thr, tau, profile.readers)),
             "reader1": int(calls[0]),
             "reader2": int(calls[1]) if profile.readers == 2 else None,
             "label": int(label),
@@ -139,9 +147,9 @@ def _truth_row(profile: SiteProfile, st: StudyPlan, r: RenderedStudy, reads: dic
         for m in MARKERS:
             row[f"{m}_true"] = int(r.info["markers"][m])
             row[f"{m}_severity"] = round(r.info["severity"][m], 4)
-            for key in ("evidence", "reader1", "reader2", "label"):
+            for key in ("evidence", "label_probability", "reader1", "reader2", "label"):
                 v = reads[m][key]
-                row[f"{m}_{key}"] = "" if v is None else (round(v, 4) if key == "evidence" else v)
+                row[f"{m}_{key}"] = "" if v is None else (round(v, 6) if isinstance(v, float) else v)
     return row
 
 

@@ -97,6 +97,15 @@ def study_evidence(present: bool, severity: float, mimic: float, noise: float) -
     return max(severity, 1e-3) if present else mimic * noise
 
 
+def label_probability(evidence: np.ndarray, threshold: float, tau: float, readers: int) -> np.ndarray:
+    """Probability that the written label is 1 given what the readers saw: one reader's call
+    probability ``p``, or with two readers and an adjudicator (all three drawing independently
+    at ``p``) ``p^2 + 2 p (1 - p) p = 3 p^2 - 2 p^3``. Scoring studies by it is the best any observer
+    of the images can do against the labels (the upper bound ``ceiling`` reports)."""
+    p = call_probability(evidence, threshold, tau)
+    return p if readers == 1 else 3.0 * p**2 - 2.0 * p**3
+
+
 def adjudicate(calls: Sequence[np.ndarray], adjudicator: np.ndarray) -> np.ndarray:
     """One reader's calls, or two readers' calls with the adjudicator deciding where they differ."""
     if len(calls) == 1:

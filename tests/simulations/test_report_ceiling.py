@@ -42,9 +42,11 @@ def test_rows_from_a_written_out_truth():
     sev = np.array([0.0, 0.1, 0.0, 0.5, 0.7, 0.2, 0.9, 0.3])
     readers = np.array([0, 0, 1, 1, 1, 0, 1, 0], float)
     true = (sev > 0.25).astype(float)
+    prob = np.array([0.1, 0.3, 0.6, 0.5, 0.8, 0.2, 0.7, 0.4])  # what the readers saw (a mimic in study 2)
     truth = {("s", f"p{i}", f"b{i}"): {"kind": "baseline", "expansion_risk": str(sev[i])} for i in range(8)}
     for i, row in enumerate(truth.values()):
         row |= {f"{m}_severity": str(sev[i]) for m in MARKERS} | {f"{n}_true": str(int(true[i])) for n in LABELS}
+        row |= {f"{m}_label_probability": str(prob[i]) for m in MARKERS}
     truth[("s", "p0", "f0")] = {"kind": "followup"}
     keys = list(truth)
     z = np.array([-1.0, 0.7, -0.4, -0.2, -0.2, 0.4, 0.7, -1.0])  # exact ties count half
@@ -62,11 +64,15 @@ def test_rows_from_a_written_out_truth():
     entry = {"seed": 0, "outputs": outputs, "temperature": np.full(5, 2.0), "thresholds": np.full(5, 0.5)}
     rows = method_ceiling_rows([entry], truth, {k[2]: k for k in keys}, n_boot=50)
     assert [r["label"] for r in rows] == list(LABELS)  # expansion too: the model predicts it
+    assert roc_auc_score(readers, prob) == 1.0 > roc_auc_score(readers, sev)
     for r in rows:
         assert (r["n"], r["reader_pos"], r["true_pos"], r["n_truth"]) == (8, 4, int(true.sum()), 8)
-        assert r["ceiling"] == pytest.approx(roc_auc_score(readers, sev))
+        # The upper bound is the evidence observer (expansion: the true risk); the truth observer beside it.
+        ceiling = roc_auc_score(readers, sev if r["label"] == "expansion" else prob)
+        assert r["ceiling"] == pytest.approx(ceiling)
+        assert r["truth_observer"] == pytest.approx(roc_auc_score(readers, sev))
         assert r["auroc"]["estimate"] == pytest.approx(roc_auc_score(readers, z))
-        assert r["fraction"]["estimate"] == pytest.approx(roc_auc_score(readers, z) / roc_auc_score(readers, sev))
+        assert r["fraction"]["estimate"] == pytest.approx(roc_auc_score(readers, z) / ceiling)
         assert r["vs_truth"]["estimate"] == pytest.approx(roc_auc_score(true, z))
         assert r["vs_truth"]["low"] <= r["vs_truth"]["estimate"] <= r["vs_truth"]["high"]
 
@@ -143,6 +149,7 @@ def test_every_figure_equals_an_independent_computation(report, studies, synthet
             expected[m]["true_positives"],
         )
         assert _same(r["ceiling"], expected[m]["ceiling"]), m
+        assert _same(r["truth_observer"], expected[m]["truth_observer"]), m
         assert _same(r["auroc"]["estimate"], auc), m
         assert _same(r["fraction"]["estimate"], auc / expected[m]["ceiling"]), m
         assert _same(r["vs_truth"]["estimate"], vs_truth[m]), m

@@ -45,6 +45,7 @@ from simulations.synthetic.readers import (
     READER_AC1,
     adjudicate,
     gwet_ac1,
+    label_probability,
     reader_calls,
     reader_params,
     study_evidence,
@@ -200,6 +201,35 @@ def test_ceiling_is_one_without_reader_noise_and_below_with_it(cohort):
         _, _, exact, _ = _readers(cohort, m, noise=0.0)
         assert _auroc(exact, sev) == 1.0
     assert fraction_of_ceiling(0.7, 0.875) == pytest.approx(0.8)
+
+
+def test_the_evidence_observer_is_the_upper_bound_and_a_model_given_the_evidence_reaches_it(cohort):
+    """Labels from sites with strict and lenient readers (one reader, or two and an adjudicator): the
+    evidence observer (``label_probability``, the report's ceiling) beats the true-severity observer,
+    because readers also call mimics; a logistic regression fitted on half the studies to what a
+    reader saw (the evidence and the site) reaches the ceiling on the other half."""
+    rng = np.random.default_rng(7)
+    sites = rng.integers(0, 4, len(cohort))
+    tendency, n_readers = np.array([-0.08, 0.0, 0.05, 0.1]), np.array([1, 1, 2, 2])
+    half = np.arange(len(cohort)) % 2 == 0
+    for m in MARKERS:
+        truth = np.array([p.markers[m] for p in cohort])
+        sev = np.array([p.severity[m] for p in cohort])
+        ev = np.array([study_evidence(t, s, mimic_evidence(p.mimics, m), 1.0) for t, s, p in zip(truth, sev, cohort)])
+        labels, prob = np.zeros(len(cohort), int), np.zeros(len(cohort))
+        for k in range(4):
+            on = sites == k
+            thr, tau = reader_params(m, 1.0, tendency[k])
+            calls = [reader_calls(ev[on], rng.random(on.sum()), thr, tau) for _ in range(3)]
+            labels[on] = adjudicate(calls[: n_readers[k]], calls[2])
+            prob[on] = label_probability(ev[on], thr, tau, int(n_readers[k]))
+        ceiling, observer = _auroc(labels, prob), _auroc(labels, sev)
+        assert ceiling > observer + 0.02, (m, ceiling, observer)
+        x = np.column_stack([ev, np.eye(4)[sites], ev[:, None] * np.eye(4)[sites]])
+        fit = LogisticRegression(C=100.0, max_iter=2000).fit(x[half], labels[half])
+        model = _auroc(labels[~half], fit.decision_function(x[~half]))
+        assert model == pytest.approx(_auroc(labels[~half], prob[~half]), abs=0.01), m
+        assert model > _auroc(labels[~half], sev[~half]) + 0.02, m
 
 
 @pytest.fixture(scope="module")
