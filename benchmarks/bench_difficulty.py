@@ -28,10 +28,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.config import MARKERS
 from common.metrics import roc_auc_per_marker
+from common.runtime import use_torch_threads
 from simulations.experiment import Experiment, Method, load_experiment
 from simulations.report.ceiling_section import ceiling_tables, console, markdown
 from simulations.report.files import json_safe
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         exp = one_run(load_experiment(args.experiment), args.method, args.seed, args.local_steps, args.rounds)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    torch.set_num_threads(args.threads)
+    use_torch_threads(args.threads)
     t0 = time.perf_counter()
     runner = Runner(exp, args.out, print, device=args.device)
     case, _ = next(iterate_cases(exp, data, args.out, print))

@@ -41,6 +41,7 @@ from common.losses import pos_weight_from_counts
 from common.model import build_joint_model, half_state_dict, load_half_state_dict, norm_state_keys
 from common.presets import PRESETS, get_preset
 from common.records import HALF_OF_STAGE, TrainInstruction, record_bytes, state_to_record
+from common.runtime import use_torch_threads
 from server.server_config import ServerRunConfig
 from simulations.engine import SimulationEngine
 from simulations.sites import discover_sites, prepare_caches
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_caches(args.data, site_run.preprocess, progress=False)
             print(f"site caches ready ({time.perf_counter() - t0:.1f} s, not timed below)")
             cpus = os.cpu_count() or 1
-            torch.set_num_threads(cpus if args.parallel else args.threads)
+            use_torch_threads(cpus if args.parallel else args.threads)
             local = local_equivalent(rc, n_sites)
             fed = (
                 flwr_simulation(overrides, n_sites, Path(tmp), 1, cpus)

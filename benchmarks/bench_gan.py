@@ -33,6 +33,7 @@ import torch
 
 from client.training.gan import make_gan_optimizers, train_gan
 from common.gan import GAN_PRESETS, build_gan, get_gan_preset
+from common.runtime import use_torch_threads
 
 
 def bench_gan_preset(name: str, steps: int, device: str) -> dict[str, float | int | str]:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gan-local-steps", type=int, default=5)
     parser.add_argument("--out", type=Path, help="--federated: also write the table here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_torch_threads(args.threads)
     if args.federated:
         table = format_federated(
             bench_federated(args.sites, args.gan_rounds, args.gan_local_steps),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 from common.losses import segmentation_loss, weighted_bce
 from common.model import build_joint_model, count_parameters, freeze_unet
 from common.presets import PRESETS, get_preset
+from common.runtime import use_torch_threads
 
 #: Defaults per preset: (image size, batch, timed steps); paper at 256 costs seconds per step.
 DEFAULT_RUNS: dict[str, tuple[int, int, int]] = {"tiny": (64, 8, 5), "small": (128, 16, 3), "paper": (256, 2, 2)}
@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=None, help="override every preset's run size")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the usable cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_torch_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     for name in args.presets:

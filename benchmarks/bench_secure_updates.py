@@ -27,6 +27,8 @@ import time
 import numpy as np
 import torch
 
+from common.runtime import use_torch_threads
+
 
 def _timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
@@ -162,7 +164,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="local steps per round (the default run config's)")
     ap.add_argument("--dropped", type=int, default=0, help="sites lost after masking")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    use_torch_threads(1)
     rng = np.random.default_rng(0)
     half = unet_half(args.preset, args.size)
     updates = [

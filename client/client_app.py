@@ -74,7 +74,7 @@ from common.records import (
     record_to_state,
     state_to_record,
 )
-from common.runtime import resolve_device
+from common.runtime import resolve_device, use_torch_threads
 from common.validation import ValidationStats, selectable
 
 #: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md); with
@@ -85,6 +85,7 @@ app = ClientApp(mods=[policy_mod, site_clipping_mod])
 
 def _site_and_run(context: Context) -> tuple[SiteNode, SiteRunConfig]:
     """The node's facts and the run config, parsed once at the top of each handler."""
+    use_torch_threads()  # this process's share of the cores (common.runtime), set where several sites share a machine
     run = SiteRunConfig.from_run_config(context.run_config)
     return SiteNode.from_context(context, run.config.data), run
 

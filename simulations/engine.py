@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.runtime import THREADS_ENV, usable_cores
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 #: What the FAB of a simulation run holds: the project file and the packages the apps import.
@@ -127,7 +129,7 @@ class SimulationEngine:
         ray_address: str | None = None,
     ) -> None:
         """``cpus_per_site``: Ray CPUs (and torch threads) of one virtual SuperNode; ``total_cpus``:
-        Ray's CPUs (default: all), so ``total // per_site`` sites train at a time. ``gpus_per_site``:
+        Ray's CPUs (default: the usable cores, ``common.runtime.usable_cores``), so ``total // per_site`` sites train at a time. ``gpus_per_site``:
         Ray's GPU fraction per SuperNode (Flower's ``client-resources-num-gpus``); default
         ``gpu_share``, so that the sites training at a time share the machine's GPUs. ``ray_address``:
         an existing Ray cluster (``HOST:PORT`` of its head) to run on instead of a Ray of its own;
@@ -136,7 +138,7 @@ class SimulationEngine:
         when joining a cluster)."""
         self.work = Path(work)
         self.ray_address = ray_address
-        self.cpus_per_site, self.total_cpus = cpus_per_site, total_cpus or os.cpu_count() or 1
+        self.cpus_per_site, self.total_cpus = cpus_per_site, total_cpus or usable_cores()
         self.gpus_per_site = gpu_share(self.total_cpus // cpus_per_site) if gpus_per_site is None else gpus_per_site
         self.home = self.work / "flwr-home"
         self.app = self.work / "app"
@@ -146,7 +148,9 @@ class SimulationEngine:
     def _env(self) -> dict[str, str]:
         threads = str(self.cpus_per_site)
         ray = {"RAY_ADDRESS": self.ray_address} if self.ray_address else {}
-        return flwr_env(self.home, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **ray)
+        # Each virtual site's process sizes its torch threads from THREADS_ENV (common.runtime): its share
+        # of the cores, not the machine's count, so that the sites training side by side never oversubscribe.
+        return flwr_env(self.home, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **{THREADS_ENV: threads}, **ray)
 
     def __enter__(self) -> SimulationEngine:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,12 @@ on independent sites, and a 2-core machine halves that by running two at once.""
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
+
+from common.runtime import THREADS_ENV, usable_cores
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -30,10 +33,19 @@ def run_jobs(
             if on_done is not None:
                 on_done(i, results[i])
         return results
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    share = str(max(1, usable_cores() // workers))
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_size_threads, initargs=(share,)
+    ) as pool:
         futures = {i: pool.submit(fn, jobs[i]) for i in order}
         for i in order:
             results[i] = futures[i].result()
             if on_done is not None:
                 on_done(i, results[i])
     return results
+
+
+def _size_threads(threads: str) -> None:
+    """A worker's share of the cores, set before its job imports torch (whose OpenMP pool reads
+    ``OMP_NUM_THREADS`` once) and for ``common.runtime.use_torch_threads``."""
+    os.environ["OMP_NUM_THREADS"] = os.environ[THREADS_ENV] = threads

@@ -55,7 +55,7 @@ from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import GAN_STAGE, HALF_OF_STAGE, TrainInstruction
 from common.run_config import TrainOptions, model_from_run_config, parse_run_config
-from common.runtime import resolve_device
+from common.runtime import machine_cpu_seconds, resolve_device
 from common.study_metrics import StudyOutputs
 from common.validation import (
     OperatingPoint,
@@ -507,7 +507,7 @@ class Runner:
 
     def run_method(self, case: Case, method: Method) -> None:
         rc = full_run_config(self.exp.method_run_config(method), case.seed)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), machine_cpu_seconds()
         key = f"{case.name}/{method.name}"
         first = self.results.models.pop(key, None)  # the first seed's stays the report's; this seed's is noted
         if method.kind == "local":
@@ -527,8 +527,11 @@ class Runner:
         if parse_run_config(rc).model.predict_expansion:
             self._expansion_comparators(case)
         seconds = time.perf_counter() - t0
+        # The machine's busy CPU seconds meanwhile (every process: Ray workers, Flower's), beside the wall
+        # time: their ratio is the cores the method kept busy (benchmarks.bench_simulate prints it).
+        cpu = machine_cpu_seconds() - cpu0
         self.results.timings.append(
-            {"scenario": case.name, "method": method.name, "seed": case.seed, "seconds": seconds}
+            {"scenario": case.name, "method": method.name, "seed": case.seed, "seconds": seconds, "cpu_seconds": cpu}
         )
         self.log(f"  {method.name}: done in {seconds:.0f} s")
 

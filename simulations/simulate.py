@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -52,7 +51,7 @@ def run_experiment(
     log=print,
     generate: bool = True,
     experiment_text: str = "",
-    threads: int = 1,
+    threads: int = 0,
     ray_address: str | None = None,
     results_file: Path | None = None,
     readme: Path | None = None,
@@ -63,8 +62,7 @@ def run_experiment(
     SuperNodes on that existing Ray cluster (``simulations.engine.SimulationEngine``). ``results_file``
     (and ``readme``): where the study-level headline goes as markdown (``simulations.report.files.publish_results``).
     ``gan_samples``: crops per set in the report's GAN figures (``simulations.runner.Runner``)."""
-    import torch
-
+    from common.runtime import usable_cores, use_torch_threads
     from simulations.engine import SimulationEngine
     from simulations.report.ceiling_section import ceiling_parts, read_ceiling
     from simulations.report.ceiling_section import console as ceiling_console
@@ -85,7 +83,7 @@ def run_experiment(
         f"experiment {exp.name}: {len(exp.scenarios)} scenario(s) x {len(exp.seeds)} seed(s) x {len(exp.methods)} "
         f"method(s); output {out_dir}"
     )
-    torch.set_num_threads(threads)
+    use_torch_threads(threads)  # the baselines run in this process, alone; federated sites in Ray workers
     federated = any(m.needs_engine for m in exp.methods)
     engine_ctx = SimulationEngine(out_dir / "engine", ray_address=ray_address) if federated else nullcontext()
     with engine_ctx as engine:
@@ -131,7 +129,7 @@ def run_experiment(
         text += (
             f"\nWritten by `python {env['command']}` (experiment {exp.name}, data {data_root.name}) at commit "
             f"{env['git_commit'][:10]}{' + local changes' if env['git_dirty'] else ''}, in "
-            f"{time.perf_counter() - t0:.0f} s on {os.cpu_count()} CPU(s), training and evaluation included.\n"
+            f"{time.perf_counter() - t0:.0f} s on {usable_cores()} CPU(s), training and evaluation included.\n"
         )
         for path in publish_results(text, results_file, readme):
             log(f"wrote {path}")
@@ -170,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads of the local and pooled baselines (default: every core, %(default)s here; they run "
-        "alone: give 1 on a machine whose other cores are busy, where small convolutions slow down on more)",
+        default=0,
+        help="torch threads of the local and pooled baselines (default %(default)s, the cores this process may use: "
+        "common.runtime.usable_cores; they run alone: give 1 on a machine whose other cores are busy, where small "
+        "convolutions slow down on more). Federated sites: one thread per Ray worker, one worker per core",
     )
     p.add_argument("--no-generate", action="store_true", help="fail instead of generating missing data")
     p.add_argument(

@@ -33,13 +33,14 @@ def run_predict(args: argparse.Namespace) -> int:
     from client.inference.backends import options_for
     from client.inference.predict import load_scoring_model, run_prediction
     from client.ingest.dicom import StudyError
-    from common.runtime import resolve_device
+    from common.runtime import resolve_device, use_torch_threads
 
     if (args.study_dir is None) == (args.batch is None):
         print("error: give either STUDY_DIR or --batch FOLDER", file=sys.stderr)
         return 2
     window = tuple(args.window) if args.window else None
     try:
+        use_torch_threads(args.threads)
         device = resolve_device(args.device)
         options = options_for(device, args.backend, tuple(args.int8), args.calibration)
         model = load_scoring_model(args.model, str(device), options, args.site_norms)
@@ -75,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from client.inference.predict import load_scoring_model
     from client.inference.serve import Destination, NodeConfig, serve_forever
-    from common.runtime import resolve_device
+    from common.runtime import resolve_device, use_torch_threads
 
     # Only the node's own lines at INFO: pynetdicom's and highdicom's name UIDs.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -85,6 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("hemexp.audit").addHandler(handler)
     try:
+        use_torch_threads(args.threads)
         config = NodeConfig(
             destination=Destination.parse(args.dest),
             ae_title=args.ae_title,
@@ -115,6 +117,9 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=float, nargs=2, default=None, help="this scanner's HU window a b")
     p.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch and ONNX Runtime threads (default %(default)s, the usable cores)"
+    )
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: ONNX Runtime on a CPU")
     p.add_argument("--int8", nargs="+", choices=("segment", "classify"), default=[], help="parts run as int8 (onnx)")
     p.add_argument("--calibration", type=Path, default=None, help="site cache folder that calibrates --int8")
@@ -141,6 +146,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--audit-log", type=Path, default=None, help="append the per-study audit lines to this file")
     v.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
     v.add_argument("--device", default="auto")
+    v.add_argument(
+        "--threads", type=int, default=0, help="torch and ONNX Runtime threads (default %(default)s, the usable cores)"
+    )
     v.add_argument("--site-norms", type=Path, default=None, help="a FedBN model: this site's normalisation layers")
     v.set_defaults(func=run_serve)
 
