@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from common.config import MARKERS
-from common.metrics import roc_auc_per_marker
 from common.runtime import use_torch_threads
+from common.study_metrics import auroc
 from simulations.experiment import Experiment, Method, load_experiment
 from simulations.report.ceiling_section import ceiling_tables, console, markdown
 from simulations.report.files import json_safe
@@ -50,8 +50,7 @@ def marker_count_auroc(data_root: Path, keys: list[TruthKey]) -> dict[str, float
     y = np.array([float(labels[k]["expansion"]) for k in rows])
     read = np.array([sum(labels[k][m] == "1" for m in MARKERS) for k in rows], dtype=float)
     true = np.array([sum(truth[k][f"{m}_true"] == "1" for m in MARKERS) for k in rows], dtype=float)
-    auc = roc_auc_per_marker(np.stack([y, y], 1), np.stack([read, true], 1), ["labelled", "true"])
-    return {f"marker count ({k})": v for k, v in auc.items()}
+    return {"marker count (labelled)": auroc(y, read), "marker count (true)": auroc(y, true)}
 
 
 def one_run(exp: Experiment, name: str, seed: int, local_steps: int | None, rounds: list[int] | None) -> Experiment:

@@ -98,6 +98,7 @@ def secure_round(half_bytes: int, updates: list[dict[str, np.ndarray]], examples
     from common.secure_sum import generate_key_pair
     from common.secure_updates import (
         Reveal,
+        Rings,
         decode_sum,
         encode_update,
         flatten,
@@ -123,11 +124,14 @@ def secure_round(half_bytes: int, updates: list[dict[str, np.ndarray]], examples
         site_seconds[node] += s
     lost = nodes[:dropped]
     masked = {}
+    rings = Rings.of(flatten(updates[0])[1])
     for node, u, ex in zip(nodes, updates, examples):
         if node in lost:
             continue
         (vec, _), s1 = _timed(flatten, u)
-        masked[node], s2 = _timed(mask_update, encode_update(vec, ex), node, keys[node][0], seeds[node], peers, session)
+        masked[node], s2 = _timed(
+            mask_update, encode_update(vec, ex, rings), node, keys[node][0], seeds[node], peers, session, rings.narrow
+        )
         site_seconds[node] += s1 + s2
     alive = sorted(masked)
     reveals = []
@@ -136,7 +140,9 @@ def secure_round(half_bytes: int, updates: list[dict[str, np.ndarray]], examples
         r, s = _timed(reveal, node, keys[node][0], peers, session, inbox, alive, lost)
         reveals.append(Reveal(*r))
         site_seconds[node] += s
-    (weight, mean), server_seconds = _timed(lambda: decode_sum(unmask_updates(masked, reveals, peers, session)))
+    (weight, mean), server_seconds = _timed(
+        lambda: decode_sum(unmask_updates(masked, reveals, peers, session, rings.narrow), rings)
+    )
     share_bytes = sum(len(b) for per in boxes.values() for b in per.values())
     reveal_bytes = sum(len(b) for r in reveals for b in [*r.seeds.values(), *r.keys.values()])
     masked_bytes = len(Array(next(iter(masked.values())).astype(np.uint32)).data)

@@ -99,13 +99,19 @@ def train(msg: Message, context: Context) -> Message:
     data = open_site(site, run)
     store = SiteStore.for_run(site, order.run_name)
     model, local_keys = receive_model(msg, run, store, order.stage, order.local_norm, order.unet_digest)
-    cfg = run.train_config(order)
+    cfg = run.train_config(order, site.site_id)  # this site's seed (site_run.site_seed), the same in every run
     privacy = SitePrivacy.open(run.config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
     train_ds = data.train
     if order.stage == 2:  # with gan.augment-ratio > 0: plus generated slices, in this process only
         generator = global_generator(msg, order, run, store)  # rounds.gan > 0: the GAN stage's; else the site's own
         train_ds = stage2_training_set(
-            hematoma_slices(data.train), run, store, order.server_round, resolve_device(site.device), generator
+            hematoma_slices(data.train),
+            run,
+            store,
+            order.server_round,
+            resolve_device(site.device),
+            generator,
+            site.site_id,
         )
         train_ds = with_unet_vectors(model, train_ds, resolve_device(site.device), store.root)
     loader = cfg.loader(train_ds, order.stage)
@@ -160,7 +166,7 @@ def train_gan_round(msg: Message, context: Context) -> Message:
     order = GanInstruction.from_record(msg.content[CONFIG])
     data = open_site(site, run)
     received = record_to_state(msg.content[ARRAYS])
-    state, crops, result = gan_round(data.train, run, order, received, resolve_device(site.device))
+    state, crops, result = gan_round(data.train, run, order, received, resolve_device(site.device), site.site_id)
     content = RecordDict(
         {ARRAYS: state_to_record(state), METRICS: gan_round_metrics(crops, result), SITE: site_record(site)}
     )

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from client.data.dataset import SliceDataset, parts_of, study_pixel_mm
 from common.config import LABELS, MARKERS
-from common.metrics import dice_from_counts, fscore_from_counts, iou_from_counts
+from common.metrics import dice_from_counts, fscore_from_counts, hematoma_volume_ml, iou_from_counts
 from common.model import JointModel, to_input
 from common.radiomics import N_FEATURES, study_features
 from common.study_metrics import StudyOutputs, auprc, auroc, brier, ece
@@ -200,9 +200,9 @@ def _against(mask: np.ndarray, reference: np.ndarray | None, entry: dict) -> tup
     """(TP, FP, FN) and (ml of ``mask``, ml of the reference); NaN without a reference."""
     if reference is None:
         return [np.nan] * 3, [np.nan] * 2
-    ml = entry["pixel_mm"][0] * entry["pixel_mm"][1] * entry["slice_mm"] / 1000.0
     counts = [int((mask & reference).sum()), int((mask & ~reference).sum()), int((~mask & reference).sum())]
-    return [float(c) for c in counts], [float(mask.sum()) * ml, float(reference.sum()) * ml]
+    volumes = [hematoma_volume_ml(m.sum(), entry["pixel_mm"], entry["slice_mm"]) for m in (mask, reference)]
+    return [float(c) for c in counts], volumes
 
 
 def reference_features(ds: Dataset) -> StudyFeatures:

@@ -1,5 +1,5 @@
-"""Evaluation metrics (paper §5): Dice / IoU / F-score for masks, ROC AUC per marker,
-slice-to-study aggregation and hematoma volume.
+"""Evaluation metrics (paper §5): Dice / IoU / F-score for masks and the hematoma volume. The
+study-level metrics (the one AUROC, the one slice-to-study rule) are ``common.study_metrics``.
 
 Everything works on numpy arrays (torch tensors are converted), so sites, server and
 reports compute the same numbers. Conventions: a mask is binary (bool, or 0/1; floats are
@@ -9,13 +9,10 @@ nothing found); a label of NaN means "not annotated" and is left out.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
-
-from common.config import LABELS
 
 
 def _binary(mask: object) -> np.ndarray:
@@ -114,68 +111,17 @@ class SegmentationCounts:
         return {k: float(np.mean([s[k] for s in each])) for k in each[0]}
 
 
-def roc_auc_per_marker(y_true: np.ndarray, y_score: np.ndarray, names: Sequence[str] | None = None) -> dict[str, float]:
-    """ROC AUC of each label column over its annotated rows (scikit-learn).
+def hematoma_volume_ml(voxels: float, pixel_mm: float | Sequence[float], slice_mm: float) -> float:
+    """THE hematoma volume in ml: ``voxels`` (a count) x the pixel area x ``slice_mm`` / 1000.
 
-    ``y_true`` [N, C] holds 0/1/NaN; NaN rows of a column are left out of that column. A
-    column with a single class (or no annotation) has no AUC: NaN. ``names`` default to
-    ``LABELS[:C]`` (the markers, then expansion).
+    ``slice_mm`` is the spacing between slices measured from their positions (the cache's
+    ``slice_mm``, ``client.ingest.dicom.Geometry.slice_spacing``), never the header's SliceThickness:
+    a reconstruction's slices can overlap (thickness > spacing) or leave gaps (thickness < spacing),
+    and each voxel stands for one spacing of tissue, so the thickness would over- or under-count.
+    ``pixel_mm`` is (row, column) spacing, or one number for square pixels. The census, the derived
+    expansion label, evaluation, radiomics, ``hemexp check`` and ``predict`` all count with this.
     """
-    yt = np.asarray(y_true, dtype=np.float64)
-    ys = np.asarray(y_score, dtype=np.float64)
-    if yt.ndim == 1:
-        yt, ys = yt[:, None], ys.reshape(-1, 1)
-    if yt.shape != ys.shape:
-        raise ValueError(f"y_true shape {yt.shape} != y_score shape {ys.shape}")
-    names = tuple(names) if names is not None else LABELS[: yt.shape[1]]
-    if len(names) != yt.shape[1]:
-        raise ValueError(f"{len(names)} names for {yt.shape[1]} label columns")
-    out: dict[str, float] = {}
-    for j, name in enumerate(names):
-        known = ~np.isnan(yt[:, j])
-        y = yt[known, j]
-        out[name] = float(roc_auc_score(y, ys[known, j])) if np.unique(y).size == 2 else float("nan")
-    return out
-
-
-def study_scores(
-    slice_scores: np.ndarray, study_ids: Sequence[Hashable], how: str = "max", k: int = 3
-) -> tuple[np.ndarray, np.ndarray]:
-    """Aggregate slice probabilities to one score per study.
-
-    ``how="max"``: a study is as positive as its most positive slice (a marker needs to show
-    on one slice only). ``how="mean_top_k"``: mean of the ``k`` highest slice scores (all of
-    them if the study has fewer), less sensitive to one noisy slice.
-
-    Returns ``(studies, scores)``: the distinct study ids in sorted order and the matching
-    scores, [S] for [N] input or [S, C] for [N, C] input.
-    """
-    if how not in ("max", "mean_top_k"):
-        raise ValueError(f"how must be 'max' or 'mean_top_k', got {how!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    s = np.asarray(slice_scores, dtype=np.float64)
-    ids = np.asarray(study_ids)
-    if ids.shape[0] != s.shape[0]:
-        raise ValueError(f"{ids.shape[0]} study ids for {s.shape[0]} slice scores")
-    studies, inverse = np.unique(ids, return_inverse=True)
-    out = np.empty((studies.size,) + s.shape[1:], dtype=np.float64)
-    for i in range(studies.size):
-        rows = s[inverse == i]
-        if how == "max":
-            out[i] = rows.max(axis=0)
-        else:
-            out[i] = np.sort(rows, axis=0)[-min(k, rows.shape[0]) :].mean(axis=0)
-    return studies, out
-
-
-def volume_ml(mask: object, voxel_volume_mm3: float | Iterable[float]) -> float:
-    """Hematoma volume in ml: voxel count x voxel volume (mm^3) / 1000.
-
-    ``voxel_volume_mm3`` is the volume of one voxel, or its spacings (e.g. slice spacing and
-    PixelSpacing), which are multiplied.
-    """
-    v = float(np.prod(np.asarray(voxel_volume_mm3, dtype=np.float64)))
-    if v <= 0:
-        raise ValueError(f"voxel volume must be positive, got {v}")
-    return float(_binary(mask).sum()) * v / 1000.0
+    px = np.broadcast_to(np.asarray(pixel_mm, dtype=np.float64), (2,))
+    if not (px > 0).all() or not slice_mm > 0:
+        raise ValueError(f"pixel spacing {tuple(px)} and slice spacing {slice_mm} must be positive")
+    return float(voxels) * (float(px[0]) * float(px[1]) * float(slice_mm) / 1000.0)

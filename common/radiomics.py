@@ -31,6 +31,7 @@ from scipy import ndimage
 from skimage.measure import regionprops
 
 from common.config import MARKERS
+from common.metrics import hematoma_volume_ml
 from common.study_metrics import temperature_nll_stats
 from common.validation import ValidationStats, logit_histograms
 
@@ -170,7 +171,7 @@ def study_features(
     the slice count (the training mean stands in for NaN: ``standardised``)."""
     masks = np.asarray(masks) > 0
     hu = to_hu(slices_u8, window)
-    volume = float(masks.sum()) * pixel_mm**2 * slice_mm / 1000.0
+    volume = hematoma_volume_ml(masks.sum(), pixel_mm, slice_mm)
     keep = masks.reshape(len(masks), -1).sum(axis=1) > min_pixels
     out = np.full(N_FEATURES, np.nan)
     out[FEATURE_NAMES.index("volume_ml")] = volume

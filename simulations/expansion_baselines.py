@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from client.data.dataset import parts_of
 from client.data.expansion import study_volume_ml
 from common.config import LABELS, MARKERS
-from common.metrics import roc_auc_per_marker
+from common.study_metrics import auroc
 
 _EXPANSION = LABELS.index("expansion")
 _MARKER_COLUMNS = [LABELS.index(m) for m in MARKERS]
@@ -57,11 +57,6 @@ def study_table(ds: Dataset) -> StudyTable:
             counts.append(sum(1 for j in _MARKER_COLUMNS if s["labels"][j] == 1))
             labels.append(int(exp))
     return StudyTable(np.asarray(keys), np.asarray(vols, float), np.asarray(counts, float), np.asarray(labels, int))
-
-
-def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Study-level ROC AUC (the C-statistic); NaN with a single class."""
-    return roc_auc_per_marker(np.asarray(y, float), np.asarray(score, float), ["expansion"])["expansion"]
 
 
 def fit_marker_score(train: StudyTable) -> LogisticRegression | None:

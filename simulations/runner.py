@@ -290,7 +290,8 @@ def train_rounds(
     """The federation's schedule without the federation: ``rounds.stage1`` rounds of stage 1, then
     ``rounds.stage2`` of stage 2, each a fresh optimiser for ``sites`` x the stage's local steps
     (``train.local-steps``, ``train.local-steps-stage2``; a pooled model trains for the whole
-    federation) at the round's seed, exactly as a site trains in a round (``SiteRunConfig.train_config``). Returns
+    federation) at the round's seed (the run's seed plus the round; a federated site draws from its own
+    ``site_seed``), as a site trains in a round (``SiteRunConfig.train_config``). Returns
     stage 2's generator with ``gan.augment-ratio`` > 0 (else None)."""
     site_run = SiteRunConfig.from_run_config({**rc, "seed": seed})
     cfg = site_run.config

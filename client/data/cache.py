@@ -36,7 +36,7 @@ from client.ingest.study import StudyRecord, label_vector_or_missing
 from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from common.config import LABELS, MARKERS, PreprocessConfig
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5  # 5: slice_mm along the slice normal (gantry-tilted stacks), common.metrics.hematoma_volume_ml
 #: Where `flwr-client prepare` and a SuperNode without ``cache-dir`` keep the site cache.
 DEFAULT_CACHE = Path.home() / ".cache" / "hemexp"
 SECRET_FILE = ".pseudonym-key"

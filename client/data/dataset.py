@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomS
 
 from client.data.cache import SiteCache
 from common.config import LABELS
+from common.metrics import hematoma_volume_ml
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Slices with less brain than this share of their pixels carry nothing to learn.
@@ -177,10 +178,9 @@ class SliceDataset(Dataset):
         return per_slice[self.indices] if len(self) else np.zeros(0, dtype=np.int64)
 
     def voxel_ml(self) -> np.ndarray:
-        """Volume of one model-resolution voxel in ml, per slice (for hematoma volumes)."""
-        per_study = np.asarray(
-            [s["pixel_mm"][0] * s["pixel_mm"][1] * s["slice_mm"] / 1000.0 for s in self.cache.studies]
-        )
+        """Volume of one model-resolution voxel in ml, per slice (for hematoma volumes: the one rule,
+        ``common.metrics.hematoma_volume_ml``, of one voxel)."""
+        per_study = np.asarray([hematoma_volume_ml(1, s["pixel_mm"], s["slice_mm"]) for s in self.cache.studies])
         return per_study[self._study[self.indices]] if len(self) else np.zeros(0)
 
     def study_labels(self) -> dict[str, np.ndarray]:

@@ -2,7 +2,8 @@
 
 A baseline study's cache entry names its follow-up study (``followup``: the follow-up's study
 pseudonym, from labels.csv's ``followup_study_id``). Both studies' masks give a hematoma volume
-(voxel count x model voxel size), and expansion is their growth:
+(``study_volume_ml``: voxel count x model pixel area x the spacing of the slice positions, the
+census's rule too), and expansion is their growth:
 
 - relative (default): follow-up >= ``ratio`` x baseline. The default 1.3 (>= 30 % growth) is the
   synthetic generator's rule (``simulations.synthetic.generate.EXPANSION_RATIO``), so derived and
@@ -23,6 +24,7 @@ import numpy as np
 
 from client.data.cache import SiteCache
 from common.config import LABELS
+from common.metrics import hematoma_volume_ml
 
 #: labels.csv's expansion column in a study's ``labels`` list.
 EXPANSION_COLUMN: int = LABELS.index("expansion")
@@ -53,9 +55,9 @@ def expansion_label(baseline_ml: float, followup_ml: float, rule: ExpansionRule 
 
 
 def study_volume_ml(study: dict) -> float:
-    """Hematoma volume of a cache study entry: mask pixels x model pixel area x slice spacing."""
-    voxel_ml = study["pixel_mm"][0] * study["pixel_mm"][1] * study["slice_mm"] / 1000.0
-    return float(sum(study["mask_pixels"])) * voxel_ml
+    """Hematoma volume of a cache study entry (its reference mask pixels at the model's pixel size,
+    and the spacing of its slice positions): ``common.metrics.hematoma_volume_ml``, as the census counts."""
+    return hematoma_volume_ml(sum(study["mask_pixels"]), study["pixel_mm"], study["slice_mm"])
 
 
 @dataclass(frozen=True)

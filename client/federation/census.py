@@ -2,8 +2,12 @@
 its cache, guarded by its policy, and nothing else (docs/deploy.md, "Data census").
 
 Computed from the site cache (HU inside the brain, hematoma volume, labels, masks) and one DICOM
-header per study (scanner, slice thickness). The guard adds the policy's Laplace noise to every bin
-and then suppresses (sends as 0) every bin under ``census-min-count``; totals are sent as counted.
+header per study (scanner, slice thickness). The hematoma volume is the one rule
+(``client.data.expansion.study_volume_ml``: the spacing of the slice positions, not the header's
+thickness), so a study's census volume is the one its derived expansion label grows from; a study
+without DICOM headers (CT-ICH, a simulation partition) has a volume too. The guard adds the
+policy's Laplace noise to every bin and then suppresses (sends as 0) every bin under
+``census-min-count``; totals are sent as counted.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from client.data.cache import SiteCache, pseudonym, site_secret
+from client.data.expansion import study_volume_ml
 from client.federation.node import SiteNode
 from client.federation.policy import SitePolicy
 from client.ingest.dicom import read_acquisition
@@ -76,9 +81,8 @@ def census_counts(cache: SiteCache, acquisitions: Mapping[str, Acquisition]) -> 
         acq = acquisitions.get(study["study"], Acquisition(UNKNOWN, None))
         scanners[acq.scanner] += 1
         thickness[_bin(acq.thickness_mm, THICKNESS_EDGES_MM)] += 1
-        if study["has_mask"] and acq.thickness_mm is not None:
-            area = float(np.prod(study["pixel_mm"]))
-            volumes.append(sum(study["mask_pixels"]) * area * acq.thickness_mm / 1000.0)
+        if study["has_mask"]:  # slice positions' spacing (the cache's), not the header's thickness
+            volumes.append(study_volume_ml(study))
     labels = labels.reshape(-1, len(LABELS))
     with_mask = sum(bool(s["has_mask"]) for s in index["studies"])
     names = sorted(scanners)

@@ -40,7 +40,17 @@ from common.records import (
     unpack_peers,
 )
 from common.secure_sum import SecureSumError, generate_key_pair
-from common.secure_updates import encode_update, flatten, make_shares, mask_update, new_self_seed, reveal
+from common.secure_updates import (
+    Rings,
+    encode_update,
+    flatten,
+    layout_of,
+    make_shares,
+    mask_update,
+    new_self_seed,
+    reveal,
+    value_range,
+)
 
 #: ``context.state`` record of this site's secrets for the current secure-updates session.
 UPDATE_STATE = "secure-update-session"
@@ -111,21 +121,32 @@ def masked_update_record(
 ) -> ArrayRecord:
     """The train reply's arrays under secure updates: (trained - received), weighted by ``examples``
     and masked, as one uint32 array. The shares that came with the message are kept for the unmask
-    step. A non-finite update is refused here (the server cannot see it): the site counts as dropped."""
+    step. A non-finite update, or one beyond its public range, is refused here (the server cannot see
+    it, and clipping would change the mean): the site counts as dropped."""
     sec = msg.content[SECURE]
     session = str(sec[SECURE_SESSION])
     held = _held(context, session, UPDATE_SHARES)
-    update, _ = flatten({k: np.asarray(trained[k], np.float64) - np.asarray(received[k], np.float64) for k in received})
+    moved = {k: np.asarray(trained[k], np.float64) - np.asarray(received[k], np.float64) for k in received}
+    update, _ = flatten(moved)
     if not np.all(np.isfinite(update)):
         raise SiteError("the trained update is not finite; not sent (this site drops out of the round)")
+    for key, delta in moved.items():
+        bound = value_range(key, np.asarray(received[key]).dtype)
+        if delta.size and float(np.max(np.abs(delta))) > bound:
+            raise SiteError(
+                f"{key} moved by {float(np.max(np.abs(delta))):.4g}, beyond the public range +-{bound:g} of secure "
+                "updates (common.secure_updates); not sent, never clipped (this site drops out of the round)"
+            )
+    rings = Rings.of(layout_of(received))
     try:
         masked = mask_update(
-            encode_update(update, examples),
+            encode_update(update, examples, rings),
             int(msg.metadata.dst_node_id),
             bytes(held[_PRIVATE]),
             bytes(held[_SEED]),
             unpack_peers(held),
             session,
+            rings.narrow,
         )
     except SecureSumError as exc:
         raise SiteError(f"secure updates refused: {exc}") from None

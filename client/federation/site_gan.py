@@ -64,6 +64,7 @@ def stage2_training_set(
     server_round: int,
     device: torch.device | str,
     generator: Mapping[str, Tensor] | None = None,
+    site: str | None = None,
 ) -> Dataset:
     """``train`` plus this round's generated slices (fresh samples every round, one generator per run).
 
@@ -72,13 +73,14 @@ def stage2_training_set(
     train its own conditional GAN (no crop with the marker annotated, or one class only) trains on
     its real slices: failing every stage-2 round would drop it from the federation's stage 2
     altogether. The global generator needs carriers only (crops of either class): a site without
-    positive crops still gets generated positives."""
+    positive crops still gets generated positives. ``site``: the site id, whose round seed
+    (``SiteRunConfig.site_seed``) draws the samples; None: the run's seed plus the round."""
     aug = gan_augment(run)
     if aug is None:
         return train
     state = generator if generator is not None else store.load(GENERATOR)
     try:
-        ds, G, _ = augmented_training_set(train, aug, run.seed + server_round, device, state)
+        ds, G, _ = augmented_training_set(train, aug, round_seed(run, site, server_round), device, state)
     except NoGanData as exc:  # a site without both classes trains on its real slices, as without the option
         log(WARNING, "gan.augment-ratio: no generated slices at this site (%s)", exc)
         return train
@@ -106,12 +108,14 @@ def gan_round(
     order: GanInstruction,
     received: Mapping[str, Tensor],
     device: torch.device | str,
+    site: str | None = None,
 ) -> tuple[dict[str, Tensor], int, GanTrainResult | None]:
     """One GAN round here: the global G and D (``received``, ``common.gan.gan_state_dict`` keys)
     trained for ``order.local_steps`` generator updates on the training split's crops (design
     (ii)'s crops). Returns their state (the same keys), the number of crops (FedAvg's weight) and
     the losses. A site whose crops cannot train a conditional GAN (``NoGanData``) returns the
-    received state, 0 crops and no result: the server leaves a reply of 0 examples out of the mean."""
+    received state, 0 crops and no result: the server leaves a reply of 0 examples out of the mean.
+    Batches and noise draw from the site's round seed (``round_seed``)."""
     cfg = get_gan_preset(run.config.gan.preset)
     G, D = build_gan(cfg, run.seed)
     load_gan_state_dict(G, D, received)
@@ -121,8 +125,13 @@ def gan_round(
         log(WARNING, "rounds.gan: this site sits out GAN round %d (%s)", order.server_round, exc)
         return dict(received), 0, None
     G, D = G.to(device), D.to(device)
-    result = train_gan(G, D, images, labels, cfg, order.local_steps, run.seed + order.server_round)
+    result = train_gan(G, D, images, labels, cfg, order.local_steps, round_seed(run, site, order.server_round))
     return gan_state_dict(G.cpu(), D.cpu()), int(images.shape[0]), result
+
+
+def round_seed(run: SiteRunConfig, site: str | None, server_round: int) -> int:
+    """A site's seed for a round (``SiteRunConfig.site_seed``); without a site id the run's seed plus the round."""
+    return run.seed + server_round if site is None else run.site_seed(site, server_round)
 
 
 def gan_round_metrics(crops: int, result: GanTrainResult | None) -> MetricRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,16 @@ class SiteRunConfig:
             cfg,
         )
 
-    def train_config(self, order: TrainInstruction) -> TrainConfig:
+    def site_seed(self, site: str, server_round: int) -> int:
+        """This site's seed for a round: ``site_seed`` of the run's seed, the site id and the round."""
+        return site_seed(self.seed, site, server_round)
+
+    def train_config(self, order: TrainInstruction, site: str | None = None) -> TrainConfig:
         """The local training of one round: the server's per-round values, the run's others.
-        The learning rate is constant within a round (a cosine would restart every round)."""
+        The learning rate is constant within a round (a cosine would restart every round).
+        ``site``: a federated site's id, whose batches, augmentation and dropout then draw from
+        ``site_seed`` (its own stream, the same in every run); None (the in-process local and pooled
+        baselines): the run's seed plus the round."""
         return TrainConfig(
             epochs=order.local_epochs,
             max_steps=order.local_steps,
@@ -81,5 +89,17 @@ class SiteRunConfig:
             balanced=self.balanced,
             marker_sampling=self.marker_sampling,
             proximal_mu=order.proximal_mu,
-            seed=self.seed + order.server_round,
+            seed=self.seed + order.server_round if site is None else self.site_seed(site, order.server_round),
         )
+
+
+def site_seed(seed: int, site: str, server_round: int) -> int:
+    """A site's seed for one round, from the run's seed, the site id and the round only (31 bits).
+
+    Derived from the site id (the manifest's or the node config's: stable across runs), never from
+    Flower's node id (random per run) or the order in which sites start, so that two runs of the same
+    seed train every site alike; and distinct per site, so that sites do not all draw the same
+    batches, augmentations and dropout masks. A hash rather than a sum: seed + round collides
+    across seeds and rounds (seed 0 round 2 = seed 1 round 1)."""
+    digest = hashlib.sha256(f"hemexp-site-seed:{seed}:{site}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

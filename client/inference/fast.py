@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from common.model import JointModel, classifier_inputs
 from common.presets import ModelConfig
+from common.study_metrics import rule_slices
 
 #: A pixel holds hematoma when its mask probability exceeds this (the mask logit is above 0).
 HEMATOMA_PROBABILITY = 0.5
@@ -140,9 +141,11 @@ def hematoma_pixels(mask_probability: np.ndarray) -> np.ndarray:
 
 
 def slices_to_classify(pixels: np.ndarray, min_mask_pixels: int, classify: str = "hematoma") -> list[int]:
-    """The slices whose scores the study score uses: those holding predicted hematoma, all when none does."""
-    held = [int(i) for i in np.flatnonzero(pixels > min_mask_pixels)]
-    return held if held and classify == "hematoma" else list(range(len(pixels)))
+    """The slices whose scores the study score uses (``common.study_metrics.rule_slices``: those holding
+    the most predicted hematoma, all when none holds any); every slice with ``classify="all"``."""
+    if classify != "hematoma":
+        return list(range(len(pixels)))
+    return [int(i) for i in rule_slices(pixels, min_mask_pixels)]
 
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from client.ingest.dicom import Geometry, StudyError, read_study
 from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume, to_input_grid
 from common import roi
 from common.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
+from common.metrics import hematoma_volume_ml
 from common.model import JointModel, to_input
 from common.study_metrics import sigmoid, study_scores_from_slices
 from common.validation import OperatingPoint
@@ -209,7 +210,8 @@ def predict_study(
         series.sources,
         operating,
     )
-    volume = float(pred.source_mask().sum(dtype=np.int64)) * series.geometry.voxel_volume_mm3 / 1000.0  # ml
+    g = series.geometry
+    volume = hematoma_volume_ml(pred.source_mask().sum(dtype=np.int64), g.pixel_spacing, g.slice_spacing)
     return replace(pred, volume_ml=round(volume, 4))
 
 

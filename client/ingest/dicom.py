@@ -76,17 +76,18 @@ class Geometry:
 
     @property
     def slice_spacing(self) -> float:
-        return float(np.linalg.norm(self.slice_step))
+        """Spacing between slices, measured from their positions along the slice normal (as DICOM
+        defines SpacingBetweenSlices): |slice_step| for a straight stack, less for a gantry-tilted
+        (sheared) one, so that pixel area x spacing is a voxel's volume
+        (``common.metrics.hematoma_volume_ml``). Not SliceThickness: overlapping or gapped
+        reconstructions make it differ from the spacing between slices (only a one-slice series, with
+        no neighbour to measure from, falls back on the header)."""
+        return float(abs(np.dot(np.asarray(self.slice_step), self.normal)))
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """(slice, row, column) spacing in mm, in the order of the array axes."""
         return (self.slice_spacing, float(self.pixel_spacing[0]), float(self.pixel_spacing[1]))
-
-    @property
-    def voxel_volume_mm3(self) -> float:
-        # The parallelepiped volume: exact also for tilted (non-orthogonal) stacks.
-        return float(abs(np.linalg.det(self.affine_lps()[:3, :3])))
 
     def affine_lps(self) -> np.ndarray:
         """4x4 matrix mapping (k, r, c, 1) to LPS millimetres."""

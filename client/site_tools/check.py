@@ -17,6 +17,7 @@ from client.ingest.layouts import iter_studies, site_layout
 from client.ingest.site_settings import SiteSettings, read_site_settings
 from client.ingest.study import StudyRecord
 from common.config import LABELS, MARKERS
+from common.metrics import hematoma_volume_ml
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def summarise_study(record: StudyRecord) -> StudyCheck:
     mask_slices, ml = 0, None
     if record.mask is not None:
         mask_slices = int(np.count_nonzero(record.mask.reshape(record.mask.shape[0], -1).any(axis=1)))
-        ml = float(record.mask.sum() * record.geometry.voxel_volume_mm3 / 1000.0)
+        ml = hematoma_volume_ml(record.mask.sum(), record.geometry.pixel_spacing, record.geometry.slice_spacing)
     labels = None if record.labels is None else tuple(float(v) for v in record.labels)
     problems = list(record.problems)
     if record.labels is None:

@@ -34,18 +34,13 @@ from typing import Any
 import numpy as np
 
 from common.config import MARKERS
-from common.metrics import roc_auc_per_marker
+from common.study_metrics import auroc
 from simulations.synthetic.truth import TruthKey, read_truth
-
-
-def _auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """AUROC of one label column (``common.metrics``, the metric every method is scored with)."""
-    return roc_auc_per_marker(np.asarray(y, dtype=float), np.asarray(score, dtype=float), ["x"])["x"]
 
 
 def _observer_auroc(y: np.ndarray, score: np.ndarray) -> float:
     """An observer's AUROC; NaN where its score is missing (data written before it existed)."""
-    return float("nan") if np.isnan(score).any() else _auroc(y, score)
+    return float("nan") if np.isnan(score).any() else auroc(y, score)
 
 
 def read_labels(data_root: Path | str) -> dict[TruthKey, dict[str, str]]:
@@ -122,7 +117,7 @@ def ceiling_table(data_root: Path | str, study_keys: Iterable[TruthKey] | None =
         known = ~np.isnan(y[:, c])
         table[name] = {
             "ceiling": _observer_auroc(y[known, c], evidence[known, c]),
-            "truth_observer": _auroc(y[known, c], score[known, c]),
+            "truth_observer": auroc(y[known, c], score[known, c]),
             "n": int(known.sum()),
             "positives": int(y[known, c].sum()),
             "true_positives": int(np.nansum(true[known, c])),
@@ -138,7 +133,7 @@ def score_against_truth(
     a follow-up exists)."""
     names = list(scores)
     states = truth_states(read_truth(data_root), [tuple(k) for k in study_keys], names)
-    return {n: _auroc(states[:, c], np.asarray(scores[n], dtype=float)) for c, n in enumerate(names)}
+    return {n: auroc(states[:, c], np.asarray(scores[n], dtype=float)) for c, n in enumerate(names)}
 
 
 def fraction_of_ceiling(auroc: float, ceiling: float) -> float:

@@ -75,6 +75,32 @@ def test_reproducibility_compares_test_patients_and_macro_auroc_per_seed() -> No
     assert problems == ["('s', 'fedavg', 0, 'site-01'): 2 test patient(s) differ"]
 
 
+def test_reproducibility_compares_every_figure_to_the_tolerance(tmp_path, capsys) -> None:
+    """Every method's figures (AUROCs, temperatures, thresholds, each study's logit, metrics.csv rows):
+    two runs 1e-7 apart pass at the default 1e-6, 1e-4 apart fail, naming the figure."""
+    import json
+
+    from benchmarks.bench_reproducibility import main
+    from simulations.report.studies import to_json
+
+    patients, logits = ["p1", "p2", "p3", "p4"], [0.1, 0.9, 0.2, 0.8]
+    rows = "scenario,method,seed,site,marker,metric,value\ns,fedavg,0,site-01,,dice,{}\n"
+    for name, shift, dice in (("a", 0.0, 0.5), ("b", 1e-7, 0.5), ("c", 1e-4, 0.5), ("d", 0.0, 0.6)):
+        run = tmp_path / name
+        run.mkdir()
+        entries = [_entry("fedavg", 0, patients, [x + shift for x in logits]), _entry("local", 0, patients, logits)]
+        (run / "studies.json").write_text(json.dumps(to_json(entries)))
+        (run / "metrics.csv").write_text(rows.format(dice))
+    a = str(tmp_path / "a")
+    assert main([a, a]) == 0 and "largest |A - B| over" in capsys.readouterr().out
+    assert main([a, str(tmp_path / "b")]) == 0
+    assert "1.00e-07" in capsys.readouterr().out
+    assert main([a, str(tmp_path / "c")]) == 1
+    out = capsys.readouterr().out
+    assert "site-01 p" in out and " logit" in out and "ABOVE 1e-06" in out
+    assert main([a, str(tmp_path / "d")]) == 1 and "site-01 dice" in capsys.readouterr().out
+
+
 def test_bench_difficulty_help_and_errors(capsys, tmp_path) -> None:
     from benchmarks import bench_difficulty
     from simulations.experiment import load_experiment

@@ -1,24 +1,13 @@
-"""Metrics against scikit-learn and hand computations."""
+"""Mask metrics against scikit-learn, and the hematoma volume by hand (the AUROC: test_study_metrics)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score, fbeta_score, jaccard_score, roc_auc_score
+from sklearn.metrics import f1_score, fbeta_score, jaccard_score
 
-from common.config import MARKERS
-from common.metrics import (
-    SegmentationCounts,
-    dice,
-    fscore,
-    iou,
-    roc_auc_per_marker,
-    study_scores,
-    volume_ml,
-)
-
-NAN = float("nan")
+from common.metrics import SegmentationCounts, dice, fscore, hematoma_volume_ml, iou
 
 
 @pytest.fixture
@@ -62,39 +51,11 @@ def test_segmentation_counts_global_and_per_study(masks) -> None:
     assert np.isnan(SegmentationCounts().per_study_scores()["dice"])
 
 
-def test_roc_auc_per_marker_matches_sklearn() -> None:
-    rng = np.random.default_rng(2)
-    y = (rng.random((40, 4)) > 0.5).astype(float)
-    s = rng.random((40, 4))
-    y[:5, 0] = NAN
-    y[:, 3] = 0.0  # one class only
-    y[:, 2] = NAN
-    aucs = roc_auc_per_marker(y, s)
-    assert list(aucs) == list(MARKERS)
-    assert aucs["hypodensity"] == pytest.approx(roc_auc_score(y[5:, 0], s[5:, 0]))
-    assert aucs["irregular_margin"] == pytest.approx(roc_auc_score(y[:, 1], s[:, 1]))
-    assert np.isnan(aucs["blend_sign"]) and np.isnan(aucs["fluid_level"])
-    assert list(roc_auc_per_marker(y[:, :1], s[:, :1], names=["x"])) == ["x"]
-
-
-def test_study_scores_by_hand() -> None:
-    scores = np.array([0.1, 0.9, 0.3, 0.2, 0.5, 0.4, 0.8])
-    ids = ["s2", "s2", "s1", "s1", "s1", "s1", "s3"]
-    studies, best = study_scores(scores, ids)
-    assert studies.tolist() == ["s1", "s2", "s3"]
-    np.testing.assert_allclose(best, [0.5, 0.9, 0.8])
-    _, top2 = study_scores(scores, ids, how="mean_top_k", k=2)
-    np.testing.assert_allclose(top2, [(0.5 + 0.4) / 2, (0.9 + 0.1) / 2, 0.8])
-    _, cols = study_scores(np.stack([scores, 1 - scores], axis=1), ids)
-    np.testing.assert_allclose(cols, [[0.5, 0.8], [0.9, 0.9], [0.8, 0.2]])
-    with pytest.raises(ValueError):
-        study_scores(scores, ids, how="median")
-
-
-def test_volume_ml() -> None:
-    mask = np.zeros((10, 20, 20), bool)
-    mask[:5, :10, :20] = True  # 1000 voxels
-    assert volume_ml(mask, 1.0) == pytest.approx(1.0)
-    assert volume_ml(mask.astype(np.uint8), (5.0, 0.5, 0.5)) == pytest.approx(1.25)
-    with pytest.raises(ValueError):
-        volume_ml(mask, 0.0)
+def test_hematoma_volume_by_hand() -> None:
+    # 1000 voxels of 0.5 x 0.4 mm pixels on slices 5 mm apart: 1000 x 0.2 x 5 mm^3 = 1 ml
+    assert hematoma_volume_ml(1000, (0.5, 0.4), 5.0) == pytest.approx(1.0)
+    assert hematoma_volume_ml(np.int64(1000), 0.5, 2.0) == pytest.approx(0.5)  # square pixels: one side
+    assert hematoma_volume_ml(0, (0.5, 0.5), 5.0) == 0.0
+    for bad in (((0.5, 0.0), 5.0), ((0.5, 0.5), 0.0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            hematoma_volume_ml(10, *bad)

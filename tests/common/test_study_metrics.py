@@ -8,6 +8,7 @@ from scipy.stats import norm
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
 from common.study_metrics import (
+    STUDY_SLICES,
     StudyOutputs,
     auprc,
     auroc,
@@ -23,6 +24,7 @@ from common.study_metrics import (
     paired_difference,
     per_site_rows,
     resamples,
+    rule_slices,
     sensitivity_specificity,
     slice_auroc_on_hematoma,
     stratum_mean,
@@ -48,6 +50,19 @@ def test_one_rule_takes_the_max_over_predicted_hematoma_slices_else_all() -> Non
         study_scores_from_slices(scores, studies[:4], pixels, 10)
 
 
+def test_the_rule_uses_the_three_slices_with_most_hematoma() -> None:
+    """A study spanning six hematoma slices: only the three largest count, whatever the others score
+    (a maximum over every slice would grow with the hematoma's extent); ties go to the earlier slice."""
+    assert STUDY_SLICES == 3
+    pixels = np.array([12, 40, 90, 15, 60, 40, 3])
+    np.testing.assert_array_equal(rule_slices(pixels, 10), [1, 2, 4])
+    np.testing.assert_array_equal(rule_slices(pixels, 10, k=1), [2])
+    np.testing.assert_array_equal(rule_slices(np.array([0, 5, 10]), 10), [0, 1, 2])  # none holds: all
+    scores = np.array([0.95, 0.2, 0.3, 0.9, 0.1, 0.4, 0.99])
+    out = study_scores_from_slices(scores, np.zeros(7), pixels, 10)
+    assert out.values.tolist() == [0.3] and out.fallback.tolist() == [False]  # not 0.95 / 0.9 (small slices)
+
+
 def test_auroc_auprc_brier_match_sklearn_with_ties_and_nan_labels() -> None:
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -59,6 +74,27 @@ def test_auroc_auprc_brier_match_sklearn_with_ties_and_nan_labels() -> None:
         assert auprc(y, s) == pytest.approx(average_precision_score(y[k], s[k]))
         assert brier(y, s) == pytest.approx(brier_score_loss(y[k], s[k]))
     assert np.isnan(auroc([1, 1, NAN], [0.2, 0.3, 0.1])) and np.isnan(auprc([0, 0], [0.2, 0.3]))
+
+
+def test_the_one_auroc_equals_sklearn_on_random_data_with_ties() -> None:
+    """``auroc`` (numpy, Mann-Whitney) is THE AUROC of sites, server, report and benchmarks; scikit-learn's
+    ``roc_auc_score`` is the independent reference, on few to many distinct scores and any class balance."""
+    rng = np.random.default_rng(28)
+    for trial in range(200):
+        n = int(rng.integers(2, 300))
+        y = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(float)
+        levels = int(rng.integers(1, 12)) if trial % 2 else n  # heavy ties, or (almost) none
+        s = rng.integers(0, levels, n) / max(levels, 1) + (0.0 if trial % 2 else rng.random(n))
+        y[rng.random(n) < 0.1] = NAN
+        k = ~np.isnan(y)
+        if (y[k] == 1).any() and (y[k] == 0).any():
+            assert auroc(y, s) == pytest.approx(roc_auc_score(y[k], s[k]), abs=1e-12), trial
+        else:
+            assert np.isnan(auroc(y, s)), trial
+    # ties count half: (1 > 0, 1 > 0, 0 ~ 0, 0 ~ 0) over 4 pairs; one constant score: 0.5
+    assert auroc([1, 1, 0, 0], [1.0, 0.0, 0.0, 0.0]) == 0.75
+    assert auroc([1, 0, 1, 0, NAN], [3, 3, 3, 3, 9]) == 0.5
+    assert np.isnan(auroc([0, 0, NAN], [0.1, 0.2, 0.3])) and np.isnan(auroc([NAN, NAN], [0.1, 0.2]))
 
 
 def test_ece_by_hand() -> None:

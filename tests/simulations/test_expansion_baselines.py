@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulations.expansion_baselines import StudyTable, auroc, compare_expansion, fit_marker_score
+from common.study_metrics import auroc
+from simulations.expansion_baselines import StudyTable, compare_expansion, fit_marker_score
 
 
 def _table(volume, count, expansion) -> StudyTable:

@@ -26,6 +26,7 @@ from client.training.train import TrainConfig, train_stage
 from common.checkpoint import save_checkpoint
 from common.config import MARKERS, PreprocessConfig
 from common.losses import label_counts, pos_weight_from_counts
+from common.metrics import hematoma_volume_ml
 from common.model import build_joint_model
 from common.presets import get_preset
 from simulations.cli import hemexp_main
@@ -149,7 +150,9 @@ def test_predict_gives_a_volume_close_to_the_reference(trained, easy_site, tmp_p
         result = json.loads((out / "prediction.json").read_text())
         assert set(result["markers"]) == set(MARKERS) and (out / "overlay.png").stat().st_size > 1000
         geometry = read_study(ref.dicom_dir).geometry
-        truth = read_mask(ref.mask_path, geometry).sum() * geometry.voxel_volume_mm3 / 1000.0
+        truth = hematoma_volume_ml(
+            read_mask(ref.mask_path, geometry).sum(), geometry.pixel_spacing, geometry.slice_spacing
+        )
         key = f"{trained['cache'].path.name}/{pseudonym(secret, 'study', f'{ref.patient_id}/{ref.study_id}')}"
         on_model_grid, _ = trained["test"]["arrays"]["volumes"][key]  # evaluate's: the same U-Net, model pixels
         agreement.append(abs(result["volume_ml"] - on_model_grid) / on_model_grid)

@@ -17,10 +17,10 @@ from scipy.spatial import ConvexHull
 from sklearn.linear_model import LogisticRegression
 
 from common.config import MARKERS
+from common.study_metrics import auroc
 from simulations.synthetic import default_profiles, generate_dataset
 from simulations.synthetic.anatomy import HeadPose, ScanGrid, make_head, sample_anatomy
 from simulations.synthetic.ceiling import (
-    _auroc,
     ceiling_table,
     fraction_of_ceiling,
     pseudonym_map,
@@ -197,9 +197,9 @@ def test_reader_agreement_matches_published_ac1(cohort):
 def test_ceiling_is_one_without_reader_noise_and_below_with_it(cohort):
     for m in MARKERS:
         truth, sev, a, _ = _readers(cohort, m)
-        assert 0.6 < _auroc(a, sev) < 0.95, m
+        assert 0.6 < auroc(a, sev) < 0.95, m
         _, _, exact, _ = _readers(cohort, m, noise=0.0)
-        assert _auroc(exact, sev) == 1.0
+        assert auroc(exact, sev) == 1.0
     assert fraction_of_ceiling(0.7, 0.875) == pytest.approx(0.8)
 
 
@@ -223,13 +223,13 @@ def test_the_evidence_observer_is_the_upper_bound_and_a_model_given_the_evidence
             calls = [reader_calls(ev[on], rng.random(on.sum()), thr, tau) for _ in range(3)]
             labels[on] = adjudicate(calls[: n_readers[k]], calls[2])
             prob[on] = label_probability(ev[on], thr, tau, int(n_readers[k]))
-        ceiling, observer = _auroc(labels, prob), _auroc(labels, sev)
+        ceiling, observer = auroc(labels, prob), auroc(labels, sev)
         assert ceiling > observer + 0.02, (m, ceiling, observer)
         x = np.column_stack([ev, np.eye(4)[sites], ev[:, None] * np.eye(4)[sites]])
         fit = LogisticRegression(C=100.0, max_iter=2000).fit(x[half], labels[half])
-        model = _auroc(labels[~half], fit.decision_function(x[~half]))
-        assert model == pytest.approx(_auroc(labels[~half], prob[~half]), abs=0.01), m
-        assert model > _auroc(labels[~half], sev[~half]) + 0.02, m
+        model = auroc(labels[~half], fit.decision_function(x[~half]))
+        assert model == pytest.approx(auroc(labels[~half], prob[~half]), abs=0.01), m
+        assert model > auroc(labels[~half], sev[~half]) + 0.02, m
 
 
 @pytest.fixture(scope="module")

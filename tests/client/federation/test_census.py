@@ -13,8 +13,10 @@ import pydicom
 import pytest
 
 from client.client_app import app as client_app
-from client.data.cache import open_cache
-from client.federation.census import guard_census
+from client.data.cache import build_site_cache, open_cache
+from client.data.expansion import study_volume_ml
+from client.federation.census import Acquisition, census_counts, guard_census, site_acquisitions
+from client.federation.node import SiteNode
 from client.federation.policy import SitePolicy
 from common.census import (
     HU,
@@ -30,10 +32,14 @@ from common.census import (
     SUPPRESSED,
     THICKNESS,
     VOLUME,
+    VOLUME_EDGES_ML,
 )
+from common.config import LABELS, PreprocessConfig
 from common.run_config import model_from_run_config
 from server.federation import run_federation
 from simulations.sites import prepare_caches
+from tests.helpers.cache import memory_cache, study_entry
+from tests.helpers.data import write_site
 from tests.helpers.flower import FakeGrid, make_context, run_config, set_task_identity, write_prepared_sites
 
 SCANNERS = {"site-01": ("ACME", "CT-1", 5.0), "site-02": ("ACME", "CT-1", 5.0), "site-03": ("Other", "X9", 2.5)}
@@ -136,3 +142,29 @@ def test_guard_noise_and_suppression():
     assert out[STUDIES] == [11] and out[SCANNER_NAMES] == ["a", "b"]
     noisy = guard_census(counts, SitePolicy(census_min_count=0, census_noise=2.0), np.random.default_rng(1))
     assert noisy[HU] != counts[HU] and all(isinstance(v, int) and v >= 0 for v in noisy[HU])
+
+
+def test_census_volume_is_the_expansion_volume_from_slice_positions_not_the_header_thickness(tmp_path):
+    """One study, 4 slices of 1000 mask pixels (1 x 1 mm) 4 mm apart by their positions, reconstructed as
+    overlapping 6 mm slabs (header SliceThickness 6): 4000 x 1 mm^2 x 4 mm = 16 ml, in the census's 10-20 ml
+    bin, the volume its derived expansion label grows from; the header's thickness would say 24 ml (20-30)."""
+    masks = np.zeros((4, 32, 32), np.uint8)
+    masks.reshape(4, -1)[:, :1000] = 1
+    entry = study_entry("S-1", 0, masks, [None] * len(LABELS), pixel_mm=(1.0, 1.0), slice_mm=4.0)
+    cache = memory_cache(np.zeros_like(masks), masks, np.zeros((4, len(LABELS)), np.float32), [entry])
+    cache.index["preprocess"]["window"] = [0.0, 80.0]
+    counts = census_counts(cache, {"S-1": Acquisition("ACME CT-1", 6.0)})
+    assert study_volume_ml(entry) == pytest.approx(4000 * 1.0 * 4.0 / 1000) == 16.0
+    assert counts[VOLUME] == np.histogram([16.0], bins=VOLUME_EDGES_ML)[0].tolist() == [0, 0, 1, 0, 0, 0]
+    assert counts[THICKNESS][5] == 1  # the thickness statistic still reports the header's 6 mm (5.5+ bin)
+
+    # a DICOM site whose headers say SliceThickness = 1.5 x the spacing of the slice positions
+    site = write_site(tmp_path / "site-01", n_studies=2)
+    cache = build_site_cache(site, tmp_path / ".cache", PreprocessConfig(size=32))[0]
+    acquisitions = site_acquisitions(SiteNode(site, "site-01", tmp_path / ".cache"))
+    studies = cache.index["studies"]
+    hand = [sum(s["mask_pixels"]) * s["pixel_mm"][0] * s["pixel_mm"][1] * 5.0 / 1000 for s in studies]
+    assert all(s["slice_mm"] == pytest.approx(5.0) for s in studies)  # write_series: slices 5 mm apart
+    assert [acquisitions[s["study"]].thickness_mm for s in studies] == [7.5, 7.5]  # the header's thickness
+    assert min(hand) > 0 and [study_volume_ml(s) for s in studies] == pytest.approx(hand)
+    assert census_counts(cache, acquisitions)[VOLUME] == np.histogram(hand, bins=VOLUME_EDGES_ML)[0].tolist()

@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from client.ingest.dicom import StudyError, read_study, to_hounsfield
+from client.ingest.dicom import Geometry, StudyError, read_study, to_hounsfield
+from common.metrics import hematoma_volume_ml
 from tests.helpers.data import head_phantom, write_series
 
 
@@ -100,7 +101,17 @@ def test_index_to_world_affine_matches_image_position_of_every_slice(tmp_path) -
         np.testing.assert_allclose(a @ [k, 0, 0, 1], [*pos, 1], atol=1e-3)
     # column index moves along row_dir by PixelSpacing[1]
     np.testing.assert_allclose(a @ [0, 0, 1, 1] - a @ [0, 0, 0, 1], [0.6, 0, 0, 0], atol=1e-6)
-    assert g.voxel_volume_mm3 == pytest.approx(3.0 * 0.5 * 0.6)
+    assert hematoma_volume_ml(1, g.pixel_spacing, g.slice_spacing) == pytest.approx(3.0 * 0.5 * 0.6 / 1000)
+
+
+def test_slice_spacing_of_a_gantry_tilted_stack_is_the_distance_between_planes() -> None:
+    # each slice shifted 2 mm along the column direction as it moves 5 mm along the normal (a sheared stack):
+    # the planes are 5 mm apart, not |step| = 5.39 mm, and a voxel is the parallelepiped the affine spans
+    g = Geometry((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 2.0, 5.0), (0.5, 0.6), (3, 4, 4))
+    assert g.slice_spacing == pytest.approx(5.0)
+    voxel_mm3 = abs(np.linalg.det(g.affine_lps()[:3, :3]))
+    assert voxel_mm3 == pytest.approx(0.5 * 0.6 * 5.0)
+    assert hematoma_volume_ml(1, g.pixel_spacing, g.slice_spacing) == pytest.approx(voxel_mm3 / 1000)
 
 
 @pytest.mark.parametrize("kind", ["LOCALIZER", "SCOUT"])
