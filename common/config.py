@@ -13,6 +13,19 @@ from typing import Any
 MARKERS: tuple[str, ...] = ("hypodensity", "irregular_margin", "blend_sign", "fluid_level")
 #: Every study-level label column of labels.csv (docs/design.md §4), markers first.
 LABELS: tuple[str, ...] = MARKERS + ("expansion",)
+#: How the DICOM SR (``client.inference.dicom_results``) names each label: (code value, meaning) in the
+#: project's private coding scheme. Code values stay within 16 characters (a short CodeValue): highdicom
+#: writes longer ones as LongCodeValue, which some readers (highdicom's own) do not expect. A new marker
+#: is one entry in ``MARKERS`` and one here (docs/design.md, "Where things go").
+LABEL_CODES: dict[str, tuple[str, str]] = {
+    "hypodensity": ("HYPODENSITY", "Hypodensity within hematoma"),
+    "irregular_margin": ("IRREG-MARGIN", "Irregular hematoma margin"),
+    "blend_sign": ("BLEND-SIGN", "Blend sign"),
+    "fluid_level": ("FLUID-LEVEL", "Fluid level within hematoma"),
+    "expansion": ("EXPANSION", "Hematoma expansion"),
+}
+if set(LABEL_CODES) != set(LABELS):
+    raise ImportError(f"common.config: LABEL_CODES names {sorted(LABEL_CODES)}, LABELS {sorted(LABELS)}")
 #: Identifier columns of labels.csv.
 ID_COLUMNS: tuple[str, str] = ("patient_id", "study_id")
 

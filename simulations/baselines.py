@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from client.data.cache import SiteCache
-from client.data.dataset import SliceDataset, dataset_labels, hematoma_slices, split_slices
+from client.data.dataset import SliceDataset, dataset_labels, hematoma_slices, pooled, split_slices
 from client.data.expansion import ExpansionRule, format_disagreements, with_derived_expansion
 from client.training.evaluate import evaluate
 from client.training.gan_augment import GanAugment, NoGanData, augmented_training_set
@@ -54,11 +54,6 @@ def site_splits(caches: dict[str, SiteCache], fit: FitConfig) -> dict[str, dict[
         idx = split_slices(cache, fit.split_fractions, seed=fit.train.seed, by=fit.split_by)
         out[name] = {split: SliceDataset(cache, i) for split, i in idx.items()}
     return out
-
-
-def pooled(datasets: list[Dataset]) -> Dataset:
-    non_empty = [d for d in datasets if len(d)]
-    return non_empty[0] if len(non_empty) == 1 else ConcatDataset(non_empty)
 
 
 def stage_pos_weight(model: JointModel, ds: Dataset, max_weight: float | None = None) -> torch.Tensor:

@@ -124,11 +124,12 @@ def run_clip_norms(args: argparse.Namespace) -> int:
     """Per-patient gradient norms of a checkpoint on public data, per stage: the C to set (docs/privacy.md)."""
     import numpy as np
 
+    from client.data.dataset import pooled
     from client.training.clip_tuning import dataset_norms, run_config_line, summarize
     from client.training.train import TrainConfig
     from common.checkpoint import build_from_checkpoint, load_checkpoint
     from common.runtime import resolve_device
-    from simulations.baselines import FitConfig, pooled, site_splits, stage_pos_weight
+    from simulations.baselines import FitConfig, site_splits, stage_pos_weight
     from simulations.sites import prepare_caches
 
     ckpt = load_checkpoint(args.model)

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from client.data.cache import SiteCache
-from client.data.dataset import SliceDataset, brain_slices, hematoma_slices, split_slices
+from client.data.dataset import SliceDataset, brain_slices, hematoma_slices, pooled, split_slices
 from client.federation.site_gan import GENERATOR, gan_augment
 from client.federation.site_run import SiteRunConfig
 from client.federation.store import SiteStore
@@ -65,7 +65,7 @@ from common.validation import (
     selectable,
     selection_score,
 )
-from simulations.baselines import pooled, stage_pos_weight
+from simulations.baselines import stage_pos_weight
 from simulations.engine import SimulationEngine
 from simulations.experiment import Experiment, Method, Scenario, federated_run_name
 from simulations.report.cost_section import stage_costs

@@ -64,8 +64,8 @@ def run_experiment(
     ``gan_samples``: crops per set in the report's GAN figures (``simulations.runner.Runner``)."""
     from common.runtime import usable_cores, use_torch_threads
     from simulations.engine import SimulationEngine
-    from simulations.report.ceiling_section import ceiling_parts, read_ceiling
     from simulations.report.ceiling_section import console as ceiling_console
+    from simulations.report.ceiling_section import read_ceiling, write_ceiling
     from simulations.report.figures import plot_overlays, plot_site_shift
     from simulations.report.files import environment, publish_results
     from simulations.report.html import write_report
@@ -108,8 +108,11 @@ def run_experiment(
     (out_dir / "validation_curve.json").write_text(json.dumps(runner.results.validation, indent=1))
     tables = study_tables(runner.results.studies, n_boot, comparisons=exp.comparisons)
     env = environment()
-    ceiling = ceiling_parts(out_dir, data_root, runner.results.studies, figures, n_boot)  # generated data only
-    report = write_report(out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables, ceiling, n_boot)
+    ceiling = write_ceiling(out_dir, data_root, runner.results.studies, figures, n_boot)  # generated data only
+    sections = [ceiling] if ceiling is not None else []
+    report = write_report(
+        out_dir, exp, runner.results, extra, env, synthetic, experiment_text, tables, sections, n_boot
+    )
     log("\n" + text_summary(summarise(runner.results.rows), runner.results.rows))
     for scenario, t in tables.items():
         log("\n" + console(t["headline"], scenario))

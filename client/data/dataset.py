@@ -236,6 +236,12 @@ def hematoma_slices(ds: Dataset) -> Dataset:
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+def pooled(datasets: list[Dataset]) -> Dataset:
+    """Several sites' datasets as one (the non-empty ones; a single one as it is)."""
+    non_empty = [d for d in datasets if len(d)]
+    return non_empty[0] if len(non_empty) == 1 else ConcatDataset(non_empty)
+
+
 def parts_of(ds: Dataset) -> list[SliceDataset]:
     """The site datasets inside a (possibly pooled) dataset."""
     return list(ds.datasets) if isinstance(ds, ConcatDataset) else [ds]

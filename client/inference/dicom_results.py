@@ -21,19 +21,10 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from common.config import MARKERS
+from common.config import LABEL_CODES, MARKERS
 
 #: Private coding scheme of the markers and their probabilities.
 SCHEME = "99HEMEXP"
-#: Output -> (code value, meaning). Code values stay within 16 characters (a short CodeValue):
-#: highdicom writes longer ones as LongCodeValue, which some readers (highdicom's own) do not expect.
-MARKER_CODES = {
-    "hypodensity": ("HYPODENSITY", "Hypodensity within hematoma"),
-    "irregular_margin": ("IRREG-MARGIN", "Irregular hematoma margin"),
-    "blend_sign": ("BLEND-SIGN", "Blend sign"),
-    "fluid_level": ("FLUID-LEVEL", "Fluid level within hematoma"),
-    "expansion": ("EXPANSION", "Hematoma expansion"),
-}
 MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9901, 9902
 SEGMENT_LABEL = "Hematoma"
@@ -42,12 +33,12 @@ MANUFACTURER = "hemexp project"
 
 
 def finding_code(label: str) -> hd.sr.CodedConcept:
-    value, meaning = MARKER_CODES[label]
+    value, meaning = LABEL_CODES[label]
     return hd.sr.CodedConcept(value, SCHEME, meaning)
 
 
 def probability_code(label: str) -> hd.sr.CodedConcept:
-    value, meaning = MARKER_CODES[label]
+    value, meaning = LABEL_CODES[label]
     return hd.sr.CodedConcept(f"{value}-P", SCHEME, f"Probability of {meaning[0].lower()}{meaning[1:]}")
 
 

@@ -24,7 +24,6 @@ table, the chart) holds counts and figures, never a study or patient key.
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -37,7 +36,7 @@ from common.config import LABELS
 from common.study_metrics import summarise
 from simulations.report.figures import _plt, _save
 from simulations.report.files import json_safe
-from simulations.report.html import html_table, img
+from simulations.report.sections import Figure, Paragraph, Section, Table
 from simulations.report.studies import cell, entries_of, methods_of, pooled
 from simulations.report.tables import slug
 from simulations.synthetic.ceiling import (
@@ -221,38 +220,38 @@ def plot_ceiling(rows: Sequence[dict], scenario: str, path: Path) -> Path | None
     return _save(fig, path)
 
 
-def ceiling_parts(
+def write_ceiling(
     out_dir: Path, data_root: Path | str | None, studies: Sequence[dict], figs: Path, n_boot: int
-) -> list[str]:
-    """The section: write ``ceiling.json`` and return the section's HTML for ``write_report``'s
-    ``sections`` (nothing without a truth; ``figs``: where the chart goes). A ceiling that cannot be computed (caches built with another pseudonym key) leaves a
+) -> Section | None:
+    """The section (``simulations.report.sections``, rendered by the page like every optional section):
+    write ``ceiling.json`` and return the tables and charts (None without a truth; ``figs``: where the
+    charts go). A ceiling that cannot be computed (caches built with another pseudonym key) leaves a
     note that says why, not a lost report."""
     if data_root is None:
-        return []
+        return None
     try:
         tables = ceiling_tables(data_root, studies, n_boot)
     except (FileNotFoundError, KeyError, ValueError) as exc:
-        return [
-            f'<h2>Ceiling</h2><p class="note">No ceiling: {html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>'
-        ]
+        return Section("Ceiling", [Paragraph(f"No ceiling: {type(exc).__name__}: {exc}", note=True)])
     if not tables:
-        return []
+        return None
     (out_dir / CEILING_FILE).write_text(json.dumps(json_safe(tables), indent=1))
-    parts = [
-        "<h2>Ceiling</h2><p>The labels are readers' calls, so no model can reach an AUROC of 1 against "
-        "them. <b>Ceiling</b> (the upper bound): the AUROC of an observer of what the readers saw "
-        "(the probability of each label given the evidence they react to, mimics included; for expansion "
-        "the true risk) against the same labels, on the baselines among each method's test studies (mean "
-        "over seeds). <b>Truth observer</b>: the AUROC of a perfect observer of the true severity; it is "
-        "lower, because the readers also call mimics, which a model can see too. <b>Share</b>: the "
-        "method's AUROC as a fraction of the ceiling. "
-        "<b>vs truth</b>: the method's AUROC against the true state instead of the labels. Intervals: "
-        f"95 % patient bootstrap, seeds as strata (<code>{CEILING_FILE}</code>).</p>"
+    blocks: list[Paragraph | Table | Figure] = [
+        Paragraph(
+            "The labels are readers' calls, so no model can reach an AUROC of 1 against them. Ceiling (the "
+            "upper bound): the AUROC of an observer of what the readers saw (the probability of each label "
+            "given the evidence they react to, mimics included; for expansion the true risk) against the same "
+            "labels, on the baselines among each method's test studies (mean over seeds). Truth observer: the "
+            "AUROC of a perfect observer of the true severity; it is lower, because the readers also call "
+            "mimics, which a model can see too. Share: the method's AUROC as a fraction of the ceiling. vs "
+            "truth: the method's AUROC against the true state instead of the labels. Intervals: 95 % patient "
+            f"bootstrap, seeds as strata ({CEILING_FILE})."
+        )
     ]
     for scenario, rows in tables.items():
-        parts.append(f"<h3>{html.escape(scenario)}</h3>")
-        parts.append(
-            html_table(
+        blocks.append(Paragraph(f"Scenario: {scenario}"))
+        blocks.append(
+            Table(
                 ["method", "label", "n", "reader +", "true +", "AUROC [95 % CI]", "ceiling", "truth observer"]
                 + ["share [95 % CI]", "n (truth)", "AUROC vs truth [95 % CI]"],
                 [
@@ -263,5 +262,7 @@ def ceiling_parts(
                 ],
             )
         )
-        parts.append(img(plot_ceiling(rows, scenario, figs / f"{slug(scenario)}_ceiling.png"), "AUROC and ceiling"))
-    return parts
+        chart = plot_ceiling(rows, scenario, figs / f"{slug(scenario)}_ceiling.png")
+        if chart is not None:
+            blocks.append(Figure(chart, f"{scenario}: AUROC and ceiling"))
+    return Section("Ceiling", blocks)

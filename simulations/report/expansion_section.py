@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from client.data.dataset import pooled
 from common.study_metrics import auroc, bootstrap_ci, class_strata, stratum_mean
-from simulations.baselines import pooled
 from simulations.expansion_baselines import StudyTable, comparator_scores, study_table
 from simulations.report.files import json_safe
 from simulations.report.sections import Paragraph, Section, Table

@@ -84,9 +84,11 @@ def plot_dice_per_site(rows: Sequence[dict], scenario: str, methods: Sequence[st
 
 
 def plot_round_curves(curves: Sequence[dict], scenario: str, path: Path) -> Path | None:
-    """The headline metrics after every round per method (mean over sites and seeds), stage 2 marked."""
+    """The headline metrics after every round per method (mean over sites and seeds), stage 2 marked;
+    nothing when fewer than two rounds were scored (``eval.test-rounds = "last"``): a curve of one point
+    per method says nothing a table does not."""
     sel = [c for c in curves if c["scenario"] == scenario]
-    if not sel:
+    if len({c["round"] for c in sel}) < 2:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))

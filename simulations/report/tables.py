@@ -131,13 +131,12 @@ def text_summary(summary: Sequence[dict], rows: Sequence[dict]) -> str:
     """The console table: per scenario, each method's headline figures; then per site for the first."""
     lines = []
     for scenario in dict.fromkeys(r["scenario"] for r in summary):
-        lines.append(f"{scenario}:  (mean over sites; ± sd over seeds)")
-        lines.append(f"  {'method':34s} {'Dice':>15s} {'macro-AUC slice':>17s} {'macro-AUC study':>17s}")
+        lines.append(f"{scenario}:  (mean over sites; ± sd over seeds; study AUROC: the study-level table)")
+        lines.append(f"  {'method':34s} {'Dice':>15s} {'macro-AUC slice':>17s}")
         for r in (r for r in summary if r["scenario"] == scenario):
             lines.append(
                 f"  {r['method'][:34]:34s} {fmt(r['dice'], r['dice_sd']):>15s} "
-                f"{fmt(r['macro_auc_slice'], r['macro_auc_slice_sd']):>17s} "
-                f"{fmt(r['macro_auc_study'], r['macro_auc_study_sd']):>17s}"
+                f"{fmt(r['macro_auc_slice'], r['macro_auc_slice_sd']):>17s}"
             )
     first = summary[0]["scenario"] if summary else ""
     methods = [r["method"] for r in summary if r["scenario"] == first]

@@ -18,11 +18,11 @@ from common.config import LABELS, MARKERS
 from common.study_metrics import StudyOutputs
 from simulations.report.ceiling_section import (
     CEILING_FILE,
-    ceiling_parts,
     ceiling_tables,
     console,
     method_ceiling_rows,
     read_ceiling,
+    write_ceiling,
 )
 from simulations.report.studies import from_json
 from simulations.simulate import main
@@ -189,12 +189,14 @@ def test_the_section_in_the_report_names_no_study_or_patient(report, studies, sy
     text = console(read_ceiling(report)["natural"], "natural")
     assert all(m in text for m in MARKERS) and "ceiling" in text
     # Without a truth (any other data) there is no section and no file; without its key, a note.
-    assert ceiling_parts(tmp_path, tmp_path, studies, tmp_path, 10) == []
-    assert ceiling_parts(tmp_path, None, studies, tmp_path, 10) == []
+    assert write_ceiling(tmp_path, tmp_path, studies, tmp_path, 10) is None
+    assert write_ceiling(tmp_path, None, studies, tmp_path, 10) is None
     assert not (tmp_path / CEILING_FILE).exists()
     keyless = tmp_path / "keyless"
     (keyless / ".truth").mkdir(parents=True)
     (keyless / ".truth" / "truth.csv").write_text((synthetic_root / ".truth" / "truth.csv").read_text())
-    (note,) = ceiling_parts(tmp_path, keyless, studies, tmp_path, 10)
-    assert "No ceiling: FileNotFoundError" in note and ".pseudonym-key: no pseudonym key" in note
+    (note,) = write_ceiling(tmp_path, keyless, studies, tmp_path, 10).blocks
+    assert (
+        note.note and "No ceiling: FileNotFoundError" in note.text and ".pseudonym-key: no pseudonym key" in note.text
+    )
     assert not (keyless / ".cache").exists() and not (tmp_path / CEILING_FILE).exists()
