@@ -17,7 +17,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.data.dataset import hematoma_slices
-from client.federation.census import census_counts, census_record, guard_census, site_acquisitions
+from client.federation.census import census_counts, census_key, census_record, guard_census, site_acquisitions
 from client.federation.errors import SiteError, site_errors
 from client.federation.exchange import receive_model, site_record
 from client.federation.guard import policy_mod
@@ -254,7 +254,9 @@ def census(msg: Message, context: Context) -> Message:
     """The data census (``common.census``): this site's summary statistics, guarded by its policy."""
     site, run = _site_and_run(context)
     cache = open_site(site, run).train.cache
-    counts = guard_census(census_counts(cache, site_acquisitions(site)), read_policy(site.data_path))
+    counts = guard_census(
+        census_counts(cache, site_acquisitions(site)), read_policy(site.data_path), secret=census_key(site)
+    )
     metrics = MetricRecord({NUM_EXAMPLES: int(counts[STUDIES][0])})
     return Message(RecordDict({METRICS: metrics, CENSUS: census_record(counts), SITE: site_record(site)}), reply_to=msg)
 

@@ -54,6 +54,7 @@ from common.secure_sum import KEY_BYTES, SecureSumError
 from common.secure_updates import (
     MIN_SITES,
     Reveal,
+    Rings,
     decode_sum,
     flatten,
     threshold,
@@ -144,11 +145,12 @@ def _train_and_unmask(by_node, peers, boxes, exchange, server_round, session, ve
             Message(content, dst_node_id=n, message_type=m.metadata.message_type, group_id=m.metadata.group_id)
         )
     replies = exchange("train", train)
+    rings = Rings.of(layout)  # public: both sides derive it from the half's keys and dtypes
     masked = {}
     for r in replies:
         arr = r.content[ARRAYS].get(MASKED_UPDATE) if ARRAYS in r.content else None
         values = None if arr is None else np.asarray(arr.numpy()).ravel()
-        if values is not None and values.size == vec.size + 1 and values.dtype == np.uint32:
+        if values is not None and values.size == rings.words and values.dtype == np.uint32:
             masked[int(r.metadata.src_node_id)] = values.astype(np.uint64)
         else:
             log(
@@ -179,7 +181,7 @@ def _train_and_unmask(by_node, peers, boxes, exchange, server_round, session, ve
     )
     reveals = [rv for rv in (_reveal(a, alive, dropped) for a in answers) if rv is not None]
     try:
-        weight, mean = decode_sum(unmask_updates(masked, reveals, peers, session))
+        weight, mean = decode_sum(unmask_updates(masked, reveals, peers, session, rings.narrow), rings)
     except SecureSumError as exc:
         log(WARNING, "secure updates: cannot unmask round %d (%s); the global model stays", server_round, exc)
         return SecureRound(replies, None)
