@@ -136,7 +136,7 @@ def plot_roc(roc: dict[str, dict[str, Any]], scenario: str, path: Path) -> Path 
                 continue
             col = arrays["names"].index(marker)
             y, s = np.concatenate(arrays["labels"])[:, col], np.concatenate(arrays["scores"])[:, col]
-            ok = ~np.isnan(y)
+            ok = ~np.isnan(y) & ~np.isnan(s)  # unscored slices (not used by the study rule) are NaN
             if len(np.unique(y[ok])) < 2:
                 continue
             fpr, tpr, _ = roc_curve(y[ok], s[ok])
@@ -147,7 +147,7 @@ def plot_roc(roc: dict[str, dict[str, Any]], scenario: str, path: Path) -> Path 
         ax.set_xlabel("false positive rate")
     axes[0].set_ylabel("true positive rate")
     axes[0].legend(fontsize=6)
-    fig.suptitle(f"{scenario}: slice-level ROC, test slices of every site pooled (first seed)", fontsize=10)
+    fig.suptitle(f"{scenario}: slice-level ROC, scored test slices of every site pooled (first seed)", fontsize=10)
     return _save(fig, path)
 
 
@@ -301,7 +301,7 @@ def plot_study_curves(studies: Sequence[dict], scenario: str, path: Path) -> Pat
                 continue
             c = o.names.index(marker)
             y, s = o.labels[:, c], p[:, c]
-            ok = ~np.isnan(y)
+            ok = ~np.isnan(y) & ~np.isnan(s)  # unscored slices (not used by the study rule) are NaN
             if len(np.unique(y[ok])) < 2:
                 continue
             fpr, tpr, _ = roc_curve(y[ok], s[ok])

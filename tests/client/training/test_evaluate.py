@@ -65,3 +65,28 @@ def test_slice_auc_counts_only_slices_whose_reference_holds_hematoma(scored) -> 
     assert 0 < holds.sum() < len(ds)
     y, s = m["arrays"]["slice_labels"][holds, 0], m["arrays"]["slice_scores"][holds, 0]
     assert m["auc_slice/hypodensity"] == pytest.approx(roc_auc_score(y, s))
+
+
+def test_classifying_only_the_scored_slices_gives_the_full_forward_scores(scored) -> None:
+    """The two-pass evaluation (segment all, classify the rule's slices) equals one full forward of
+    every slice followed by the rule; the slices it leaves unscored are NaN, at most three per study."""
+    import torch
+
+    from common.model import to_input
+    from common.study_metrics import STUDY_SLICES
+
+    model, ds, m = scored
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds), shuffle=False)))
+    with torch.inference_mode():
+        mask_logits, logits = model.eval()(to_input(batch["image"]), pixel_mm=batch["pixel_mm"])
+    pixels = (mask_logits[:, 0] > 0).reshape(len(ds), -1).sum(1).numpy()
+    full = study_scores_from_slices(logits.numpy(), ds.study_keys(), pixels, ds.min_mask_pixels)
+    np.testing.assert_allclose(m["arrays"]["studies"].logits, full.values, atol=1e-5)
+    pred = predict_dataset(model, ds, "cpu", 8)
+    scored_rows = ~np.isnan(pred.logits).any(axis=1)
+    keys = ds.study_keys()
+    for k in np.unique(keys):
+        rows = keys == k
+        holds = (pixels[rows] > ds.min_mask_pixels).sum()
+        assert scored_rows[rows].sum() == (min(holds, STUDY_SLICES) if holds else rows.sum())
+    np.testing.assert_allclose(pred.logits[scored_rows], logits.numpy()[scored_rows], atol=1e-5)
