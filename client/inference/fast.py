@@ -1,8 +1,9 @@
 """The fast scoring path inside ``predict_study``: U-Net on every brain slice, classifier only where it counts.
 
-The study's marker scores are the maximum over the slices that hold predicted hematoma (all brain
-slices when none does), so the Wavelet VGG16 (85 % of the joint model's FLOPs) needs to run on those
-slices only; the others' scores could never be used. The U-Net runs once per slice, batched, and its
+The study's marker scores are the maximum over the three slices that hold the most predicted
+hematoma (all brain slices when none holds any; ``common.study_metrics.rule_slices``), so the Wavelet
+VGG16 (85 % of the joint model's FLOPs) needs to run on those slices only; the others' scores could
+never be used. The U-Net runs once per slice, batched, and its
 deepest encoder features are kept for the classifier, so nothing is computed twice. Two back ends do
 the arithmetic: PyTorch (channels_last) and ONNX Runtime (``client.inference.onnx_runtime``), with an
 optional int8 model calibrated on the site's own slices.

@@ -2,8 +2,8 @@
 
 The study goes through exactly the training preprocessing (the config stored in the checkpoint).
 Slice logits are combined per marker by the one slice-to-study rule of evaluation
-(``common.study_metrics.study_scores_from_slices``: the maximum over the slices that hold predicted
-hematoma, over all brain slices when none does), then scaled by the checkpoint's per-marker
+(``common.study_metrics.study_scores_from_slices``: the maximum over the three slices that hold the
+most predicted hematoma, over all brain slices when none holds any), then scaled by the checkpoint's per-marker
 temperature (``meta["temperature"]``) and called present at its per-marker threshold
 (``meta["thresholds"]``), both chosen on validation when the model was trained (``common.validation``);
 a checkpoint without them gives temperature 1 and threshold 0.5, and says so (``operating_point``).
@@ -204,7 +204,7 @@ def predict_study(
         slice_probabilities(logits, temperature),
         mask_prob,
         pre.slices,
-        "max over slices holding predicted hematoma (all brain slices if none)",
+        "max over the 3 slices with most predicted hematoma (all brain slices if none)",
         series.geometry,
         pre.shift,
         series.sources,
