@@ -6,6 +6,10 @@ with the others. Every reply is checked against its phase's ``ReplySchema``
 (``server.validation``) before anything of it is used: one that breaks a rule (a NaN in an array,
 arrays of another model, a count out of range, ...) is rejected, logged with the site, the rule and
 the key (never a value), and listed under the round's ``rejected``.
+
+An exchange returns its replies in site order (site id, then node id), never in arrival order:
+FedAvg's weighted sum and the validation sums are float additions whose bits depend on their order,
+and the order in which sites finish varies from run to run (docs/design.md §5, Reproducibility).
 """
 
 from __future__ import annotations
@@ -84,9 +88,9 @@ class Messenger:
         schema: ReplySchema | None = None,
         generator: str = "",
     ) -> list[Message]:
-        """Send, wait up to ``rounds.timeout``, return the replies that pass ``schema``; log every
-        failure and rejection. A site that replied to a stage-2 message holds the U-Net ``digest``
-        (and the global generator ``generator``) from then on.
+        """Send, wait up to ``rounds.timeout``, return the replies that pass ``schema`` in site order
+        (``in_site_order``); log every failure and rejection. A site that replied to a stage-2
+        message holds the U-Net ``digest`` (and the global generator ``generator``) from then on.
 
         Each reply is matched to the message it answers (``reply_to_message_id``), never taken for
         its ``src_node_id``'s: the SuperLink's own error replies ("node unavailable") carry the
@@ -118,7 +122,7 @@ class Messenger:
     ) -> list[Message]:
         started = time.monotonic()
         replies, sent = send_and_receive(self.grid, messages, self.timeout)
-        good = []
+        good: list[tuple[int, Message]] = []
         answered = set()
         for reply, seconds in replies:
             node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -141,13 +145,18 @@ class Messenger:
                 self.unet_sent[node] = digest
             if generator:
                 self.generator_sent[node] = generator
-            good.append(reply)
+            good.append((node, reply))
         waited = time.monotonic() - started
         for node in sorted(set(sent.values()) - answered):
             reason = f"no reply within {self.timeout or 'unlimited'} s (site down or too slow)"
             self.failure(phase, node, reason, entry, waited)
         self._count_bytes(entry, messages, [(sent.get(r.metadata.reply_to_message_id), r) for r, _ in replies])
-        return good
+        return self.in_site_order(good)
+
+    def in_site_order(self, replies: Iterable[tuple[int, Message]]) -> list[Message]:
+        """``(node, reply)`` pairs as replies sorted by site id, then node id: every aggregate (a float
+        sum) then adds the sites in the same order whichever site finished first."""
+        return [r for _, r in sorted(replies, key=lambda nr: (self.sites.get(nr[0], ""), nr[0]))]
 
     def _count_bytes(self, entry: dict, messages: list[Message], replies: list[tuple[int | None, Message]]) -> None:
         """Add each site's payload bytes (``server.validation.content_bytes``) to ``entry["bytes"]``:
