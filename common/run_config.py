@@ -23,19 +23,52 @@ from common.gan import GAN_PRESETS
 from common.presets import ModelConfig, get_preset
 from common.validation import TEST_ROUNDS
 
-#: ``strategy.name`` values (``server.strategies.STRATEGIES`` builds each one).
-STRATEGY_NAMES: tuple[str, ...] = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedbn",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
+#: Why an aggregate is not the plain mean that site-level DP noise is sized for (``NOT_A_PLAIN_MEAN``).
+_ROBUST_AGGREGATE = "a median, trimmed mean or Krum's pick moves by more than C / n when one site changes"
+_SERVER_OPTIMISER = (
+    "Flower adds the noise after the server optimiser's step, which rescales the mean per coordinate "
+    "by moments of earlier means without noise"
 )
+
+
+@dataclass(frozen=True)
+class StrategyTraits:
+    """What the rest of the system must know about an aggregation strategy, declared once here
+    (``server.strategies.STRATEGIES`` builds each one), so that no module special-cases a name.
+
+    ``site_norms``: the sites keep their normalisation layers (FedBN): the server never averages them,
+    the simulation evaluates each site with its own, ``hemexp predict`` needs ``--site-norms``.
+    ``robust``: it bounds the influence of outlying sites (so it cannot be combined with the
+    positive-weighted head or secure updates, which need every site's own update).
+    ``not_plain_mean``: why its aggregate is not the plain mean of the updates ("" when it is)."""
+
+    site_norms: bool = False
+    robust: bool = False
+    not_plain_mean: str = ""
+
+
+#: ``strategy.name`` values and their traits.
+STRATEGY_TRAITS: dict[str, StrategyTraits] = {
+    "fedavg": StrategyTraits(),
+    "fedprox": StrategyTraits(),
+    "fedadam": StrategyTraits(not_plain_mean=_SERVER_OPTIMISER),
+    "fedyogi": StrategyTraits(not_plain_mean=_SERVER_OPTIMISER),
+    "fedbn": StrategyTraits(site_norms=True),
+    "fedmedian": StrategyTraits(robust=True, not_plain_mean=_ROBUST_AGGREGATE),
+    "fedtrimmedavg": StrategyTraits(robust=True, not_plain_mean=_ROBUST_AGGREGATE),
+    "krum": StrategyTraits(robust=True, not_plain_mean=_ROBUST_AGGREGATE),
+}
+STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGY_TRAITS)
 #: Strategies that bound the influence of outlying sites (the positive-weighted head would not).
-ROBUST_STRATEGIES = frozenset({"fedmedian", "fedtrimmedavg", "krum"})
+ROBUST_STRATEGIES = frozenset(name for name, t in STRATEGY_TRAITS.items() if t.robust)
+
+
+def strategy_traits(name: str | None) -> StrategyTraits:
+    """The traits of strategy ``name``; a plain FedAvg-like strategy's for None or an unknown name (a
+    checkpoint's ``meta`` may predate a strategy: it is then treated as averaging everything)."""
+    return STRATEGY_TRAITS.get(name or "", StrategyTraits())
+
+
 #: ``rounds.census``: no data census, one before training, or the census alone.
 CENSUS_MODES: tuple[str, ...] = ("off", "before", "only")
 #: Where stage 2's marker weights come from (``train.pos-weight``).
@@ -46,17 +79,7 @@ MARKER_SAMPLING = ("natural", "balanced")
 SITE_DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
 #: Strategies whose aggregate is not the plain mean of the updates that Flower's site-level noise is sized
 #: for (``privacy.site-dp``), and why.
-NOT_A_PLAIN_MEAN: dict[str, str] = {
-    **dict.fromkeys(
-        sorted(ROBUST_STRATEGIES),
-        "a median, trimmed mean or Krum's pick moves by more than C / n when one site changes",
-    ),
-    **dict.fromkeys(
-        ("fedadam", "fedyogi"),
-        "Flower adds the noise after the server optimiser's step, which rescales the mean per coordinate "
-        "by moments of earlier means without noise",
-    ),
-}
+NOT_A_PLAIN_MEAN: dict[str, str] = {name: t.not_plain_mean for name, t in STRATEGY_TRAITS.items() if t.not_plain_mean}
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

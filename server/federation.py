@@ -62,6 +62,7 @@ from common.records import (
     record_to_state,
     state_to_record,
 )
+from common.run_config import strategy_traits
 from common.validation import calibration_meta, selectable, selection_score
 from server.census import run_census, write_census
 from server.checkpoints import (
@@ -100,7 +101,7 @@ class Federation:
         self.model = build_joint_model(cfg.model, seed=cfg.seed)
         if cfg.init_checkpoint:
             load_initial_weights(self.model, cfg.init_checkpoint)
-        self.local_keys = norm_state_keys(self.model) if cfg.strategy.name == "fedbn" else set()
+        self.local_keys = norm_state_keys(self.model) if strategy_traits(cfg.strategy.name).site_norms else set()
         head = final_layer_keys(self.model)
         # One strategy per stage: server-side optimiser state is per array, and stages exchange different arrays.
         # With privacy.site-dp each sits inside Flower's fixed-clipping wrapper (server.site_dp).

@@ -54,7 +54,7 @@ from common.gan import Generator, build_gan, load_gan_state_dict
 from common.losses import label_counts
 from common.model import JointModel, build_joint_model, norm_state_keys
 from common.records import GAN_STAGE, HALF_OF_STAGE, TrainInstruction
-from common.run_config import TrainOptions, model_from_run_config, parse_run_config
+from common.run_config import TrainOptions, model_from_run_config, parse_run_config, strategy_traits
 from common.runtime import machine_cpu_seconds, resolve_device
 from common.study_metrics import StudyOutputs
 from common.validation import (
@@ -812,7 +812,7 @@ class Runner:
         chosen = run_dir / name / "best.pt"  # the round chosen on the sites' validation patients
         ckpt = load_checkpoint(chosen if chosen.is_file() else run_dir / name / "global.pt")
         model = build_from_checkpoint(ckpt)
-        if cfg.strategy.name == "fedbn":
+        if strategy_traits(cfg.strategy.name).site_norms:
             per_site = {
                 e.site_id: evaluate(with_site_norms(model, case, e.site_id, name), e.data, self.device, self.eval_batch)
                 for e in case.evaluate

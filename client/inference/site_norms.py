@@ -13,11 +13,13 @@ import torch
 
 from common.checkpoint import Checkpoint
 from common.model import build_joint_model, norm_state_keys
+from common.run_config import strategy_traits
 
 
 def is_fedbn(ckpt: Checkpoint) -> bool:
-    """A FedBN global model: its normalisation layers are the sites', not in the checkpoint."""
-    return ckpt.meta.get("strategy") == "fedbn"
+    """A FedBN-like global model (``common.run_config.StrategyTraits.site_norms``): its normalisation
+    layers are the sites', not in the checkpoint."""
+    return strategy_traits(ckpt.meta.get("strategy")).site_norms
 
 
 def load_site_norms(path: Path | str) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
-from common.run_config import StrategyOptions
+from common.run_config import StrategyOptions, strategy_traits
 from server.strategies.aggregate import aggregate_metrics
 from server.strategies.fedbn import FedBN
 from server.strategies.imbalance import PositiveWeightedHead, positive_weighted_rows, with_imbalance_head
@@ -49,7 +49,7 @@ def build_strategy(
         evaluate_metrics_aggr_fn=aggregate_metrics,
         **extra(cfg),
     )
-    if cls is FedBN:
+    if strategy_traits(cfg.name).site_norms:
         kw["local_keys"] = local_keys
     if cfg.imbalance_head:
         return with_imbalance_head(cls)(head_keys=head_keys, **kw)

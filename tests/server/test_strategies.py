@@ -247,3 +247,15 @@ def test_metrics_nan_skipped_and_counts_summed():
     assert out[LABEL_POS] == [8, 0] and out[LABEL_NEG] == [4, 8] and out[NUM_EXAMPLES] == 60
     nan_everywhere = aggregate_metrics(records[1:2], NUM_EXAMPLES)
     assert math.isnan(nan_everywhere["auc"])
+
+
+def test_every_strategy_declares_its_traits_once():
+    """``common.run_config.STRATEGY_TRAITS`` is the one declaration the server, the simulation and
+    ``hemexp predict`` ask: it names exactly the strategies the server builds."""
+    from common.run_config import NOT_A_PLAIN_MEAN, ROBUST_STRATEGIES, STRATEGY_TRAITS, strategy_traits
+    from server.strategies import STRATEGIES
+
+    assert set(STRATEGY_TRAITS) == set(STRATEGIES)
+    assert {n for n, t in STRATEGY_TRAITS.items() if t.site_norms} == {"fedbn"}
+    assert ROBUST_STRATEGIES == {"fedmedian", "fedtrimmedavg", "krum"} <= set(NOT_A_PLAIN_MEAN)
+    assert strategy_traits(None) == strategy_traits("no-such") == STRATEGY_TRAITS["fedavg"]
