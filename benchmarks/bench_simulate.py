@@ -14,6 +14,7 @@
     python -m benchmarks.bench_simulate                       # data/synthetic, generated if missing
     python -m benchmarks.bench_simulate --data /tmp/demo --json benchmarks/results/simulate_default.json
     python -m benchmarks.bench_simulate --no-flower-ratio --results benchmarks/results/simulate_cpu.md
+    python -m benchmarks.bench_simulate --from-run runs/default-<timestamp> --results benchmarks/results/simulate_cpu.md
 """
 
 from __future__ import annotations
@@ -120,6 +121,23 @@ def cpu_table(rows: list[dict], cores: int) -> str:
     return "\n".join(lines + [f"(busy cores: the machine's CPU seconds / wall seconds, of {cores} usable)"])
 
 
+def table_of_run(run_dir: Path, threads: int, results: Path | None) -> int:
+    """The per-method wall/CPU table of a finished run (its ``experiment.toml`` and ``metrics.json``)."""
+    exp = load_experiment(run_dir / "experiment.toml")
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    env = doc.get("environment", {})
+    table = cpu_table(cpu_rows(doc["timings"], exp, threads), usable_cores())
+    print(table)
+    if results:
+        commit = str(env.get("git_commit", ""))[:10]
+        results.write_text(
+            f"# {exp.name}: wall and CPU time per method\n\nFrom the run `{run_dir.name}` (commit {commit}, "
+            f"`{env.get('command', 'simulate.py')}`), tabled by `python -m benchmarks.bench_simulate --from-run "
+            f"{run_dir.name}`; CPU = the machine's busy CPU seconds during the method.\n\n```\n{table}\n```\n"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO / "data" / "synthetic")
@@ -130,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=0, help="simulate.py's --threads (default %(default)s, the usable cores)"
     )
+    p.add_argument(
+        "--from-run",
+        type=Path,
+        metavar="RUN_DIR",
+        help="print the wall/CPU table of a finished simulate.py run (its metrics.json) instead of running one",
+    )
     args = p.parse_args(argv)
+    if args.from_run is not None:
+        return table_of_run(args.from_run, args.threads, args.results)
     exp = load_experiment(args.experiment)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,27 @@ def test_bench_dice_help_and_a_missing_report(tmp_path, capsys) -> None:
     assert done.value.code == 0 and "studies.json" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="studies.json"):
         bench_dice.main([str(tmp_path)])
+
+
+def test_bench_simulate_tables_a_finished_runs_cpu_and_wall(tmp_path, capsys):
+    """``--from-run``: each method's machine CPU seconds beside its wall seconds and thread plan,
+    from the run's own metrics.json (the ratio computed here independently)."""
+    from benchmarks.bench_simulate import main as bench_simulate_main
+    from simulations.experiment import EXPERIMENTS_DIR
+
+    run = tmp_path / "default-1"
+    run.mkdir()
+    (run / "experiment.toml").write_text((EXPERIMENTS_DIR / "default.toml").read_text())
+    timings = [
+        {"scenario": "natural", "method": "pooled", "seed": 0, "seconds": 100.0, "cpu_seconds": 190.0},
+        {"scenario": "natural", "method": "fedavg+imbalance", "seed": 0, "seconds": 150.0, "cpu_seconds": 240.0},
+    ]
+    (run / "metrics.json").write_text(json.dumps({"timings": timings, "environment": {"git_commit": "abc1234"}}))
+    out = tmp_path / "cpu.md"
+    assert bench_simulate_main(["--from-run", str(run), "--threads", "2", "--results", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pooled = next(line for line in lines if " pooled " in line)
+    fed = next(line for line in lines if "fedavg+imbalance" in line)
+    assert f"{190 / 100:.2f}" in pooled and "1 process x 2 thread(s)" in pooled
+    assert f"{240 / 150:.2f}" in fed and "x 1 thread" in fed
+    assert "abc1234" in out.read_text() and "busy cores" in out.read_text()
