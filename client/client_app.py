@@ -7,14 +7,20 @@ persist at the site between rounds lives in its ``client.federation.store.SiteSt
 Only the half being trained, label counts and scalar metrics leave the site (``common.records``).
 Errors are reported to the server by type only (``client.federation.errors``). Everything but the
 handlers is in ``client.federation``; simulation-only code (``client.simulation``) is imported only
-where a simulation's manifest asks for it, never when a hospital's SuperNode loads this app.
+where a simulation's manifest asks for it, never when a hospital's SuperNode loads this app. The
+deployed ``app`` has no fault injection: a simulation runs ``client.simulation.app``, the same
+handlers built by ``make_app`` with its fault mod and data hook, so no branch here serves experiments.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.data.dataset import hematoma_slices
 from client.federation.census import census_counts, census_key, census_record, guard_census, site_acquisitions
@@ -26,8 +32,9 @@ from client.federation.policy import read_policy
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
 from client.federation.secure_updates import masked_update_record, update_step
 from client.federation.site_clipping import site_clipping_mod
-from client.federation.site_data import open_site, site_label_counts, stage2_pos_weight, usable_examples
+from client.federation.site_data import SiteData, open_site, site_label_counts, stage2_pos_weight, usable_examples
 from client.federation.site_gan import gan_round, gan_round_metrics, global_generator, stage2_training_set
+from client.federation.site_ledger import SiteBudget
 from client.federation.site_radiomics import (
     held_out_features,
     local_update,
@@ -77,10 +84,9 @@ from common.records import (
 from common.runtime import resolve_device, use_torch_threads
 from common.validation import ValidationStats, selectable
 
-#: Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md); with
-#: ``privacy.site-dp = "client-fixed"`` a train reply's update is then clipped last, by Flower's mod
-#: (``client.federation.site_clipping``); other runs pass that mod untouched.
-app = ClientApp(mods=[policy_mod, site_clipping_mod])
+#: How the handlers open the site's data: ``open_site`` in the deployed app; the simulation's app passes
+#: one that also applies a virtual site's data fault (``client.simulation.app.open_faulty_site``).
+OpenData = Callable[[SiteNode, SiteRunConfig], SiteData]
 
 
 def _site_and_run(context: Context) -> tuple[SiteNode, SiteRunConfig]:
@@ -90,17 +96,16 @@ def _site_and_run(context: Context) -> tuple[SiteNode, SiteRunConfig]:
     return SiteNode.from_context(context, run.config.data), run
 
 
-@app.train()
-@site_errors("train")
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """Train the half named by the round's stage; reply with that half, counts and the loss."""
     site, run = _site_and_run(context)
     order = TrainInstruction.from_record(msg.content[CONFIG])
-    data = open_site(site, run)
+    data = open_data(site, run)
     store = SiteStore.for_run(site, order.run_name)
     model, local_keys = receive_model(msg, run, store, order.stage, order.local_norm, order.unet_digest)
     cfg = run.train_config(order, site.site_id)  # this site's seed (site_run.site_seed), the same in every run
-    privacy = SitePrivacy.open(run.config, store.root, data.train, order, cfg, run.model)  # None: privacy.dp off
+    budget = SiteBudget.for_site(site, read_policy(site.data_path))  # the site's delta bound and lifetime ledger
+    privacy = SitePrivacy.open(run.config, store.root, data.train, order, cfg, run.model, budget)  # None: no DP
     train_ds = data.train
     if order.stage == 2:  # with gan.augment-ratio > 0: plus generated slices, in this process only
         generator = global_generator(msg, order, run, store)  # rounds.gan > 0: the GAN stage's; else the site's own
@@ -126,16 +131,6 @@ def train(msg: Message, context: Context) -> Message:
     if local_keys:
         store.save(f"norm-{order.half}", {k: v for k, v in state.items() if k in local_keys})
     examples = usable_examples(data.train, order.stage, run.model) if result.num_examples else 0
-    if site.fault:  # simulation manifests only: a site that corrupts what it sends or claims
-        from client.simulation.faults import corrupt_update, fault_seed, reported_examples
-
-        state = corrupt_update(
-            record_to_state(msg.content[ARRAYS]),
-            state,
-            site.fault,
-            fault_seed(run.seed, order.server_round, site.site_id),
-        )
-        examples = reported_examples(examples, site.fault)
     arrays = state_to_record(state, exclude=local_keys)
     if run.config.privacy.secure_updates:  # the update and its weight leave only masked; 1/0: trained or not
         received = record_to_state(msg.content[ARRAYS])
@@ -157,14 +152,12 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.train(GAN_ACTION)
-@site_errors("GAN round")
-def train_gan_round(msg: Message, context: Context) -> Message:
+def train_gan_round(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """A round of the federated GAN stage (``rounds.gan``, docs/gan.md design (i)): train the global
     G and D on the training split's hematoma crops; reply with their state and scalars only."""
     site, run = _site_and_run(context)
     order = GanInstruction.from_record(msg.content[CONFIG])
-    data = open_site(site, run)
+    data = open_data(site, run)
     received = record_to_state(msg.content[ARRAYS])
     state, crops, result = gan_round(data.train, run, order, received, resolve_device(site.device), site.site_id)
     content = RecordDict(
@@ -173,9 +166,7 @@ def train_gan_round(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-@site_errors("evaluate")
-def evaluate_global(msg: Message, context: Context) -> Message:
+def evaluate_global(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """Score the global model on the site's own held-out patients; reply with scalars only.
 
     Test split: scalar metrics (the per-round record). Validation split: the sums of
@@ -187,7 +178,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """
     site, run = _site_and_run(context)
     order = EvaluateInstruction.from_record(msg.content[CONFIG])
-    data = open_site(site, run)
+    data = open_data(site, run)
     model, _ = receive_model(
         msg, run, SiteStore.for_run(site, order.run_name), order.stage, order.local_norm, order.unet_digest
     )
@@ -207,9 +198,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
 
 
-@app.query()
-@site_errors("count labels")
-def count_labels(msg: Message, context: Context) -> Message:
+def count_labels(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """The counts round: per-label positives and negatives of the training split, nothing else.
 
     With ``privacy.secure-counts`` the round is the two steps of ``common.secure_sum``: "keys"
@@ -230,7 +219,7 @@ def count_labels(msg: Message, context: Context) -> Message:
         )
     if phase == SECURE_KEYS:
         return secure_counts_keys(msg, context, site)
-    data = open_site(site, run)
+    data = open_data(site, run)
     pos, neg = site_label_counts(data.train, run.model)
     if phase == SECURE_MASK:
         return secure_counts_masked(msg, context, site, pack_counts(pos, neg, len(data.train)))
@@ -240,20 +229,16 @@ def count_labels(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
 
 
-@app.query(HELLO_ACTION)
-@site_errors("hello")
 def hello(msg: Message, context: Context) -> Message:
     """The server's first message: the site id, and (through the policy mod) whether it takes this run."""
     site, _ = _site_and_run(context)
     return Message(RecordDict({METRICS: MetricRecord(), SITE: site_record(site)}), reply_to=msg)
 
 
-@app.query(CENSUS_ACTION)
-@site_errors("census")
-def census(msg: Message, context: Context) -> Message:
+def census(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """The data census (``common.census``): this site's summary statistics, guarded by its policy."""
     site, run = _site_and_run(context)
-    cache = open_site(site, run).train.cache
+    cache = open_data(site, run).train.cache
     counts = guard_census(
         census_counts(cache, site_acquisitions(site)), read_policy(site.data_path), secret=census_key(site)
     )
@@ -261,40 +246,34 @@ def census(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics, CENSUS: census_record(counts), SITE: site_record(site)}), reply_to=msg)
 
 
-@app.query(RADIOMICS_STATS_ACTION)
-@site_errors("radiomics stats")
-def radiomics_stats(msg: Message, context: Context) -> Message:
+def radiomics_stats(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """The radiomics federation's first step (``client.federation.site_radiomics``): per-feature counts,
     sums and sums of squares of the training studies, and their label counts; no study's features."""
     site, run = _site_and_run(context)
     order = RadiomicsInstruction.from_record(msg.content[CONFIG])
-    train = training_features(open_site(site, run), SiteStore.for_run(site, order.run_name))
+    train = training_features(open_data(site, run), SiteStore.for_run(site, order.run_name))
     metrics = MetricRecord(stats_metrics(train))
     return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
 
 
-@app.train(RADIOMICS_ACTION)
-@site_errors("radiomics train")
-def radiomics_train(msg: Message, context: Context) -> Message:
+def radiomics_train(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """Local gradient steps of the global logistic weights on the site's training studies; reply with
     the weights and scalars only."""
     site, run = _site_and_run(context)
     order = RadiomicsInstruction.from_record(msg.content[CONFIG])
-    train = training_features(open_site(site, run), SiteStore.for_run(site, order.run_name))
+    train = training_features(open_data(site, run), SiteStore.for_run(site, order.run_name))
     arrays, metrics = local_update(train, order, received_weights(msg, order))
     content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: site_record(site)})
     return Message(content, reply_to=msg)
 
 
-@app.evaluate(RADIOMICS_ACTION)
-@site_errors("radiomics evaluate")
-def radiomics_evaluate(msg: Message, context: Context) -> Message:
+def radiomics_evaluate(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:
     """Phase "select": every L2 candidate's validation sums; "score": the chosen weights' scalar test metrics
     and validation sums, as the deep evaluate reply. Validation and test studies are described on
     the masks of the global U-Net the message names."""
     site, run = _site_and_run(context)
     order = RadiomicsInstruction.from_record(msg.content[CONFIG])
-    data = open_site(site, run)
+    data = open_data(site, run)
     store = SiteStore.for_run(site, order.run_name)
     val, test = held_out_features(msg, order, run, data, store, str(resolve_device(site.device)))
     weights = received_weights(msg, order)
@@ -304,3 +283,33 @@ def radiomics_evaluate(msg: Message, context: Context) -> Message:
         score_metrics(val, test, order, weights) if order.phase == SCORE_PHASE else select_metrics(val, order, weights)
     )
     return Message(RecordDict({METRICS: MetricRecord(scores), SITE: site_record(site)}), reply_to=msg)
+
+
+def make_app(mods: Sequence[Mod] = (), open_data: OpenData = open_site) -> ClientApp:
+    """The site's ClientApp: every handler above, opening the site's data with ``open_data``.
+
+    Every message passes the site's policy first (``client.federation.guard``, docs/site-policy.md); with
+    ``privacy.site-dp = "client-fixed"`` a train reply's update is then clipped by Flower's mod
+    (``client.federation.site_clipping``; other runs pass it untouched); ``mods`` sit innermost, next to
+    the handlers, so the clipping and the policy see what they return. One factory for both apps, so the
+    simulation (``client.simulation.app``) runs exactly the deployed handlers, plus its fault injection.
+    """
+    app = ClientApp(mods=[policy_mod, site_clipping_mod, *mods])
+    with_data = [
+        (app.train(), "train", train),
+        (app.train(GAN_ACTION), "GAN round", train_gan_round),
+        (app.evaluate(), "evaluate", evaluate_global),
+        (app.query(), "count labels", count_labels),
+        (app.query(CENSUS_ACTION), "census", census),
+        (app.query(RADIOMICS_STATS_ACTION), "radiomics stats", radiomics_stats),
+        (app.train(RADIOMICS_ACTION), "radiomics train", radiomics_train),
+        (app.evaluate(RADIOMICS_ACTION), "radiomics evaluate", radiomics_evaluate),
+    ]
+    for register, phase, handler in with_data:
+        register(site_errors(phase)(functools.partial(handler, open_data=open_data)))
+    app.query(HELLO_ACTION)(site_errors("hello")(hello))
+    return app
+
+
+#: The deployed ClientApp (pyproject ``[tool.flwr.app.components] clientapp``): no simulation code.
+app = make_app()

@@ -27,6 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 #: What the FAB of a simulation run holds: the project file and the packages the apps import.
 APP_FILES = ("pyproject.toml", "README.md", ".gitignore")
 APP_PACKAGES = ("client", "server", "common", "simulations")
+#: The ClientApp the repository deploys, and the one a simulation runs instead: the same handlers plus
+#: the injected faults of its partition manifest (``client.simulation.app``), never part of a site's app.
+DEPLOYED_CLIENTAPP = "client.client_app:app"
+SIMULATION_CLIENTAPP = "client.simulation.app:app"
 
 
 def stage_app(repo: Path, dest: Path) -> Path:
@@ -34,7 +38,8 @@ def stage_app(repo: Path, dest: Path) -> Path:
 
     ``flwr run <dir>`` walks every file under ``<dir>`` before its ignore rules apply: in a checkout
     with the virtual environment and the benchmark data (100,000 files) that walk took ~10 s per
-    federated run on 2 cores; the staged copy holds ~300 files and gives the same FAB content."""
+    federated run on 2 cores; the staged copy holds ~300 files and gives the same FAB content, but for
+    its ``clientapp``: the simulation's (``simulation_pyproject``)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for name in APP_FILES:
@@ -42,7 +47,18 @@ def stage_app(repo: Path, dest: Path) -> Path:
             shutil.copy2(repo / name, dest / name)
     for pkg in APP_PACKAGES:
         shutil.copytree(repo / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    project = dest / "pyproject.toml"
+    project.write_text(simulation_pyproject(project.read_text()))
     return dest
+
+
+def simulation_pyproject(text: str) -> str:
+    """The project file with ``[tool.flwr.app.components] clientapp`` set to ``SIMULATION_CLIENTAPP``, so
+    that a simulation's virtual sites run the app with fault injection; everything else as it is."""
+    line = f'clientapp = "{DEPLOYED_CLIENTAPP}"'
+    if text.count(line) != 1:
+        raise ValueError(f"pyproject.toml: expected one line {line!r} in [tool.flwr.app.components]")
+    return text.replace(line, f'clientapp = "{SIMULATION_CLIENTAPP}"')
 
 
 def free_port() -> int:

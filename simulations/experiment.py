@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from client.simulation.faults import parse_fault
 from common.config import MARKERS, check_known_keys
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
@@ -220,7 +221,7 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
     seeds = tuple(int(s) for s in doc.get("seeds", [0]))
     if not seeds:
         raise ValueError(f"{where}: seeds is empty")
-    return Experiment(
+    experiment = Experiment(
         name=str(doc.get("name", Path(source).stem or "experiment")),
         description=str(doc.get("description", "")),
         seeds=seeds,
@@ -232,6 +233,28 @@ def parse_experiment(doc: Mapping[str, Any], source: str = "") -> Experiment:
         comparisons=comparisons,
         source=source,
     )
+    check_faults_without_secure_updates(experiment, where)
+    return experiment
+
+
+def check_faults_without_secure_updates(experiment: Experiment, where: str) -> None:
+    """No federated method with ``privacy.secure-updates`` beside a scenario whose faulty sites corrupt their
+    update or its weight: the site masks both inside its train handler, before the simulation's fault mod
+    could corrupt them (``client.simulation.app``), so every faulty site's train round would fail."""
+    masked = [
+        m.name
+        for m in experiment.methods
+        if m.kind == "federated" and experiment.method_run_config(m).get("privacy.secure-updates")
+    ]
+    if not masked:
+        return
+    corrupting = [s.name for s in experiment.scenarios if s.bad_sites and not parse_fault(s.fault).corrupts_data]
+    if corrupting:
+        raise ValueError(
+            f"{where}: scenario(s) {corrupting} have sites that corrupt their update, which privacy.secure-updates "
+            f"masks before the fault is injected; run method(s) {masked} without secure updates, or use a "
+            "'label-flip' fault"
+        )
 
 
 def check_unet_sources(methods: tuple[Method, ...], where: str) -> None:

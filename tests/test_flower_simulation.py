@@ -1,4 +1,5 @@
-"""One real Flower simulation: ``flwr run`` against a simulation SuperLink (Ray), 12 virtual sites.
+"""Real Flower simulations: ``flwr run`` against a simulation SuperLink (Ray), 12 virtual sites, and 3 of
+which one injects a manifest fault through the staged simulation ClientApp (``client.simulation.app``).
 
 This is the path a researcher takes (``flwr run .``), with the app's pyproject defaults and ``-c``
 overrides, the FAB build and install, the SuperLink's subprocess isolation and the Ray backend.
@@ -13,6 +14,8 @@ import time
 
 import pytest
 
+from client.data.cache import build_site_cache
+from client.simulation.partitions import Partition, write_partitions
 from common.checkpoint import build_from_checkpoint, load_checkpoint
 from common.run_config import model_from_run_config
 from simulations.engine import SimulationEngine
@@ -55,3 +58,32 @@ def test_flwr_run_twelve_sites(tmp_path):
     assert history["rounds"][1]["label-counts"]["pos-weight"]
     build_from_checkpoint(load_checkpoint(out / "global.pt"))
     print(f"flwr run, {N_SITES} sites, 1 + 1 rounds: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_flwr_run_injects_a_manifest_fault_through_the_staged_simulation_app(tmp_path):
+    """The engine stages ``client.simulation.app:app`` as the clientapp: a virtual site whose manifest entry
+    sends NaN is rejected by the server every round, and the other two are aggregated."""
+    overrides = {
+        "output.dir": str(tmp_path / "runs"),
+        "output.name": "faulty",
+        "model.image-size": 32,
+        "rounds.stage1": 1,
+        "rounds.stage2": 0,
+        "train.local-steps": 1,
+        "train.batch-size": 4,
+        "strategy.fraction-evaluate": 0.0,
+    }
+    preprocess = model_from_run_config(run_config(**overrides))[1]
+    parts = []
+    for i, fault in enumerate([{}, {"kind": "nan"}, {}]):
+        data = write_site(tmp_path / "data" / f"site-{i + 1:02d}", n_studies=3, shape=(3, 40, 40), seed=10 * i)
+        cache, _ = build_site_cache(data, tmp_path / "cache", preprocess)
+        parts.append(Partition(f"site-{i + 1:02d}", str(cache.path), fault))
+    overrides["data.partitions"] = str(write_partitions(tmp_path / "parts.json", parts))
+    with SimulationEngine(tmp_path / "engine") as engine:
+        engine.run(overrides, len(parts), tmp_path / "flwr-run.log", timeout=200)
+    (entry,) = json.loads((tmp_path / "runs" / "faulty" / "history.json").read_text())["rounds"]
+    assert [(r["site"], r["rule"]) for r in entry["rejected"]] == [("site-02", "array-non-finite")]
+    assert sorted(entry["train"]["sites"]) == ["site-01", "site-03"] and entry["failures"] == []

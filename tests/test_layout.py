@@ -8,6 +8,7 @@ fresh interpreter, in two orders.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import random
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "client", "server", "simulations")
+#: The modules that inject a simulated site's faults: no deployed module imports them.
+SIMULATION_INJECTION = ("client.simulation.faults", "client.simulation.app")
 #: What each top-level package may import of the project (simulations -> client, server -> common).
 ALLOWED = {
     "common": {"common"},
@@ -156,6 +159,54 @@ def test_deployed_client_app_does_not_import_simulation_code_at_load():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+def identifiers(tree: ast.AST) -> set[str]:
+    """Every name the code of ``tree`` binds or reads (variables, attributes, arguments, functions, classes,
+    imported names); not strings nor comments."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.alias):
+            out.update(n for n in (node.name, node.asname) if n)
+        elif isinstance(node, ast.keyword) and node.arg:
+            out.add(node.arg)
+    return out
+
+
+def test_fault_injection_lives_only_in_the_simulation_package():
+    """Issue 28: the deployed ClientApp has no fault code path. No module of ``client`` outside
+    ``client.simulation`` names a fault or imports the modules that inject one (``client.simulation.faults``,
+    ``client.simulation.app``; the manifest reader ``client.simulation.partitions`` is what a virtual node's
+    ``SiteNode`` reads), ``SiteNode`` has no fault field, and the deployed ``app`` carries only the site's mods."""
+    from client.client_app import app
+    from client.federation.guard import policy_mod
+    from client.federation.node import SiteNode
+    from client.federation.site_clipping import site_clipping_mod
+
+    assert "fault" not in {f.name for f in dataclasses.fields(SiteNode)}
+    assert app._mods == [policy_mod, site_clipping_mod]  # the simulation's adds client.simulation.app.fault_mod
+    modules = project_modules()
+    fault_words = {"fault", "faults", "faulty"}
+    found = []
+    for name, path in sorted(modules.items()):
+        if name.split(".")[0] != "client" or name.startswith("client.simulation"):
+            continue
+        found += [f"{name} imports {m}" for m in imports_of(path, modules) if m.startswith(SIMULATION_INJECTION)]
+        words = {
+            i
+            for i in identifiers(ast.parse(path.read_text(encoding="utf-8")))
+            if fault_words & set(i.lower().split("_"))
+        }
+        found += [f"{name} names {w}" for w in sorted(words)]
+    assert found == []
 
 
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])

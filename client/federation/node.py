@@ -3,15 +3,14 @@
 From ``context.node_config`` in deployment (``flower-supernode --node-config``); in simulation from
 ``partition-id`` and the run's ``data.*`` keys. Simulation-only code (``client.simulation``) is
 imported only on the branch that reads a simulation's partition manifest, so a hospital's SuperNode
-never loads it.
+never loads it. A manifest entry's injected fault is not a fact of the node: only the simulation's
+own ClientApp (``client.simulation.app``) reads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
 
@@ -21,9 +20,6 @@ from client.ingest.layouts import list_site_folders
 from client.ingest.site_settings import read_site_settings
 from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_DEVICE, NODE_PARTITION_ID, NODE_SITE_ID
 from common.run_config import DataOptions
-
-if TYPE_CHECKING:
-    from client.simulation.partitions import Partition
 
 
 @dataclass(frozen=True)
@@ -37,46 +33,30 @@ class SiteNode:
     device: str = "auto"
     #: Simulation with ``data.partitions``: the partition's prebuilt cache (``data_path`` unused).
     cache_path: Path | None = None
-    #: Simulation robustness experiments only: how this virtual site misbehaves (``client.simulation.partitions``).
-    fault: Mapping[str, Any] = field(default_factory=dict)
+    #: Simulation only: the node's ``partition-id`` (which site folder, or which manifest entry, it is).
+    partition_id: int | None = None
 
     @classmethod
     def from_context(cls, context: Context, data: DataOptions) -> SiteNode:
         node = context.node_config
+        device = str(node.get(NODE_DEVICE, "auto"))
         if NODE_DATA_PATH in node:
             path = Path(str(node[NODE_DATA_PATH])).expanduser()
             site_id = str(node.get(NODE_SITE_ID) or read_site_settings(path).site_id)
-            cache = Path(str(node.get(NODE_CACHE_DIR) or DEFAULT_CACHE)).expanduser()
-        elif NODE_PARTITION_ID in node and data.partitions:
-            part = manifest_partition(Path(data.partitions), int(node[NODE_PARTITION_ID]))
-            cache_path = Path(part.cache)
-            return cls(
-                cache_path, part.site_id, cache_path.parent, str(node.get(NODE_DEVICE, "auto")), cache_path, part.fault
-            )
-        elif NODE_PARTITION_ID in node:
-            root = Path(data.root).expanduser()
-            path = partition_site(root, int(node[NODE_PARTITION_ID]))
-            site_id = read_site_settings(path).site_id
-            cache = Path(data.cache_dir).expanduser() if data.cache_dir else root / ".cache"
-        else:
+            return cls(path, site_id, Path(str(node.get(NODE_CACHE_DIR) or DEFAULT_CACHE)).expanduser(), device)
+        if NODE_PARTITION_ID not in node:
             raise SiteError(f"node config needs {NODE_DATA_PATH!r} (deployment) or {NODE_PARTITION_ID!r} (simulation)")
-        return cls(path, site_id, cache, str(node.get(NODE_DEVICE, "auto")))
+        partition_id = int(node[NODE_PARTITION_ID])
+        if data.partitions:
+            from client.simulation.partitions import manifest_partition  # simulation only: see the module docstring
 
-
-def manifest_partition(manifest: Path, partition_id: int) -> Partition:
-    """The ``partition_id``-th entry of a simulation's partition manifest (errors name no path)."""
-    from client.simulation.faults import FaultError  # simulation only: see the module docstring
-    from client.simulation.partitions import read_partitions
-
-    try:
-        parts = read_partitions(manifest)
-    except FaultError as exc:  # the fault dict's own problem (no path in it)
-        raise SiteError(f"data.partitions has an invalid fault: {exc}") from None
-    except ValueError:
-        raise SiteError("data.partitions is not a readable partition manifest") from None
-    if not 0 <= partition_id < len(parts):
-        raise SiteError(f"partition {partition_id} has no entry: the manifest lists {len(parts)} partition(s)")
-    return parts[partition_id]
+            part = manifest_partition(Path(data.partitions), partition_id)
+            cache_path = Path(part.cache)
+            return cls(cache_path, part.site_id, cache_path.parent, device, cache_path, partition_id)
+        root = Path(data.root).expanduser()
+        path = partition_site(root, partition_id)
+        cache = Path(data.cache_dir).expanduser() if data.cache_dir else root / ".cache"
+        return cls(path, read_site_settings(path).site_id, cache, device, partition_id=partition_id)
 
 
 def partition_site(data_root: Path, partition_id: int) -> Path:

@@ -47,13 +47,9 @@ def open_site(site: SiteNode, run: SiteRunConfig) -> SiteData:
     if run.model.predict_expansion:
         cache = _with_expansion(site, cache, run)
     idx = split_slices(cache, run.split, seed=run.seed, by="patient")
-    train = SliceDataset(cache, idx["train"])
-    if site.fault:  # simulation manifests only (client.simulation, imported here alone)
-        from client.simulation.faults import corrupt_training_data
-
-        # A simulated label-flip site learns and counts from wrong labels; its test split stays true.
-        train = corrupt_training_data(train, site.fault)
-    return SiteData(train, SliceDataset(cache, idx["test"]), SliceDataset(cache, idx["val"]))
+    return SiteData(
+        SliceDataset(cache, idx["train"]), SliceDataset(cache, idx["test"]), SliceDataset(cache, idx["val"])
+    )
 
 
 def _with_expansion(site: SiteNode, cache, run: SiteRunConfig):

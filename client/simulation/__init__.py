@@ -1,1 +1,2 @@
-"""Simulation only: partition manifests and injected faults for virtual sites. A deployed site never loads it."""
+"""Simulation only: partition manifests, injected faults for virtual sites and the simulation's ClientApp
+(``client.simulation.app``). A deployed site never loads it."""

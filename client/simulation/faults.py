@@ -4,7 +4,10 @@ A fault comes from one entry of a simulation's partition manifest (``client.simu
 ``{"site_id": ..., "cache": ..., "fault": {...}}``), never from a deployment node's
 ``node_config``: a real site has no setting that makes it misbehave. A virtual site with a fault
 trains honestly on its partition and then corrupts either its training data (``label-flip``) or
-the update it sends (``inflate``: the ``num-examples`` it reports; every other kind: the arrays). The
+the update it sends (``inflate``: the ``num-examples`` it reports; every other kind: the arrays).
+This module holds what a fault is and does; ``client.simulation.app`` applies it, in the
+simulation's own ClientApp (a Flower mod on the train reply, a hook on the data the handlers open),
+so the deployed ClientApp (``client.client_app``) has no fault code path. The
 server-side defences are in ``server.validation`` (malformed replies are rejected, ``num-examples``
 is bounded) and ``server.strategies`` (FedMedian, FedTrimmedAvg, Krum);
 ``docs/robustness.md`` says which bounds which.

@@ -2,7 +2,8 @@
 bound what one or two attackers (client.simulation.faults) do to the aggregate, where FedAvg is pulled away.
 
 Strategy checks build replies by hand from the model's real stage halves and check the aggregate
-numerically; one in-process run (FakeGrid, real ClientApp) has a site sending NaN.
+numerically; in-process runs (FakeGrid, the simulation's ClientApp: the real handlers plus its fault
+injection) have a site sending NaN or inflating its weight.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MessageType
 
-from client.client_app import app as client_app
 from client.data.cache import build_site_cache
+from client.simulation.app import app as simulation_app
 from client.simulation.faults import corrupt_update
 from client.simulation.partitions import Partition, write_partitions
 from common.checkpoint import load_checkpoint
@@ -203,8 +204,8 @@ def caches(tmp_path_factory) -> list[str]:
 
 
 def fault_run(tmp_path, caches, faults: list[dict], stage2: int, **overrides):
-    """A 1 + ``stage2`` round run of site-01.. with ``faults`` (one per site) on the real ClientApp:
-    (grid, history, run config)."""
+    """A 1 + ``stage2`` round run of site-01.. with ``faults`` (one per site) on the simulation's ClientApp
+    (``client.simulation.app``: the deployed handlers plus fault injection): (grid, history, run config)."""
     parts = [Partition(f"site-{i + 1:02d}", c, f) for i, (c, f) in enumerate(zip(caches, faults, strict=True))]
     manifest = write_partitions(tmp_path / "parts.json", parts)
     rc = run_config(
@@ -221,7 +222,7 @@ def fault_run(tmp_path, caches, faults: list[dict], stage2: int, **overrides):
         }
     )
     grid = FakeGrid(
-        {100 + i: (client_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(len(parts))}
+        {100 + i: (simulation_app, make_context({"partition-id": i}, rc, node_id=100 + i)) for i in range(len(parts))}
     )
     return grid, run_federation(grid, rc), rc
 

@@ -236,6 +236,18 @@ def test_privacy_patient_methods_are_valid_runs_of_the_same_length():
         assert (rounds.stage1 == 0) == ("stage 2 only" in method.name), method.name
 
 
+def test_update_faults_and_secure_updates_are_refused_together():
+    """The site masks its update inside the train handler, before the simulation's fault mod: an experiment
+    pairing the two fails when read; a label-flip fault (on the training data) or a plain method is fine."""
+    secure = {"name": "sa", "kind": "federated", "run_config": {"privacy.secure-updates": True}}
+    scaled = {"name": "attack", "bad_sites": 1, "fault": {"kind": "scale", "factor": 10.0}}
+    with pytest.raises(ValueError, match=r"x.toml: scenario\(s\) \['attack'\] have sites that corrupt .* \['sa'\]"):
+        parse_experiment({"methods": [secure], "scenarios": [scaled]}, "x.toml")
+    flipped = {"name": "flip", "bad_sites": 1, "fault": {"kind": "label-flip"}}
+    parse_experiment({"methods": [secure], "scenarios": [flipped]})
+    parse_experiment({"methods": [{"name": "plain", "kind": "federated"}], "scenarios": [scaled]})
+
+
 def test_experiment_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such experiment file; bundled experiments"):
         load_experiment("nope")

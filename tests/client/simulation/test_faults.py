@@ -1,21 +1,22 @@
 """Simulated faulty sites (client.simulation.faults): validation, each update fault against tensors computed
-here, label-flip on a real site cache, and the ClientApp sending what the manifest's fault says."""
+here, label-flip on a real site cache, the simulation's ClientApp (client.simulation.app) sending what the
+manifest's fault says, and the deployed ClientApp sending the honest update for the same manifest."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import MessageType, RecordDict
 
-from client.client_app import app
+from client.client_app import app as deployed_app
 from client.data.cache import build_site_cache
 from client.data.dataset import SliceDataset, make_loader, split_slices, stage_positives
 from client.federation.errors import SiteError
+from client.simulation.app import app, open_faulty_site
 from client.simulation.faults import (
     FAULT_KINDS,
     FaultError,
@@ -46,6 +47,7 @@ from tests.helpers.flower import make_context, make_message, run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+FLIP = {"kind": "label-flip"}
 RUN = run_config(**{"model.image-size": 32, "train.local-steps": 2, "train.batch-size": 4})
 MODEL_CFG, PREPROCESS = model_from_run_config(RUN)
 
@@ -308,7 +310,7 @@ def test_label_flip_markers_only_or_mask_only(site):
         assert corrupt_training_data(honest, fault) is honest
 
 
-# --- the ClientApp with a manifest fault ------------------------------------------------------
+# --- the simulation's ClientApp with a manifest fault ----------------------------------------
 
 
 def _train_message(model) -> RecordDict:
@@ -382,12 +384,47 @@ def test_client_app_reports_an_invalid_manifest_fault(site, tmp_path):
 def test_split_of_a_label_flip_site_keeps_a_true_test_split(site, tmp_path):
     """Only the training split is corrupted: the site scores the global model on true labels."""
     from client.federation.node import SiteNode
-    from client.federation.site_data import open_site
     from client.federation.site_run import SiteRunConfig
 
-    path = site["cache"].path
-    cfg = SiteNode(Path(path), "site-04", Path(path).parent, cache_path=Path(path), fault={"kind": "label-flip"})
-    data = open_site(cfg, SiteRunConfig.from_run_config(RUN))
-    assert isinstance(data.train, LabelFlipped) and type(data.test) is SliceDataset
-    idx = split_slices(site["cache"], SiteRunConfig.from_run_config(RUN).split, seed=int(RUN["seed"]))
+    manifest = write_partitions(tmp_path / "parts.json", [Partition("site-04", str(site["cache"].path), FLIP)])
+    run = SiteRunConfig.from_run_config({**RUN, "data.partitions": str(manifest)})
+    data = open_faulty_site(SiteNode.from_context(make_context({"partition-id": 0}, RUN), run.config.data), run)
+    assert isinstance(data.train, LabelFlipped) and type(data.test) is SliceDataset and type(data.val) is SliceDataset
+    idx = split_slices(site["cache"], run.split, seed=int(RUN["seed"]))
     np.testing.assert_array_equal(data.train.indices, idx["train"])
+
+
+def test_the_deployed_app_has_no_fault_path(site, tmp_path):
+    """``client.client_app:app`` reads a manifest entry's site and cache only: a scaled, label-flipped or
+    inflating entry trains and replies exactly as the honest one (faults live in ``client.simulation.app``)."""
+    path = str(site["cache"].path)
+    faults = [{}, {"kind": "scale", "factor": 10.0}, FLIP, {"kind": "inflate", "factor": 1000}]
+    manifest = write_partitions(tmp_path / "parts.json", [Partition("site-04", path, f) for f in faults])
+    run = {**RUN, "data.partitions": str(manifest)}
+    model = build_joint_model(MODEL_CFG, seed=0)
+    replies = [
+        deployed_app(make_message(_train_message(model), MessageType.TRAIN), make_context({"partition-id": i}, run))
+        for i in range(len(faults))
+    ]
+    honest = record_to_state(replies[0].content[ARRAYS])
+    for reply in replies[1:]:
+        assert not reply.has_error()
+        sent = record_to_state(reply.content[ARRAYS])
+        assert all(torch.equal(sent[k], honest[k]) for k in honest)
+        for key in (NUM_EXAMPLES, LABEL_POS, LABEL_NEG):
+            assert reply.content[METRICS][key] == replies[0].content[METRICS][key]
+
+
+def test_an_update_fault_with_secure_updates_is_refused(site, tmp_path):
+    """The handler masks the update before any mod sees it: the simulation refuses rather than send it honest."""
+    manifest = write_partitions(
+        tmp_path / "parts.json", [Partition("site-04", str(site["cache"].path), {"kind": "scale", "factor": 10.0})]
+    )
+    model = build_joint_model(MODEL_CFG, seed=0)
+    with pytest.raises(SiteError, match="fault 'scale' changes the update .* privacy.secure-updates"):
+        app(
+            make_message(_train_message(model), MessageType.TRAIN),
+            make_context(
+                {"partition-id": 0}, {**RUN, "data.partitions": str(manifest), "privacy.secure-updates": True}
+            ),
+        )
