@@ -59,6 +59,7 @@ def main() -> None:
             [sys.executable, "-m", "client.inference.cli", "serve", "--model", str(ckpt)]
             + ["--dest", f"PACS@{LOOPBACK}:{pacs_port}", "--host", LOOPBACK, "--port", str(node_port)]
             + ["--settle", str(args.settle), "--audit-log", str(root / "audit.log"), "--key-dir", str(root / "key")]
+            + ["--spool", str(root / "spool")]  # not the persistent default under the home folder
             + ["--device", "cpu"],
             cwd=REPO,
             stdout=log,

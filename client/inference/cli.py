@@ -75,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import logging
 
     from client.inference.predict import load_scoring_model
-    from client.inference.serve import Destination, NodeConfig, serve_forever
+    from client.inference.serve import Destination, NodeConfig, SpoolInUse, serve_forever
     from common.runtime import resolve_device, use_torch_threads
 
     # Only the node's own lines at INFO: pynetdicom's and highdicom's name UIDs.
@@ -93,17 +93,24 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             settle_s=args.settle,
+            incomplete_wait_s=args.incomplete_wait,
             allowed_calling=tuple(args.allow_ae or ()),
             spool_dir=args.spool,
             keep_dir=args.keep,
             key_dir=args.key_dir,
+            retry_wait_s=args.retry_wait,
+            resend_s=args.resend_every,
             device=str(resolve_device(args.device)),
         )
         model = load_scoring_model(args.model, config.device, site_norms=args.site_norms)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    serve_forever(config, model)
+    try:
+        serve_forever(config, model)
+    except SpoolInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -139,10 +146,27 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--ae-title", default="HEMEXP", help="this node's AE title")
     v.add_argument("--host", default="0.0.0.0", help="address to listen on")
     v.add_argument("--port", type=int, default=11112)
-    v.add_argument("--settle", type=float, default=10.0, help="seconds without a new instance: series complete")
+    v.add_argument(
+        "--settle", type=float, default=10.0, help="seconds without a new instance before a series is checked (10)"
+    )
+    v.add_argument(
+        "--incomplete-wait",
+        type=float,
+        default=300.0,
+        help="seconds without a new instance after which a series that still looks incomplete is refused (300)",
+    )
     v.add_argument("--allow-ae", action="append", help="accept only these calling AE titles (repeat)")
-    v.add_argument("--spool", type=Path, default=None, help="folder for series being received (default: temporary)")
+    v.add_argument(
+        "--spool",
+        type=Path,
+        default=None,
+        help="persistent folder of the series until their results are sent (default: ~/.cache/hemexp/serve-spool)",
+    )
     v.add_argument("--keep", type=Path, default=None, help="keep received series and results here (default: delete)")
+    v.add_argument("--retry-wait", type=float, default=10.0, help="seconds between the 3 attempts to send (10)")
+    v.add_argument(
+        "--resend-every", type=float, default=60.0, help="seconds between rounds for results not yet sent (60)"
+    )
     v.add_argument("--audit-log", type=Path, default=None, help="append the per-study audit lines to this file")
     v.add_argument("--key-dir", type=Path, default=None, help="the site's pseudonym key folder (default: site cache)")
     v.add_argument("--device", default="auto")
