@@ -191,6 +191,7 @@ def test_unreachable_superlink_message(tmp_path, capsys):
             str(site_folder(tmp_path)),
             "--insecure",
             "--no-prepare",
+            "--any-app",
         ]
     )
     assert rc == 3

@@ -31,7 +31,7 @@ import numpy as np
 
 from client.ingest.dicom import Problem
 from client.ingest.layouts import iter_studies
-from client.ingest.site_settings import read_site_settings
+from client.ingest.site_settings import is_site_file, read_site_settings
 from client.ingest.study import StudyRecord, label_vector_or_missing
 from client.preprocessing.pipeline import model_pixel_mm, preprocess_volume
 from common.config import LABELS, MARKERS, PreprocessConfig
@@ -59,11 +59,13 @@ def site_secret(cache_root: Path) -> bytes:
 
 
 def inputs_key(site_dir: Path, cfg: PreprocessConfig) -> str:
-    """Hash of every input file's path, size and mtime, plus the preprocessing config. ``site.toml``
-    is left out: what of it shapes the cache (the window) is in ``cfg``, and its policy may change
-    between rounds without a rebuild."""
+    """Hash of every input file's path, size and mtime, plus the preprocessing config. The site's own
+    files (``site.toml``, its approvals, its privacy ledger: ``is_site_file``) are left out: what of
+    them shapes the cache (the window) is in ``cfg``, and they change between rounds without a rebuild."""
     h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "preprocess": cfg.to_dict()}, sort_keys=True).encode())
-    for path in sorted(p for p in site_dir.rglob("*") if p.is_file() and p != site_dir / "site.toml"):
+    for path in sorted(
+        p for p in site_dir.rglob("*") if p.is_file() and not (p.parent == site_dir and is_site_file(p.name))
+    ):
         st = path.stat()
         h.update(f"{path.relative_to(site_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()

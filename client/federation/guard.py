@@ -6,6 +6,15 @@ site's IT can change it between rounds. A message outside the policy gets a refu
 the rules (``common.records.REFUSAL``) and nothing else: no training, no arrays, no metrics. The
 reply of an accepted message is checked too (``min-examples``) and loses every metric key
 ``allowed-metrics`` does not list. The site's log says the same as the refusal.
+
+The DP rules that need the site's data are checked inside the train handler, where its patients are
+counted (``max-delta``, ``max-lifetime-epsilon`` at the plan: ``client.federation.site_ledger``); a
+``PolicyRefusal`` raised there gets the same refusal reply. ``max-lifetime-epsilon`` is also checked
+here, against the site's ledger, so that a run that cannot fit is refused at its first message.
+
+This mod runs inside the app the coordinator ships: it constrains an honest coordinator's run config,
+not the coordinator's code. Which code runs is decided outside the app, by the SuperNode
+(``client.site_tools.approved_supernode``, docs/site-policy.md).
 """
 
 from __future__ import annotations
@@ -22,17 +31,21 @@ from client.federation.errors import SiteError, site_errors
 from client.federation.exchange import site_record
 from client.federation.node import SiteNode
 from client.federation.policy import (
+    PolicyRefusal,
     SitePolicy,
     Violation,
     allowed_metric_keys,
     check_app,
+    check_lifetime,
     check_message,
     check_reply,
     check_run,
     read_policy,
 )
+from client.federation.site_ledger import SiteBudget, own_plan
 from client.federation.site_run import SiteRunConfig
-from common.records import CONFIG, METRICS, NUM_EXAMPLES, REFUSAL, REFUSAL_REASONS, REFUSAL_RULES, SITE
+from client.federation.store import SiteStore
+from common.records import CONFIG, METRICS, NUM_EXAMPLES, REFUSAL, REFUSAL_REASONS, REFUSAL_RULES, RUN_NAME, SITE
 
 
 def site_policy(site: SiteNode) -> SitePolicy:
@@ -45,14 +58,31 @@ def site_policy(site: SiteNode) -> SitePolicy:
         raise SiteError("this site's policy (site.toml [policy]) is unreadable; details in the site's log") from None
 
 
-def violations_before(msg: Message, policy: SitePolicy, run: SiteRunConfig) -> list[Violation]:
+def violations_before(msg: Message, policy: SitePolicy, run: SiteRunConfig, site: SiteNode) -> list[Violation]:
     """Every rule the app, the run and the message break, before anything is computed."""
     config = msg.content[CONFIG] if CONFIG in msg.content else {}
     return (
         check_app(policy, app_identities())
         + check_run(policy, run.config)
+        + lifetime_violations(policy, run, site, str(config.get(RUN_NAME, "") or run.config.output.name))
         + check_message(policy, msg.metadata.message_type, config)
     )
+
+
+def lifetime_violations(policy: SitePolicy, run: SiteRunConfig, site: SiteNode, run_name: str) -> list[Violation]:
+    """``max-lifetime-epsilon`` against the site's ledger: the run's whole budget must fit beside what
+    every other run spent (this run's own entry, found by the plan id in its folder, is not counted
+    twice). Runs without per-patient DP are refused by ``check_run`` already."""
+    privacy = run.config.privacy
+    if not (policy.max_lifetime_epsilon and privacy.dp and privacy.unit == "patient"):
+        return []
+    ledger = SiteBudget.for_site(site, policy).ledger
+    try:
+        spent = ledger.spent(excluding=own_plan(SiteStore.for_run(site, run_name).root))
+    except (OSError, ValueError):
+        log(ERROR, "site privacy ledger unreadable:\n%s", traceback.format_exc())
+        raise SiteError("this site's privacy ledger is unreadable; details in the site's log") from None
+    return check_lifetime(policy, privacy.target_epsilon, spent)
 
 
 def refusal(msg: Message, site: SiteNode, violations: list[Violation]) -> Message:
@@ -90,9 +120,12 @@ def _guarded(msg: Message, context: Context, call_next: Callable[[Message, Conte
     run = SiteRunConfig.from_run_config(context.run_config)
     site = SiteNode.from_context(context, run.config.data)
     policy = site_policy(site)
-    if broken := violations_before(msg, policy, run):
+    if broken := violations_before(msg, policy, run, site):
         return refusal(msg, site, broken)
-    reply = call_next(msg, context)
+    try:
+        reply = call_next(msg, context)
+    except PolicyRefusal as exc:  # a rule only the handler could check (the site's patients, its ledger)
+        return refusal(msg, site, exc.violations)
     if reply.has_error():
         return reply
     metrics = reply.content.metric_records.get(METRICS)

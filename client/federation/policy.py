@@ -3,21 +3,27 @@ the run config (docs/site-policy.md).
 
 The rules are pure functions of the policy, the run config, the message and the app's identity;
 ``client.federation.guard`` applies them before any handler runs and to every reply. A rule that is
-not in ``site.toml`` takes its default, which accepts what the project's default run does, so a
-site without a ``[policy]`` table behaves as before.
+not in ``site.toml`` takes its default, which accepts what the project's default run does.
+
+The DP rules are written per **patient**: ``max-epsilon`` and ``max-lifetime-epsilon`` bound what a
+patient of this site may lose, so a run accounted per slice (``privacy.unit = "slice"``) is refused
+by them (a slice's epsilon says nothing usable about a patient of ~30 slices). ``max-delta`` bounds
+delta (default 1 / the site's training patients: ``check_delta``, applied where that count is known,
+the DP plan). The lifetime bound sums every run's spend in the site's own ledger
+(``client.federation.site_ledger``), never keyed by anything the server sends.
 """
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from client.federation.errors import SiteError
 from common.records import MASKED_COUNTS, NUM_EXAMPLES, SERVER_ROUND
-from common.run_config import RunConfig
+from common.run_config import PrivacyOptions, RunConfig
 
 #: Metric keys a reply always keeps: without them no strategy can weigh or sum a site's reply, and
 #: the masked counts are meaningless alone. ``allowed-metrics`` governs every other key.
@@ -28,10 +34,19 @@ PROTOCOL_METRICS = frozenset({NUM_EXAMPLES, MASKED_COUNTS})
 class SitePolicy:
     """``[policy]`` of ``site.toml``; the field ``require_dp`` is the rule ``require-dp``."""
 
-    #: Train only with DP-SGD (``privacy.dp = true``).
+    #: Train only with per-patient DP-SGD (``privacy.dp = true``, ``privacy.unit = "patient"``).
     require_dp: bool = False
-    #: Largest ``privacy.target-epsilon`` accepted; 0: no bound. A bound implies DP (no DP is epsilon infinite).
+    #: Largest per-patient ``privacy.target-epsilon`` of one run; 0: no bound. A bound implies per-patient
+    #: DP (no DP is epsilon infinite; a per-slice epsilon is not a patient's).
     max_epsilon: float = 0.0
+    #: Largest delta of a run; 0: 1 / the site's training patients (``check_delta``).
+    max_delta: float = 0.0
+    #: Largest per-patient epsilon summed over every run this site ever trained with DP (its privacy
+    #: ledger, ``client.federation.site_ledger``); 0: no bound. A bound implies per-patient DP.
+    max_lifetime_epsilon: float = 0.0
+    #: Where the site's privacy ledger is kept; "": ``privacy-ledger.json`` in the site folder (a
+    #: relative path is taken from the site folder).
+    privacy_ledger: str = ""
     #: A reply computed from fewer examples (slices) than this is refused; 0 and replies of 0 examples pass.
     min_examples: int = 0
     #: Metric keys that may leave the site (besides ``PROTOCOL_METRICS``); None: every key.
@@ -67,6 +82,15 @@ class Violation:
         return f"{self.rule}: {self.reason}"
 
 
+class PolicyRefusal(SiteError):
+    """Raised where a rule can only be checked inside a handler (the site's patient count, its
+    ledger): ``client.federation.guard`` turns it into the same refusal reply as a rule broken before."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        super().__init__("; ".join(map(str, violations)))
+        self.violations = violations
+
+
 def rule_name(field_name: str) -> str:
     return field_name.replace("_", "-")
 
@@ -83,9 +107,19 @@ def parse_policy(table: Mapping[str, Any], source: str = "site.toml") -> SitePol
             raise ValueError(f"{source}: [policy] has no rule {key!r}; rules: {sorted(RULES)}")
         values[key.replace("-", "_")] = _typed(source, key, value, RULES[key])
     policy = SitePolicy(**values)
-    for key in ("max_epsilon", "min_examples", "max_rounds", "census_min_count", "census_noise"):
+    for key in (
+        "max_epsilon",
+        "max_delta",
+        "max_lifetime_epsilon",
+        "min_examples",
+        "max_rounds",
+        "census_min_count",
+        "census_noise",
+    ):
         if getattr(policy, key) < 0:
             raise ValueError(f"{source}: [policy] {rule_name(key)} must be >= 0, got {getattr(policy, key)}")
+    if policy.max_delta >= 1:
+        raise ValueError(f"{source}: [policy] max-delta must be < 1, got {policy.max_delta}")
     return policy
 
 
@@ -97,6 +131,8 @@ def _typed(source: str, key: str, value: Any, kind: str) -> Any:
         return int(value)
     if kind == "float" and number:
         return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
     if "tuple" in kind and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ValueError(f"{source}: [policy] {key} must be {kind.replace(' | None', '')}, got {value!r}")
@@ -118,21 +154,24 @@ def read_policy(site_dir: Path) -> SitePolicy:
 
 
 def check_run(policy: SitePolicy, cfg: RunConfig) -> list[Violation]:
-    """The rules the run config breaks (empty: the site takes part)."""
+    """The rules the run config breaks (empty: the site takes part). The DP rules that need the
+    site's data or ledger are ``check_delta`` and ``check_lifetime``."""
     out = []
     privacy = cfg.privacy
     if policy.require_dp and not privacy.dp:
         out.append(Violation("require-dp", "this site trains only with DP-SGD; the run has privacy.dp = false"))
+    elif policy.require_dp and privacy.unit != "patient":
+        out.append(Violation("require-dp", _not_per_patient(privacy, "requires DP-SGD per patient")))
     if policy.max_epsilon:
-        epsilon = privacy.target_epsilon if privacy.dp else math.inf
-        if epsilon > policy.max_epsilon:
-            out.append(
-                Violation(
-                    "max-epsilon",
-                    f"privacy budget {epsilon} ({'privacy.target-epsilon' if privacy.dp else 'privacy.dp off'}) "
-                    f"exceeds this site's {policy.max_epsilon}",
-                )
+        out += _epsilon_rule("max-epsilon", policy.max_epsilon, privacy)
+    if policy.max_lifetime_epsilon:
+        out += _epsilon_rule("max-lifetime-epsilon", policy.max_lifetime_epsilon, privacy)
+    if privacy.dp and privacy.delta and policy.max_delta and privacy.delta > policy.max_delta:
+        out.append(
+            Violation(
+                "max-delta", f"privacy.delta {privacy.delta:g} exceeds this site's max-delta {policy.max_delta:g}"
             )
+        )
     if cfg.strategy.imbalance_head and not policy.allow_imbalance_head:
         out.append(Violation("allow-imbalance-head", "strategy.imbalance-head is not accepted by this site"))
     if cfg.rounds.gan and not policy.allow_gan_sharing:
@@ -152,6 +191,64 @@ def check_run(policy: SitePolicy, cfg: RunConfig) -> list[Violation]:
             Violation("max-rounds", f"the run has {rounds} rounds; this site takes part in at most {policy.max_rounds}")
         )
     return out
+
+
+def _not_per_patient(privacy: PrivacyOptions, what: str) -> str:
+    return (
+        f"this site {what}; the run accounts privacy per {privacy.unit} (privacy.unit = '{privacy.unit}'), "
+        f"whose epsilon {privacy.target_epsilon:g} bounds one {privacy.unit}, not a patient (a patient holds "
+        "~30 slices: group privacy multiplies the epsilon by their number)"
+    )
+
+
+def _epsilon_rule(rule: str, bound: float, privacy: PrivacyOptions) -> list[Violation]:
+    """A per-patient epsilon bound: no DP is epsilon infinite, another unit cannot be converted."""
+    if not privacy.dp:
+        return [
+            Violation(rule, f"privacy budget inf (privacy.dp off) exceeds this site's {rule} {bound:g} per patient")
+        ]
+    if privacy.unit != "patient":
+        return [Violation(rule, _not_per_patient(privacy, f"bounds epsilon per patient ({rule} {bound:g})"))]
+    if privacy.target_epsilon > bound:
+        return [
+            Violation(
+                rule,
+                f"privacy budget {privacy.target_epsilon:g} per patient (privacy.target-epsilon) exceeds "
+                f"this site's {rule} {bound:g}",
+            )
+        ]
+    return []
+
+
+def delta_bound(policy: SitePolicy, n_patients: int) -> float:
+    """The largest delta this site accepts: ``max-delta``, else 1 / its training patients."""
+    return policy.max_delta or 1.0 / max(n_patients, 1)
+
+
+def check_delta(policy: SitePolicy, delta: float, n_patients: int) -> list[Violation]:
+    """The run's delta as the site resolved it (``privacy.delta``, or the default for its
+    ``n_patients`` training patients) against ``max-delta``, or 1 / patients when the policy has none.
+    A delta near 1 / patients allows publishing one whole patient's record outright."""
+    bound = delta_bound(policy, n_patients)
+    if delta <= bound:
+        return []
+    which = f"max-delta {policy.max_delta:g}" if policy.max_delta else f"default 1 / {n_patients} training patients"
+    return [Violation("max-delta", f"delta {delta:g} of the run exceeds this site's bound {bound:g} ({which})")]
+
+
+def check_lifetime(policy: SitePolicy, target_epsilon: float, spent: float) -> list[Violation]:
+    """A run whose whole budget ``target_epsilon`` does not fit in what is left of the site's
+    ``max-lifetime-epsilon`` after ``spent`` (per patient, every other run in its ledger, summed)."""
+    if not policy.max_lifetime_epsilon or spent + target_epsilon <= policy.max_lifetime_epsilon * (1 + 1e-9):
+        return []
+    return [
+        Violation(
+            "max-lifetime-epsilon",
+            f"this site has spent epsilon {spent:.4g} per patient in earlier runs (its privacy ledger); this run's "
+            f"budget {target_epsilon:g} would bring it to {spent + target_epsilon:.4g}, over its "
+            f"max-lifetime-epsilon {policy.max_lifetime_epsilon:g}",
+        )
+    ]
 
 
 def check_app(policy: SitePolicy, identities: Iterable[str]) -> list[Violation]:

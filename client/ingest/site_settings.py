@@ -13,6 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Files of a site folder that hold the site's own settings and records, never data: ``site.toml``,
+#: the apps it approved and the keys it trusts (``client.site_tools.app_trust``), its privacy ledger
+#: (``client.federation.site_ledger``). The cache key leaves them out (``is_site_file``): each may
+#: change between rounds, and none is an input of the cache.
+SITE_FILES = frozenset({"site.toml", "approved-apps.toml", "trusted-entities.yaml", "privacy-ledger.json"})
+
+
+def is_site_file(name: str) -> bool:
+    """One of ``SITE_FILES``, or the temporary copy or lock file written beside one (``.NAME.tmp``, ``.NAME.lock``)."""
+    if name in SITE_FILES:
+        return True
+    for suffix in (".tmp", ".lock"):
+        if name.startswith(".") and name.endswith(suffix) and name[1 : -len(suffix)] in SITE_FILES:
+            return True
+    return False
+
 
 @dataclass(frozen=True)
 class SiteSettings:

@@ -1,5 +1,5 @@
-"""``flwr-client``: the site IT tool (check the data, build the cache, start the SuperNode, show what
-the site holds and its policy).
+"""``flwr-client``: the site IT tool (check the data, build the cache, approve apps, start the
+SuperNode, show what the site holds and its policy).
 
 Thin shell: argument parsing and printing only; the work is in ``client.site_tools`` (check, run_setup,
 site_status, supernode), ``client.federation.policy`` and ``client.data.cache``.
@@ -118,6 +118,7 @@ def run_start(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time,
         clientappio_port=args.clientappio_port,
+        any_app=args.any_app,
     )
     if args.no_prepare:
         return start(opts, prepare=None)
@@ -155,7 +156,67 @@ def add_start_command(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="local port of the SuperNode's Runtime API (flower-supernode's default 9094)",
     )
+    p.add_argument(
+        "--any-app",
+        action="store_true",
+        help="run any app the coordinator sends (demos, tests); otherwise only the apps `trust` approved",
+    )
     p.set_defaults(func=run_start)
+
+
+def run_trust(args: argparse.Namespace) -> int:
+    from client.site_tools import app_trust
+
+    try:
+        if args.action == "approve":
+            if sum(x is not None for x in (args.fab, args.app_dir, args.sha256)) != 1:
+                return usage_error(ValueError("give exactly one of --fab, --app-dir, --sha256"))
+            fab = args.fab.read_bytes() if args.fab else app_trust.build_fab(args.app_dir) if args.app_dir else None
+            digest = app_trust.fab_sha256(fab) if fab is not None else args.sha256
+            name, version = app_trust.fab_identity(fab) if fab is not None else ("", "")
+            entry = app_trust.approve(args.site_dir, digest, name, version, args.note or "")
+            print(f"approved: {entry.sha256} {entry.app} {entry.version}".rstrip())
+            print(f"the SuperNode of {args.site_dir} runs this app from its next run on (flwr-client start)")
+        elif args.action == "revoke":
+            if not args.sha256:
+                return usage_error(ValueError("revoke needs --sha256"))
+            found = app_trust.revoke(args.site_dir, args.sha256)
+            print(f"revoked: {args.sha256}" if found else f"not approved: {args.sha256}")
+            return 0 if found else 1
+        elif args.action == "add-key":
+            if not (args.key_id and args.public_key):
+                return usage_error(ValueError("add-key needs KEY_ID and PUBLIC_KEY"))
+            key_file = Path(args.public_key)
+            text = key_file.read_text() if key_file.is_file() else args.public_key
+            path = app_trust.add_trusted_entity(args.site_dir, args.key_id, text)
+            print(f"trusted: {args.key_id} in {path} (used by flower-supernode from the next `flwr-client start`)")
+        else:
+            approved, entities = app_trust.read_approved(args.site_dir), app_trust.read_trusted_entities(args.site_dir)
+            print(f"approved apps ({app_trust.APPROVED_FILE}): {len(approved) or 'none'}")
+            for a in approved:
+                print(f"  {a.sha256}  {a.app} {a.version}  approved {a.approved}  {a.note}".rstrip())
+            print(f"trusted signers ({app_trust.ENTITIES_FILE}, Flower Hub signatures): {len(entities) or 'none'}")
+            for key_id, key in entities.items():
+                print(f"  {key_id}: {key}")
+    except (OSError, ValueError) as exc:
+        return usage_error(exc)
+    return 0
+
+
+def add_trust_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "trust",
+        help="approve the apps this site's SuperNode runs, or trust their signers (docs/site-policy.md)",
+    )
+    p.add_argument("action", choices=("approve", "revoke", "add-key", "list"))
+    p.add_argument("site_dir", type=Path)
+    p.add_argument("key_id", nargs="?", help="add-key: Flower Hub's id of the signer's key (fpk_...)")
+    p.add_argument("public_key", nargs="?", help="add-key: its 'ssh-ed25519 ...' public key, or a file holding it")
+    p.add_argument("--fab", type=Path, help="approve: the FAB file the coordinator published (flwr build)")
+    p.add_argument("--app-dir", type=Path, help="approve: the app's folder, built into a FAB as `flwr run` builds it")
+    p.add_argument("--sha256", help="approve, revoke: the FAB's sha256 (64 hex digits)")
+    p.add_argument("--note", help="approve: a note kept with the approval (who reviewed it, the release)")
+    p.set_defaults(func=run_trust)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -183,7 +244,7 @@ def run_policy(args: argparse.Namespace) -> int:
     from client.federation.app_identity import app_identities
     from client.federation.policy import read_policy
     from client.site_tools.run_setup import app_run_config
-    from client.site_tools.site_status import format_policy, policy_verdict
+    from client.site_tools.site_status import format_policy, policy_verdict, site_spent
     from common.run_config import parse_run_config
 
     try:
@@ -192,9 +253,10 @@ def run_policy(args: argparse.Namespace) -> int:
             print(format_policy(policy, app_identities()))
             return 0
         cfg = parse_run_config(app_run_config(args.run_config, args.app_dir))
+        spent = site_spent(args.site_dir, policy)[0]
     except (FileNotFoundError, KeyError, ValueError) as exc:
         return usage_error(exc)
-    broken = policy_verdict(policy, cfg, app_identities(args.app_dir.resolve()))
+    broken = policy_verdict(policy, cfg, app_identities(args.app_dir.resolve()), spent)
     for v in broken:
         print(f"refused: {v}")
     print("this site refuses the run" if broken else "this site takes part in the run")
@@ -219,12 +281,14 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flwr-client", description="hemexp site tool: check data, build the cache, join the federation"
+        prog="flwr-client",
+        description="hemexp site tool: check data, build the cache, approve apps, join the federation",
     )
     sub = parser.add_subparsers()
     add_check_command(sub)
     add_prepare_command(sub)
     add_start_command(sub)
+    add_trust_command(sub)
     add_status_command(sub)
     add_policy_command(sub)
     return parser

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.federation.policy import SitePolicy, Violation, check_app, check_run, describe
+from client.federation.policy import SitePolicy, Violation, check_app, check_lifetime, check_run, describe
+from client.federation.site_ledger import SiteLedger, ledger_path
 from client.ingest.layouts import site_layout
 from client.ingest.site_settings import read_site_settings
 from common.run_config import RunConfig
@@ -74,9 +75,23 @@ def format_policy(policy: SitePolicy, identities: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def policy_verdict(policy: SitePolicy, cfg: RunConfig, identities: tuple[str, ...]) -> list[Violation]:
-    """What the site's ClientApp would refuse of this run, before any message (``client.federation.guard``)."""
-    return check_app(policy, identities) + check_run(policy, cfg)
+def policy_verdict(
+    policy: SitePolicy, cfg: RunConfig, identities: tuple[str, ...], spent: float = 0.0
+) -> list[Violation]:
+    """What the site's ClientApp would refuse of this run, before any message (``client.federation.guard``);
+    ``spent``: the per-patient epsilon in the site's privacy ledger (``max-lifetime-epsilon``)."""
+    lifetime = (
+        check_lifetime(policy, cfg.privacy.target_epsilon, spent)
+        if cfg.privacy.dp and cfg.privacy.unit == "patient"
+        else []
+    )
+    return check_app(policy, identities) + check_run(policy, cfg) + lifetime
+
+
+def site_spent(site_dir: Path, policy: SitePolicy) -> tuple[float, float, int]:
+    """(per-patient epsilon, delta, runs) of the site's lifetime privacy ledger (``client.federation.site_ledger``)."""
+    ledger = SiteLedger(ledger_path(site_dir, policy))
+    return ledger.spent(), ledger.delta(), len(ledger.entries())
 
 
 def format_status(site_dir: Path, cache_dir: Path, policy: SitePolicy, identities: tuple[str, ...]) -> str:
@@ -92,5 +107,10 @@ def format_status(site_dir: Path, cache_dir: Path, policy: SitePolicy, identitie
     for r in runs:
         budget = f"epsilon {r.epsilon:.3f} spent over {r.rounds} DP round(s)" if r.epsilon is not None else "no DP-SGD"
         lines.append(f"  {r.name}: {r.files} file(s) kept, {budget}")
+    epsilon, delta, n = site_spent(site_dir, policy)
+    bound = f" of max-lifetime-epsilon {policy.max_lifetime_epsilon:g}" if policy.max_lifetime_epsilon else ""
+    lines.append(
+        f"privacy ledger (every DP run, per patient): epsilon {epsilon:.3f}{bound}, delta {delta:.3g}, {n} run(s)"
+    )
     lines.append(format_policy(policy, identities))
     return "\n".join(lines)

@@ -1,9 +1,14 @@
 """``flwr-client start``: join the federation by running Flower's ``flower-supernode`` for this site.
 
-Validation and the command line are pure functions (``validate``, ``node_config``, ``build_command``);
-the edge (``start``) checks the site folder, builds the site cache once (so that no round redoes the
-preprocessing: every message starts a fresh ClientApp process, docs/design.md §6), checks that the
-SuperLink answers on TCP, then replaces this process with ``flower-supernode``.
+Validation and the command line are pure functions (``validate``, ``node_config``, ``build_command``,
+``approved_command``); the edge (``start``) checks the site folder, builds the site cache once (so that
+no round redoes the preprocessing: every message starts a fresh ClientApp process, docs/design.md §6),
+checks that the SuperLink answers on TCP, then replaces this process with the SuperNode.
+
+Approved apps only (docs/site-policy.md): the SuperNode is Flower's ``flower-supernode`` run through
+``client.site_tools.approved_supernode``, which refuses the app of any run whose FAB the site did not
+approve (``flwr-client trust``) before its ClientApp starts. A site that approved nothing does not
+start, unless ``--any-app`` (demos, tests) runs plain ``flower-supernode``, any app the coordinator sends.
 
 Rules (docs/design.md §5, deployment): TLS unless the SuperLink is on this machine's loopback
 (``--insecure`` is for demos and tests only); with TLS, ``--root-certificates`` (the federation's CA)
@@ -24,6 +29,7 @@ from pathlib import Path
 from client.data.cache import build_site_cache
 from client.ingest.layouts import LAYOUTS, site_layout
 from client.ingest.site_settings import read_site_settings
+from client.site_tools.app_trust import ENTITIES_FILE, read_approved, read_trusted_entities
 from common.config import PreprocessConfig
 from common.records import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_DEVICE, NODE_SITE_ID
 
@@ -45,6 +51,7 @@ class StartOptions:
     max_retries: int | None = None
     max_wait_time: float | None = None
     clientappio_port: int | None = None  # flower-supernode's local Runtime API port (default 9094)
+    any_app: bool = False  # run whatever app the coordinator sends (no approval at the SuperNode)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -141,8 +148,11 @@ def node_config(opts: StartOptions, site_id: str) -> str:
     return " ".join(f"{k}={_toml_string(v, k)}" for k, v in pairs.items())
 
 
-def build_command(opts: StartOptions, site_id: str, executable: str = "flower-supernode") -> list[str]:
-    """The ``flower-supernode`` command line (validate ``opts`` first)."""
+def build_command(
+    opts: StartOptions, site_id: str, executable: str = "flower-supernode", trusted_entities: Path | None = None
+) -> list[str]:
+    """The ``flower-supernode`` command line (validate ``opts`` first); ``trusted_entities``: Flower's
+    ``--trusted-entities`` file (the site's signers, ``client.site_tools.app_trust``)."""
     cmd = [executable, "--superlink", opts.superlink]
     if opts.insecure:
         cmd.append("--insecure")
@@ -156,8 +166,58 @@ def build_command(opts: StartOptions, site_id: str, executable: str = "flower-su
         cmd += ["--max-wait-time", str(opts.max_wait_time)]
     if opts.clientappio_port is not None:
         cmd += ["--host", "127.0.0.1", "--port", str(opts.clientappio_port)]
+    if trusted_entities is not None:
+        cmd += ["--trusted-entities", str(Path(trusted_entities).expanduser().resolve())]
     cmd += ["--node-config", node_config(opts, site_id)]
     return cmd
+
+
+#: The SuperNode that runs approved apps only (``python -m`` of this module).
+APPROVED_SUPERNODE = "client.site_tools.approved_supernode"
+
+
+def approved_command(supernode_cmd: list[str], site_dir: Path, python: str = sys.executable) -> list[str]:
+    """``supernode_cmd`` (``build_command``'s) run by the approving SuperNode of the site folder
+    ``site_dir``. ``-P``: the current folder is not put on ``sys.path``, so nothing there can stand in
+    for the site's installed package."""
+    return [
+        python,
+        "-P",
+        "-m",
+        APPROVED_SUPERNODE,
+        "--site-dir",
+        str(Path(site_dir).expanduser().resolve()),
+        "--",
+        *supernode_cmd[1:],
+    ]
+
+
+def site_trust(opts: StartOptions) -> Path | None:
+    """Check the site's approvals against ``--any-app``; return its trusted-entities file, if any.
+
+    Without ``--any-app`` the site must have approved a FAB or trust a signer (else its SuperNode could
+    run nothing); with it, the site must have approved neither (a flag must not silently override them).
+    """
+    data = Path(opts.data)
+    try:
+        approved, entities = read_approved(data), read_trusted_entities(data)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"the site's app approvals are unreadable: {exc}") from None
+    if opts.any_app:
+        if approved or entities:
+            raise StartError(
+                f"--any-app refused: {data} approves {len(approved)} app(s) and trusts {len(entities)} signer(s); "
+                "its SuperNode runs only those (drop --any-app, or remove them with `flwr-client trust`)"
+            )
+        return None
+    if not (approved or entities):
+        raise StartError(
+            f"{data} has approved no app: its SuperNode would refuse every run. Review the coordinator's app "
+            f"and approve it: `flwr-client trust approve {data} --fab APP.fab` (or --sha256 / --app-dir), or "
+            f"trust its signer: `flwr-client trust add-key {data} KEY_ID KEY.pub`. "
+            "--any-app (demos, tests) runs any app the coordinator sends."
+        )
+    return data / ENTITIES_FILE if entities else None
 
 
 def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -219,10 +279,13 @@ def start(opts: StartOptions, prepare: PreprocessConfig | None, connect_timeout:
     try:
         host, port = validate(opts)
         site_id = resolve_site_id(opts)
+        entities = site_trust(opts)
         if prepare is not None:
             print(prepare_cache(opts, prepare), flush=True)
         exe = find_supernode()
-        cmd = build_command(opts, site_id, executable=exe)
+        cmd = build_command(opts, site_id, executable=exe, trusted_entities=entities)
+        if not opts.any_app:
+            exe, cmd = sys.executable, approved_command(cmd, opts.data)
     except ValueError as exc:  # a StartError, or an unreadable site.toml
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -231,7 +294,8 @@ def start(opts: StartOptions, prepare: PreprocessConfig | None, connect_timeout:
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    print(f"site {site_id}: starting flower-supernode for {opts.superlink}", flush=True)
+    approval = "any app (--any-app)" if opts.any_app else "approved apps only"
+    print(f"site {site_id}: starting flower-supernode for {opts.superlink}, {approval}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(exe, cmd, launch_env())

@@ -24,6 +24,11 @@ disk (``privacy.json`` in the site's per-run folder, ``client.federation.store.S
 round's training and before its reply. A site whose next round would exceed its budget does not
 train: it replies with num-examples 0 and ``PRIVACY_EXHAUSTED`` = 1.
 
+Across runs, the site's own ledger (``client.federation.site_ledger``, passed in as ``budget``) counts
+every run's spend under a plan id drawn here, not under the run name the server sends; with it the
+plan is refused when the resolved delta or the site's lifetime budget breaks its policy
+(``PolicyRefusal``), and a round that would take the site past ``max-lifetime-epsilon`` is not trained.
+
 What is not covered: the label counts a site reports (and a local pos-weight derived from them),
 num-examples, and the evaluation on the site's own test patients. The training loss is not sent
 under DP (the reply carries NaN), because it is computed from the training slices without noise.
@@ -39,7 +44,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +58,9 @@ from common.config import LABELS
 from common.presets import ModelConfig
 from common.records import PRIVACY_DELTA, PRIVACY_EPSILON, PRIVACY_EXHAUSTED, TrainInstruction
 from common.run_config import PrivacyOptions, RunConfig
+
+if TYPE_CHECKING:
+    from client.federation.site_ledger import SiteBudget
 
 #: The site's accountant history and plan, in its per-run folder.
 PRIVACY_FILE = "privacy.json"
@@ -417,6 +425,7 @@ class PrivacyLedger:
     rounds: list[dict[str, Any]] = field(default_factory=list)  # {"round", "stage", "steps", "epsilon"}
     unit: str = "slice"  # whose contribution epsilon bounds: "patient" or "slice" (privacy.unit)
     max_grad_norm_stage2: float = 0.0  # stage 2's C (privacy.max-grad-norm-stage2 resolved); 0: max_grad_norm
+    plan_id: str = ""  # the site's key of this run in its lifetime ledger (drawn at the site, never sent)
 
     def __post_init__(self) -> None:
         self.max_grad_norm_stage2 = self.max_grad_norm_stage2 or self.max_grad_norm  # a ledger from before the key
@@ -470,6 +479,8 @@ class SitePrivacy:
     steps: int  # noisy steps this round would take
     sample_rate: float
     exhausted: bool = False
+    budget: SiteBudget | None = None  # the site's policy and lifetime ledger (None: this run's budget only)
+    lifetime_exhausted: bool = False  # the round would take the site past max-lifetime-epsilon
 
     @classmethod
     def open(
@@ -480,9 +491,11 @@ class SitePrivacy:
         order: TrainInstruction,
         cfg: TrainConfig,
         model_cfg: ModelConfig,
+        budget: SiteBudget | None = None,
     ) -> SitePrivacy | None:
         """None when ``privacy.dp`` is off. On a site's first round of a run the plan is made and
-        kept; later rounds (fresh processes) read it back."""
+        kept (refused, ``PolicyRefusal``, when ``budget``'s policy forbids its delta or its budget);
+        later rounds (fresh processes) read it back."""
         pc = run.privacy
         if not pc.dp:
             return None
@@ -492,6 +505,8 @@ class SitePrivacy:
         if ledger is None:
             n_patients = int(patient_groups(train).max()) + 1 if len(train) else 0
             delta = pc.delta or default_delta(pc.unit, len(train), n_patients)
+            if budget is not None:
+                budget.check_plan(pc.unit, delta, n_patients, pc.target_epsilon)
             epochs = run.train.local_epochs
             rounds = {1: run.rounds.stage1, 2: run.rounds.stage2}
             phases = [
@@ -514,6 +529,8 @@ class SitePrivacy:
                 ledger.target_epsilon,
                 ledger.unit,
             )
+        if not ledger.plan_id:  # a new plan, or one made before the site's ledger: counted from its next round
+            ledger.plan_id = secrets.token_hex(16)  # drawn here: nothing the server sends names it
         _check_unchanged(ledger, pc)
         if cfg.oversample(order.stage):
             log(INFO, "privacy: oversampling is not used under DP-SGD (Poisson sampling draws every slice alike)")
@@ -522,13 +539,27 @@ class SitePrivacy:
         steps = round_steps(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
         q = sample_rate(n, cfg.batch_size) if n else 0.0
         out = cls(pc, ledger, path, Subset(train, idx.tolist()), order.stage, order.server_round, steps, q)
-        if steps and ledger.epsilon([(ledger.noise_multiplier, q, steps)]) > ledger.target_epsilon * (1 + 1e-9):
+        out.budget = budget
+        after = ledger.epsilon([(ledger.noise_multiplier, q, steps)]) if steps else 0.0
+        if steps and after > ledger.target_epsilon * (1 + 1e-9):
             out.exhausted = True
+        elif steps and budget is not None and budget.exceeded(ledger.plan_id, after):
+            out.exhausted = out.lifetime_exhausted = True
         return out
 
     def train(self, model, cfg: TrainConfig, device, pos_weight: Tensor | None, seed: int | None = None) -> TrainResult:
         """Train the stage's half by DP-SGD and record the spend; or do nothing when the round
         would exceed the budget (or there is nothing to learn from). The loss is not released."""
+        if self.lifetime_exhausted:
+            log(
+                WARNING,
+                "site privacy budget spent (max-lifetime-epsilon %.3f per patient over every run): this round's "
+                "%d steps would exceed it; not training in round %d",
+                self.budget.policy.max_lifetime_epsilon,
+                self.steps,
+                self.server_round,
+            )
+            return TrainResult(math.nan, 0, 0, 0.0)
         if self.exhausted:
             log(
                 WARNING,
@@ -548,6 +579,15 @@ class SitePrivacy:
         self.ledger.history.append([self.ledger.noise_multiplier, dp.sample_rate, dp.steps])
         eps = self.ledger.epsilon()
         self.ledger.rounds.append({"round": self.server_round, "stage": self.stage, "steps": dp.steps, "epsilon": eps})
+        if self.budget is not None:  # the site's ledger first: a crash in between over-counts, never under-counts
+            self.budget.record(
+                self.ledger.plan_id,
+                eps,
+                unit=self.ledger.unit,
+                delta=self.ledger.delta,
+                target_epsilon=self.ledger.target_epsilon,
+                run=self.path.parent.name,
+            )
         self.ledger.save(self.path)  # before the reply leaves: every release is accounted for
         log(
             INFO,
