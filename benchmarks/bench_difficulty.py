@@ -14,8 +14,8 @@ by ``hemexp generate`` (it needs its ``.truth/truth.csv``), then prints the repo
 (``simulations.report.ceiling_section``): per label the test baselines, reader and true positives,
 the model's AUROC [95 % CI], the ceiling, the truth observer, the share of the ceiling and the AUROC
 against the truth [95 % CI].
-``OUT/difficulty.json`` keeps the rows and the marker-count AUROCs; ``--results`` also writes them
-as markdown with the command that made them (``benchmarks/results/synthetic_difficulty.md``).
+``OUT/difficulty.json`` keeps the rows and the marker-count AUROCs; ``--results FILE.md`` also writes
+them as markdown with the command that made them.
 """
 
 from __future__ import annotations

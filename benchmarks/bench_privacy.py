@@ -11,7 +11,7 @@
 Run: ``python -m benchmarks.bench_privacy`` and
 ``python -m benchmarks.bench_privacy --accuracy --data /tmp/dpdata4 --steps 100 --epsilons 1 8``
 (``--data`` is generated there when missing: 4 sites, 64 px, twice the default patients; seed 7).
-Results: benchmarks/results/privacy_cpu.txt, privacy_accuracy_reduced.txt.
+Both print their tables.
 """
 
 from __future__ import annotations
