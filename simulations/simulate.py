@@ -67,13 +67,15 @@ def run_experiment(
     from simulations.report.ceiling_section import console as ceiling_console
     from simulations.report.ceiling_section import read_ceiling, write_ceiling
     from simulations.report.figures import plot_overlays, plot_site_shift
-    from simulations.report.files import environment, publish_results
+    from simulations.report.files import environment, publish_artifacts, publish_results
     from simulations.report.html import write_report
     from simulations.report.studies import console, markdown, study_tables
     from simulations.report.tables import slug, summarise, text_summary
     from simulations.runner import Runner, describe_sites, iterate_cases
 
     t0 = time.perf_counter()
+    lines: list[str] = []  # the console output, published beside results_file
+    log = _teed(log, lines)
     data_root, out_root = data_root.resolve(), out_root.resolve()  # Flower's processes run in other folders
     synthetic = ensure_data(data_root, generate, log)
     out_dir = out_root / f"{exp.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -137,7 +139,19 @@ def run_experiment(
         for path in publish_results(text, results_file, readme):
             log(f"wrote {path}")
     log(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {report}")
+    if results_file is not None:
+        publish_artifacts(report.parent, results_file, "\n".join(lines) + "\n")
     return report
+
+
+def _teed(log, lines: list[str]):
+    """``log``, also appending every message to ``lines``."""
+
+    def both(message: str) -> None:
+        lines.append(message)
+        log(message)
+
+    return both
 
 
 def _hematoma_slice(ds) -> int:

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -144,6 +145,30 @@ def write_data(
 
 #: The README block that ``simulate.py --results`` rewrites (never edited by hand).
 README_START, README_END = "<!-- results:start (simulate.py --results) -->", "<!-- results:end -->"
+
+
+#: What of a report folder goes beside a published headline (``publish_artifacts``): the numbers and the
+#: pictures a reader of the README looks at.
+PUBLISHED_FILES = ("ceiling.json", "round_cost.json", "study_metrics.json", "summary.csv", "validation_curve.json")
+PUBLISHED_FIGURES = ("_ceiling.png", "_overlays.png", "_reliability.png", "_study_curves.png")
+
+
+def publish_artifacts(out_dir: Path, results_file: Path, console: str) -> Path:
+    """Copy the run's numbers and figures (``PUBLISHED_FILES``, ``PUBLISHED_FIGURES``) and its console
+    output into the folder beside ``results_file`` (``headline.md`` -> ``headline/``), emptied first, so
+    that everything published is written by the command, nothing by hand."""
+    folder = results_file.with_suffix("")
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name in PUBLISHED_FILES:
+        if (out_dir / name).is_file():
+            shutil.copy2(out_dir / name, folder / name)
+    for fig in sorted((out_dir / "figures").glob("*.png")):
+        if fig.name.endswith(PUBLISHED_FIGURES):
+            shutil.copy2(fig, folder / fig.name)
+    (folder / "console.txt").write_text(console)
+    return folder
 
 
 def publish_results(text: str, results_file: Path, readme: Path | None = None) -> list[Path]:
