@@ -31,6 +31,7 @@ from client.federation.node import SiteNode
 from client.federation.policy import read_policy
 from client.federation.secure_counts import secure_counts_keys, secure_counts_masked
 from client.federation.secure_updates import masked_update_record, update_step
+from client.federation.secure_validation import hold_validation, validation_step
 from client.federation.site_clipping import site_clipping_mod
 from client.federation.site_data import SiteData, open_site, site_label_counts, stage2_pos_weight, usable_examples
 from client.federation.site_gan import gan_round, gan_round_metrics, global_generator, stage2_training_set
@@ -64,6 +65,7 @@ from common.records import (
     RADIOMICS_ACTION,
     RADIOMICS_STATS_ACTION,
     SCORE_PHASE,
+    SECURE,
     SECURE_KEYS,
     SECURE_MASK,
     SECURE_PHASE,
@@ -73,6 +75,7 @@ from common.records import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
     UPDATE_PHASES,
+    VALIDATION_PHASES,
     EvaluateInstruction,
     GanInstruction,
     RadiomicsInstruction,
@@ -170,13 +173,17 @@ def evaluate_global(msg: Message, context: Context, open_data: OpenData = open_s
     """Score the global model on the site's own held-out patients; reply with scalars only.
 
     Test split: scalar metrics (the per-round record). Validation split: the sums of
-    ``common.validation.ValidationStats`` (``val/`` keys: summed NLL per temperature, per-bin
-    study counts, pixel counts) from which the server picks the best round, the thresholds and the
-    temperatures; never a study's own logit. Only for rounds that can be chosen
+    ``common.validation.ValidationStats`` (summed NLL per temperature, per-bin study counts, pixel
+    counts) from which the server picks the best round, the thresholds and the temperatures; they never
+    leave the site in the clear (one site's bins give back each study's logit and label): the reply
+    carries a public key, and the later steps of the secure sum, evaluate messages too, send them only
+    masked (``client.federation.secure_validation``). Only for rounds that can be chosen
     (``common.validation.selectable``: stage-1 rounds of a run with stage 2 cannot). The message holds the half of the current stage; the other half is the site's own copy: the
     frozen global U-Net (stage 2) or the untrained classifier built from the run's seed (stage 1).
     """
     site, run = _site_and_run(context)
+    if str(msg.content[CONFIG].get(SECURE_PHASE, "")) in VALIDATION_PHASES:
+        return validation_step(msg, context, site)
     order = EvaluateInstruction.from_record(msg.content[CONFIG])
     data = open_data(site, run)
     model, _ = receive_model(
@@ -191,11 +198,14 @@ def evaluate_global(msg: Message, context: Context, open_data: OpenData = open_s
         }
     )
     metrics[NUM_EXAMPLES] = len(data.test)
+    content = RecordDict({METRICS: metrics, SITE: site_record(site)})
     if selectable(order.stage, run.config.rounds.stage2):
+        if not order.secure_session:
+            raise SiteError("validation sums leave this site only masked; the evaluate message names no session")
         val = evaluate(model, data.val, resolve_device(site.device), run.eval_batch_size)
         stats = ValidationStats.from_outputs(val["arrays"]["studies"], val["arrays"]["dice_counts"].values())
-        metrics.update(stats.to_metrics())
-    return Message(RecordDict({METRICS: metrics, SITE: site_record(site)}), reply_to=msg)
+        content[SECURE] = hold_validation(context, stats, order.server_round, order.secure_session)
+    return Message(content, reply_to=msg)
 
 
 def count_labels(msg: Message, context: Context, open_data: OpenData = open_site) -> Message:

@@ -9,7 +9,9 @@ half of the current stage only (plus ``FROZEN_UNET`` the first time a site meets
 reply holds ``{ARRAYS, METRICS, SITE}``, an evaluate or counts reply ``{METRICS, SITE}``. ``SITE``
 carries the site's id (``site-01``), never a patient identifier. With ``privacy.secure-counts`` the
 counts travel masked (``MASKED_COUNTS``, docs/secure-aggregation.md), with X25519 public keys in a
-``SECURE`` record, and train replies carry no label counts.
+``SECURE`` record, and train replies carry no label counts. The validation sums of an evaluate
+reply always travel masked (``MASKED_VALIDATION``, ``common.secure_validation``): the reply of a round
+that can be chosen adds a ``SECURE`` record with the site's public key.
 """
 
 from __future__ import annotations
@@ -105,6 +107,13 @@ SEED_NODES, SEED_SHARES = "seed-nodes", "seed-shares"
 KEY_NODES, KEY_SHARES = "key-nodes", "key-shares"
 #: The one array of a train reply under secure updates: the masked fixed-point update (uint32).
 MASKED_UPDATE = "masked-update"
+#: Secure validation sums (always on, ``common.secure_validation``): the evaluate message of a round
+#: that can be chosen names the session in SECURE_SESSION and the site replies with its public key;
+#: the later steps are evaluate messages too, with SECURE_PHASE "validation-mask" (the peers; the
+#: reply's one array is MASKED_VALIDATION, uint32) or, after a site was lost, "validation-keys".
+VALIDATION_KEYS, VALIDATION_MASK = "validation-keys", "validation-mask"
+VALIDATION_PHASES = (VALIDATION_KEYS, VALIDATION_MASK)
+MASKED_VALIDATION = "masked-validation"
 
 # --- node_config keys (deployment: ``flower-supernode --node-config``) ------------------------
 NODE_DATA_PATH = "data-path"
@@ -235,6 +244,8 @@ class EvaluateInstruction:
     local_norm: bool = False
     unet_digest: str = ""
     run_name: str = ""
+    #: A round that can be chosen: the secure validation sum's session (``common.secure_validation``).
+    secure_session: str = ""
 
     def to_record(self) -> ConfigRecord:
         rec = ConfigRecord(
@@ -242,6 +253,8 @@ class EvaluateInstruction:
         )
         if self.unet_digest:
             rec[UNET_DIGEST] = self.unet_digest
+        if self.secure_session:
+            rec[SECURE_SESSION] = self.secure_session
         return rec
 
     @classmethod
@@ -252,6 +265,7 @@ class EvaluateInstruction:
             local_norm=bool(rec.get(LOCAL_NORM, False)),
             unet_digest=str(rec.get(UNET_DIGEST, "")),
             run_name=str(rec.get(RUN_NAME, "")),
+            secure_session=str(rec.get(SECURE_SESSION, "")),
         )
 
 

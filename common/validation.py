@@ -1,7 +1,7 @@
 """Model selection, operating thresholds and temperatures from validation studies, federated-safe.
 
 A federated server never sees a study's logit (docs/design.md §5): each site summarises its
-validation studies as sums that the server adds up, and the server chooses from the sums alone:
+validation studies as sums, the sums of all sites are added up, and the server chooses from the totals alone:
 
 - ``temperature_nll`` [T, C]: summed NLL at each grid temperature (``common.study_metrics``);
 - ``pos_hist`` / ``neg_hist`` [B, C]: how many positive / negative validation studies fall in each
@@ -12,10 +12,12 @@ validation studies as sums that the server adds up, and the server chooses from 
   0.125-wide bins they fell into one or two bins and the pooled AUROC read exactly 0.500);
 - ``dice_tp`` / ``dice_fp`` / ``dice_fn``: pixel counts of the validation studies (stage-1 Dice).
 
-A site with one validation study reveals that study's binned logit through the histograms (not who
-it is); sites hold tens of validation patients in practice. The simulation's local and pooled
-baselines run in one process and use the same functions on their own validation studies, so every
-method is selected and calibrated by the same rule.
+Read alone, one site's histograms would give back each of its studies' logit (to 1/128) and label, so
+a deep-model site sends them only through the secure sum (``common.secure_validation``): the server
+decodes their total over the sites, never one site's (the radiomics federation still sends its
+candidates' sums with ``to_metrics``). The simulation's local and pooled baselines run in one process
+and use the same functions on their own validation studies, so every method is selected and
+calibrated by the same rule.
 
 Selection metric: stage 2 (and any run with a trained classifier): the pooled validation macro
 study-AUROC over the markers; stage 1: the pooled validation Dice.
@@ -76,7 +78,7 @@ class ValidationStats:
             self.dice_fn + other.dice_fn,
         )
 
-    # --- what crosses the network (flat lists of numbers in the evaluate reply's MetricRecord) ----
+    # --- plain metric lists: the radiomics replies' (a deep evaluate reply sends them masked instead) ---
 
     def to_metrics(self, prefix: str = "val/") -> dict[str, int | list[int] | list[float]]:
         return {

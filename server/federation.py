@@ -17,8 +17,9 @@ last one). Failed sites and replies that break a rule of ``server.validation`` a
 weights by it (``server.validation.bound_examples``).
 
 Model selection is on validation, never on test: every site also scores the global model on its
-validation patients and sends sums only (``common.validation.ValidationStats``); the server adds
-them up, scores the round (stage 2: pooled validation macro study-AUROC over the markers; stage 1:
+validation patients and sends sums only (``common.validation.ValidationStats``), and those only masked
+(``server.secure_validation``): the server learns their total over the sites, never one site's. From
+the total it scores the round (stage 2: pooled validation macro study-AUROC over the markers; stage 1:
 pooled validation Dice), fits a temperature per marker and picks each marker's threshold (Youden,
 or ``eval.target-sensitivity``). Every round checkpoint carries these in its meta (``temperature``,
 ``thresholds``, ``validation``); ``best.pt`` is the round with the best score (a stage-2 round
@@ -76,6 +77,7 @@ from server.counts import count_labels
 from server.history import History
 from server.replies import Messenger, idle_reason, metrics_dict, retyped, with_metric
 from server.secure_updates import secure_train
+from server.secure_validation import public_keys, secure_validation_sum, validation_session
 from server.server_config import ServerRunConfig, resolve_run_dir
 from server.site_dp import with_site_dp
 from server.strategies import build_strategy
@@ -87,6 +89,7 @@ from server.validation import (
     evaluate_schema,
     gan_schema,
     train_schema,
+    validation_step_schema,
 )
 
 #: What a round of each stage exchanges, for the log.
@@ -419,14 +422,21 @@ class Federation:
         """
         strategy, messenger = self.strategies[stage], self.messenger
         unet, digest = self._frozen_unet(stage)
-        order = EvaluateInstruction(server_round=rnd, stage=stage, unet_digest=digest, run_name=self.out_dir.name)
+        chosen = selectable(stage, self.cfg.rounds_stage2)  # its validation sums come, masked, with the reply
+        order = EvaluateInstruction(
+            server_round=rnd,
+            stage=stage,
+            unet_digest=digest,
+            run_name=self.out_dir.name,
+            secure_session=validation_session(rnd) if chosen else "",
+        )
         arrays = state_to_record(half_state_dict(self.model, HALF_OF_STAGE[stage]))
         messages = messenger.attach_unet(
             strategy.configure_evaluate(rnd, arrays, order.to_record(), self.grid), unet, digest
         )
         if not messages:
             return {}, {}
-        schema = evaluate_schema(self.cfg.model.output_names, self.cfg.strategy.max_reply_mb)
+        schema = evaluate_schema(self.cfg.model.output_names, self.cfg.strategy.max_reply_mb, secure_keys=chosen)
         replies = messenger.exchange("evaluate", messages, entry, digest, schema)
         sites = {messenger.site_of(r): _scalars(metrics_dict(r.content[METRICS])) for r in replies}
         aggregated = None
@@ -436,7 +446,7 @@ class Federation:
             except InconsistentMessageReplies as exc:
                 log(WARNING, "round %d: evaluation replies inconsistent (%s)", rnd, exc)
         out = {"aggregated": _scalars(metrics_dict(aggregated)) if aggregated is not None else {}, "sites": sites}
-        calibration = self.calibration_on_validation(stage, replies)
+        calibration = self.calibration_on_validation(rnd, stage, replies, entry)
         out["validation"] = calibration.get("validation", {})
         agg = out["aggregated"]
         log(
@@ -450,16 +460,26 @@ class Federation:
         )
         return out, calibration
 
-    def calibration_on_validation(self, stage: int, replies: list[Message]) -> dict[str, Any]:
+    def calibration_on_validation(self, rnd: int, stage: int, replies: list[Message], entry: dict) -> dict[str, Any]:
         """The sites' validation sums added up: the round's selection score, per-marker temperature
-        and thresholds (``common.validation``). A reply whose sums are missing or malformed is left out.
+        and thresholds (``common.validation``). The server sees only the total over the sites that
+        replied: the sums are summed securely (``server.secure_validation``), never one site's.
         Rounds that cannot be chosen (``selectable``) carry no sums: the sites skip them, and so does this."""
         if not selectable(stage, self.cfg.rounds_stage2):
             return {}
         names = list(self.cfg.model.output_names)
-        stats, n_sites = self.messenger.summed_validation(replies, len(names))
-        if stats is None:
+
+        def exchange(phase: str, msgs: list[Message]) -> list[Message]:
+            step = str(msgs[0].content[CONFIG][SECURE_PHASE]) if msgs else ""
+            schema = validation_step_schema(step, len(names), self.cfg.strategy.max_reply_mb)
+            return self.messenger.exchange(phase, msgs, entry, schema=schema)
+
+        summed = secure_validation_sum(
+            public_keys(replies), exchange, rnd, len(names), site_name=self.messenger.site_name
+        )
+        if summed is None:
             return {}
+        stats, n_sites = summed
         markers = [c for c, n in enumerate(names) if n != LABELS[-1]]
         score = selection_score(stats, stage, markers)
         meta = calibration_meta(stats, names, self.cfg.target_sensitivity)

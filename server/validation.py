@@ -34,6 +34,7 @@ from common.records import (
     LABEL_NEG,
     LABEL_POS,
     MASKED_COUNTS,
+    MASKED_VALIDATION,
     METRICS,
     NUM_EXAMPLES,
     PRIVACY_DELTA,
@@ -50,7 +51,10 @@ from common.records import (
     STEPS,
     TRAIN_LOSS,
     TRAIN_SECONDS,
+    VALIDATION_KEYS,
+    VALIDATION_MASK,
 )
+from common.secure_validation import vector_length
 from common.validation import metric_lengths
 
 MIB = 1 << 20
@@ -172,8 +176,12 @@ def gan_metric_rules() -> dict[str, Callable[[Any], str | None]]:
     return {NUM_EXAMPLES: _count, STEPS: _count, TRAIN_SECONDS: _seconds, GAN_D_LOSS: loss, GAN_G_LOSS: loss}
 
 
-def evaluate_metric_rules(output_names: Sequence[str]) -> dict[str, Callable[[Any], str | None]]:
-    """The metric keys an evaluate reply may hold (``client.training.evaluate.evaluate``)."""
+def evaluate_metric_rules(
+    output_names: Sequence[str], validation_sums: bool = True
+) -> dict[str, Callable[[Any], str | None]]:
+    """The metric keys an evaluate reply may hold (``client.training.evaluate.evaluate``); with
+    ``validation_sums`` also the plain ``val/`` sums (a radiomics "score" reply; a deep evaluate reply
+    never carries them: they travel masked, ``server.secure_validation``)."""
     rules: dict[str, Callable[[Any], str | None]] = {
         NUM_EXAMPLES: _count,
         "n_slices": _count,
@@ -186,6 +194,8 @@ def evaluate_metric_rules(output_names: Sequence[str]) -> dict[str, Callable[[An
     for name in output_names:  # AUROC, AUPRC, Brier score and ECE all lie in [0, 1]
         for metric in ("auc_slice", "auc_study", "auprc_study", "brier_study", "ece_study"):
             rules[f"{metric}/{name}"] = _score
+    if not validation_sums:
+        return rules
     for key, length in metric_lengths(len(output_names)).items():  # the validation sums
         rules[key] = _count if length == 0 else _nll_list(length) if key.endswith("nll") else _count_list(length)
     return rules
@@ -261,10 +271,29 @@ def gan_schema(arrays: Mapping[str, ArraySpec], max_reply_mb: float) -> ReplySch
     return ReplySchema(GAN_MESSAGE_TYPE, rules, frozenset(rules), arrays, default_max_bytes(arrays, max_reply_mb))
 
 
-def evaluate_schema(output_names: Sequence[str], max_reply_mb: float) -> ReplySchema:
+def evaluate_schema(output_names: Sequence[str], max_reply_mb: float, secure_keys: bool = False) -> ReplySchema:
+    """An evaluate reply: scalar test metrics only (no ``val/`` sums: a site sends those only masked);
+    with ``secure_keys`` (a round that can be chosen) also the SECURE record with the site's public key
+    for the secure validation sum (``server.secure_validation``)."""
     return ReplySchema(
-        MessageType.EVALUATE, evaluate_metric_rules(output_names), max_bytes=default_max_bytes(None, max_reply_mb)
+        MessageType.EVALUATE,
+        evaluate_metric_rules(output_names, validation_sums=False),
+        max_bytes=default_max_bytes(None, max_reply_mb),
+        secure_keys=secure_keys,
     )
+
+
+def validation_step_schema(secure_phase: str, n_labels: int, max_reply_mb: float) -> ReplySchema:
+    """A secure validation step's reply (``server.secure_validation``): a fresh public key
+    (``VALIDATION_KEYS``), or the masked sums as one uint32 array of ``vector_length`` words
+    (``VALIDATION_MASK``); no metric."""
+    size = default_max_bytes(None, max_reply_mb)
+    if secure_phase == VALIDATION_KEYS:
+        return ReplySchema(MessageType.EVALUATE, {}, frozenset(), max_bytes=size, secure_keys=True)
+    if secure_phase == VALIDATION_MASK:
+        arrays = {MASKED_VALIDATION: ArraySpec((vector_length(n_labels),), "uint32")}
+        return ReplySchema(MessageType.EVALUATE, {}, frozenset(), arrays, default_max_bytes(arrays, max_reply_mb))
+    raise ValueError(f"no reply schema for secure validation step {secure_phase!r}")
 
 
 def counts_schema(secure_phase: str, n_labels: int, max_reply_mb: float) -> ReplySchema:
@@ -330,7 +359,8 @@ def radiomics_select_schema(n_columns: int, max_reply_mb: float) -> ReplySchema:
 
 
 def radiomics_score_schema(output_names: Sequence[str], max_reply_mb: float) -> ReplySchema:
-    """A radiomics "score" reply: what a deep evaluate reply may hold (``evaluate_metric_rules``)."""
+    """A radiomics "score" reply: a deep evaluate reply's test metrics plus the plain ``val/`` sums
+    (``evaluate_metric_rules``; the radiomics federation does not mask them yet: docs/secure-aggregation.md §7)."""
     return ReplySchema(
         RADIOMICS_EVALUATE_TYPE,
         evaluate_metric_rules(output_names),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +26,26 @@ from common.records import (
     FROZEN_UNET,
     LABEL_NEG,
     LABEL_POS,
+    MASKED_VALIDATION,
     METRICS,
     NUM_EXAMPLES,
+    PUBLIC_KEY,
+    SECURE,
+    SECURE_PHASE,
+    SECURE_SESSION,
+    SERVER_ROUND,
     SITE,
     SITE_ID,
+    VALIDATION_MASK,
     EvaluateInstruction,
     TrainInstruction,
     arrays_digest,
+    pack_peers,
     state_to_record,
 )
 from common.run_config import model_from_run_config
-from common.study_metrics import TEMPERATURES
-from common.validation import ValidationStats
+from common.secure_sum import generate_key_pair
+from common.secure_validation import vector_length
 from simulations.sites import discover_sites
 from tests.helpers.data import write_site
 from tests.helpers.flower import make_context, make_message, run_config
@@ -138,26 +147,48 @@ def test_fedbn_keeps_norm_layers_at_the_site(site, model, tmp_path):
 
 
 def test_evaluate_replies_with_scalars_only(site, model):
+    """Test metrics as scalars; a round that can be chosen adds a public key, and its validation sums
+    leave only masked, in the later step (``client.federation.secure_validation``); never a ``val/`` list."""
     for stage in (1, 2):
         unet = state_to_record(half_state_dict(model, "unet"))
         half = "unet" if stage == 1 else "classifier"
         order = EvaluateInstruction(
-            server_round=1, stage=stage, run_name="t", unet_digest=arrays_digest(unet) if stage == 2 else ""
+            server_round=1,
+            stage=stage,
+            run_name="t",
+            unet_digest=arrays_digest(unet) if stage == 2 else "",
+            secure_session="validation-1-1" if stage == 2 else "",
         )
         content = RecordDict({ARRAYS: state_to_record(half_state_dict(model, half)), CONFIG: order.to_record()})
         if stage == 2:
             content[FROZEN_UNET] = unet
-        reply = call(MessageType.EVALUATE, content, site)
-        assert set(reply.content.keys()) == {METRICS, SITE}
+        context = make_context(site, RUN)
+        reply = app(make_message(content, MessageType.EVALUATE), context)
         metrics = reply.content[METRICS]
         assert {"dice", "iou", "fscore", "macro_auc_study", "volume_mae_ml", NUM_EXAMPLES} <= set(metrics)
-        sums = {k for k in metrics if k.startswith("val/")}  # validation sums (common.validation), no per-study value
-        assert all(isinstance(v, (int, float)) for k, v in metrics.items() if k not in sums)
+        assert all(isinstance(v, (int, float)) for v in metrics.values())  # no list: no sums, no study's value
         if stage == 1:  # the run has stage-2 rounds: a stage-1 round is never chosen, so no validation pass
-            assert not sums
+            assert set(reply.content.keys()) == {METRICS, SITE}
             continue
-        stats = ValidationStats.from_metrics(metrics, len(model.output_names))
-        assert stats.pos_hist.sum() + stats.neg_hist.sum() > 0 and stats.temperature_nll.shape[0] == len(TEMPERATURES)
+        assert set(reply.content.keys()) == {METRICS, SITE, SECURE} and set(reply.content[SECURE]) == {PUBLIC_KEY}
+        _, peer = generate_key_pair()
+        step = RecordDict(
+            {
+                CONFIG: ConfigRecord(
+                    {SERVER_ROUND: 1, SECURE_PHASE: VALIDATION_MASK, SECURE_SESSION: "validation-1-1"}
+                ),
+                SECURE: ConfigRecord(pack_peers({7: reply.content[SECURE][PUBLIC_KEY], 8: peer})),
+            }
+        )
+        masked = app(make_message(step, MessageType.EVALUATE), context)
+        assert set(masked.content.keys()) == {ARRAYS, METRICS, SITE} and not dict(masked.content[METRICS])
+        words = masked.content[ARRAYS][MASKED_VALIDATION].numpy()
+        assert words.dtype == np.uint32 and words.shape == (vector_length(len(model.output_names)),)
+        with pytest.raises(SiteError, match="no key for this secure validation session"):  # one session, one use
+            app(make_message(step, MessageType.EVALUATE), context)
+        without = RecordDict({**dict(content.items()), CONFIG: replace(order, secure_session="").to_record()})
+        with pytest.raises(SiteError, match="only masked"):  # never a plain validation sum
+            call(MessageType.EVALUATE, without, site)
 
 
 def test_counts_query(site):

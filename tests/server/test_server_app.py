@@ -2,7 +2,8 @@
 
 Covers the stage schedule (only the trained half crosses), the counts round and global pos-weight,
 a checkpoint per round, resume, sites failing or going silent mid-run, and a record of every message
-both ways showing that only model arrays, label counts and metrics cross.
+both ways showing that only model arrays, label counts and metrics cross (and the validation sums, masked,
+with the secure sum's public keys: never a site's plain sums).
 """
 
 from __future__ import annotations
@@ -28,14 +29,20 @@ from common.records import (
     FROZEN_UNET,
     LABEL_NEG,
     LABEL_POS,
+    MASKED_VALIDATION,
     METRICS,
+    PEER_KEYS,
+    PEER_NODES,
     POS_WEIGHT,
+    PUBLIC_KEY,
+    SECURE,
+    SECURE_PHASE,
     SERVER_ROUND,
     SITE_ID,
     STAGE,
 )
 from common.run_config import model_from_run_config
-from common.study_metrics import TEMPERATURES
+from common.secure_validation import vector_length
 from server.checkpoints import round_checkpoints
 from server.federation import run_federation
 from tests.helpers.data import PHI
@@ -121,6 +128,11 @@ def train_deliveries(grid: FakeGrid, server_round: int):
     ]
 
 
+def is_scoring(msg) -> bool:
+    """An evaluate message that scores the model (not a step of the secure validation sum)."""
+    return msg.metadata.message_type == MessageType.EVALUATE and SECURE_PHASE not in msg.content[CONFIG]
+
+
 def test_each_stage_exchanges_only_its_half(fedavg_run):
     grid = fedavg_run["grid"]
     for rnd, prefix in ((1, "unet."), (2, "unet."), (3, "classifier."), (4, "classifier.")):
@@ -130,7 +142,7 @@ def test_each_stage_exchanges_only_its_half(fedavg_run):
             assert s.message.content[CONFIG][STAGE] == (1 if prefix == "unet." else 2)
             assert all(k.startswith(prefix) for k in s.message.content[ARRAYS])
             assert all(k.startswith(prefix) for k in s.reply.content[ARRAYS])
-    evaluations = [s for s in grid.log if s.message.metadata.message_type == MessageType.EVALUATE]
+    evaluations = [s for s in grid.log if is_scoring(s.message)]
     assert len(evaluations) == 4 * N_SITES
     for s in evaluations:
         prefix = "unet." if s.message.content[CONFIG][STAGE] == 1 else "classifier."
@@ -217,23 +229,30 @@ def test_only_arrays_counts_and_metrics_cross(fedavg_run, data_root):
                 texts.append(msg.error.reason or "")
                 continue
             for name, record in msg.content.items():
-                if isinstance(record, ArrayRecord):
+                if isinstance(record, ArrayRecord) and MASKED_VALIDATION in record:  # the masked validation sums
+                    assert set(record) == {MASKED_VALIDATION} and record[MASKED_VALIDATION].dtype == "uint32"
+                    assert tuple(record[MASKED_VALIDATION].shape) == (vector_length(n_outputs),)
+                elif isinstance(record, ArrayRecord):
                     assert set(record) <= model_keys, name
                     for key, arr in record.items():
                         assert arr.dtype in ("float32", "int64"), key
                         assert tuple(arr.shape[-2:]) not in ((IMAGE, IMAGE), (SOURCE, SOURCE)), key
                 elif isinstance(record, MetricRecord):
                     for key, value in record.items():
-                        if key == "val/temperature_nll":  # validation NLL summed over studies, per grid temperature
-                            assert len(value) == len(TEMPERATURES) * n_outputs
-                            continue
+                        assert not key.startswith("val/"), key  # validation sums leave a site only masked
                         assert isinstance(value, (int, float)) or all(isinstance(v, int) for v in value), key
                     texts.append(repr(dict(record)))
+                elif name == SECURE:  # secure validation sum: X25519 public keys and the session's node ids
+                    assert set(record) <= {PUBLIC_KEY, PEER_NODES, PEER_KEYS}, name
+                    keys = [record[PUBLIC_KEY]] if PUBLIC_KEY in record else list(record[PEER_KEYS])
+                    assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)
                 elif isinstance(record, ConfigRecord):
                     for key, value in record.items():
                         assert not isinstance(value, (bytes, list)) or all(isinstance(v, float) for v in value), key
                         if isinstance(value, str):
-                            assert re.fullmatch(r"site-\d\d|run|[0-9a-f]{32}", value), (key, value)
+                            assert re.fullmatch(
+                                r"site-\d\d|run|[0-9a-f]{32}|validation-\d+-\d+|validation-(mask|keys)", value
+                            ), (key, value)
                     texts.append(repr(dict(record)))
                 else:
                     pytest.fail(f"unexpected record {name}: {type(record).__name__}")
@@ -280,11 +299,7 @@ def test_eval_test_rounds_last_skips_the_other_evaluations(data_root, tmp_path):
     rc = config(data_root, tmp_path, **{"eval.test-rounds": "last"})
     grid = make_grid(rc)
     history = run_federation(grid, rc)
-    scored = [
-        s.message.content[CONFIG][SERVER_ROUND]
-        for s in grid.log
-        if s.message.metadata.message_type == MessageType.EVALUATE
-    ]
+    scored = [s.message.content[CONFIG][SERVER_ROUND] for s in grid.log if is_scoring(s.message)]
     assert sorted(set(scored)) == [3, 4] and len(scored) == 2 * N_SITES
     assert [bool(r["evaluate"]) for r in history.rounds] == [False, False, True, True]
     metas = [load_checkpoint(p).meta for p in round_checkpoints(tmp_path / "run")]

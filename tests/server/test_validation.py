@@ -12,6 +12,7 @@ from common.records import (
     LABEL_NEG,
     LABEL_POS,
     MASKED_COUNTS,
+    MASKED_VALIDATION,
     METRICS,
     NUM_EXAMPLES,
     PUBLIC_KEY,
@@ -22,16 +23,22 @@ from common.records import (
     SITE_ID,
     STEPS,
     TRAIN_LOSS,
+    VALIDATION_KEYS,
+    VALIDATION_MASK,
 )
+from common.secure_validation import vector_length
 from server.validation import (
     MAX_COUNT,
+    RADIOMICS_EVALUATE_TYPE,
     Problem,
     array_specs,
     bound_examples,
     check_reply,
     counts_schema,
     evaluate_schema,
+    radiomics_score_schema,
     train_schema,
+    validation_step_schema,
 )
 
 N_LABELS = 2
@@ -159,21 +166,26 @@ def test_evaluate_scores_in_zero_one_and_studies_within_slices():
 
 
 def test_evaluate_validation_sums_have_the_lengths_of_common_validation():
-    """The ``val/`` sums an honest site sends (``ValidationStats.to_metrics``) pass; wrong lengths,
-    negative or fractional counts and non-finite NLLs are each rejected by rule and key."""
+    """A deep evaluate reply carrying plain ``val/`` sums is rejected (they travel only masked). Where
+    they are still plain (a radiomics "score" reply) the honest sums pass; wrong lengths, negative or
+    fractional counts and non-finite NLLs are each rejected by rule and key."""
     from types import SimpleNamespace
 
     from common.validation import ValidationStats
 
     outputs = SimpleNamespace(labels=np.array([[1.0], [0.0], [1.0]]), logits=np.array([[2.0], [-1.0], [0.3]]))
     honest = ValidationStats.from_outputs(outputs, [(5, 1, 2)]).to_metrics()
-    schema = evaluate_schema(["a"], 0)
+    schema = radiomics_score_schema(["a"], 0)
 
     def problems(**changes) -> list[Problem]:
         metrics = {NUM_EXAMPLES: 5, **honest, **changes}
         content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_ID: "site-01"})})
-        return check_reply(content, MessageType.EVALUATE, schema)
+        return check_reply(content, RADIOMICS_EVALUATE_TYPE, schema)
 
+    plain = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 5, **honest}), SITE: ConfigRecord({SITE_ID: "site-01"})})
+    assert {p.rule for p in check_reply(plain, MessageType.EVALUATE, evaluate_schema(["a"], 0))} == {
+        "metric-unexpected"
+    }
     assert problems() == []
     hist = list(honest["val/pos_hist"])
     assert problems(**{"val/pos_hist": hist[:-1]}) == [Problem("wrong-length", "val/pos_hist")]
@@ -204,6 +216,35 @@ def test_secure_counts_steps():
     assert check_reply(masked, MessageType.QUERY, mask_schema) == []
     with pytest.raises(ValueError, match="no reply schema for secure counts step 'shuffle'"):
         counts_schema("shuffle", N_LABELS, 0)
+
+
+def test_secure_validation_steps():
+    """A chosen round's evaluate reply must carry one public key; the masked step one uint32 vector of
+    ``vector_length`` words and nothing else; an unknown step has no schema."""
+    site = ConfigRecord({SITE_ID: "s1"})
+    evaluate = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 5, "dice": 0.7}), SITE: site})
+    assert check_reply(evaluate, MessageType.EVALUATE, evaluate_schema(["a"], 0, secure_keys=True)) == [
+        Problem("record-missing", SECURE)
+    ]
+    evaluate[SECURE] = ConfigRecord({PUBLIC_KEY: b"k" * 32})
+    assert check_reply(evaluate, MessageType.EVALUATE, evaluate_schema(["a"], 0, secure_keys=True)) == []
+    keys = RecordDict({METRICS: MetricRecord(), SECURE: ConfigRecord({PUBLIC_KEY: b"k" * 32}), SITE: site})
+    assert check_reply(keys, MessageType.EVALUATE, validation_step_schema(VALIDATION_KEYS, N_LABELS, 0)) == []
+    schema = validation_step_schema(VALIDATION_MASK, N_LABELS, 0)
+    words = np.zeros(vector_length(N_LABELS), np.uint32)
+
+    def masked(array: np.ndarray, **metrics) -> list[Problem]:
+        content = RecordDict(
+            {ARRAYS: ArrayRecord({MASKED_VALIDATION: Array(array)}), METRICS: MetricRecord(metrics), SITE: site}
+        )
+        return check_reply(content, MessageType.EVALUATE, schema)
+
+    assert masked(words) == []
+    assert masked(words[:-1]) == [Problem("array-shape", MASKED_VALIDATION)]
+    assert masked(words.astype(np.int64)) == [Problem("array-dtype", MASKED_VALIDATION)]
+    assert masked(words, **{"val/pos_hist": [1, 2]}) == [Problem("metric-unexpected", "val/pos_hist")]
+    with pytest.raises(ValueError, match="no reply schema for secure validation step"):
+        validation_step_schema("shuffle", N_LABELS, 0)
 
 
 # --- the num-examples bound ------------------------------------------------------------------
