@@ -39,7 +39,7 @@ from common.records import (
 )
 from common.secure_sum import KEY_BYTES, MODULUS, unmask_sum
 
-#: Sessions tried before the round goes on without global counts (each one after a site dropped).
+#: Sessions tried before the round goes on without its secure sum (each one after a site dropped; counts, validation).
 MAX_ATTEMPTS = 3
 #: A "sum" over a single site is that site's counts: never run the protocol with fewer.
 MIN_SITES = 2
@@ -133,14 +133,29 @@ def secure_label_counts(
     return None
 
 
-def _query(
-    node: int, server_round: int, session: str, attempt: int, phase: str, peers: list[tuple[int, bytes]] | None = None
+def session_message(
+    node: int,
+    server_round: int,
+    session: str,
+    phase: str,
+    peers: list[tuple[int, bytes]] | None,
+    message_type: str,
+    group_id: str,
 ) -> Message:
+    """One step of a pairwise-mask secure sum (keys, then masking) for ``node``: the round, the phase and the
+    session in its config, the peers' public keys with the masking step. Secure counts send it as a query,
+    secure validation as an evaluate message (``server.secure_validation``)."""
     content = RecordDict(
         {CONFIG: ConfigRecord({SERVER_ROUND: server_round, SECURE_PHASE: phase, SECURE_SESSION: session})}
     )
     if peers is not None:
         content[SECURE] = ConfigRecord(pack_peers(dict(peers)))
-    return Message(
-        content, dst_node_id=node, message_type=MessageType.QUERY, group_id=f"{server_round}-counts-{attempt}"
+    return Message(content, dst_node_id=node, message_type=message_type, group_id=group_id)
+
+
+def _query(
+    node: int, server_round: int, session: str, attempt: int, phase: str, peers: list[tuple[int, bytes]] | None = None
+) -> Message:
+    return session_message(
+        node, server_round, session, phase, peers, MessageType.QUERY, f"{server_round}-counts-{attempt}"
     )

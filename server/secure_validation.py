@@ -21,32 +21,21 @@ from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.common.logger import log
 
 from common.records import (
     ARRAYS,
-    CONFIG,
     MASKED_VALIDATION,
     PUBLIC_KEY,
     SECURE,
-    SECURE_PHASE,
-    SECURE_SESSION,
-    SERVER_ROUND,
     VALIDATION_KEYS,
     VALIDATION_MASK,
-    pack_peers,
 )
 from common.secure_sum import KEY_BYTES, unmask_sum
 from common.secure_validation import MAX_SITES, unpack_validation, vector_length
 from common.validation import ValidationStats
-from server.secure_counts import MIN_SITES
-
-#: Sessions tried before the round goes without validation sums (each one after a site dropped).
-MAX_ATTEMPTS = 3
-
-#: ``exchange(phase, messages) -> good replies`` (the server's send/wait/log-failures step).
-Exchange = Callable[[str, list[Message]], list[Message]]
+from server.secure_counts import MAX_ATTEMPTS, MIN_SITES, Exchange, session_message
 
 
 def validation_session(server_round: int, attempt: int = 1) -> str:
@@ -156,14 +145,5 @@ def _step(
     phase: str,
     peers: list[tuple[int, bytes]] | None = None,
 ) -> Message:
-    content = RecordDict(
-        {CONFIG: ConfigRecord({SERVER_ROUND: server_round, SECURE_PHASE: phase, SECURE_SESSION: session})}
-    )
-    if peers is not None:
-        content[SECURE] = ConfigRecord(pack_peers(dict(peers)))
-    return Message(
-        content,
-        dst_node_id=node,
-        message_type=MessageType.EVALUATE,
-        group_id=f"{server_round}-validation-{attempt}",
-    )
+    group = f"{server_round}-validation-{attempt}"
+    return session_message(node, server_round, session, phase, peers, MessageType.EVALUATE, group)
