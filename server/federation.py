@@ -76,8 +76,9 @@ from server.checkpoints import (
 from server.counts import count_labels
 from server.history import History
 from server.replies import Messenger, idle_reason, metrics_dict, retyped, with_metric
+from server.secure_counts import public_keys
 from server.secure_updates import secure_train
-from server.secure_validation import public_keys, secure_validation_sum, validation_session
+from server.secure_validation import secure_validation_sum, validation_session
 from server.server_config import ServerRunConfig, resolve_run_dir
 from server.site_dp import with_site_dp
 from server.strategies import build_strategy

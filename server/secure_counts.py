@@ -75,12 +75,9 @@ def secure_label_counts(
         replies = exchange(
             "secure counts: keys", [_query(n, server_round, session, attempt, SECURE_KEYS) for n in nodes]
         )
-        keys = {}
+        keys = public_keys(replies)
         for r in replies:
-            public = r.content[SECURE].get(PUBLIC_KEY) if SECURE in r.content else None
-            if isinstance(public, bytes) and len(public) == KEY_BYTES:
-                keys[r.metadata.src_node_id] = public
-            else:
+            if int(r.metadata.src_node_id) not in keys:
                 log(WARNING, "secure counts: %s sent no valid public key; left out", site_name(r.metadata.src_node_id))
         if len(keys) < MIN_SITES:
             log(
@@ -131,6 +128,17 @@ def secure_label_counts(
         max_attempts,
     )
     return None
+
+
+def public_keys(replies: list[Message]) -> dict[int, bytes]:
+    """node id -> public key of the replies holding a well-formed one (the keys step of every secure sum:
+    counts, updates, validation)."""
+    keys = {}
+    for r in replies:
+        public = r.content[SECURE].get(PUBLIC_KEY) if SECURE in r.content else None
+        if isinstance(public, bytes) and len(public) == KEY_BYTES:
+            keys[int(r.metadata.src_node_id)] = public
+    return keys
 
 
 def session_message(

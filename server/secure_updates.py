@@ -35,7 +35,6 @@ from common.records import (
     MASKED_UPDATE,
     METRICS,
     NUM_EXAMPLES,
-    PUBLIC_KEY,
     SECURE,
     SECURE_PHASE,
     SECURE_SESSION,
@@ -50,7 +49,7 @@ from common.records import (
     UPDATE_UNMASK,
     pack_peers,
 )
-from common.secure_sum import KEY_BYTES, SecureSumError
+from common.secure_sum import SecureSumError
 from common.secure_updates import (
     MIN_SITES,
     Reveal,
@@ -61,6 +60,7 @@ from common.secure_updates import (
     unflatten,
     unmask_updates,
 )
+from server.secure_counts import public_keys
 
 #: Sessions tried when a site is lost before it masked anything (after that, shares recover it).
 MAX_ATTEMPTS = 3
@@ -94,7 +94,7 @@ def secure_train(
         if len(nodes) < MIN_SITES:
             log(WARNING, "secure updates: %d site(s), %d needed; the global model stays", len(nodes), MIN_SITES)
             return SecureRound([], None)
-        keys = _public_keys(
+        keys = public_keys(
             exchange("secure updates: keys", [_query(n, server_round, session, UPDATE_KEYS) for n in nodes])
         )
         peers = {n: keys[n] for n in sorted(keys)}
@@ -194,15 +194,6 @@ def _train_and_unmask(by_node, peers, boxes, exchange, server_round, session, ve
         }
     )
     return SecureRound(replies, Message(content, reply_to=train[0]))
-
-
-def _public_keys(replies: list[Message]) -> dict[int, bytes]:
-    keys = {}
-    for r in replies:
-        public = r.content[SECURE].get(PUBLIC_KEY) if SECURE in r.content else None
-        if isinstance(public, bytes) and len(public) == KEY_BYTES:
-            keys[int(r.metadata.src_node_id)] = public
-    return keys
 
 
 def _boxes(reply: Message, peers: Mapping[int, bytes]) -> dict[int, bytes] | None:

@@ -27,30 +27,18 @@ from flwr.common.logger import log
 from common.records import (
     ARRAYS,
     MASKED_VALIDATION,
-    PUBLIC_KEY,
-    SECURE,
     VALIDATION_KEYS,
     VALIDATION_MASK,
 )
-from common.secure_sum import KEY_BYTES, unmask_sum
+from common.secure_sum import unmask_sum
 from common.secure_validation import MAX_SITES, unpack_validation, vector_length
 from common.validation import ValidationStats
-from server.secure_counts import MAX_ATTEMPTS, MIN_SITES, Exchange, session_message
+from server.secure_counts import MAX_ATTEMPTS, MIN_SITES, Exchange, public_keys, session_message
 
 
 def validation_session(server_round: int, attempt: int = 1) -> str:
     """The session name of a round's secure validation sum (attempt 1 is named in the evaluate message)."""
     return f"validation-{server_round}-{attempt}"
-
-
-def public_keys(replies: list[Message]) -> dict[int, bytes]:
-    """node id -> public key of the replies holding a well-formed one (the evaluate or keys step)."""
-    keys = {}
-    for r in replies:
-        public = r.content[SECURE].get(PUBLIC_KEY) if SECURE in r.content else None
-        if isinstance(public, bytes) and len(public) == KEY_BYTES:
-            keys[int(r.metadata.src_node_id)] = public
-    return keys
 
 
 def secure_validation_sum(
